@@ -1,0 +1,73 @@
+"""One exception hierarchy for fedmq; each error carries a short readable reason."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "FedmqError",
+    "ModelError",
+    "RejectReason",
+    "SecurityError",
+    "StateError",
+    "WireError",
+]
+
+
+class FedmqError(Exception):
+    """Base class: ``str(err)`` is a reason a person can read."""
+
+
+class ConfigError(FedmqError):
+    """Invalid or missing configuration."""
+
+
+class DataError(FedmqError):
+    """Bad or missing dataset."""
+
+
+class ModelError(FedmqError):
+    """A model bundle, its weights or the interpreter disagree."""
+
+
+class StateError(FedmqError):
+    """Persistent state is missing or inconsistent."""
+
+
+class SecurityError(FedmqError):
+    """Signature, key or enrolment problem."""
+
+
+class RejectReason:
+    """Stable machine-readable codes for rejected messages (metric labels, acks)."""
+
+    MALFORMED = "malformed"
+    TOO_LARGE = "too_large"
+    SCHEMA = "schema_version"
+    WRONG_FLEET = "wrong_fleet"
+    WRONG_ROUND = "wrong_round"
+    WRONG_BASE = "wrong_base_version"
+    DUPLICATE = "duplicate"
+    NOT_SELECTED = "not_selected"
+    UNKNOWN_DEVICE = "unknown_device"
+    DEVICE_MISMATCH = "device_mismatch"
+    SHAPE = "shape_mismatch"
+    NON_FINITE = "non_finite"
+    BAD_CODEC = "bad_codec"
+    ROUND_CLOSED = "round_closed"
+    UNSIGNED = "unsigned"
+    BAD_SIGNATURE = "bad_signature"
+    ALL = (
+        MALFORMED, TOO_LARGE, SCHEMA, WRONG_FLEET, WRONG_ROUND, WRONG_BASE, DUPLICATE,
+        NOT_SELECTED, UNKNOWN_DEVICE, DEVICE_MISMATCH, SHAPE, NON_FINITE, BAD_CODEC,
+        ROUND_CLOSED, UNSIGNED, BAD_SIGNATURE,
+    )
+
+
+class WireError(FedmqError):
+    """A message that cannot be accepted; ``code`` is one of :class:`RejectReason`."""
+
+    def __init__(self, reason: str, code: str = RejectReason.MALFORMED) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
