@@ -1,0 +1,330 @@
+"""Run a whole local federation: a broker, the aggregator and N agents as real processes.
+
+Used by ``fedmq demo`` (digits, 8 agents) and ``fedmq experiment`` (Fashion-MNIST, other
+models). Every part is the real thing: the broker is Mosquitto (or amqtt when Mosquitto is
+missing), the aggregator and each agent run as their own OS process from generated TOML
+configs, and progress is read from the retained model topic like any other MQTT client
+would. The result is a table of rounds, a JSON file and optionally a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmq import wire
+from fedmq.errors import ConfigError, FedmqError
+from fedmq.localbroker import BrokerOptions, LocalBroker
+from fedmq.topics import Topics
+
+__all__ = ["FederationResult", "FederationSpec", "RoundRow", "run_federation"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FederationSpec:
+    agents: int = 8
+    rounds: int = 10
+    dataset: str = "digits"
+    model: str = "digits-mlp"
+    partition: str = "dirichlet:0.5"
+    codec: str = "int8"
+    epochs: int = 1
+    lr: float = 0.1
+    seed: int = 0
+    clients_per_round: int = 0  # 0 = every agent
+    min_updates: int = 0  # 0 = clients_per_round (or all agents)
+    round_timeout: float = 120.0
+    eval_dataset: str = ""  # "" = the dataset's test split
+    eval_max_examples: int = 0
+    max_examples: int = 0
+    broker: str = "auto"  # auto | mosquitto | amqtt | HOST:PORT
+    workdir: Path | None = None
+    fleet: str = "demo"
+    agent_threads: int = 1
+    timeout: float = 3600.0
+    extra_agent: dict[str, Any] = field(default_factory=dict)
+    extra_aggregator: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.agents < 1 or self.rounds < 1:
+            raise ConfigError("agents and rounds must be at least 1")
+        if self.clients_per_round > self.agents:
+            raise ConfigError("clients_per_round cannot exceed the number of agents")
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    round_id: int
+    version: int
+    participants: int
+    accuracy: float
+    loss: float
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+    wall: float
+
+
+@dataclass
+class FederationResult:
+    spec: dict[str, Any]
+    rows: list[RoundRow]
+    wall_seconds: float
+    broker: str
+    model_bytes: int
+    workdir: str
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.rows[-1].accuracy if self.rows else float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec,
+            "rounds": [asdict(r) for r in self.rows],
+            "final_accuracy": self.final_accuracy,
+            "wall_seconds": self.wall_seconds,
+            "bytes_up": sum(r.bytes_up for r in self.rows),
+            "bytes_down": sum(r.bytes_down for r in self.rows),
+            "broker": self.broker,
+            "model_bytes": self.model_bytes,
+        }
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))
+
+
+def _write_toml(path: Path, section: str, values: dict[str, Any]) -> None:
+    lines = [f"[{section}]"] + [
+        f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+class _Observer:
+    """Follows the retained model topic and turns every new version into a RoundRow."""
+
+    def __init__(self, host: str, port: int, protocol: str, topics: Topics, agents: int) -> None:
+        import paho.mqtt.client as mqtt
+
+        from fedmq.mqtt import MqttSettings, connect, make_client
+
+        self._topics = topics
+        self._agents = agents
+        self._lock = threading.Lock()
+        self.rows: list[RoundRow] = []
+        self.versions = threading.Condition(self._lock)
+        self.latest_version = -1
+        self.model_bytes = 0
+        self._round_bytes = 0
+        self._t0 = time.monotonic()
+        self._last = self._t0
+        settings = MqttSettings(host=host, port=port, protocol=protocol,
+                                client_id=f"observer-{os.getpid()}", clean_start=True,
+                                session_expiry=0)
+        self.client = make_client(settings)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        connect(self.client, settings, asynchronous=False)
+        self.client.loop_start()
+        self._mqtt = mqtt
+
+    def _on_connect(self, client: Any, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
+        client.subscribe([(self._topics.model, 1), (self._topics.round, 1)])
+
+    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        try:
+            if msg.topic == self._topics.round:
+                self._round_bytes = len(msg.payload)
+                return
+            model = wire.decode_model(msg.payload)
+        except FedmqError as exc:
+            log.warning("observer: ignoring bad message on %s: %s", msg.topic, exc)
+            return
+        now = time.monotonic()
+        with self._lock:
+            self.model_bytes = len(msg.payload)
+            if model.version <= self.latest_version:
+                return
+            self.latest_version = model.version
+            if model.version > 0:
+                m = model.metrics
+                # Every agent downloads the model and the round announcement once per round.
+                down = (len(msg.payload) + self._round_bytes) * self._agents
+                self.rows.append(RoundRow(
+                    round_id=model.round_id, version=model.version,
+                    participants=int(m.get("participants", 0)),
+                    accuracy=float(m.get("accuracy", float("nan"))),
+                    loss=float(m.get("loss", float("nan"))),
+                    bytes_up=int(m.get("bytes_in", 0)), bytes_down=down,
+                    seconds=float(m.get("round_seconds", now - self._last)),
+                    wall=now - self._t0,
+                ))
+            self._last = now
+            self.versions.notify_all()
+
+    def wait_for_version(self, version: int, timeout: float, alive: Callable[[], None]) -> None:
+        end = time.monotonic() + timeout
+        with self._lock:
+            while self.latest_version < version:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise FedmqError(
+                        f"timed out after {timeout:.0f}s waiting for model version {version} "
+                        f"(have {self.latest_version})"
+                    )
+                self.versions.wait(min(left, 1.0))
+                self._lock.release()
+                try:
+                    alive()
+                finally:
+                    self._lock.acquire()
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _spawn(cmd: list[str], logfile: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    out = open(logfile, "wb")  # noqa: SIM115 - owned by the child
+    try:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    finally:
+        out.close()
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    end = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+def run_federation(
+    spec: FederationSpec, on_round: Callable[[RoundRow], None] | None = None
+) -> FederationResult:
+    """Start everything, wait for ``spec.rounds`` new model versions, stop everything."""
+    owns_dir = spec.workdir is None
+    workdir = Path(spec.workdir or tempfile.mkdtemp(prefix="fedmq-federation-"))
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    broker: LocalBroker | None = None
+    procs: list[subprocess.Popen[bytes]] = []
+    observer: _Observer | None = None
+    t0 = time.monotonic()
+    try:
+        if ":" in spec.broker:
+            host, port_s = spec.broker.rsplit(":", 1)
+            port, kind = int(port_s), "external"
+        else:
+            broker = LocalBroker(BrokerOptions(), workdir=workdir / "broker", kind=spec.broker)
+            broker.start()
+            host, port, kind = broker.host, broker.port, broker.kind
+        protocol = "3.1.1" if kind == "amqtt" else "5"
+        topics = Topics(spec.fleet)
+        per_round = spec.clients_per_round or spec.agents
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        common = {"fleet": spec.fleet, "host": host, "port": port, "protocol": protocol,
+                  "model": spec.model}
+        agg_cfg = {
+            **common,
+            "state_dir": str(workdir / "aggregator"),
+            "eval_dataset": spec.eval_dataset or spec.dataset,
+            "eval_max_examples": spec.eval_max_examples,
+            "rounds": spec.rounds,
+            "clients_per_round": per_round,
+            "min_updates": spec.min_updates or per_round,
+            "min_devices": per_round,
+            "round_timeout": spec.round_timeout,
+            "epochs": spec.epochs,
+            "lr": spec.lr,
+            "codec": spec.codec,
+            "seed": spec.seed,
+            **spec.extra_aggregator,
+        }
+        _write_toml(workdir / "aggregator.toml", "aggregator", agg_cfg)
+        observer = _Observer(host, port, protocol, topics, spec.agents)
+        procs.append(_spawn([sys.executable, "-m", "aggregator", "--config",
+                             str(workdir / "aggregator.toml")],
+                            workdir / "logs" / "aggregator.log", env))
+        for i in range(spec.agents):
+            agent_cfg = {
+                **common,
+                "device_id": f"agent-{i:03d}",
+                "state_dir": str(workdir / "agents" / f"agent-{i:03d}"),
+                "source": spec.dataset,
+                "partition": spec.partition,
+                "num_clients": spec.agents,
+                "client_index": i,
+                "seed": spec.seed,
+                "num_threads": spec.agent_threads,
+                "max_examples": spec.max_examples or None,
+                **spec.extra_agent,
+            }
+            path = workdir / f"agent-{i:03d}.toml"
+            _write_toml(path, "agent", agent_cfg)
+            procs.append(_spawn([sys.executable, "-m", "edge_agent", "--config", str(path)],
+                                workdir / "logs" / f"agent-{i:03d}.log", env))
+
+        def alive() -> None:
+            for p in procs:
+                code = p.poll()
+                if code not in (None, 0):
+                    name = Path(str(p.args[-1])).stem  # type: ignore[index]
+                    tail = _tail(workdir / "logs", name)
+                    raise FedmqError(f"{name} exited with code {code}; its log ends:\n{tail}")
+
+        shown = 0
+        for version in range(1, spec.rounds + 1):
+            observer.wait_for_version(version, spec.timeout, alive)
+            while on_round is not None and shown < len(observer.rows):
+                on_round(observer.rows[shown])
+                shown += 1
+        rows = list(observer.rows)
+        return FederationResult(
+            spec={k: str(v) if isinstance(v, Path) else v for k, v in asdict(spec).items()},
+            rows=rows, wall_seconds=time.monotonic() - t0, broker=kind,
+            model_bytes=observer.model_bytes, workdir=str(workdir),
+        )
+    finally:
+        _stop(procs)
+        if observer is not None:
+            observer.close()
+        if broker is not None:
+            broker.stop()
+        if owns_dir and os.environ.get("FEDMQ_KEEP_WORKDIR") != "1":
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _tail(logdir: Path, name: str, lines: int = 30) -> str:
+    for candidate in (logdir / f"{name}.log",):
+        if candidate.exists():
+            return "\n".join(candidate.read_text(errors="replace").splitlines()[-lines:])
+    return "(no log)"

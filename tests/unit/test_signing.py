@@ -1,0 +1,73 @@
+"""Ed25519 update signatures and the device registry."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmq import codecs, wire
+from fedmq.errors import RejectReason, SecurityError, WireError
+from fedmq.signing import DeviceKey, Registry, load_or_create_key, sign_update, verify_update
+
+
+def _update(device: str = "dev-1") -> wire.UpdateMessage:
+    t = codecs.encode_delta({"w": np.ones((3, 2), np.float32)}, "int8", np.random.default_rng(0))
+    return wire.UpdateMessage("f", 4, 3, device, "u1", 10, "int8", t)
+
+
+def test_signed_update_verifies_after_the_wire() -> None:
+    key = DeviceKey.generate()
+    signed = sign_update(_update(), key)
+    decoded = wire.decode_update(wire.encode(signed))
+    verify_update(decoded, key.public_hex)
+
+
+@pytest.mark.parametrize("change", [
+    {"round_id": 5}, {"device": "dev-2"}, {"num_examples": 11}, {"update_id": "u2"},
+    {"base_version": 2},
+])
+def test_any_change_breaks_the_signature(change: dict[str, object]) -> None:
+    key = DeviceKey.generate()
+    tampered = replace(sign_update(_update(), key), **change)  # type: ignore[arg-type]
+    with pytest.raises(WireError) as e:
+        verify_update(tampered, key.public_hex)
+    assert e.value.code == RejectReason.BAD_SIGNATURE
+
+
+def test_tensor_bytes_are_covered() -> None:
+    key = DeviceKey.generate()
+    signed = sign_update(_update(), key)
+    t = signed.tensors[0]
+    flipped = wire.Tensor(t.name, t.dtype, t.shape, bytes([t.data[0] ^ 1]) + t.data[1:], t.params)
+    with pytest.raises(WireError):
+        verify_update(replace(signed, tensors=(flipped,)), key.public_hex)
+
+
+def test_unsigned_unknown_and_other_key() -> None:
+    key, other = DeviceKey.generate(), DeviceKey.generate()
+    with pytest.raises(WireError) as e:
+        verify_update(_update(), key.public_hex)
+    assert e.value.code == RejectReason.UNSIGNED
+    with pytest.raises(WireError) as e:
+        verify_update(sign_update(_update(), key), None)
+    assert e.value.code == RejectReason.UNKNOWN_DEVICE
+    with pytest.raises(WireError) as e:
+        verify_update(sign_update(_update(), other), key.public_hex)
+    assert e.value.code == RejectReason.BAD_SIGNATURE
+
+
+def test_key_file_and_registry(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "device.key"
+    k1 = load_or_create_key(path)
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert load_or_create_key(path).public_hex == k1.public_hex
+    reg = Registry(tmp_path / "devices.json")
+    assert reg.public_key("dev-1") is None
+    reg.enroll("dev-1", k1.public_hex)
+    assert Registry(tmp_path / "devices.json").public_key("dev-1") == k1.public_hex
+    with pytest.raises(SecurityError):
+        reg.enroll("dev-2", "abcd")
+    assert reg.revoke("dev-1") and reg.public_key("dev-1") is None
