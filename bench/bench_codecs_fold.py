@@ -77,30 +77,50 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--updates", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "codecs_fold.json")
+    ap.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "codecs_fold.json"
+    )
     args = ap.parse_args()
     params = sum(int(np.prod(s)) for s in SHAPES.values())
     print(f"model: {params:,} parameters, float32 weights {params * 4 / 1e6:.2f} MB")
     results = {c: bench_codec(c, args.updates, args.repeats) for c in codecs.CODECS}
     f32 = results["float32"]["encoded_bytes"]
-    print(f"{'codec':8} {'bytes/update':>13} {'vs f32':>7} {'encode ms':>10} "
-          f"{'fold MB/s':>10} {'updates/s':>10} {'peak MB (N/4, N)':>17}")
+    print(
+        f"{'codec':8} {'bytes/update':>13} {'vs f32':>7} {'encode ms':>10} "
+        f"{'fold MB/s':>10} {'updates/s':>10} {'peak MB (N/4, N)':>17}"
+    )
     for c, r in results.items():
-        print(f"{c:8} {r['encoded_bytes']:>13,} {f32 / r['encoded_bytes']:>6.2f}x "
-              f"{r['encode_ms']:>10.1f} {r['fold_mb_per_s']:>10.0f} {r['fold_updates_per_s']:>10.0f} "
-              f"{r['peak_mb_folding_quarter']:>8.1f} {r['peak_mb_folding_all']:>8.1f}")
+        print(
+            f"{c:8} {r['encoded_bytes']:>13,} {f32 / r['encoded_bytes']:>6.2f}x "
+            f"{r['encode_ms']:>10.1f} {r['fold_mb_per_s']:>10.0f} {r['fold_updates_per_s']:>10.0f} "
+            f"{r['peak_mb_folding_quarter']:>8.1f} {r['peak_mb_folding_all']:>8.1f}"
+        )
     target = 400.0
     got = results["int8"]["fold_mb_per_s"]
-    print(f"int8 fold throughput {got:.0f} MB/s per core; target >= {target:.0f} MB/s: "
-          f"{'met' if got >= target else 'NOT met'}")
+    print(
+        f"int8 fold throughput {got:.0f} MB/s per core; target >= {target:.0f} MB/s: "
+        f"{'met' if got >= target else 'NOT met'}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "benchmark": "codecs_fold", "parameters": params, "updates": args.updates,
-        "machine": {"node": platform.node(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version(), "numpy": np.__version__},
-        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "results": results, "int8_target_mb_per_s": target,
-    }, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "codecs_fold",
+                "parameters": params,
+                "updates": args.updates,
+                "machine": {
+                    "node": platform.node(),
+                    "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version(),
+                    "numpy": np.__version__,
+                },
+                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "results": results,
+                "int8_target_mb_per_s": target,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.out}")
 
 

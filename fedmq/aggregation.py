@@ -150,7 +150,8 @@ class FedAvgM:
     def load_state(self, state: Mapping[str, np.ndarray]) -> None:
         self._velocity = {
             k.split("/", 1)[1]: np.asarray(v, np.float32)
-            for k, v in state.items() if k.startswith("velocity/")
+            for k, v in state.items()
+            if k.startswith("velocity/")
         }
 
 
@@ -180,8 +181,10 @@ class FedAdam:
         return out
 
     def state(self) -> Weights:
-        return {**{f"m/{n}": v for n, v in self._m.items()},
-                **{f"v/{n}": v for n, v in self._v.items()}}
+        return {
+            **{f"m/{n}": v for n, v in self._m.items()},
+            **{f"v/{n}": v for n, v in self._v.items()},
+        }
 
     def load_state(self, state: Mapping[str, np.ndarray]) -> None:
         self._m = {k[2:]: np.asarray(v, np.float32) for k, v in state.items() if k.startswith("m/")}

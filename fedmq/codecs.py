@@ -88,7 +88,9 @@ def decode_tensor(tensor: Tensor, codec: str) -> np.ndarray:
 def _int8_scale(tensor: Tensor) -> float:
     scale = tensor.params.get("scale")
     if scale is None:
-        raise WireError(f"tensor {tensor.name!r}: int8 needs a 'scale' param", RejectReason.BAD_CODEC)
+        raise WireError(
+            f"tensor {tensor.name!r}: int8 needs a 'scale' param", RejectReason.BAD_CODEC
+        )
     if not 0.0 <= scale < 1e30:
         raise WireError(f"tensor {tensor.name!r}: bad int8 scale {scale}", RejectReason.BAD_CODEC)
     return float(scale)

@@ -63,8 +63,11 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
         if origin is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
             item_tp = typing.get_args(inner)[0] if typing.get_args(inner) else str
-            return tuple(coerce(v.strip() if isinstance(v, str) else v, item_tp, name)
-                         for v in items if not (isinstance(v, str) and not v.strip()))
+            return tuple(
+                coerce(v.strip() if isinstance(v, str) else v, item_tp, name)
+                for v in items
+                if not (isinstance(v, str) and not v.strip())
+            )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{name}: {exc}") from exc
     return value

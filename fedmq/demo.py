@@ -18,42 +18,81 @@ def add_federation_arguments(p: argparse.ArgumentParser, defaults: FederationSpe
     d = defaults
     p.add_argument("--agents", type=int, default=d.agents, help="number of agents (processes)")
     p.add_argument("--rounds", type=int, default=d.rounds, help="rounds to run")
-    p.add_argument("--dataset", default=d.dataset,
-                   help="digits | fashion-mnist | fashion-mnist-seq")
-    p.add_argument("--model", default=d.model,
-                   help="prebuilt bundle name or bundle directory (fedmq model export)")
-    p.add_argument("--partition", default=d.partition,
-                   help="iid | dirichlet:ALPHA | classes:K | quantity:ALPHA")
+    p.add_argument(
+        "--dataset", default=d.dataset, help="digits | fashion-mnist | fashion-mnist-seq"
+    )
+    p.add_argument(
+        "--model",
+        default=d.model,
+        help="prebuilt bundle name or bundle directory (fedmq model export)",
+    )
+    p.add_argument(
+        "--partition",
+        default=d.partition,
+        help="iid | dirichlet:ALPHA | classes:K | quantity:ALPHA",
+    )
     p.add_argument("--codec", default=d.codec, choices=("float32", "float16", "int8"))
     p.add_argument("--epochs", type=int, default=d.epochs, help="local epochs per round")
     p.add_argument("--lr", type=float, default=d.lr, help="local SGD learning rate")
-    p.add_argument("--clients-per-round", type=int, default=d.clients_per_round,
-                   help="devices sampled per round (0 = all)")
-    p.add_argument("--max-examples", type=int, default=d.max_examples,
-                   help="cap on local examples per round (0 = all)")
+    p.add_argument(
+        "--clients-per-round",
+        type=int,
+        default=d.clients_per_round,
+        help="devices sampled per round (0 = all)",
+    )
+    p.add_argument(
+        "--max-examples",
+        type=int,
+        default=d.max_examples,
+        help="cap on local examples per round (0 = all)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--broker", default=d.broker,
-                   help="auto | mosquitto | amqtt | HOST:PORT of a running broker")
-    p.add_argument("--round-timeout", type=float, default=d.round_timeout,
-                   help="seconds before a round closes with the updates it has")
+    p.add_argument(
+        "--broker",
+        default=d.broker,
+        help="auto | mosquitto | amqtt | HOST:PORT of a running broker",
+    )
+    p.add_argument(
+        "--round-timeout",
+        type=float,
+        default=d.round_timeout,
+        help="seconds before a round closes with the updates it has",
+    )
     p.add_argument("--threads", type=int, default=d.agent_threads, help="LiteRT threads per agent")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="keep state and logs here (default: a temporary directory)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep state and logs here (default: a temporary directory)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     p.add_argument("--plot", type=Path, default=None, help="write the accuracy curve as PNG")
 
 
 def run_from_args(args: argparse.Namespace, title: str, **extra: Any) -> int:
     spec = FederationSpec(
-        agents=args.agents, rounds=args.rounds, dataset=args.dataset, model=args.model,
-        partition=args.partition, codec=args.codec, epochs=args.epochs, lr=args.lr,
-        clients_per_round=args.clients_per_round, max_examples=args.max_examples,
-        seed=args.seed, broker=args.broker, round_timeout=args.round_timeout,
-        agent_threads=args.threads, workdir=args.workdir, **extra,
+        agents=args.agents,
+        rounds=args.rounds,
+        dataset=args.dataset,
+        model=args.model,
+        partition=args.partition,
+        codec=args.codec,
+        epochs=args.epochs,
+        lr=args.lr,
+        clients_per_round=args.clients_per_round,
+        max_examples=args.max_examples,
+        seed=args.seed,
+        broker=args.broker,
+        round_timeout=args.round_timeout,
+        agent_threads=args.threads,
+        workdir=args.workdir,
+        **extra,
     )
-    print(f"{title}: {spec.agents} agents, {spec.dataset} split {spec.partition}, model "
-          f"{spec.model}, {spec.codec} updates, {spec.epochs} local epoch(s), {spec.rounds} rounds",
-          flush=True)
+    print(
+        f"{title}: {spec.agents} agents, {spec.dataset} split {spec.partition}, model "
+        f"{spec.model}, {spec.codec} updates, {spec.epochs} local epoch(s), {spec.rounds} rounds",
+        flush=True,
+    )
     print_header(sys.stdout)
     result = run_federation(spec, on_round=lambda row: print_row(row, sys.stdout))
     print_summary(result, sys.stdout)
@@ -62,8 +101,12 @@ def run_from_args(args: argparse.Namespace, title: str, **extra: Any) -> int:
         args.json.write_text(json.dumps(result.to_json(), indent=2))
         print(f"wrote {args.json}")
     if args.plot:
-        plot_curve(result.rows, args.plot, f"{title}: {spec.model} on {spec.dataset}, "
-                   f"{spec.agents} devices, {spec.partition}, {spec.codec}")
+        plot_curve(
+            result.rows,
+            args.plot,
+            f"{title}: {spec.model} on {spec.dataset}, "
+            f"{spec.agents} devices, {spec.partition}, {spec.codec}",
+        )
         print(f"wrote {args.plot}")
     return 0
 

@@ -1,9 +1,9 @@
 """``fedmq keygen`` (on a device) and ``fedmq enroll`` (on the aggregator side).
 
-    fedmq keygen --key /var/lib/fedmq-agent/device.key      # prints the public key
-    fedmq enroll DEVICE_ID PUBLIC_KEY_HEX --registry /var/lib/fedmq/devices.json
-    fedmq enroll --list --registry ...
-    fedmq enroll --revoke DEVICE_ID --registry ...
+fedmq keygen --key /var/lib/fedmq-agent/device.key      # prints the public key
+fedmq enroll DEVICE_ID PUBLIC_KEY_HEX --registry /var/lib/fedmq/devices.json
+fedmq enroll --list --registry ...
+fedmq enroll --revoke DEVICE_ID --registry ...
 """
 
 from __future__ import annotations
@@ -43,14 +43,16 @@ def _enroll(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> None:
     k = subparsers.add_parser(
-        "keygen", help="create (or show) this device's Ed25519 signing key",
+        "keygen",
+        help="create (or show) this device's Ed25519 signing key",
         description="Create the device's Ed25519 key file (mode 0600) if it does not exist "
         "and print its public key (hex) for enrolment on the aggregator.",
     )
     k.add_argument("--key", type=Path, required=True, help="path of the private key file")
     k.set_defaults(func=_keygen)
     e = subparsers.add_parser(
-        "enroll", help="enrol a device's public key in the aggregator's registry",
+        "enroll",
+        help="enrol a device's public key in the aggregator's registry",
         description="Add, list or revoke devices in the registry the aggregator checks "
         "update signatures against (its `registry` setting).",
     )

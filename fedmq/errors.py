@@ -58,9 +58,22 @@ class RejectReason:
     UNSIGNED = "unsigned"
     BAD_SIGNATURE = "bad_signature"
     ALL = (
-        MALFORMED, TOO_LARGE, SCHEMA, WRONG_FLEET, WRONG_ROUND, WRONG_BASE, DUPLICATE,
-        NOT_SELECTED, UNKNOWN_DEVICE, DEVICE_MISMATCH, SHAPE, NON_FINITE, BAD_CODEC,
-        ROUND_CLOSED, UNSIGNED, BAD_SIGNATURE,
+        MALFORMED,
+        TOO_LARGE,
+        SCHEMA,
+        WRONG_FLEET,
+        WRONG_ROUND,
+        WRONG_BASE,
+        DUPLICATE,
+        NOT_SELECTED,
+        UNKNOWN_DEVICE,
+        DEVICE_MISMATCH,
+        SHAPE,
+        NON_FINITE,
+        BAD_CODEC,
+        ROUND_CLOSED,
+        UNSIGNED,
+        BAD_SIGNATURE,
     )
 
 

@@ -14,12 +14,26 @@ __all__ = ["PRESETS", "add_parser"]
 # Named experiments; any flag overrides the preset's value.
 PRESETS: dict[str, FederationSpec] = {
     "fmnist-cnn": FederationSpec(
-        agents=10, rounds=20, dataset="fashion-mnist", model="fmnist-cnn",
-        partition="dirichlet:0.5", codec="int8", epochs=1, lr=0.05, round_timeout=600.0,
+        agents=10,
+        rounds=20,
+        dataset="fashion-mnist",
+        model="fmnist-cnn",
+        partition="dirichlet:0.5",
+        codec="int8",
+        epochs=1,
+        lr=0.05,
+        round_timeout=600.0,
     ),
     "fmnist-lstm": FederationSpec(
-        agents=10, rounds=20, dataset="fashion-mnist-seq", model="fmnist-lstm",
-        partition="dirichlet:0.5", codec="int8", epochs=1, lr=0.1, round_timeout=600.0,
+        agents=10,
+        rounds=20,
+        dataset="fashion-mnist-seq",
+        model="fmnist-lstm",
+        partition="dirichlet:0.5",
+        codec="int8",
+        epochs=1,
+        lr=0.1,
+        round_timeout=600.0,
     ),
     "digits-mlp": FederationSpec(),
 }
@@ -50,9 +64,18 @@ def add_parser(subparsers: Any) -> None:
 def _apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     preset = PRESETS[args.preset]
     defaults = FederationSpec()
-    mapping = {"agents": "agents", "rounds": "rounds", "dataset": "dataset", "model": "model",
-               "partition": "partition", "codec": "codec", "epochs": "epochs", "lr": "lr",
-               "clients_per_round": "clients_per_round", "round_timeout": "round_timeout"}
+    mapping = {
+        "agents": "agents",
+        "rounds": "rounds",
+        "dataset": "dataset",
+        "model": "model",
+        "partition": "partition",
+        "codec": "codec",
+        "epochs": "epochs",
+        "lr": "lr",
+        "clients_per_round": "clients_per_round",
+        "round_timeout": "round_timeout",
+    }
     for arg_name, field_name in mapping.items():
         # A flag left at the generic default takes the preset's value.
         if getattr(args, arg_name) == getattr(defaults, field_name):

@@ -140,9 +140,14 @@ class _Observer:
         self._round_bytes = 0
         self._t0 = time.monotonic()
         self._last = self._t0
-        settings = MqttSettings(host=host, port=port, protocol=protocol,
-                                client_id=f"observer-{os.getpid()}", clean_start=True,
-                                session_expiry=0)
+        settings = MqttSettings(
+            host=host,
+            port=port,
+            protocol=protocol,
+            client_id=f"observer-{os.getpid()}",
+            clean_start=True,
+            session_expiry=0,
+        )
         self.client = make_client(settings)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
@@ -172,15 +177,19 @@ class _Observer:
                 m = model.metrics
                 # Every agent downloads the model and the round announcement once per round.
                 down = (len(msg.payload) + self._round_bytes) * self._agents
-                self.rows.append(RoundRow(
-                    round_id=model.round_id, version=model.version,
-                    participants=int(m.get("participants", 0)),
-                    accuracy=float(m.get("accuracy", float("nan"))),
-                    loss=float(m.get("loss", float("nan"))),
-                    bytes_up=int(m.get("bytes_in", 0)), bytes_down=down,
-                    seconds=float(m.get("round_seconds", now - self._last)),
-                    wall=now - self._t0,
-                ))
+                self.rows.append(
+                    RoundRow(
+                        round_id=model.round_id,
+                        version=model.version,
+                        participants=int(m.get("participants", 0)),
+                        accuracy=float(m.get("accuracy", float("nan"))),
+                        loss=float(m.get("loss", float("nan"))),
+                        bytes_up=int(m.get("bytes_in", 0)),
+                        bytes_down=down,
+                        seconds=float(m.get("round_seconds", now - self._last)),
+                        wall=now - self._t0,
+                    )
+                )
             self._last = now
             self.versions.notify_all()
 
@@ -209,8 +218,9 @@ class _Observer:
 def _spawn(cmd: list[str], logfile: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     out = open(logfile, "wb")  # noqa: SIM115 - owned by the child
     try:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     finally:
         out.close()
 
@@ -251,8 +261,13 @@ def run_federation(
         topics = Topics(spec.fleet)
         per_round = spec.clients_per_round or spec.agents
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        common = {"fleet": spec.fleet, "host": host, "port": port, "protocol": protocol,
-                  "model": spec.model}
+        common = {
+            "fleet": spec.fleet,
+            "host": host,
+            "port": port,
+            "protocol": protocol,
+            "model": spec.model,
+        }
         agg_cfg = {
             **common,
             "state_dir": str(workdir / "aggregator"),
@@ -271,9 +286,13 @@ def run_federation(
         }
         _write_toml(workdir / "aggregator.toml", "aggregator", agg_cfg)
         observer = _Observer(host, port, protocol, topics, spec.agents)
-        procs.append(_spawn([sys.executable, "-m", "aggregator", "--config",
-                             str(workdir / "aggregator.toml")],
-                            workdir / "logs" / "aggregator.log", env))
+        procs.append(
+            _spawn(
+                [sys.executable, "-m", "aggregator", "--config", str(workdir / "aggregator.toml")],
+                workdir / "logs" / "aggregator.log",
+                env,
+            )
+        )
         for i in range(spec.agents):
             agent_cfg = {
                 **common,
@@ -290,8 +309,13 @@ def run_federation(
             }
             path = workdir / f"agent-{i:03d}.toml"
             _write_toml(path, "agent", agent_cfg)
-            procs.append(_spawn([sys.executable, "-m", "edge_agent", "--config", str(path)],
-                                workdir / "logs" / f"agent-{i:03d}.log", env))
+            procs.append(
+                _spawn(
+                    [sys.executable, "-m", "edge_agent", "--config", str(path)],
+                    workdir / "logs" / f"agent-{i:03d}.log",
+                    env,
+                )
+            )
 
         def alive() -> None:
             for p in procs:
@@ -310,8 +334,11 @@ def run_federation(
         rows = list(observer.rows)
         return FederationResult(
             spec={k: str(v) if isinstance(v, Path) else v for k, v in asdict(spec).items()},
-            rows=rows, wall_seconds=time.monotonic() - t0, broker=kind,
-            model_bytes=observer.model_bytes, workdir=str(workdir),
+            rows=rows,
+            wall_seconds=time.monotonic() - t0,
+            broker=kind,
+            model_bytes=observer.model_bytes,
+            workdir=str(workdir),
         )
     finally:
         _stop(procs)

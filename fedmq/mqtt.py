@@ -105,13 +105,19 @@ def connect(client: mqtt.Client, settings: MqttSettings, asynchronous: bool = Tr
         props.SessionExpiryInterval = settings.session_expiry
         if asynchronous:
             client.connect_async(
-                settings.host, settings.port, settings.keepalive,
-                clean_start=settings.clean_start, properties=props,
+                settings.host,
+                settings.port,
+                settings.keepalive,
+                clean_start=settings.clean_start,
+                properties=props,
             )
         else:
             client.connect(
-                settings.host, settings.port, settings.keepalive,
-                clean_start=settings.clean_start, properties=props,
+                settings.host,
+                settings.port,
+                settings.keepalive,
+                clean_start=settings.clean_start,
+                properties=props,
             )
     elif asynchronous:
         client.connect_async(settings.host, settings.port, settings.keepalive)

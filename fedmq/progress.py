@@ -18,27 +18,38 @@ def format_bytes(n: float) -> str:
 
 
 def print_header(out: TextIO) -> None:
-    print(f"{'round':>5} {'devices':>7} {'accuracy':>9} {'loss':>7} {'up':>9} {'down':>9} "
-          f"{'round s':>8} {'elapsed':>8}", file=out, flush=True)
+    print(
+        f"{'round':>5} {'devices':>7} {'accuracy':>9} {'loss':>7} {'up':>9} {'down':>9} "
+        f"{'round s':>8} {'elapsed':>8}",
+        file=out,
+        flush=True,
+    )
 
 
 def print_row(row: Any, out: TextIO) -> None:
-    print(f"{row.round_id:>5} {row.participants:>7} {row.accuracy * 100:>8.2f}% {row.loss:>7.3f} "
-          f"{format_bytes(row.bytes_up):>9} {format_bytes(row.bytes_down):>9} "
-          f"{row.seconds:>8.1f} {row.wall:>7.1f}s", file=out, flush=True)
+    print(
+        f"{row.round_id:>5} {row.participants:>7} {row.accuracy * 100:>8.2f}% {row.loss:>7.3f} "
+        f"{format_bytes(row.bytes_up):>9} {format_bytes(row.bytes_down):>9} "
+        f"{row.seconds:>8.1f} {row.wall:>7.1f}s",
+        file=out,
+        flush=True,
+    )
 
 
 def print_summary(result: Any, out: TextIO) -> None:
     rows = result.rows
     up = sum(r.bytes_up for r in rows)
     down = sum(r.bytes_down for r in rows)
-    print(f"final test accuracy {result.final_accuracy * 100:.2f}% after {len(rows)} rounds; "
-          f"{result.wall_seconds:.1f}s wall; uploaded {format_bytes(up)}, "
-          f"downloaded {format_bytes(down)} (broker: {result.broker})", file=out, flush=True)
+    print(
+        f"final test accuracy {result.final_accuracy * 100:.2f}% after {len(rows)} rounds; "
+        f"{result.wall_seconds:.1f}s wall; uploaded {format_bytes(up)}, "
+        f"downloaded {format_bytes(down)} (broker: {result.broker})",
+        file=out,
+        flush=True,
+    )
 
 
-def plot_curve(rows: Sequence[Any], path: Path, title: str,
-               reference: float | None = None) -> Path:
+def plot_curve(rows: Sequence[Any], path: Path, title: str, reference: float | None = None) -> Path:
     """Accuracy per round (and cumulative upload) as a PNG; needs matplotlib (plot extra)."""
     import matplotlib
 

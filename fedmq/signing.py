@@ -63,9 +63,11 @@ class DeviceKey:
 
     @property
     def public_hex(self) -> str:
-        return self.private.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        ).hex()
+        return (
+            self.private.public_key()
+            .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            .hex()
+        )
 
     def sign(self, data: bytes) -> bytes:
         return self.private.sign(data)
@@ -156,7 +158,8 @@ class Registry:
         if self.path.exists():
             data = json.loads(self.path.read_text())
         data.setdefault("devices", {})[device] = {
-            "public_key": public_key_hex, "enrolled_at": time.time()
+            "public_key": public_key_hex,
+            "enrolled_at": time.time(),
         }
         self._write(data)
 

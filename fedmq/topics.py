@@ -72,7 +72,7 @@ class Topics:
         head = self.base + "/"
         if not topic.startswith(head):
             return None
-        parts = topic[len(head):].split("/")
+        parts = topic[len(head) :].split("/")
         if len(parts) != 2 or parts[0] not in ("update", "ack", "status") or not parts[1]:
             return None
         return parts[1]

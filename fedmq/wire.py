@@ -430,7 +430,7 @@ def _float_map(obj: Mapping[str, Any], key: str, max_items: int = 256) -> dict[s
     if len(raw) > max_items:
         raise WireError(f"field {key!r} has more than {max_items} entries")
     out: dict[str, float] = {}
-    for k, v in raw.items():
+    for k in raw:
         if not isinstance(k, str) or len(k) > _MAX_NAME:
             raise WireError(f"field {key!r} has a bad key")
         out[k] = _float(raw, k)
@@ -451,7 +451,8 @@ def _check_tensor_fields(
         raise WireError(f"tensor name {name!r} must be 1-{_MAX_NAME} characters")
     if dtype not in ALLOWED_DTYPES:
         raise WireError(
-            f"tensor {name!r}: dtype {dtype!r} is not allowed (allowed: {', '.join(ALLOWED_DTYPES)})",
+            f"tensor {name!r}: dtype {dtype!r} is not allowed "
+            f"(allowed: {', '.join(ALLOWED_DTYPES)})",
             RejectReason.BAD_CODEC,
         )
     if len(shape) > _MAX_NDIM or any(
@@ -467,7 +468,9 @@ def _check_tensor_fields(
         )
     for key, value in params.items():
         if not isinstance(value, int | float) or not math.isfinite(value):
-            raise WireError(f"tensor {name!r}: param {key!r} is not finite", RejectReason.NON_FINITE)
+            raise WireError(
+                f"tensor {name!r}: param {key!r} is not finite", RejectReason.NON_FINITE
+            )
 
 
 def _tensor(raw: Any, limits: Limits) -> Tensor:
@@ -489,7 +492,9 @@ def _tensor(raw: Any, limits: Limits) -> Tensor:
     if dtype in ("float32", "float16"):
         values = tensor.array()
         if values.size and not np.isfinite(values).all():
-            raise WireError(f"tensor {name!r} holds NaN or infinite values", RejectReason.NON_FINITE)
+            raise WireError(
+                f"tensor {name!r} holds NaN or infinite values", RejectReason.NON_FINITE
+            )
     return tensor
 
 
@@ -563,7 +568,9 @@ def _training_config(raw: Any) -> TrainingConfig:
             lr=_float(raw, "lr"),
             codec=_str(raw, "codec", 16),
             max_examples=_int(raw, "max_examples", 1) if _opt(raw, "max_examples") else None,
-            sample_fraction=_float(raw, "sample_fraction") if _opt(raw, "sample_fraction") else None,
+            sample_fraction=_float(raw, "sample_fraction")
+            if _opt(raw, "sample_fraction")
+            else None,
         )
     except ValueError as exc:
         raise WireError(f"bad training config: {exc}") from exc
@@ -635,4 +642,3 @@ def decode_status(payload: bytes, limits: Limits | None = None) -> StatusMessage
         round_id=_int(obj, "round") if _opt(obj, "round") else None,
         created_at=_float(obj, "created_at") if _opt(obj, "created_at") else 0.0,
     )
-

@@ -21,7 +21,9 @@ _BROKERS_KEY = pytest.StashKey[list[LocalBroker]]()
 
 def _require_mosquitto() -> None:
     if mosquitto_path() is None:
-        pytest.fail("mosquitto is not installed: `make test` installs it (apt-get install mosquitto)")
+        pytest.fail(
+            "mosquitto is not installed: `make test` installs it (apt-get install mosquitto)"
+        )
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -58,8 +60,9 @@ def broker(request: pytest.FixtureRequest, _session_broker: LocalBroker) -> Loca
 @pytest.fixture
 def fresh_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalBroker]:
     _require_mosquitto()
-    b = LocalBroker(BrokerOptions(persistence=True), workdir=tmp_path / "mosquitto",
-                    kind="mosquitto")
+    b = LocalBroker(
+        BrokerOptions(persistence=True), workdir=tmp_path / "mosquitto", kind="mosquitto"
+    )
     _track(request, b)
     b.start()
     yield b

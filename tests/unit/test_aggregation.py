@@ -54,10 +54,12 @@ def test_bad_updates_leave_the_sum_untouched() -> None:
     missing = (good[0],)
     unknown = (*good, Tensor.from_array("extra", np.zeros(1, np.float32)))
     wrong_dtype = codecs.encode_delta(_deltas(1)[0], "int8", rng)
-    for bad, codec, code in [(wrong_shape, "float32", RejectReason.SHAPE),
-                             (missing, "float32", RejectReason.SHAPE),
-                             (unknown, "float32", RejectReason.SHAPE),
-                             (wrong_dtype, "float32", RejectReason.BAD_CODEC)]:
+    for bad, codec, code in [
+        (wrong_shape, "float32", RejectReason.SHAPE),
+        (missing, "float32", RejectReason.SHAPE),
+        (unknown, "float32", RejectReason.SHAPE),
+        (wrong_dtype, "float32", RejectReason.BAD_CODEC),
+    ]:
         with pytest.raises(WireError) as e:
             acc.fold(bad, codec, 1.0)
         assert e.value.code == code

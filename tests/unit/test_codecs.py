@@ -14,8 +14,10 @@ from fedmq.errors import RejectReason, WireError
 
 def _delta(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"w": rng.normal(0, 0.02, (64, 32)).astype(np.float32),
-            "b": rng.normal(0, 0.01, (32,)).astype(np.float32)}
+    return {
+        "w": rng.normal(0, 0.02, (64, 32)).astype(np.float32),
+        "b": rng.normal(0, 0.01, (32,)).astype(np.float32),
+    }
 
 
 def test_float32_is_exact_and_sizes_shrink() -> None:
@@ -57,8 +59,13 @@ def test_int8_stochastic_rounding_is_unbiased() -> None:
     assert abs(nearest - 0.3) > 5e-4  # what deterministic rounding would give
 
 
-@given(hnp.arrays(np.float32, hnp.array_shapes(max_dims=3, max_side=6),
-                  elements=st.floats(-1e3, 1e3, width=32)))
+@given(
+    hnp.arrays(
+        np.float32,
+        hnp.array_shapes(max_dims=3, max_side=6),
+        elements=st.floats(-1e3, 1e3, width=32),
+    )
+)
 @settings(max_examples=100, deadline=None)
 def test_round_trip_through_the_wire(x: np.ndarray) -> None:
     for codec in codecs.CODECS:
@@ -66,8 +73,11 @@ def test_round_trip_through_the_wire(x: np.ndarray) -> None:
         msg = wire.UpdateMessage("f", 1, 0, "d", "u", 1, codec, (t,))
         back = codecs.decode_tensor(wire.decode_update(wire.encode(msg)).tensors[0], codec)
         assert back.shape == x.shape
-        tol = {"float32": 0.0, "float16": 1e-3 * (np.abs(x).max(initial=0) + 1),
-               "int8": (np.abs(x).max(initial=0) / 127) * 1.0001}[codec]
+        tol = {
+            "float32": 0.0,
+            "float16": 1e-3 * (np.abs(x).max(initial=0) + 1),
+            "int8": (np.abs(x).max(initial=0) / 127) * 1.0001,
+        }[codec]
         assert np.abs(back - x).max(initial=0) <= tol + 1e-6
 
 

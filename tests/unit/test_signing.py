@@ -25,10 +25,16 @@ def test_signed_update_verifies_after_the_wire() -> None:
     verify_update(decoded, key.public_hex)
 
 
-@pytest.mark.parametrize("change", [
-    {"round_id": 5}, {"device": "dev-2"}, {"num_examples": 11}, {"update_id": "u2"},
-    {"base_version": 2},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"round_id": 5},
+        {"device": "dev-2"},
+        {"num_examples": 11},
+        {"update_id": "u2"},
+        {"base_version": 2},
+    ],
+)
 def test_any_change_breaks_the_signature(change: dict[str, object]) -> None:
     key = DeviceKey.generate()
     tampered = replace(sign_update(_update(), key), **change)  # type: ignore[arg-type]

@@ -35,8 +35,13 @@ def tensors(draw: st.DrawFn) -> Tensor:
     n = math.prod(shape)
     if dtype in ("float32", "float16"):
         width = 32 if dtype == "float32" else 16
-        vals = draw(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=width),
-                             min_size=n, max_size=n))
+        vals = draw(
+            st.lists(
+                st.floats(allow_nan=False, allow_infinity=False, width=width),
+                min_size=n,
+                max_size=n,
+            )
+        )
     else:
         lo, hi = (-128, 127) if dtype == "int8" else (0, 255)
         vals = draw(st.lists(st.integers(lo, hi), min_size=n, max_size=n))
@@ -49,11 +54,15 @@ def tensors(draw: st.DrawFn) -> Tensor:
 def updates(draw: st.DrawFn) -> UpdateMessage:
     ts = draw(st.lists(tensors(), max_size=4, unique_by=lambda t: t.name))
     return UpdateMessage(
-        fleet=draw(device_ids), round_id=draw(st.integers(0, 2**40)),
-        base_version=draw(st.integers(0, 2**40)), device=draw(device_ids),
+        fleet=draw(device_ids),
+        round_id=draw(st.integers(0, 2**40)),
+        base_version=draw(st.integers(0, 2**40)),
+        device=draw(device_ids),
         update_id=draw(st.text("0123456789abcdef", min_size=1, max_size=32)),
-        num_examples=draw(st.integers(1, 10**9)), codec=draw(st.sampled_from(["float32", "int8"])),
-        tensors=tuple(ts), metrics=draw(st.dictionaries(names, finite, max_size=3)),
+        num_examples=draw(st.integers(1, 10**9)),
+        codec=draw(st.sampled_from(["float32", "int8"])),
+        tensors=tuple(ts),
+        metrics=draw(st.dictionaries(names, finite, max_size=3)),
         created_at=draw(st.floats(0, 2e9)),
         signature=draw(st.none() | st.binary(min_size=64, max_size=64)),
     )
@@ -72,7 +81,11 @@ def test_model_round_trip(t: Tensor) -> None:
     assert wire.decode_model(wire.encode(msg)) == msg
 
 
-@given(st.lists(device_ids, max_size=20, unique=True), st.integers(1, 50), finite.filter(lambda x: x > 0))
+@given(
+    st.lists(device_ids, max_size=20, unique=True),
+    st.integers(1, 50),
+    finite.filter(lambda x: x > 0),
+)
 @settings(max_examples=60, deadline=None)
 def test_round_round_trip(selected: list[str], epochs: int, lr: float) -> None:
     cfg = TrainingConfig(epochs=epochs, lr=min(lr, 100.0), codec="int8", max_examples=100)
@@ -83,8 +96,10 @@ def test_round_round_trip(selected: list[str], epochs: int, lr: float) -> None:
 def test_ack_and_status_round_trip() -> None:
     ack = AckMessage("f", 1, "dev-1", "abc", False, RejectReason.DUPLICATE, "already folded", 3.0)
     assert wire.decode_ack(wire.encode(ack)) == ack
-    st_msg = StatusMessage("f", "dev-1", "online", "ai-edge-litert 2.3.0",
-                           {"threads": 2, "model": "digits-mlp", "tags": ["a"]}, {"loss": 0.5}, 4, 9.0)
+    caps = {"threads": 2, "model": "digits-mlp", "tags": ["a"]}
+    st_msg = StatusMessage(
+        "f", "dev-1", "online", "ai-edge-litert 2.3.0", caps, {"loss": 0.5}, 4, 9.0
+    )
     assert wire.decode_status(wire.encode(st_msg)) == st_msg
 
 
@@ -128,8 +143,15 @@ def _reject(payload: bytes, code: str | None = None, limits: Limits | None = Non
 
 @pytest.mark.parametrize(
     "payload",
-    [b"", b"\xc1", b"garbage bytes \x00\xff", _pack([1, 2, 3]), _pack("x"), _pack({"v": 1}),
-     b"\x81\xa1v"],
+    [
+        b"",
+        b"\xc1",
+        b"garbage bytes \x00\xff",
+        _pack([1, 2, 3]),
+        _pack("x"),
+        _pack({"v": 1}),
+        b"\x81\xa1v",
+    ],
 )
 def test_garbage_is_rejected(payload: bytes) -> None:
     _reject(payload)
@@ -180,8 +202,16 @@ def test_non_finite_values_rejected() -> None:
 
 
 def test_field_types_checked() -> None:
-    for key, bad in [("round", "3"), ("round", -1), ("num_examples", 0), ("device", "a/b"),
-                     ("device", "+"), ("codec", "zip"), ("num_examples", True), ("tensors", {})]:
+    for key, bad in [
+        ("round", "3"),
+        ("round", -1),
+        ("num_examples", 0),
+        ("device", "a/b"),
+        ("device", "+"),
+        ("codec", "zip"),
+        ("num_examples", True),
+        ("tensors", {}),
+    ]:
         m = _base_map()
         m[key] = bad
         _reject(_pack(m))
@@ -202,8 +232,13 @@ def test_wrong_message_type() -> None:
 @given(st.binary(max_size=300))
 @settings(max_examples=300, deadline=None)
 def test_random_bytes_never_crash(payload: bytes) -> None:
-    for decode in (wire.decode_update, wire.decode_model, wire.decode_round,
-                   wire.decode_ack, wire.decode_status):
+    for decode in (
+        wire.decode_update,
+        wire.decode_model,
+        wire.decode_round,
+        wire.decode_ack,
+        wire.decode_status,
+    ):
         try:
             decode(payload)
         except WireError as err:

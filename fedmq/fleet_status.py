@@ -1,0 +1,172 @@
+"""``fedmq status``: the fleet and the current round, live from the retained MQTT topics.
+
+Subscribes (read-only) to ``status/+``, ``round`` and ``model`` of a fleet; the retained
+messages give the picture at once, later messages update it. ``--watch`` redraws it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from fedmq import wire
+from fedmq.errors import FedmqError
+from fedmq.mqtt import MqttSettings, connect, make_client
+from fedmq.topics import Topics
+
+__all__ = ["FleetView", "add_parser", "render"]
+
+
+@dataclass
+class FleetView:
+    """What the status, round and model topics say (updated from the MQTT thread)."""
+
+    devices: dict[str, wire.StatusMessage] = field(default_factory=dict)
+    round: wire.RoundAnnouncement | None = None
+    model: wire.ModelMessage | None = None
+    model_bytes: int = 0
+    bad_messages: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def apply(self, topics: Topics, topic: str, payload: bytes) -> None:
+        try:
+            if topic == topics.round:
+                rnd = wire.decode_round(payload)
+                with self.lock:
+                    self.round = rnd
+            elif topic == topics.model:
+                model = wire.decode_model(payload)
+                with self.lock:
+                    self.model, self.model_bytes = model, len(payload)
+            elif topics.device_of(topic) is not None and payload:
+                status = wire.decode_status(payload)
+                with self.lock:
+                    self.devices[status.device] = status
+        except FedmqError:
+            with self.lock:
+                self.bad_messages += 1
+
+
+def _age(ts: float, now: float) -> str:
+    if ts <= 0:
+        return "-"
+    s = max(0.0, now - ts)
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.0f}h"
+
+
+def render(view: FleetView, fleet: str, out: TextIO, now: float | None = None) -> None:
+    now = time.time() if now is None else now
+    with view.lock:
+        devices = dict(view.devices)
+        rnd, model = view.round, view.model
+        model_bytes, bad = view.model_bytes, view.bad_messages
+    print(f"fleet {fleet}", file=out)
+    if model is not None:
+        acc = model.metrics.get("accuracy")
+        acc_s = f", accuracy {acc * 100:.2f}%" if acc is not None else ""
+        print(
+            f"  model   version {model.version} (round {model.round_id}){acc_s}, "
+            f"{model_bytes / 1000:.1f} KB",
+            file=out,
+        )
+    else:
+        print("  model   (none published)", file=out)
+    if rnd is not None:
+        sel = f"{len(rnd.selected)} selected" if rnd.selected else "open to all"
+        left = rnd.deadline - now
+        print(
+            f"  round   {rnd.round_id} on version {rnd.base_version}, {sel}, quorum "
+            f"{rnd.min_updates}, deadline in {left:.0f}s, {rnd.config.epochs} epoch(s) "
+            f"lr {rnd.config.lr} codec {rnd.config.codec}",
+            file=out,
+        )
+    online = sum(1 for s in devices.values() if s.state != "offline")
+    print(f"  devices {len(devices)} known, {online} online", file=out)
+    if devices:
+        print(
+            f"  {'device':<20} {'state':<9} {'round':>5} {'loss':>7} {'examples':>8} "
+            f"{'train s':>7} {'seen':>5}  runtime",
+            file=out,
+        )
+    for name in sorted(devices):
+        s = devices[name]
+        m = s.metrics
+        loss = f"{m['loss']:.3f}" if "loss" in m else "-"
+        ex = f"{m['examples']:.0f}" if "examples" in m else "-"
+        tr = f"{m['train_seconds']:.1f}" if "train_seconds" in m else "-"
+        rid = "-" if s.round_id is None else str(s.round_id)
+        print(
+            f"  {name:<20} {s.state:<9} {rid:>5} {loss:>7} {ex:>8} {tr:>7} "
+            f"{_age(s.created_at, now):>5}  {s.runtime}",
+            file=out,
+        )
+    if bad:
+        print(f"  ({bad} undecodable messages ignored)", file=out)
+
+
+def _run(args: argparse.Namespace) -> int:
+    topics = Topics(args.fleet, args.topic_prefix)
+    settings = MqttSettings(
+        host=args.host,
+        port=args.port,
+        client_id="",
+        protocol=args.protocol,
+        clean_start=True,
+        session_expiry=0,
+        username=args.username,
+        password=args.password,
+        tls_ca=args.tls_ca,
+    )
+    view = FleetView()
+    client = make_client(settings)
+
+    def on_connect(c: Any, _u: Any, _f: Any, _rc: Any, _p: Any = None) -> None:
+        c.subscribe([(topics.status_wildcard, 1), (topics.round, 1), (topics.model, 1)])
+
+    client.on_connect = on_connect
+    client.on_message = lambda _c, _u, msg: view.apply(topics, msg.topic, msg.payload)
+    try:
+        connect(client, settings, asynchronous=False)
+    except OSError as exc:
+        raise FedmqError(f"cannot reach the broker at {args.host}:{args.port}: {exc}") from exc
+    client.loop_start()
+    try:
+        time.sleep(args.wait)
+        if not args.watch:
+            render(view, args.fleet, sys.stdout)
+            return 0
+        while True:
+            sys.stdout.write("\x1b[2J\x1b[H")
+            render(view, args.fleet, sys.stdout)
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "status",
+        help="show the fleet and the current round from the status topics",
+        description="Read the retained status, round and model topics of a fleet and print "
+        "devices (state, last round, loss, examples, runtime) and the open round.",
+    )
+    p.add_argument("--fleet", default="demo")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--topic-prefix", default="")
+    p.add_argument("--protocol", default="5", choices=("5", "3.1.1"))
+    p.add_argument("--username")
+    p.add_argument("--password")
+    p.add_argument("--tls-ca", help="CA certificate for a TLS listener")
+    p.add_argument("--wait", type=float, default=1.5, help="seconds to collect before printing")
+    p.add_argument("--watch", action="store_true", help="keep redrawing until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, help="redraw interval with --watch")
+    p.set_defaults(func=_run)
