@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 
 __all__ = ["main", "serve"]
@@ -35,10 +36,8 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(args.port, args.host))
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
         c.subscribe([(topics.status_wildcard, 1), (topics.round, 1), (topics.model, 1)])
 
     client.on_connect = on_connect
-    client.on_message = lambda _c, _u, msg: view.apply(topics, msg.topic, msg.payload)
+    client.on_message = lambda _c, _u, msg: view.apply(topics, msg.topic, bytes(msg.payload))
     try:
         connect(client, settings, asynchronous=False)
     except OSError as exc:

@@ -107,6 +107,10 @@ class LocalBroker:
             "connection_messages true",
             "log_timestamp true",
         ]
+        if os.geteuid() == 0:
+            # Mosquitto started as root drops to the `mosquitto` user, which cannot write the
+            # persistence file into a root-owned (test) directory: stay root for local runs.
+            lines.append("user root")
         if o.persistence:
             lines += [
                 "persistence true",

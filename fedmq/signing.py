@@ -14,6 +14,7 @@ their owner.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -36,6 +37,8 @@ __all__ = [
     "sign_update",
     "verify_update",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -125,13 +128,14 @@ class Registry:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._mtime: float | None = None
+        self._bad_mtime: float | None = None
         self._devices: dict[str, str] = {}
 
     def _load(self) -> None:
         try:
             mtime = self.path.stat().st_mtime
         except FileNotFoundError:
-            self._devices, self._mtime = {}, None
+            self._devices, self._mtime, self._bad_mtime = {}, None, None
             return
         if mtime == self._mtime:
             return
@@ -139,9 +143,18 @@ class Registry:
             data = json.loads(self.path.read_text())
             devices = data["devices"]
             parsed = {str(k): str(v["public_key"]) for k, v in devices.items()}
-        except (ValueError, KeyError, TypeError) as exc:
-            raise SecurityError(f"registry {self.path} is malformed: {exc}") from exc
-        self._devices, self._mtime = parsed, mtime
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            if self._mtime is None:
+                raise SecurityError(f"registry {self.path} is malformed: {exc}") from exc
+            # A running service keeps the last good registry (and fails closed for devices
+            # added since) rather than rejecting everyone over one bad edit.
+            if mtime != self._bad_mtime:
+                log.error(
+                    "registry %s is malformed (%s): keeping the previous one", self.path, exc
+                )
+                self._bad_mtime = mtime
+            return
+        self._devices, self._mtime, self._bad_mtime = parsed, mtime, None
 
     def devices(self) -> Mapping[str, str]:
         self._load()

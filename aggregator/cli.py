@@ -1,0 +1,127 @@
+"""``fedmq aggregator`` / ``python -m aggregator``: run the aggregator service."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from aggregator.config import (
+    ENV_PREFIX,
+    EVAL_DATASETS,
+    SELECTIONS,
+    STRATEGIES,
+    load_aggregator_config,
+)
+from fedmq.errors import FedmqError
+
+__all__ = ["add_arguments", "add_parser", "command", "main"]
+
+_DESCRIPTION = (
+    "Run the federated-learning aggregator: collect device updates over MQTT, fold them into "
+    "a running weighted mean, apply the server strategy, evaluate, persist and publish the "
+    "next global model. Settings come from defaults < --config FILE ([aggregator] table) < "
+    f"environment ({ENV_PREFIX}<SETTING>, e.g. {ENV_PREFIX}FLEET) < these flags."
+)
+
+# (flag, dest, type, help); every dest is a field of AggregatorConfig.
+_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
+    ("--fleet", "fleet", str, "fleet (federation) name (default: default)"),
+    ("--host", "host", str, "MQTT broker host (default: 127.0.0.1)"),
+    ("--port", "port", int, "MQTT broker port (default: 1883)"),
+    ("--topic-prefix", "topic_prefix", str, "prefix before fl/<fleet>/... (default: none)"),
+    ("--client-id", "client_id", str, "fixed MQTT client id (default: fedmq-aggregator-<fleet>)"),
+    ("--state-dir", "state_dir", str, "state directory: SQLite + model files"),
+    ("--model", "model", str, "model bundle directory or prebuilt name (default: digits-mlp)"),
+    ("--eval-dataset", "eval_dataset", str,
+     f"held-out set: {', '.join(EVAL_DATASETS)} or an .npz with x/y (default: digits)"),
+    ("--eval-max-examples", "eval_max_examples", int, "cap on evaluation examples (0 = all)"),
+    ("--rounds", "rounds", int, "stop after this many closed rounds (0 = run forever)"),
+    ("--clients-per-round", "clients_per_round", int, "devices selected / updates targeted"),
+    ("--min-updates", "min_updates", int, "quorum: updates needed to close a round"),
+    ("--min-devices", "min_devices", int, "online devices needed before opening a round"),
+    ("--selection", "selection", str,
+     f"{' or '.join(SELECTIONS)}: name sampled devices, or let any device contribute"),
+    ("--round-timeout", "round_timeout", float, "seconds from opening to the deadline"),
+    ("--abandon-after", "abandon_after", float,
+     "grace seconds after the deadline before a round without quorum is abandoned"),
+    ("--epochs", "epochs", int, "local epochs per round"),
+    ("--lr", "lr", float, "device learning rate"),
+    ("--codec", "codec", str, "update codec devices use: float32, float16 or int8"),
+    ("--train-max-examples", "train_max_examples", int, "cap on local examples per round"),
+    ("--strategy", "strategy", str, f"server strategy: {', '.join(STRATEGIES)}"),
+    ("--server-lr", "server_lr", float, "server learning rate (strategy default if unset)"),
+    ("--server-momentum", "server_momentum", float, "FedAvgM momentum"),
+    ("--seed", "seed", int, "seed for device sampling and evaluation subsets"),
+    ("--max-update-bytes", "max_update_bytes", int, "largest update payload accepted"),
+    ("--max-examples-per-update", "max_examples_per_update", int,
+     "largest num_examples (weight) one update may claim"),
+    ("--keepalive", "keepalive", int, "MQTT keepalive seconds"),
+    ("--session-expiry", "session_expiry", int, "seconds the broker keeps our session"),
+    ("--username", "username", str, "MQTT username"),
+    ("--password", "password", str, f"MQTT password (prefer {ENV_PREFIX}PASSWORD)"),
+    ("--tls-ca", "tls_ca", str, "CA file: enables TLS"),
+    ("--tls-cert", "tls_cert", str, "client certificate (with --tls-key)"),
+    ("--tls-key", "tls_key", str, "client key"),
+    ("--registry", "registry", str,
+     "JSON registry of enrolled device keys (`fedmq enroll`): updates must be signed"),
+    ("--metrics-port", "metrics_port", int, "Prometheus exporter port (0 = off)"),
+    ("--log-every", "log_every", int, "log a progress line every N rounds"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML file with an [aggregator] table")
+    for flag, dest, kind, help_text in _OPTIONS:
+        parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
+    parser.add_argument(
+        "--require-signatures", dest="require_signatures",
+        action=argparse.BooleanOptionalAction, default=None,
+        help="reject unsigned updates and unknown devices (default: on when --registry is "
+        "set; --no-require-signatures only verifies signed updates of enrolled devices)",
+    )
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``aggregator`` subcommand."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "aggregator",
+        help="run the aggregator service",
+        description=_DESCRIPTION,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=command)
+    return parser
+
+
+def command(args: argparse.Namespace) -> int:
+    """Load the configuration from ``args`` and run the service."""
+    from aggregator.service import run
+
+    overrides = {dest: getattr(args, dest, None) for _, dest, _, _ in _OPTIONS}
+    overrides["require_signatures"] = getattr(args, "require_signatures", None)
+    config = load_aggregator_config(args.config, overrides=overrides)
+    return run(config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aggregator", description=_DESCRIPTION)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-vv for debug")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose >= 2 else logging.INFO
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return command(args)
+    except FedmqError as exc:
+        logging.getLogger("aggregator").error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130

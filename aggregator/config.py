@@ -1,0 +1,216 @@
+"""The aggregator's configuration: one frozen, validated object per process.
+
+Sources, lowest to highest precedence: defaults < TOML file (``[aggregator]`` table) <
+environment (``FEDMQ_AGGREGATOR_<FIELD>``, e.g. ``FEDMQ_AGGREGATOR_FLEET``) < flags.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedmq.codecs import CODECS
+from fedmq.config import load_config
+from fedmq.errors import ConfigError, FedmqError
+from fedmq.mqtt import MqttSettings
+from fedmq.topics import Topics, validate_name
+from fedmq.wire import TrainingConfig
+
+__all__ = [
+    "ENV_PREFIX",
+    "EVAL_DATASETS",
+    "SELECTIONS",
+    "STRATEGIES",
+    "TOML_SECTION",
+    "AggregatorConfig",
+    "load_aggregator_config",
+]
+
+ENV_PREFIX = "FEDMQ_AGGREGATOR_"
+TOML_SECTION = "aggregator"
+STRATEGIES = ("fedavg", "fedavgm", "fedadam")
+EVAL_DATASETS = ("digits", "fashion-mnist", "fashion-mnist-seq", "none")
+SELECTIONS = ("sample", "any")
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    """Everything the aggregator service needs (see docs/protocol.md for the round rules).
+
+    ``selection="sample"`` names a seeded sample of ``clients_per_round`` online devices in
+    each round; ``"any"`` lets any device contribute (the round targets ``clients_per_round``
+    updates). ``rounds=0`` runs forever; otherwise the service stops once that many rounds
+    have closed (counted over the state directory's whole history).
+    """
+
+    fleet: str = "default"
+    host: str = "127.0.0.1"
+    port: int = 1883
+    topic_prefix: str = ""
+    client_id: str = ""
+    protocol: str = "5"
+    state_dir: Path = Path("fedmq-aggregator-state")
+    # a bundle directory or the name of a bundle shipped with fedmq
+    model: str = "digits-mlp"
+    # "digits", "fashion-mnist", "fashion-mnist-seq", "none" or a path to an .npz (x, y)
+    eval_dataset: str = "digits"
+    eval_max_examples: int = 2000  # 0 = the whole test split
+    rounds: int = 0
+    clients_per_round: int = 10
+    min_updates: int = 1
+    min_devices: int = 0
+    selection: str = "sample"
+    round_timeout: float = 300.0
+    abandon_after: float = 300.0
+    epochs: int = 1
+    lr: float = 0.05
+    codec: str = "int8"
+    train_max_examples: int | None = None
+    sample_fraction: float | None = None
+    strategy: str = "fedavg"
+    server_lr: float | None = None
+    server_momentum: float = 0.9
+    seed: int = 0
+    max_update_bytes: int = 16 * 1024 * 1024
+    max_examples_per_update: int = 10_000_000
+    keepalive: int = 30
+    session_expiry: int = 7 * 24 * 3600
+    reconnect_min: float = 1.0
+    reconnect_max: float = 30.0
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # Enrolled devices' public keys (JSON written by `fedmq enroll`); see docs/protocol.md.
+    registry: str | None = None
+    # None = required exactly when a registry is set. False with a registry: signatures
+    # are checked when present for enrolled devices, unsigned updates pass (migration).
+    require_signatures: bool | None = None
+    metrics_port: int = 0
+    log_every: int = 1
+    tick_interval: float = 0.2
+
+    def __post_init__(self) -> None:
+        validate_name(self.fleet, "fleet")
+        if self.client_id:
+            validate_name(self.client_id, "client_id")
+        Topics(self.fleet, self.topic_prefix)  # validates the prefix
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port {self.port} is out of range")
+        if not self.model:
+            raise ConfigError("model must name a bundle directory or a prebuilt bundle")
+        if not self.eval_dataset:
+            raise ConfigError("eval_dataset must not be empty (use 'none' to skip evaluation)")
+        _at_least(self.eval_max_examples, 0, "eval_max_examples")
+        _at_least(self.rounds, 0, "rounds")
+        _at_least(self.clients_per_round, 1, "clients_per_round")
+        _at_least(self.min_updates, 1, "min_updates")
+        _at_least(self.min_devices, 0, "min_devices")
+        if self.min_updates > self.clients_per_round:
+            raise ConfigError(
+                f"min_updates ({self.min_updates}) exceeds clients_per_round "
+                f"({self.clients_per_round})"
+            )
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        for name in ("round_timeout", "abandon_after", "tick_interval"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if self.round_timeout <= 0:
+            raise ConfigError("round_timeout must be > 0")
+        if self.codec not in CODECS:
+            raise ConfigError(f"codec must be one of {CODECS}, got {self.codec!r}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        lr = self.server_lr
+        if lr is not None and not (math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"server_lr must be > 0, got {self.server_lr}")
+        if not 0 <= self.server_momentum < 1:
+            raise ConfigError(f"server_momentum must be in [0, 1), got {self.server_momentum}")
+        _at_least(self.max_update_bytes, 1024, "max_update_bytes")
+        _at_least(self.max_examples_per_update, 1, "max_examples_per_update")
+        _at_least(self.metrics_port, 0, "metrics_port")
+        if self.metrics_port > 65535:
+            raise ConfigError(f"metrics_port {self.metrics_port} is out of range")
+        _at_least(self.log_every, 1, "log_every")
+        if self.registry is not None and not self.registry.strip():
+            raise ConfigError("registry must be a path (or unset)")
+        if self.require_signatures and self.registry is None:
+            raise ConfigError("require_signatures needs a registry of enrolled devices")
+        if (self.username is None) and self.password is not None:
+            raise ConfigError("password given without username")
+        try:
+            self.training_config()
+            self.mqtt_settings()
+        except (ValueError, FedmqError) as exc:
+            raise ConfigError(str(exc)) from exc
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def effective_client_id(self) -> str:
+        """A fixed client id (persistent session): ``fedmq-aggregator-<fleet>`` by default."""
+        return self.client_id or f"fedmq-aggregator-{self.fleet}"
+
+    @property
+    def signatures_required(self) -> bool:
+        """Whether every update must carry a valid signature of an enrolled device."""
+        if self.require_signatures is None:
+            return self.registry is not None
+        return self.require_signatures
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.fleet, self.topic_prefix)
+
+    def training_config(self) -> TrainingConfig:
+        return TrainingConfig(
+            epochs=self.epochs,
+            lr=self.lr,
+            codec=self.codec,
+            max_examples=self.train_max_examples,
+            sample_fraction=self.sample_fraction,
+        )
+
+    def mqtt_settings(self) -> MqttSettings:
+        return MqttSettings(
+            host=self.host,
+            port=self.port,
+            client_id=self.effective_client_id,
+            protocol=self.protocol,
+            keepalive=self.keepalive,
+            session_expiry=self.session_expiry,
+            clean_start=False,
+            username=self.username,
+            password=self.password,
+            tls_ca=self.tls_ca,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+            reconnect_min=self.reconnect_min,
+            reconnect_max=self.reconnect_max,
+        )
+
+
+def _at_least(value: int, low: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def load_aggregator_config(
+    toml_path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> AggregatorConfig:
+    """Defaults < TOML ``[aggregator]`` < ``FEDMQ_AGGREGATOR_*`` < ``overrides``."""
+    return load_config(
+        AggregatorConfig,
+        toml_path,
+        section=TOML_SECTION,
+        env_prefix=ENV_PREFIX,
+        overrides=overrides,
+        environ=environ,
+    )

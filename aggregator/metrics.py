@@ -1,0 +1,75 @@
+"""Prometheus metrics of one aggregator (a registry of its own: tests create many)."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from fedmq.errors import ConfigError, RejectReason
+
+__all__ = ["AggregatorMetrics"]
+
+log = logging.getLogger(__name__)
+
+
+class AggregatorMetrics:
+    """Counters, gauges and histograms; :meth:`serve` exposes them over HTTP."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.rounds_completed = Counter(
+            "fedmq_rounds_completed", "Rounds closed with a new model version", registry=r
+        )
+        self.rounds_abandoned = Counter(
+            "fedmq_rounds_abandoned", "Rounds abandoned without quorum", registry=r
+        )
+        self.participants = Histogram(
+            "fedmq_round_participants",
+            "Accepted updates per closed round",
+            buckets=(1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000),
+            registry=r,
+        )
+        self.updates_accepted = Counter(
+            "fedmq_updates_accepted", "Updates journaled and folded", registry=r
+        )
+        self.updates_rejected = Counter(
+            "fedmq_updates_rejected", "Updates rejected, by reason", ["reason"], registry=r
+        )
+        for code in RejectReason.ALL:
+            self.updates_rejected.labels(reason=code)
+        self.bytes_in = Counter("fedmq_bytes_in", "Update payload bytes received", registry=r)
+        self.bytes_out = Counter("fedmq_bytes_out", "Payload bytes published", registry=r)
+        self.fold_seconds = Histogram(
+            "fedmq_fold_seconds",
+            "Decode + check + journal + fold time of one update",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
+        self.round_seconds = Histogram(
+            "fedmq_round_seconds",
+            "Wall time from opening a round to publishing its model",
+            buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
+            registry=r,
+        )
+        self.accuracy = Gauge("fedmq_global_accuracy", "Held-out accuracy", registry=r)
+        self.loss = Gauge("fedmq_global_loss", "Held-out loss", registry=r)
+        self.current_round = Gauge("fedmq_current_round", "Id of the open round", registry=r)
+        self.model_version = Gauge("fedmq_model_version", "Current model version", registry=r)
+        self.online_devices = Gauge(
+            "fedmq_online_devices", "Devices whose status is online", registry=r
+        )
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        """Start the HTTP exporter (a daemon thread)."""
+        try:
+            start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {addr}:{port}: {exc}") from exc
+        log.info("metrics on http://%s:%d/metrics", addr, port)
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample's current value (tests and reports); 0.0 when absent."""
+        got = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if got is None else float(got)

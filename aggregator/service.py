@@ -1,0 +1,292 @@
+"""The MQTT shell around :class:`~aggregator.engine.Engine` (paho-mqtt 2.x, MQTT v5).
+
+paho's network thread only queues what arrives; the calling thread runs the engine, so the
+engine needs no locks. Updates are received with ``manual_ack``: the PUBACK goes out only
+after the engine journaled (or rejected) the update, and the fixed client id with a
+persistent session makes the broker keep QoS 1 updates while the aggregator is down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from aggregator.config import AggregatorConfig
+from aggregator.engine import Engine, Outgoing, RoundResult, resolve_bundle
+from aggregator.evaluate import Evaluator, TFLiteEvaluator, load_eval_set
+from aggregator.metrics import AggregatorMetrics
+from aggregator.store import Store
+from fedmq.errors import StateError
+from fedmq.mqtt import connect, make_client
+
+__all__ = ["AggregatorService", "build_engine", "run"]
+
+log = logging.getLogger(__name__)
+
+OnRound = Callable[[RoundResult], None]
+# After the first connection, updates the broker kept for us are handled before any round
+# is closed, abandoned or opened.
+_BACKLOG_GRACE = 0.5
+
+
+@dataclass(frozen=True)
+class _Inbound:
+    generation: int
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+
+
+@dataclass(frozen=True)
+class _Connected:
+    generation: int
+    session_present: bool
+
+
+def build_engine(config: AggregatorConfig, metrics: AggregatorMetrics | None = None) -> Engine:
+    """Bundle, evaluation set, state directory and metrics wired into an engine."""
+    bundle = resolve_bundle(config.model)
+    evaluator: Evaluator | None = None
+    if config.eval_dataset != "none":
+        x, y = load_eval_set(config.eval_dataset, config.eval_max_examples, config.seed)
+        evaluator = TFLiteEvaluator(bundle, x, y)
+    store = Store(config.state_dir)
+    try:
+        return Engine(config, store, bundle, evaluator, metrics)
+    except BaseException:
+        store.close()
+        raise
+
+
+class AggregatorService:
+    """Connects, feeds the engine and publishes what it returns until stopped or done."""
+
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        engine: Engine | None = None,
+        on_round: OnRound | None = None,
+    ) -> None:
+        self.config = config
+        self.engine = engine or build_engine(config)
+        self.on_round = on_round
+        self.topics = config.topics
+        self._settings = config.mqtt_settings()
+        self._inbox: queue.Queue[_Inbound | _Connected] = queue.Queue()
+        self._generation = 0
+        self._connected = False
+        self._stopping = False
+        self._ticking = False
+        self._pending: list[Outgoing] = []
+        self._last_infos: list[mqtt.MQTTMessageInfo] = []
+        self.client = make_client(self._settings, manual_ack=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    # -- paho callbacks (network thread): only queue, never raise ---------------------------
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any = None
+    ) -> None:
+        try:
+            if getattr(reason, "is_failure", False):
+                log.error("broker refused the connection: %s", reason)
+                return
+            self._generation += 1
+            client.subscribe(
+                [(self.topics.update_wildcard, 1), (self.topics.status_wildcard, 1)]
+            )
+            present = bool(getattr(flags, "session_present", False))
+            self._inbox.put(_Connected(self._generation, present))
+        except Exception:
+            log.exception("error in on_connect")
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any = None
+    ) -> None:
+        try:
+            self._generation += 1
+            self._connected = False
+            if self._stopping:
+                log.info("disconnected from the broker")
+            else:
+                log.warning("disconnected from the broker (%s); reconnecting", reason)
+        except Exception:
+            log.exception("error in on_disconnect")
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._inbox.put(
+                _Inbound(self._generation, msg.topic, bytes(msg.payload), msg.mid, msg.qos)
+            )
+        except Exception:
+            log.exception("error queueing a message on %s", getattr(msg, "topic", "?"))
+
+    # -- main thread -----------------------------------------------------------------------
+    def _publish(self, items: list[Outgoing]) -> None:
+        for item in items:
+            if not self._connected:
+                self._pending.append(item)
+                continue
+            info = self.client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
+            if item.retain:
+                self._last_infos = [i for i in self._last_infos if not i.is_published()]
+                self._last_infos.append(info)
+
+    def _handle_connected(self, event: _Connected) -> None:
+        if event.generation != self._generation:
+            return
+        self._connected = True
+        log.info(
+            "connected to %s:%d as %s (session %s)", self._settings.host, self._settings.port,
+            self._settings.client_id, "resumed" if event.session_present else "new",
+        )
+        pending, self._pending = self._pending, []
+        if not event.session_present:
+            # The broker may have lost our retained messages too: republish the current ones.
+            pending = [p for p in pending if not p.retain]
+            pending = self.engine.current_messages(time.time()) + pending
+        self._publish(pending)
+
+    def _handle_inbound(self, item: _Inbound) -> None:
+        device = self.topics.device_of(item.topic)
+        kind = item.topic.rsplit("/", 2)[-2] if item.topic.count("/") >= 2 else ""
+        now = time.time()
+        try:
+            if device is not None and kind == "update":
+                ack = self.engine.handle_update(device, item.payload, now)
+                out = self.engine.ack_outgoing(ack)
+                self._publish([out] if out else [])
+                if self._ticking:
+                    self._publish(self.engine.tick(now))
+            elif device is not None and kind == "status":
+                self.engine.on_status(device, item.payload, now)
+            else:
+                log.debug("ignoring a message on %s", item.topic)
+        except StateError:
+            raise  # the journal is not writable: stop without acknowledging
+        except Exception:
+            log.exception("error handling a message on %s (acknowledged, dropped)", item.topic)
+        self._ack(item)
+
+    def _ack(self, item: _Inbound) -> None:
+        if item.qos == 0:
+            return
+        if item.generation != self._generation:
+            return  # the connection it came on is gone: the broker will redeliver it
+        self.client.ack(item.mid, item.qos)
+
+    def _report(self) -> None:
+        for result in self.engine.pop_results():
+            if result.status == "closed" and result.round_id % self.config.log_every == 0:
+                acc = result.metrics.get("accuracy")
+                log.info(
+                    "round %d closed: %d participants (%d examples), accuracy %s, "
+                    "bytes in %d out %d, %.1fs -> model v%s",
+                    result.round_id, result.participants, result.num_examples,
+                    "n/a" if acc is None else f"{acc:.4f}", result.bytes_in, result.bytes_out,
+                    result.seconds, result.version,
+                )
+            if self.on_round is not None:
+                try:
+                    self.on_round(result)
+                except Exception:
+                    log.exception("on_round callback failed")
+
+    def run(self, stop_event: threading.Event | None = None) -> int:
+        """Serve until ``stop_event`` is set, the configured rounds are done, or a fatal error.
+
+        Returns 0 on a clean stop, 1 when the state could not be written.
+        """
+        stop = stop_event or threading.Event()
+        cfg = self.config
+        if cfg.metrics_port:
+            self.engine.metrics.serve(cfg.metrics_port)
+        self._publish(self.engine.start(time.time(), tick=False))
+        connect(self.client, self._settings, asynchronous=True)
+        self.client.loop_start()
+        code = 0
+        next_tick = float("inf")  # first tick once connected and the backlog had a moment
+        try:
+            while not stop.is_set() and not self.engine.done:
+                try:
+                    item = self._inbox.get(timeout=cfg.tick_interval)
+                except queue.Empty:
+                    item = None
+                if isinstance(item, _Connected):
+                    self._handle_connected(item)
+                    if next_tick == float("inf"):
+                        next_tick = time.monotonic() + _BACKLOG_GRACE
+                elif isinstance(item, _Inbound):
+                    self._handle_inbound(item)
+                if time.monotonic() >= next_tick:
+                    self._ticking = True
+                    next_tick = time.monotonic() + cfg.tick_interval
+                    self._publish(self.engine.tick(time.time()))
+                self._report()
+            if self.engine.done:
+                self._drain()
+                log.info("all %d round(s) done", cfg.rounds)
+        except StateError as exc:
+            log.error("stopping: %s", exc)
+            code = 1
+        finally:
+            self._shutdown()
+        return code
+
+    def _drain(self) -> None:
+        """Answer what already arrived (late updates get a definitive ack) before leaving."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Inbound):
+                self._handle_inbound(item)
+
+    def _shutdown(self) -> None:
+        self._stopping = True
+        if self._connected:
+            deadline = time.monotonic() + 10.0
+            for info in self._last_infos:
+                while not info.is_published() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+        with contextlib.suppress(Exception):  # already gone
+            self.client.disconnect()
+        self.client.loop_stop()
+        self.engine.store.close()
+
+
+def run(
+    config: AggregatorConfig,
+    stop_event: threading.Event | None = None,
+    on_round: OnRound | None = None,
+) -> int:
+    """Run the aggregator until stopped (SIGTERM/SIGINT in the main thread) or done."""
+    stop = stop_event or threading.Event()
+    restore: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+
+        def _handler(signum: int, frame: FrameType | None) -> None:
+            log.info("signal %d: stopping", signum)
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            restore[sig] = signal.signal(sig, _handler)
+    try:
+        service = AggregatorService(config, on_round=on_round)
+        return service.run(stop)
+    finally:
+        for sig, old in restore.items():
+            signal.signal(sig, old)

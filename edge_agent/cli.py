@@ -1,0 +1,153 @@
+"""Command line of the edge agent: ``fedmq agent ...`` and ``python -m edge_agent ...``.
+
+Every setting of :class:`~edge_agent.config.AgentConfig` is a flag; flags override the
+environment (``FEDMQ_AGENT_*``), which overrides the ``[agent]`` table of ``--config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from edge_agent.config import ENV_PREFIX, AgentConfig, load_agent_config
+from fedmq.errors import FedmqError
+
+__all__ = ["add_parser", "build_parser", "main", "run_command"]
+
+_HELP: dict[str, str] = {
+    "device_id": "device id, also the MQTT client id (default: the id kept in --state-dir, "
+    "made on first start)",
+    "fleet": "fleet (federation) name",
+    "host": "broker host",
+    "port": "broker port",
+    "topic_prefix": "topic prefix before fl/<fleet>/ (default: none)",
+    "state_dir": "directory for the device state and the outbox",
+    "model": "model bundle directory, or the name of a prebuilt bundle (e.g. digits-mlp)",
+    "source": "local data source: a dataset name (digits, fashion-mnist, ...) or "
+    "npz:/csv:/idx:PATH?options",
+    "partition": "partition spec (iid, dirichlet:0.5, classes:2, ...) to take one slice of a "
+    "shared dataset (experiments)",
+    "num_clients": "number of partition slices",
+    "client_index": "this device's slice, 0..num_clients-1",
+    "seed": "seed of the partition and of per-round sampling",
+    "sample_fraction": "fraction of the local examples used per round",
+    "max_examples": "cap on the examples used per round",
+    "class_balanced": "sample each round's examples class-balanced",
+    "augment": "augmentation spec (e.g. shift=2,noise=0.05)",
+    "num_threads": "LiteRT interpreter threads",
+    "protocol": "MQTT protocol: 5, or 3.1.1 for brokers without v5",
+    "keepalive": "MQTT keepalive in seconds",
+    "session_expiry": "seconds the broker keeps this device's session (and its acks) offline",
+    "backoff_min": "first reconnect delay in seconds (doubles up to --backoff-max)",
+    "backoff_max": "longest reconnect delay in seconds",
+    "ack_timeout": "seconds to wait for an ack before re-sending an update",
+    "max_resends": "re-sends of one update before waiting for the round to close",
+    "username": "MQTT user name",
+    "password": "MQTT password (prefer the FEDMQ_AGENT_PASSWORD environment variable)",
+    "tls_ca": "CA certificate file: enables TLS",
+    "tls_cert": "client certificate file (mutual TLS)",
+    "tls_key": "client private key file (mutual TLS)",
+    "signing_key": "Ed25519 device key file for signing updates (created if missing; "
+    "see `fedmq keygen`)",
+}
+
+
+def _metavar(tp: Any) -> str:
+    for arg in typing.get_args(tp) or (tp,):
+        if arg is type(None):
+            continue
+        return {int: "N", float: "X", str: "TEXT"}.get(arg, "PATH")
+    return "VALUE"
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML file; settings from its [agent] table"
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved settings and exit"
+    )
+    hints = typing.get_type_hints(AgentConfig)
+    group = parser.add_argument_group("settings (also TOML [agent] keys and "
+                                      f"{ENV_PREFIX}<NAME> variables)")
+    for field in dataclasses.fields(AgentConfig):
+        flag = "--" + field.name.replace("_", "-")
+        help_text = _HELP.get(field.name, field.name)
+        if field.default is not dataclasses.MISSING and field.default not in (None, ""):
+            help_text += f" (default: {field.default})"
+        if hints[field.name] is bool:
+            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=field.name, default=None,
+                               metavar=_metavar(hints[field.name]), help=help_text)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``agent`` subcommand on a ``fedmq`` subparsers object."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "agent",
+        help="run the edge agent on a device",
+        description="Run the edge agent: follow the global model and the rounds of a fleet, "
+        "train on local data with LiteRT and publish quantized updates. Stops cleanly on "
+        "SIGTERM/SIGINT.",
+    )
+    _add_arguments(parser)
+    parser.set_defaults(func=run_command)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(AgentConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    return load_agent_config(args.config, overrides)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the agent until stopped (the ``func`` of the subcommand)."""
+    config = config_from_args(args)
+    if args.print_config:
+        print(json.dumps(config.redacted(), indent=2, default=str))
+        return 0
+    from edge_agent.agent import EdgeAgent  # LiteRT and paho load only when running
+
+    EdgeAgent(config).run()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m edge_agent",
+        description="Run the fedmq edge agent (same as `fedmq agent`).",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    _add_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose >= 2 else logging.INFO
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return run_command(args)
+    except FedmqError as exc:
+        logging.getLogger("edge_agent").error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130

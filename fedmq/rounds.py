@@ -1,0 +1,228 @@
+"""Pure round state for the aggregator: the plan of one round and what it has accepted.
+
+No I/O and no clock: callers pass ``now``. :class:`RoundState` checks an
+:class:`~fedmq.wire.UpdateMessage` against the plan (in the order of docs/protocol.md) and
+raises :class:`~fedmq.errors.WireError` with a :class:`~fedmq.errors.RejectReason` code.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedmq.errors import RejectReason, StateError, WireError
+from fedmq.wire import RoundAnnouncement, TrainingConfig, UpdateMessage
+
+__all__ = ["RoundPlan", "RoundState", "select_devices"]
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What a round was opened with; ``selected`` empty = any device may contribute.
+
+    The round is ready when ``min_updates`` are in and either every selected device has
+    contributed, ``target`` updates are in, or ``deadline`` has passed. Without quorum at
+    ``abandon_at`` it is abandoned.
+    """
+
+    round_id: int
+    base_version: int
+    selected: tuple[str, ...]
+    target: int
+    min_updates: int
+    opened_at: float
+    deadline: float
+    abandon_at: float
+    config: TrainingConfig
+
+    def __post_init__(self) -> None:
+        if self.round_id < 0 or self.base_version < 0:
+            raise ValueError("round_id and base_version must be >= 0")
+        if len(set(self.selected)) != len(self.selected):
+            raise ValueError("selected devices must be unique")
+        if self.min_updates < 1:
+            raise ValueError(f"min_updates must be >= 1, got {self.min_updates}")
+        if self.target < self.min_updates:
+            raise ValueError(f"target {self.target} is below min_updates {self.min_updates}")
+        if self.selected and self.min_updates > len(self.selected):
+            raise ValueError(
+                f"min_updates {self.min_updates} exceeds the {len(self.selected)} selected devices"
+            )
+        times = (self.opened_at, self.deadline, self.abandon_at)
+        if not all(math.isfinite(t) for t in times):
+            raise ValueError("round times must be finite")
+        if not self.opened_at <= self.deadline <= self.abandon_at:
+            raise ValueError("round times must satisfy opened_at <= deadline <= abandon_at")
+
+    def announcement(self, fleet: str, model_id: str = "") -> RoundAnnouncement:
+        return RoundAnnouncement(
+            fleet=fleet,
+            round_id=self.round_id,
+            base_version=self.base_version,
+            deadline=self.deadline,
+            config=self.config,
+            selected=self.selected,
+            min_updates=self.min_updates,
+            model_id=model_id,
+            opened_at=self.opened_at,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "round_id": self.round_id,
+            "base_version": self.base_version,
+            "selected": list(self.selected),
+            "target": self.target,
+            "min_updates": self.min_updates,
+            "opened_at": self.opened_at,
+            "deadline": self.deadline,
+            "abandon_at": self.abandon_at,
+            "config": {
+                "epochs": c.epochs,
+                "lr": c.lr,
+                "codec": c.codec,
+                "max_examples": c.max_examples,
+                "sample_fraction": c.sample_fraction,
+            },
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> RoundPlan:
+        try:
+            return cls(
+                round_id=int(obj["round_id"]),
+                base_version=int(obj["base_version"]),
+                selected=tuple(str(d) for d in obj["selected"]),
+                target=int(obj["target"]),
+                min_updates=int(obj["min_updates"]),
+                opened_at=float(obj["opened_at"]),
+                deadline=float(obj["deadline"]),
+                abandon_at=float(obj["abandon_at"]),
+                config=TrainingConfig(**obj["config"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"stored round plan is invalid: {exc}") from exc
+
+
+class RoundState:
+    """Accepted updates of one open round (ids, devices, weight): O(devices), no tensors."""
+
+    def __init__(self, fleet: str, plan: RoundPlan, max_examples: int | None = None) -> None:
+        self.fleet = fleet
+        self.plan = plan
+        self.max_examples = max_examples
+        self._update_ids: set[str] = set()
+        self._devices: set[str] = set()
+        self._selected = frozenset(plan.selected)
+        self.num_examples = 0
+
+    @property
+    def round_id(self) -> int:
+        return self.plan.round_id
+
+    @property
+    def count(self) -> int:
+        return len(self._update_ids)
+
+    @property
+    def devices(self) -> frozenset[str]:
+        return frozenset(self._devices)
+
+    def has_update(self, update_id: str) -> bool:
+        return update_id in self._update_ids
+
+    def check(
+        self,
+        msg: UpdateMessage,
+        topic_device: str | None = None,
+        check_tensors: Callable[[UpdateMessage], None] | None = None,
+    ) -> None:
+        """Raise :class:`WireError` unless ``msg`` may be folded into this round.
+
+        ``check_tensors`` validates shapes and codec against the model (it runs after the
+        round checks and before the examples cap, as in docs/protocol.md).
+        """
+        p = self.plan
+        if msg.fleet != self.fleet:
+            raise WireError(
+                f"update is for fleet {msg.fleet!r}, this is {self.fleet!r}",
+                RejectReason.WRONG_FLEET,
+            )
+        if topic_device is not None and msg.device != topic_device:
+            raise WireError(
+                f"payload device {msg.device!r} differs from topic device {topic_device!r}",
+                RejectReason.DEVICE_MISMATCH,
+            )
+        if msg.round_id != p.round_id:
+            when = "stale" if msg.round_id < p.round_id else "future"
+            raise WireError(
+                f"{when} round {msg.round_id}: round {p.round_id} is open",
+                RejectReason.WRONG_ROUND,
+            )
+        if msg.base_version != p.base_version:
+            raise WireError(
+                f"base version {msg.base_version}: round {p.round_id} trains on "
+                f"version {p.base_version}",
+                RejectReason.WRONG_BASE,
+            )
+        if self._selected and msg.device not in self._selected:
+            raise WireError(
+                f"device {msg.device!r} is not selected for round {p.round_id}",
+                RejectReason.NOT_SELECTED,
+            )
+        if msg.update_id in self._update_ids:
+            raise WireError(
+                f"update {msg.update_id!r} was already accepted", RejectReason.DUPLICATE
+            )
+        if msg.device in self._devices:
+            raise WireError(
+                f"device {msg.device!r} already contributed to round {p.round_id}",
+                RejectReason.DUPLICATE,
+            )
+        if check_tensors is not None:
+            check_tensors(msg)
+        if self.max_examples is not None and msg.num_examples > self.max_examples:
+            raise WireError(
+                f"num_examples {msg.num_examples} exceeds the cap of {self.max_examples}",
+                RejectReason.MALFORMED,
+            )
+
+    def record(self, update_id: str, device: str, num_examples: int) -> None:
+        """Count an accepted update (call after it was journaled and folded)."""
+        if update_id in self._update_ids or device in self._devices:
+            raise StateError(f"update {update_id!r} of {device!r} is already recorded")
+        if num_examples < 1:
+            raise StateError(f"num_examples must be >= 1, got {num_examples}")
+        self._update_ids.add(update_id)
+        self._devices.add(device)
+        self.num_examples += num_examples
+
+    def all_selected_in(self) -> bool:
+        return bool(self._selected) and self._selected <= self._devices
+
+    def is_ready(self, now: float) -> bool:
+        p = self.plan
+        if self.count < p.min_updates:
+            return False
+        return self.all_selected_in() or self.count >= p.target or now >= p.deadline
+
+    def is_abandoned(self, now: float) -> bool:
+        return self.count < self.plan.min_updates and now >= self.plan.abandon_at
+
+
+def select_devices(online: Iterable[str], k: int, seed: int, round_id: int) -> tuple[str, ...]:
+    """A seeded sample of ``k`` of the ``online`` devices (all of them when fewer), sorted.
+
+    Deterministic in (set of devices, k, seed, round_id); independent of iteration order.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    pool = sorted(set(online))
+    if k >= len(pool):
+        return tuple(pool)
+    rng = random.Random(f"fedmq-select:{seed}:{round_id}")
+    return tuple(sorted(rng.sample(pool, k)))

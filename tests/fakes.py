@@ -1,0 +1,254 @@
+"""Test helpers: synthetic devices publishing crafted updates, a watcher of the retained
+model/round topics, and the aggregator as a real subprocess (``python -m aggregator``).
+
+Only for integration tests against a real broker: the devices speak the real wire format.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from fedmq import codecs
+from fedmq.localbroker import LocalBroker
+from fedmq.topics import Topics
+from fedmq.wire import (
+    AckMessage,
+    ModelMessage,
+    RoundAnnouncement,
+    StatusMessage,
+    Tensor,
+    UpdateMessage,
+    decode_ack,
+    decode_model,
+    decode_round,
+    encode,
+)
+
+__all__ = [
+    "AckCollector",
+    "AggregatorProcess",
+    "FakeDevice",
+    "Watcher",
+    "exact_delta",
+    "make_update",
+    "model_weights",
+]
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _client(b: LocalBroker, client_id: str = "") -> mqtt.Client:
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c.connect(b.host, b.port)
+    c.loop_start()
+    return c
+
+
+def make_update(
+    fleet: str,
+    round_id: int,
+    base_version: int,
+    device: str,
+    delta: Mapping[str, np.ndarray],
+    num_examples: int,
+    codec: str = "float32",
+    update_id: str | None = None,
+    seed: int = 0,
+) -> bytes:
+    """An encoded update message for ``delta`` (the real codecs and wire format)."""
+    tensors = codecs.encode_delta(delta, codec, np.random.default_rng(seed))
+    return encode(
+        UpdateMessage(
+            fleet=fleet, round_id=round_id, base_version=base_version, device=device,
+            update_id=update_id or uuid.uuid4().hex, num_examples=num_examples, codec=codec,
+            tensors=tensors, created_at=time.time(),
+        )
+    )
+
+
+def raw_update(
+    fleet: str, round_id: int, base_version: int, device: str, tensors: Sequence[Tensor],
+    num_examples: int = 1, codec: str = "float32", update_id: str | None = None,
+) -> bytes:
+    """An update with hand-made tensors (wrong shapes, NaN values ...), bypassing the codec."""
+    return encode(
+        UpdateMessage(
+            fleet=fleet, round_id=round_id, base_version=base_version, device=device,
+            update_id=update_id or uuid.uuid4().hex, num_examples=num_examples, codec=codec,
+            tensors=tuple(tensors),
+        )
+    )
+
+
+def exact_delta(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    """Deltas whose weighted sums are exact in float32: multiples of 1/16 in [-2, 2]."""
+    rng = np.random.default_rng(seed)
+    return {
+        n: (rng.integers(-32, 33, size=s).astype(np.float32) / np.float32(16))
+        for n, s in shapes.items()
+    }
+
+
+def model_weights(msg: ModelMessage) -> dict[str, np.ndarray]:
+    return {t.name: np.array(t.array(), dtype=np.float32) for t in msg.tensors}
+
+
+class AckCollector:
+    """Subscribes to every ack topic of a fleet; acks by device."""
+
+    def __init__(self, b: LocalBroker, topics: Topics) -> None:
+        self._acks: queue.Queue[AckMessage] = queue.Queue()
+        self.seen: list[AckMessage] = []
+        self.client = _client(b)
+        ready = threading.Event()
+        self.client.on_subscribe = lambda *_a, **_k: ready.set()
+        self.client.on_message = self._on_message
+        self.client.subscribe(f"{topics.base}/ack/+", qos=1)
+        ready.wait(5)
+
+    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        self._acks.put(decode_ack(bytes(msg.payload)))
+
+    def wait(self, device: str, timeout: float = 20.0, update_id: str | None = None) -> AckMessage:
+        end = time.monotonic() + timeout
+        for ack in self.seen:
+            if ack.device == device and (update_id is None or ack.update_id == update_id):
+                self.seen.remove(ack)
+                return ack
+        while time.monotonic() < end:
+            try:
+                ack = self._acks.get(timeout=max(0.01, end - time.monotonic()))
+            except queue.Empty:
+                break
+            if ack.device == device and (update_id is None or ack.update_id == update_id):
+                return ack
+            self.seen.append(ack)
+        raise AssertionError(f"no ack for {device} ({update_id}) within {timeout}s")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Watcher:
+    """Follows the retained model and round topics."""
+
+    def __init__(self, b: LocalBroker, topics: Topics) -> None:
+        self.topics = topics
+        self.models: dict[int, ModelMessage] = {}
+        self.rounds: dict[int, RoundAnnouncement] = {}
+        self._cond = threading.Condition()
+        self.client = _client(b)
+        self.client.on_message = self._on_message
+        self.client.subscribe([(topics.model, 1), (topics.round, 1)])
+
+    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        if not msg.payload:
+            return
+        with self._cond:
+            if msg.topic == self.topics.model:
+                m = decode_model(bytes(msg.payload))
+                self.models[m.version] = m
+            else:
+                r = decode_round(bytes(msg.payload))
+                self.rounds[r.round_id] = r
+            self._cond.notify_all()
+
+    def model(self, version: int, timeout: float = 60.0) -> ModelMessage:
+        with self._cond:
+            if not self._cond.wait_for(lambda: version in self.models, timeout):
+                raise AssertionError(f"model version {version} not published in {timeout}s")
+            return self.models[version]
+
+    def round(self, round_id: int, timeout: float = 60.0) -> RoundAnnouncement:
+        with self._cond:
+            if not self._cond.wait_for(lambda: round_id in self.rounds, timeout):
+                raise AssertionError(f"round {round_id} not announced in {timeout}s")
+            return self.rounds[round_id]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class FakeDevice:
+    """A synthetic device: publishes status and crafted updates with QoS 1."""
+
+    def __init__(self, b: LocalBroker, topics: Topics, device: str) -> None:
+        self.topics = topics
+        self.device = device
+        self.client = _client(b, f"fake-{device}-{uuid.uuid4().hex[:6]}")
+
+    def publish(self, payload: bytes, topic: str | None = None) -> None:
+        info = self.client.publish(topic or self.topics.update(self.device), payload, qos=1)
+        info.wait_for_publish(10)
+
+    def status(self, state: str = "online") -> None:
+        msg = StatusMessage(fleet=self.topics.fleet, device=self.device, state=state)
+        self.client.publish(self.topics.status(self.device), encode(msg), qos=1, retain=True)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class AggregatorProcess:
+    """``python -m aggregator`` as a child process (stderr captured to a log file)."""
+
+    def __init__(self, b: LocalBroker, prefix: str, state_dir: Path, *args: str,
+                 fleet: str = "f1") -> None:
+        self.log_path = state_dir.parent / f"{state_dir.name}-aggregator.log"
+        self.cmd = [
+            sys.executable, "-m", "aggregator", "-v",
+            "--host", b.host, "--port", str(b.port), "--topic-prefix", prefix,
+            "--fleet", fleet, "--client-id", f"agg-{prefix}", "--state-dir", str(state_dir),
+            *args,
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AggregatorProcess:
+        env = {**os.environ, "PYTHONPATH": str(_ROOT)}
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=_ROOT
+            )
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""

@@ -1,0 +1,356 @@
+"""The generated production broker files, run by a real Mosquitto: TLS, passwords, ACL.
+
+One broker for the module (config from ``fedmq broker init`` on free ports); each test uses
+its own identities or topics. Identities connect one at a time: the config binds the client
+id to the username, so a second connection of the same user replaces the first.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from fedmq.broker_tools import (
+    BrokerLayout,
+    BrokerSettings,
+    add_device,
+    init_broker,
+    make_ca,
+    remove_device,
+)
+from fedmq.localbroker import BrokerOptions, LocalBroker, free_port, mosquitto_path
+from fedmq.mqtt import MqttSettings, connect, make_client
+from fedmq.topics import Topics
+from tests.conftest import _track
+
+pytestmark = pytest.mark.integration
+
+FLEET = "f1"
+T = Topics(FLEET)
+NOT_AUTHORIZED = 0x87
+WAIT = 5.0
+QUIET = 0.6  # how long "nothing arrives" is watched after a sentinel has arrived
+
+
+class SecuredBroker(LocalBroker):
+    """LocalBroker's process handling, running the config ``fedmq broker init`` wrote."""
+
+    def __init__(self, layout: BrokerLayout, settings: BrokerSettings) -> None:
+        super().__init__(BrokerOptions(port=settings.tls_port), workdir=layout.root,
+                         kind="mosquitto")
+        self.layout = layout
+        self.settings = settings
+
+    def mosquitto_config(self) -> str:
+        return self.layout.conf.read_text()  # exactly the generated file
+
+    def reload(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGHUP)
+
+
+@dataclass
+class Secure:
+    broker: SecuredBroker
+    layout: BrokerLayout
+    passwords: dict[str, str] = field(default_factory=dict)
+
+    def settings(self, user: str | None, password: str | None = None, protocol: str = "5",
+                 ca: Path | None = None, client_id: str = "") -> MqttSettings:
+        if user is not None and password is None:
+            password = self.passwords[user]
+        return MqttSettings(
+            host="127.0.0.1", port=self.broker.settings.tls_port, client_id=client_id,
+            protocol=protocol, clean_start=True, session_expiry=0, username=user,
+            password=password, tls_ca=str(ca or self.layout.ca_crt),
+        )
+
+
+@pytest.fixture(scope="module")
+def _secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
+    if mosquitto_path() is None:
+        pytest.fail("mosquitto is not installed (apt-get install mosquitto)")
+    root = tmp_path_factory.mktemp("secure-broker")
+    settings = BrokerSettings(
+        fleets=(FLEET,), hostnames=("localhost",), tls_port=free_port(),
+        health_port=free_port(), config_root=str(root), data_dir=f"{root}/data/",
+        # As root, Mosquitto would switch to 'mosquitto', who cannot read pytest's tmp dirs.
+        run_as="root" if os.geteuid() == 0 else "mosquitto",
+        monitor=True,
+    )
+    result = init_broker(root, settings)
+    (root / "data").mkdir()
+    secure = Secure(SecuredBroker(BrokerLayout(root), settings), BrokerLayout(root))
+    secure.passwords.update(result.passwords)
+    for dev in ("dev-a", "dev-b"):
+        pw = add_device(root, dev)
+        assert pw is not None
+        secure.passwords[dev] = pw
+    secure.broker.start()
+    yield secure
+    secure.broker.stop()
+
+
+@pytest.fixture
+def secure(request: pytest.FixtureRequest, _secure: Secure) -> Secure:
+    _track(request, _secure.broker)  # its log is printed when the test fails
+    assert _secure.broker.running, _secure.broker.read_log()
+    return _secure
+
+
+class Peer:
+    """A paho client that records CONNACKs, messages and PUBACK reason codes."""
+
+    def __init__(self, settings: MqttSettings) -> None:
+        self.settings = settings
+        self.client = make_client(settings)
+        self.connack: queue.Queue[Any] = queue.Queue()
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.pubacks: dict[int, Any] = {}
+        self.acked = threading.Condition()
+        self.subacks: queue.Queue[list[Any]] = queue.Queue()
+        self.disconnected = threading.Event()
+        c = self.client
+        c.on_connect = lambda _c, _u, _f, rc, _p: self.connack.put(rc)
+        c.on_message = lambda _c, _u, msg: self.messages.put(msg)
+        c.on_subscribe = lambda _c, _u, _mid, rcs, _p: self.subacks.put(list(rcs))
+        c.on_disconnect = lambda *_a: self.disconnected.set()
+        c.on_publish = self._on_publish
+
+    def _on_publish(self, _c: Any, _u: Any, mid: int, rc: Any, _p: Any) -> None:
+        with self.acked:
+            self.pubacks[mid] = rc
+            self.acked.notify_all()
+
+    def start(self) -> Any:
+        """Connect; returns the CONNACK reason code."""
+        self.client.reconnect_delay_set(60, 120)  # a refused client must not retry here
+        connect(self.client, self.settings, asynchronous=False)
+        self.client.loop_start()
+        return self.connack.get(timeout=WAIT)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def subscribe(self, *topics: str) -> list[Any]:
+        self.client.subscribe([(t, 1) for t in topics])
+        return self.subacks.get(timeout=WAIT)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> Any:
+        """QoS 1 publish; returns the PUBACK reason code (MQTT v5) once it arrives."""
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        with self.acked:
+            assert self.acked.wait_for(lambda: info.mid in self.pubacks, WAIT), "no PUBACK"
+            return self.pubacks.pop(info.mid)
+
+    def drain(self, until_topic: str, until_payload: bytes,
+              retained: bool = True) -> list[tuple[str, bytes]]:
+        """Messages up to the sentinel (inclusive), then whatever arrives for QUIET s.
+
+        ``retained=False`` leaves out retained messages (left by earlier tests).
+        """
+        got: list[tuple[str, bytes]] = []
+
+        def take(msg: mqtt.MQTTMessage) -> None:
+            if retained or not msg.retain:
+                got.append((msg.topic, bytes(msg.payload)))
+
+        deadline = time.monotonic() + WAIT
+        while (until_topic, until_payload) not in got:
+            left = deadline - time.monotonic()
+            assert left > 0, f"sentinel {until_topic} never arrived; got {got}"
+            take(self.messages.get(timeout=left))
+        end = time.monotonic() + QUIET
+        while (left := end - time.monotonic()) > 0:
+            try:
+                take(self.messages.get(timeout=left))
+            except queue.Empty:
+                break
+        return got
+
+
+@pytest.fixture
+def peers() -> Iterator[list[Peer]]:
+    made: list[Peer] = []
+    yield made
+    for p in made:
+        p.stop()
+
+
+def _online(peers: list[Peer], settings: MqttSettings) -> Peer:
+    p = Peer(settings)
+    peers.append(p)
+    rc = p.start()
+    assert not rc.is_failure, f"{settings.username} refused: {rc}"
+    return p
+
+
+def _refused(settings: MqttSettings) -> Any:
+    p = Peer(settings)
+    try:
+        return p.start()
+    finally:
+        p.stop()
+
+
+# ------------------------------------------------------------------------- authentication
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_anonymous_is_refused(secure: Secure, protocol: str) -> None:
+    rc = _refused(secure.settings(None, protocol=protocol))
+    assert rc.is_failure
+    if protocol == "5":
+        assert rc.value in (0x86, NOT_AUTHORIZED)
+
+
+def test_wrong_password_and_unknown_user_are_refused(secure: Secure) -> None:
+    assert _refused(secure.settings("dev-a", "not-the-password")).is_failure
+    assert _refused(secure.settings("nobody", "x")).is_failure
+    # a device's password is not the aggregator's
+    assert _refused(secure.settings("aggregator", secure.passwords["dev-a"])).is_failure
+
+
+def test_tls_verifies_the_broker_against_the_ca(secure: Secure, tmp_path: Path) -> None:
+    other = tmp_path / "other-ca.crt"
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    other.write_bytes(make_ca("someone else")[1].public_bytes(Encoding.PEM))
+    client = make_client(secure.settings("dev-a", ca=other))
+    with pytest.raises(ssl.SSLCertVerificationError):
+        connect(client, secure.settings("dev-a", ca=other), asynchronous=False)
+
+
+def test_only_the_configured_listeners_are_open(secure: Secure) -> None:
+    ports = {int(p) for p in re.findall(r"listen socket on port (\d+)", secure.broker.read_log())}
+    assert ports == {secure.broker.settings.tls_port, secure.broker.settings.health_port}
+
+
+def test_health_listener_is_loopback_only_and_needs_a_password(
+    secure: Secure, peers: list[Peer]
+) -> None:
+    port = secure.broker.settings.health_port
+    assert port is not None
+    assert f"listener {port} 127.0.0.1" in secure.layout.conf.read_text()
+    plain = MqttSettings(host="127.0.0.1", port=port, clean_start=True, session_expiry=0)
+    assert _refused(plain).is_failure
+    _online(peers, replace(plain, username="monitor", password=secure.passwords["monitor"]))
+
+
+# ------------------------------------------------------------------------- authorisation
+
+
+def test_device_update_reaches_the_aggregator(secure: Secure, peers: list[Peer]) -> None:
+    agg = _online(peers, secure.settings("aggregator"))
+    # the shared subscription several aggregator workers would use passes the ACL too
+    assert all(not rc.is_failure
+               for rc in agg.subscribe(T.shared_updates("workers"), T.status_wildcard))
+    dev = _online(peers, secure.settings("dev-a"))
+    assert not dev.publish(T.update("dev-a"), b"update-1").is_failure
+    assert not dev.publish(T.status("dev-a"), b"online", retain=True).is_failure
+    got = agg.drain(T.status("dev-a"), b"online")
+    assert (T.update("dev-a"), b"update-1") in got
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_device_cannot_publish_as_another_device_or_the_aggregator(
+    secure: Secure, peers: list[Peer], protocol: str
+) -> None:
+    agg = _online(peers, secure.settings("aggregator"))
+    agg.subscribe(T.update_wildcard, T.status_wildcard, T.model, T.round, f"{T.base}/ack/+")
+    dev = _online(peers, secure.settings("dev-a", protocol=protocol))
+    forbidden = [T.update("dev-b"), T.status("dev-b"), T.model, T.round, T.ack("dev-a"),
+                 Topics("other-fleet").update("dev-a")]
+    for topic in forbidden:
+        rc = dev.publish(topic, b"forged-" + protocol.encode())
+        if protocol == "5":
+            assert rc.value == NOT_AUTHORIZED, (topic, rc)
+        # MQTT 3.1.1 has no way to say no: the broker acks and drops the message.
+    sentinel = (T.update("dev-a"), b"sentinel-" + protocol.encode())
+    assert not dev.publish(*sentinel).is_failure
+    got = agg.drain(*sentinel, retained=False)
+    assert got == [sentinel], f"forged messages were delivered: {got}"
+
+
+def test_device_cannot_read_other_devices_traffic(secure: Secure, peers: list[Peer]) -> None:
+    dev_a = _online(peers, secure.settings("dev-a"))
+    # Mosquitto grants the SUBSCRIBE and filters each message by the read ACL on delivery.
+    dev_a.subscribe("#", T.ack("dev-b"), T.update_wildcard, T.status_wildcard, "$SYS/#")
+    agg = _online(peers, secure.settings("aggregator"))
+    assert not agg.publish(T.ack("dev-b"), b"ack-for-b").is_failure
+    dev_b = _online(peers, secure.settings("dev-b"))
+    assert not dev_b.publish(T.update("dev-b"), b"update-of-b").is_failure
+    assert not dev_b.publish(T.status("dev-b"), b"status-of-b").is_failure
+    assert not agg.publish(T.ack("dev-a"), b"ack-for-a").is_failure
+    got = dev_a.drain(T.ack("dev-a"), b"ack-for-a")
+    # its own ack, and the retained model/round if an earlier test left them
+    assert {t for t, _ in got} <= {T.ack("dev-a"), T.model, T.round}, f"dev-a saw: {got}"
+
+
+def test_device_reads_the_retained_model_and_round(secure: Secure, peers: list[Peer]) -> None:
+    agg = _online(peers, secure.settings("aggregator"))
+    assert not agg.publish(T.model, b"model-v1", retain=True).is_failure
+    assert not agg.publish(T.round, b"round-1", retain=True).is_failure
+    dev = _online(peers, secure.settings("dev-a"))
+    dev.subscribe(T.model, T.round)
+    got = dev.drain(T.round, b"round-1")
+    assert (T.model, b"model-v1") in got
+
+
+def test_monitor_reads_but_cannot_publish(secure: Secure, peers: list[Peer]) -> None:
+    agg = _online(peers, secure.settings("aggregator"))
+    agg.subscribe(T.update_wildcard, T.status_wildcard)
+    mon = _online(peers, secure.settings("monitor"))
+    mon.subscribe(T.status_wildcard)
+    assert mon.publish(T.update("monitor"), b"x").value == NOT_AUTHORIZED
+    assert mon.publish(T.status("monitor"), b"x").value == NOT_AUTHORIZED
+    dev = _online(peers, secure.settings("dev-b"))
+    assert not dev.publish(T.status("dev-b"), b"idle").is_failure
+    assert (T.status("dev-b"), b"idle") in mon.drain(T.status("dev-b"), b"idle")
+    assert agg.drain(T.status("dev-b"), b"idle", retained=False) == [(T.status("dev-b"), b"idle")]
+
+
+def test_a_device_cannot_take_over_the_aggregator_session(
+    secure: Secure, peers: list[Peer]
+) -> None:
+    agg = _online(peers, secure.settings("aggregator", client_id="aggregator"))
+    _online(peers, secure.settings("dev-a", client_id="aggregator"))
+    assert not agg.disconnected.wait(QUIET), "the device's connection kicked the aggregator"
+
+
+def test_added_and_removed_devices_apply_on_sighup(secure: Secure, peers: list[Peer]) -> None:
+    root = secure.layout.root
+    password = add_device(root, "dev-c")
+    assert password is not None
+    secure.broker.reload()
+    _wait_until(lambda: not _refused(secure.settings("dev-c", password)).is_failure,
+                "dev-c accepted after reload")
+    online = _online(peers, secure.settings("dev-c", password))
+    assert remove_device(root, "dev-c")
+    secure.broker.reload()
+    # Mosquitto re-checks connected clients on reload: revocation is immediate.
+    assert online.disconnected.wait(WAIT), "the removed device stayed connected"
+    _wait_until(lambda: _refused(secure.settings("dev-c", password)).is_failure,
+                "dev-c refused after removal and reload")
+
+
+def _wait_until(check: Any, what: str) -> None:
+    end = time.monotonic() + WAIT
+    while time.monotonic() < end:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for: {what}")

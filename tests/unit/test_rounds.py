@@ -1,0 +1,149 @@
+"""Pure round state: plan validation, checks with the right reject codes, readiness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedmq.errors import RejectReason, StateError, WireError
+from fedmq.rounds import RoundPlan, RoundState, select_devices
+from fedmq.wire import Tensor, TrainingConfig, UpdateMessage
+
+
+def _plan(selected: tuple[str, ...] = (), target: int = 3, min_updates: int = 2) -> RoundPlan:
+    return RoundPlan(
+        round_id=5, base_version=4, selected=selected, target=target, min_updates=min_updates,
+        opened_at=100.0, deadline=160.0, abandon_at=200.0, config=TrainingConfig(),
+    )
+
+
+def _msg(device: str = "d1", update_id: str = "u1", **kw: Any) -> UpdateMessage:
+    fields: dict[str, object] = {
+        "fleet": "f", "round_id": 5, "base_version": 4, "device": device,
+        "update_id": update_id, "num_examples": 10, "codec": "float32",
+        "tensors": (Tensor.from_array("w", np.zeros(2, np.float32)),),
+    }
+    fields.update(kw)
+    return UpdateMessage(**fields)  # type: ignore[arg-type]
+
+
+def _code(state: RoundState, msg: UpdateMessage, topic: str | None = None) -> str:
+    with pytest.raises(WireError) as info:
+        state.check(msg, topic)
+    assert info.value.reason
+    return info.value.code
+
+
+def test_accepts_a_good_update_and_records_it() -> None:
+    s = RoundState("f", _plan())
+    s.check(_msg(), "d1")
+    s.record("u1", "d1", 10)
+    assert s.count == 1 and s.num_examples == 10 and s.devices == {"d1"}
+
+
+@pytest.mark.parametrize(
+    ("kw", "topic", "code"),
+    [
+        ({"fleet": "g"}, "d1", RejectReason.WRONG_FLEET),
+        ({}, "d2", RejectReason.DEVICE_MISMATCH),
+        ({"round_id": 4}, "d1", RejectReason.WRONG_ROUND),
+        ({"round_id": 6}, "d1", RejectReason.WRONG_ROUND),
+        ({"base_version": 3}, "d1", RejectReason.WRONG_BASE),
+    ],
+)
+def test_reject_codes(kw: dict[str, Any], topic: str, code: str) -> None:
+    assert _code(RoundState("f", _plan()), _msg(**kw), topic) == code
+
+
+def test_order_fleet_before_round() -> None:
+    assert _code(RoundState("f", _plan()), _msg(fleet="g", round_id=1), "d1") == "wrong_fleet"
+
+
+def test_not_selected_and_duplicates() -> None:
+    s = RoundState("f", _plan(selected=("d1", "d2"), target=2))
+    assert _code(s, _msg(device="d3"), "d3") == RejectReason.NOT_SELECTED
+    s.check(_msg(), "d1")
+    s.record("u1", "d1", 10)
+    assert _code(s, _msg(), "d1") == RejectReason.DUPLICATE  # same update id
+    assert _code(s, _msg(update_id="u2"), "d1") == RejectReason.DUPLICATE  # same device
+    with pytest.raises(StateError):
+        s.record("u1", "d2", 1)
+
+
+def test_examples_cap_and_tensor_check_order() -> None:
+    calls: list[str] = []
+
+    def check_tensors(m: UpdateMessage) -> None:
+        calls.append(m.update_id)
+        raise WireError("bad shape", RejectReason.SHAPE)
+
+    s = RoundState("f", _plan(), max_examples=5)
+    with pytest.raises(WireError) as info:
+        s.check(_msg(num_examples=6), "d1", check_tensors)
+    assert info.value.code == RejectReason.SHAPE and calls == ["u1"]
+    assert _code(s, _msg(num_examples=6), "d1") == RejectReason.MALFORMED
+    s.check(_msg(num_examples=5), "d1")
+
+
+def test_readiness() -> None:
+    s = RoundState("f", _plan(selected=("a", "b", "c"), target=3, min_updates=2))
+    assert not s.is_ready(100) and not s.is_ready(1e9)  # no quorum even after the deadline
+    s.record("1", "a", 1)
+    s.record("2", "b", 1)
+    assert not s.is_ready(159.9)  # quorum, but c is still out before the deadline
+    assert s.is_ready(160.0)
+    assert not s.is_abandoned(1e9)
+    s.record("3", "c", 1)
+    assert s.is_ready(100)
+
+
+def test_open_round_target_and_abandon() -> None:
+    s = RoundState("f", _plan(target=3, min_updates=2))
+    s.record("1", "a", 1)
+    assert not s.is_abandoned(199.9) and s.is_abandoned(200.0)
+    s.record("2", "b", 1)
+    assert not s.is_ready(150) and s.is_ready(160)
+    s.record("3", "c", 1)
+    assert s.is_ready(101)
+
+
+def test_plan_validation_and_json_roundtrip() -> None:
+    p = _plan(selected=("a", "b"), target=2)
+    assert RoundPlan.from_json(p.to_json()) == p
+    ann = p.announcement("f", "m@1")
+    assert ann.round_id == 5 and ann.selected == ("a", "b") and ann.min_updates == 2
+    with pytest.raises(ValueError):
+        _plan(target=1, min_updates=2)
+    with pytest.raises(ValueError):
+        _plan(selected=("a",), target=1, min_updates=2)
+    with pytest.raises(ValueError):
+        RoundPlan(1, 0, (), 1, 1, 10.0, 5.0, 20.0, TrainingConfig())
+    with pytest.raises(StateError):
+        RoundPlan.from_json({"round_id": 1})
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    devices=st.sets(st.from_regex(r"[a-z][a-z0-9]{0,6}", fullmatch=True), max_size=30),
+    k=st.integers(0, 40),
+    seed=st.integers(0, 2**31),
+    round_id=st.integers(0, 10_000),
+)
+def test_select_devices_properties(devices: set[str], k: int, seed: int, round_id: int) -> None:
+    chosen = select_devices(devices, k, seed, round_id)
+    assert len(chosen) == min(k, len(devices))
+    assert set(chosen) <= devices and len(set(chosen)) == len(chosen)
+    assert list(chosen) == sorted(chosen)
+    assert select_devices(sorted(devices, reverse=True), k, seed, round_id) == chosen
+
+
+def test_select_devices_varies_by_round() -> None:
+    pool = [f"d{i}" for i in range(50)]
+    picks = {select_devices(pool, 5, 1, r) for r in range(20)}
+    assert len(picks) > 10
+    with pytest.raises(ValueError):
+        select_devices(pool, -1, 0, 0)
