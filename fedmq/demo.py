@@ -8,14 +8,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedmq.federation import FederationSpec, run_federation
+from fedmq.federation import FederationSpec, RoundRow, run_federation
 from fedmq.progress import plot_curve, print_header, print_row, print_summary
 
 __all__ = ["add_parser", "add_federation_arguments", "run_from_args"]
 
 
-def add_federation_arguments(p: argparse.ArgumentParser, defaults: FederationSpec) -> None:
-    d = defaults
+class _NoDefaults:
+    """Every attribute is None: flags left unset are filled in later (experiment presets)."""
+
+    def __getattr__(self, name: str) -> None:
+        return None
+
+
+def add_federation_arguments(
+    p: argparse.ArgumentParser, defaults: FederationSpec | None
+) -> None:
+    d: Any = defaults if defaults is not None else _NoDefaults()
     p.add_argument("--agents", type=int, default=d.agents, help="number of agents (processes)")
     p.add_argument("--rounds", type=int, default=d.rounds, help="rounds to run")
     p.add_argument(
@@ -34,6 +43,18 @@ def add_federation_arguments(p: argparse.ArgumentParser, defaults: FederationSpe
     p.add_argument("--codec", default=d.codec, choices=("float32", "float16", "int8"))
     p.add_argument("--epochs", type=int, default=d.epochs, help="local epochs per round")
     p.add_argument("--lr", type=float, default=d.lr, help="local SGD learning rate")
+    p.add_argument(
+        "--strategy",
+        default=d.strategy,
+        choices=("fedavg", "fedavgm", "fedadam"),
+        help="server-side aggregation strategy",
+    )
+    p.add_argument(
+        "--server-lr",
+        type=float,
+        default=d.server_lr,
+        help="server learning rate (default: 1 for fedavg/fedavgm, 0.01 for fedadam)",
+    )
     p.add_argument(
         "--clients-per-round",
         type=int,
@@ -79,6 +100,8 @@ def run_from_args(args: argparse.Namespace, title: str, **extra: Any) -> int:
         codec=args.codec,
         epochs=args.epochs,
         lr=args.lr,
+        strategy=args.strategy,
+        server_lr=args.server_lr,
         clients_per_round=args.clients_per_round,
         max_examples=args.max_examples,
         seed=args.seed,
@@ -93,8 +116,15 @@ def run_from_args(args: argparse.Namespace, title: str, **extra: Any) -> int:
         f"{spec.model}, {spec.codec} updates, {spec.epochs} local epoch(s), {spec.rounds} rounds",
         flush=True,
     )
-    print_header(sys.stdout)
-    result = run_federation(spec, on_round=lambda row: print_row(row, sys.stdout))
+    shown: list[int] = []
+
+    def show(row: RoundRow) -> None:
+        if not shown:
+            print_header(sys.stdout)
+        shown.append(row.round_id)
+        print_row(row, sys.stdout)
+
+    result = run_federation(spec, on_round=show)
     print_summary(result, sys.stdout)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -56,28 +56,22 @@ def add_parser(subparsers: Any) -> None:
         f"Presets: {', '.join(PRESETS)}. Flags override the preset.",
     )
     p.add_argument("preset", choices=sorted(PRESETS), help="experiment preset")
-    # Defaults are filled from the preset after parsing (see _apply_preset).
-    add_federation_arguments(p, FederationSpec())
+    # Flags default to None; whatever is not given comes from the preset.
+    add_federation_arguments(p, None)
     p.set_defaults(func=lambda a: _run(_apply_preset(a)))
+
+
+# argparse destination -> FederationSpec field, for flags that presets define.
+_FIELDS = {"agents": "agents", "rounds": "rounds", "dataset": "dataset", "model": "model",
+           "partition": "partition", "codec": "codec", "epochs": "epochs", "lr": "lr",
+           "clients_per_round": "clients_per_round", "round_timeout": "round_timeout",
+           "strategy": "strategy", "server_lr": "server_lr", "max_examples": "max_examples",
+           "seed": "seed", "broker": "broker", "threads": "agent_threads"}
 
 
 def _apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     preset = PRESETS[args.preset]
-    defaults = FederationSpec()
-    mapping = {
-        "agents": "agents",
-        "rounds": "rounds",
-        "dataset": "dataset",
-        "model": "model",
-        "partition": "partition",
-        "codec": "codec",
-        "epochs": "epochs",
-        "lr": "lr",
-        "clients_per_round": "clients_per_round",
-        "round_timeout": "round_timeout",
-    }
-    for arg_name, field_name in mapping.items():
-        # A flag left at the generic default takes the preset's value.
-        if getattr(args, arg_name) == getattr(defaults, field_name):
+    for arg_name, field_name in _FIELDS.items():
+        if getattr(args, arg_name) is None:
             setattr(args, arg_name, getattr(preset, field_name))
     return args

@@ -37,14 +37,16 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class FederationSpec:
     agents: int = 8
-    rounds: int = 10
+    rounds: int = 20
     dataset: str = "digits"
     model: str = "digits-mlp"
     partition: str = "dirichlet:0.5"
     codec: str = "int8"
-    epochs: int = 1
-    lr: float = 0.1
+    epochs: int = 2
+    lr: float = 0.2
     seed: int = 0
+    strategy: str = "fedavg"
+    server_lr: float | None = None
     clients_per_round: int = 0  # 0 = every agent
     min_updates: int = 0  # 0 = clients_per_round (or all agents)
     round_timeout: float = 120.0
@@ -282,6 +284,8 @@ def run_federation(
             "lr": spec.lr,
             "codec": spec.codec,
             "seed": spec.seed,
+            "strategy": spec.strategy,
+            "server_lr": spec.server_lr,
             **spec.extra_aggregator,
         }
         _write_toml(workdir / "aggregator.toml", "aggregator", agg_cfg)
