@@ -90,7 +90,9 @@ def add_federation_arguments(
     p.add_argument("--plot", type=Path, default=None, help="write the accuracy curve as PNG")
 
 
-def run_from_args(args: argparse.Namespace, title: str, **extra: Any) -> int:
+def run_from_args(
+    args: argparse.Namespace, title: str, reference: float | None = None, **extra: Any
+) -> int:
     spec = FederationSpec(
         agents=args.agents,
         rounds=args.rounds,
@@ -136,6 +138,7 @@ def run_from_args(args: argparse.Namespace, title: str, **extra: Any) -> int:
             args.plot,
             f"{title}: {spec.model} on {spec.dataset}, "
             f"{spec.agents} devices, {spec.partition}, {spec.codec}",
+            reference=reference,
         )
         print(f"wrote {args.plot}")
     return 0

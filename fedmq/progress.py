@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -55,6 +56,7 @@ def plot_curve(rows: Sequence[Any], path: Path, title: str, reference: float | N
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     rounds = [r.round_id for r in rows]
@@ -63,7 +65,8 @@ def plot_curve(rows: Sequence[Any], path: Path, title: str, reference: float | N
         ax.axhline(reference * 100, ls="--", c="gray", label=f"reference {reference * 100:.1f}%")
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 70), fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax2 = ax.twinx()
     cum, total = [], 0
