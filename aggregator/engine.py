@@ -354,7 +354,7 @@ class Engine:
         fold = self.fold
 
         def check_tensors(m: UpdateMessage) -> None:
-            fold.check(m.tensors, m.codec)
+            fold.check(m.tensors, m.codec, float(m.num_examples))
 
         self.round.check(msg, topic_device, check_tensors)
 
@@ -470,13 +470,21 @@ class Engine:
             "bytes_in": float(self._round_bytes_in),
             "round_seconds": seconds,
         }
+        # Encoded before it is stored so the round's downlink (announcement, acks and this
+        # model) is part of its persisted statistics; published only after the commit.
+        model_payload = self._model_payload(
+            self.version + 1, state.round_id, new_weights, metrics, now
+        )
+        metrics["bytes_out"] = float(self._round_bytes_out + len(model_payload))
         stored = self.store.close_round(
             state.round_id, new_weights, metrics, self.strategy.state(), now
         )
+        if stored.version != self.version + 1:
+            raise StateError(f"stored version {stored.version} after version {self.version}")
         self.version, self.weights, self.model_metrics = stored.version, new_weights, metrics
         self.closed_rounds += 1
         self.round, self.fold = None, None
-        out = [self._model_out(now)]
+        out = [self._emit(self.topics.model, model_payload)]
         if self.done:
             out.append(self._emit(self.topics.round, b""))  # clear the retained round
         self.metrics.rounds_completed.inc()
@@ -535,17 +543,31 @@ class Engine:
         self._round_bytes_out += len(payload)
         return Outgoing(topic, payload, qos=1, retain=retain)
 
-    def _model_out(self, now: float) -> Outgoing:
+    def _model_payload(
+        self,
+        version: int,
+        round_id: int,
+        weights: Mapping[str, np.ndarray],
+        metrics: Mapping[str, float],
+        now: float,
+    ) -> bytes:
         msg = ModelMessage(
             fleet=self.config.fleet,
-            version=self.version,
-            round_id=self.store.model(self.version).round_id or 0,
+            version=version,
+            round_id=round_id,
             model_id=self.model_id,
-            tensors=tuple(Tensor.from_array(n, self.weights[n]) for n in self.template),
-            metrics=self.model_metrics,
+            tensors=tuple(Tensor.from_array(n, weights[n]) for n in self.template),
+            metrics=dict(metrics),
             created_at=now,
         )
-        return self._emit(self.topics.model, encode(msg))
+        return encode(msg)
+
+    def _model_out(self, now: float) -> Outgoing:
+        round_id = self.store.model(self.version).round_id or 0
+        payload = self._model_payload(
+            self.version, round_id, self.weights, self.model_metrics, now
+        )
+        return self._emit(self.topics.model, payload)
 
     def _round_out(self, now: float) -> Outgoing:
         assert self.round is not None

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -156,11 +156,22 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 class Store:
-    """The aggregator's state directory. One process at a time (an advisory lock is taken)."""
+    """The aggregator's state directory. One process at a time (an advisory lock is taken).
 
-    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+    ``read_only=True`` opens an existing state directory for reading without the lock (a
+    report on the state of a running aggregator): SQLite's WAL gives a consistent snapshot
+    per query, and any write raises :class:`StateError`.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike[str], read_only: bool = False) -> None:
         self.root = Path(state_dir)
         self.models_dir = self.root / "models"
+        self.read_only = read_only
+        self._reject_buf: dict[tuple[int, str], int] = {}
+        self._lock: BinaryIO | None = None
+        if read_only:
+            self._db = self._connect_read_only()
+            return
         try:
             self.models_dir.mkdir(parents=True, exist_ok=True)
             self._lock = open(self.root / "lock", "a+b")  # noqa: SIM115 - held while open
@@ -182,17 +193,32 @@ class Store:
         except (OSError, sqlite3.Error) as exc:
             self._lock.close()
             raise StateError(f"cannot open state database in {self.root}: {exc}") from exc
-        self._reject_buf: dict[tuple[int, str], int] = {}
         for tmp in self.models_dir.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
 
-    def close(self) -> None:
+    def _connect_read_only(self) -> sqlite3.Connection:
+        path = self.root / "state.db"
+        if not path.is_file():
+            raise StateError(f"{self.root} holds no aggregator state (no state.db)")
         try:
-            self._flush_rejects()
-        except StateError as exc:
-            log.warning("reject counts not saved: %s", exc)
+            db = sqlite3.connect(
+                f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                check_same_thread=False,
+            )
+            db.execute("SELECT COUNT(*) FROM rounds").fetchone()
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot read the state database in {self.root}: {exc}") from exc
+        return db
+
+    def close(self) -> None:
+        if not self.read_only:
+            try:
+                self._flush_rejects()
+            except StateError as exc:
+                log.warning("reject counts not saved: %s", exc)
         self._db.close()
-        self._lock.close()
+        if self._lock is not None:
+            self._lock.close()
 
     def __enter__(self) -> Store:
         return self

@@ -360,18 +360,23 @@ def test_compose_services_volumes_and_mounts() -> None:
     assert a_mounts[STATE_DIR] == "aggregator-state"
     assert a_mounts["/etc/fedmq/aggregator.toml"] == "./aggregator.toml"
     assert a_mounts["/etc/fedmq/tls/ca.crt"] == "../../broker/certs/ca.crt"
-    assert (
-        "/mosquitto/config/certs/ca.crt"
-        in " ".join(mosq["healthcheck"]["test"])
-    )
+    # The health check must not log in as the aggregator: the client id is bound to the
+    # username, so it would disconnect the aggregator at every check.
+    check = " ".join(mosq["healthcheck"]["test"])
+    assert "-u monitor" in check and "AGGREGATOR" not in check and "aggregator" not in check
+    assert "-p 1883" in check and "-h 127.0.0.1" in check  # the loopback health listener
+    assert not any("AGGREGATOR" in k for k in mosq.get("environment", {}))
+    assert "${FEDMQ_MONITOR_PASSWORD:?" in mosq["environment"]["FEDMQ_MONITOR_PASSWORD"]
 
 
 def test_compose_bind_mounts_exist_or_are_documented() -> None:
     """Every host path compose mounts is in the repo, or made by a command in the docs."""
     compose = yaml.safe_load(COMPOSE.read_text())
     docs = DOCS.read_text()
-    assert "fedmq broker init --dir broker/generated" in docs
-    assert "fedmq broker add-device" in docs
+    # The broker tooling writes exactly the paths compose mounts: no copy steps.
+    assert re.search(r"fedmq broker init --dir broker\b[^\n]*--hostname mosquitto", docs)
+    assert re.search(r"fedmq broker add-device \S+ --dir broker\b", docs)
+    assert "broker/generated" not in docs and not re.search(r"^cp broker/", docs, re.M)
     named = set(compose["volumes"])
     for name, svc in compose["services"].items():
         for spec in svc["volumes"]:
@@ -384,6 +389,22 @@ def test_compose_bind_mounts_exist_or_are_documented() -> None:
                 continue
             assert rel.startswith("broker/"), f"{name}: {src} does not exist"
             assert rel in docs, f"{name}: {rel} is neither present nor documented in {DOCS}"
+
+
+def test_aggregator_client_id_is_its_username_and_the_health_listener_matches() -> None:
+    compose_toml = tomllib.loads((DEPLOY / "compose" / "aggregator.toml").read_text())
+    agg = compose_toml["aggregator"]
+    assert agg["client_id"] == agg["username"] == "aggregator"
+    assert agg["registry"].startswith(STATE_DIR + "/")
+    sts = next(doc for _, doc in k8s_objects() if doc["kind"] == "StatefulSet")
+    [container] = [c for c in sts["spec"]["template"]["spec"]["containers"]
+                   if any(e["name"] == "FEDMQ_AGGREGATOR_USERNAME" for e in c.get("env", []))]
+    env = {e["name"]: e.get("valueFrom") for e in container["env"]}
+    assert env["FEDMQ_AGGREGATOR_CLIENT_ID"] == env["FEDMQ_AGGREGATOR_USERNAME"]
+    broker_tools = pytest.importorskip("fedmq.broker_tools")
+    conf = broker_tools.render_mosquitto_conf(broker_tools.BrokerSettings())
+    assert "listener 1883 127.0.0.1" in conf  # what the compose health check dials
+    assert (ROOT / "broker" / "mosquitto.conf").read_text() == conf
 
 
 # ---------------------------------------------------------------------------- Kubernetes
