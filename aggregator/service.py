@@ -153,10 +153,11 @@ class AggregatorService:
             self._settings.client_id, "resumed" if event.session_present else "new",
         )
         pending, self._pending = self._pending, []
-        if not event.session_present:
-            # The broker may have lost our retained messages too: republish the current ones.
-            pending = [p for p in pending if not p.retain]
-            pending = self.engine.current_messages(time.time()) + pending
+        # Republish the current retained messages on every (re)connect, also when the session
+        # survived: a broker restored from an older autosave keeps our session but may hold a
+        # stale retained round/model (devices would act on an old round until the next one).
+        pending = [p for p in pending if not p.retain]
+        pending = self.engine.current_messages(time.time()) + pending
         self._publish(pending)
 
     def _handle_inbound(self, item: _Inbound) -> None:

@@ -33,6 +33,7 @@ from fedmq.codecs import CODECS, decode_tensor, encode_delta
 from fedmq.data.local import LocalData
 from fedmq.data.sampling import sample_size
 from fedmq.errors import FedmqError, ModelError, RejectReason, WireError
+from fedmq.memory import peak_rss_mb
 from fedmq.models.spec import check_weights, load_bundle, prebuilt_bundle_path
 from fedmq.mqtt import connect, make_client
 from fedmq.signing import load_or_create_key, sign_update
@@ -55,10 +56,17 @@ _TICK = 0.5  # seconds between resend/watchdog checks
 _STOP_JOIN = 10.0  # how long shutdown waits for a training in progress
 
 
-def build_trainer(config: AgentConfig) -> LiteRTTrainer:
-    """A LiteRT trainer for ``config.model`` (a bundle directory or a prebuilt name)."""
+def build_trainer(config: AgentConfig) -> Trainer:
+    """The ``config.backend`` trainer (LiteRT, or Keras which needs TensorFlow) for
+    ``config.model`` (a bundle directory or a prebuilt name)."""
     path = Path(config.model).expanduser()
     bundle_dir = path if path.is_dir() else prebuilt_bundle_path(config.model)
+    if config.backend == "keras":
+        try:
+            from edge_agent.keras_trainer import KerasTrainer  # imports TensorFlow
+        except ImportError as exc:
+            raise ModelError(f"backend 'keras' needs TensorFlow and Keras: {exc}") from exc
+        return KerasTrainer(load_bundle(bundle_dir), num_threads=config.num_threads)
     return LiteRTTrainer(load_bundle(bundle_dir), num_threads=config.num_threads)
 
 
@@ -337,6 +345,14 @@ class EdgeAgent:
             log.warning("ignoring round announcement for fleet %r", ann.fleet)
             return
         previous = self._round
+        if previous is not None and ann.round_id < previous.round_id:
+            # Round ids only increase: this is a stale retained message (a broker that lost
+            # its last state in a crash). Acting on it would drop the current round's update.
+            log.warning(
+                "ignoring announcement of round %d: round %d is newer", ann.round_id,
+                previous.round_id,
+            )
+            return
         self._round = ann
         if previous is None or previous.round_id != ann.round_id:
             log.info(
@@ -408,6 +424,7 @@ class EdgeAgent:
             "train_seconds": float(metrics.seconds),
             "examples": float(metrics.examples),
             "steps": float(metrics.steps),
+            "peak_rss_mb": peak_rss_mb(),
         }
         msg = UpdateMessage(
             fleet=self.config.fleet,

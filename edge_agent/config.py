@@ -18,10 +18,12 @@ from fedmq.errors import ConfigError, FedmqError
 from fedmq.mqtt import PROTOCOLS, MqttSettings
 from fedmq.topics import Topics, validate_name
 
-__all__ = ["ENV_PREFIX", "TOML_SECTION", "AgentConfig", "load_agent_config"]
+__all__ = ["BACKENDS", "ENV_PREFIX", "TOML_SECTION", "AgentConfig", "load_agent_config"]
 
 ENV_PREFIX = "FEDMQ_AGENT_"
 TOML_SECTION = "agent"
+#: Training backends: LiteRT (no TensorFlow on the device) or Keras (full TensorFlow).
+BACKENDS = ("litert", "keras")
 
 
 
@@ -50,6 +52,7 @@ class AgentConfig:
     augment: str = ""
     # runtime
     num_threads: int = 1
+    backend: str = "litert"
     # MQTT session ("5", or "3.1.1" for brokers without MQTT v5)
     protocol: str = "5"
     keepalive: int = 30
@@ -87,6 +90,8 @@ class AgentConfig:
         self.data_config()  # validates the data settings
         if not 1 <= self.num_threads <= 64:
             raise ConfigError(f"num_threads must be 1..64, got {self.num_threads}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if not 5 <= self.keepalive <= 65535:

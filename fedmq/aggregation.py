@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 Weights = dict[str, np.ndarray]
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 class WeightedSum:
@@ -39,6 +40,9 @@ class WeightedSum:
         self._shapes = {name: tuple(shape) for name, shape in template.items()}
         self._sum = {n: np.zeros(s, np.float32) for n, s in self._shapes.items()}
         self._scratch = {n: np.empty(s, np.float32) for n, s in self._shapes.items()}
+        # Per tensor, an upper bound of max|sum| (sum of weight * max|delta| folded so far):
+        # an update that could push the float32 sum to infinity is refused before folding.
+        self._bound = dict.fromkeys(self._shapes, 0.0)
         self.total_weight = 0.0
         self.count = 0
 
@@ -46,8 +50,10 @@ class WeightedSum:
     def shapes(self) -> Mapping[str, tuple[int, ...]]:
         return self._shapes
 
-    def check(self, tensors: Iterable[Tensor], codec: str) -> None:
-        """Raise :class:`WireError` unless ``tensors`` match the model exactly."""
+    def check(self, tensors: Iterable[Tensor], codec: str, weight: float | None = None) -> None:
+        """Raise :class:`WireError` unless ``tensors`` match the model exactly (and, given the
+        ``weight`` it would be folded with, unless it could overflow the float32 sum)."""
+        tensors = tuple(tensors)
         if codec not in CODECS:
             raise WireError(f"unknown codec {codec!r}", RejectReason.BAD_CODEC)
         seen: set[str] = set()
@@ -71,6 +77,27 @@ class WeightedSum:
         missing = set(self._shapes) - seen
         if missing:
             raise WireError(f"missing tensors {sorted(missing)}", RejectReason.SHAPE)
+        if weight is not None:
+            self._check_range(self._magnitudes(tensors, codec, weight), weight)
+
+    @staticmethod
+    def _magnitudes(tensors: Iterable[Tensor], codec: str, weight: float) -> dict[str, float]:
+        """``weight * max|decoded values|`` of each tensor (float64, may be inf)."""
+        out: dict[str, float] = {}
+        for t in tensors:
+            arr = t.array()
+            peak = max(abs(float(arr.max())), abs(float(arr.min()))) if arr.size else 0.0
+            scale = _int8_scale(t) if codec == "int8" else 1.0
+            out[t.name] = float(weight) * scale * peak
+        return out
+
+    def _check_range(self, magnitudes: Mapping[str, float], weight: float) -> None:
+        for name, m in magnitudes.items():
+            if not self._bound[name] + m <= _F32_MAX:  # also false for inf and nan
+                raise WireError(
+                    f"tensor {name!r} with weight {weight:g} could overflow the float32 sum",
+                    RejectReason.NON_FINITE,
+                )
 
     def fold(self, tensors: Iterable[Tensor], codec: str, weight: float) -> None:
         """Add ``weight * decode(tensors)``; checks everything before touching the sum."""
@@ -78,6 +105,10 @@ class WeightedSum:
         if not (math.isfinite(weight) and weight > 0):
             raise ValueError(f"weight must be positive and finite, got {weight}")
         self.check(tensors, codec)
+        magnitudes = self._magnitudes(tensors, codec, weight)
+        self._check_range(magnitudes, weight)
+        for name, m in magnitudes.items():
+            self._bound[name] += m
         for t in tensors:
             acc = self._sum[t.name]
             scratch = self._scratch[t.name]

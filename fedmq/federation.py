@@ -89,6 +89,11 @@ class FederationResult:
     broker: str
     model_bytes: int
     workdir: str
+    agent_peak_rss_mb: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def max_agent_rss_mb(self) -> float:
+        return max(self.agent_peak_rss_mb.values(), default=float("nan"))
 
     @property
     def final_accuracy(self) -> float:
@@ -104,6 +109,8 @@ class FederationResult:
             "bytes_down": sum(r.bytes_down for r in self.rows),
             "broker": self.broker,
             "model_bytes": self.model_bytes,
+            "agent_peak_rss_mb": self.agent_peak_rss_mb,
+            "max_agent_peak_rss_mb": self.max_agent_rss_mb,
         }
 
 
@@ -140,6 +147,7 @@ class _Observer:
         self.latest_version = -1
         self.model_bytes = 0
         self._round_bytes = 0
+        self.agent_rss_mb: dict[str, float] = {}
         self._t0 = time.monotonic()
         self._last = self._t0
         settings = MqttSettings(
@@ -158,12 +166,23 @@ class _Observer:
         self._mqtt = mqtt
 
     def _on_connect(self, client: Any, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
-        client.subscribe([(self._topics.model, 1), (self._topics.round, 1)])
+        client.subscribe(
+            [(self._topics.model, 1), (self._topics.round, 1), (self._topics.status_wildcard, 1)]
+        )
 
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
         try:
             if msg.topic == self._topics.round:
                 self._round_bytes = len(msg.payload)
+                return
+            if self._topics.device_of(msg.topic) is not None:
+                if msg.payload:
+                    status = wire.decode_status(msg.payload)
+                    rss = status.metrics.get("peak_rss_mb")
+                    if rss is not None:
+                        with self._lock:
+                            prev = self.agent_rss_mb.get(status.device, 0.0)
+                            self.agent_rss_mb[status.device] = max(prev, rss)
                 return
             model = wire.decode_model(msg.payload)
         except FedmqError as exc:
@@ -343,6 +362,7 @@ def run_federation(
             broker=kind,
             model_bytes=observer.model_bytes,
             workdir=str(workdir),
+            agent_peak_rss_mb=dict(observer.agent_rss_mb),
         )
     finally:
         _stop(procs)

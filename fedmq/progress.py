@@ -48,6 +48,14 @@ def print_summary(result: Any, out: TextIO) -> None:
         file=out,
         flush=True,
     )
+    rss = getattr(result, "agent_peak_rss_mb", {})
+    if rss:
+        print(
+            f"agent peak RSS: max {max(rss.values()):.0f} MB, "
+            f"mean {sum(rss.values()) / len(rss):.0f} MB over {len(rss)} agents",
+            file=out,
+            flush=True,
+        )
 
 
 def plot_curve(rows: Sequence[Any], path: Path, title: str, reference: float | None = None) -> Path:

@@ -24,7 +24,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -46,8 +45,10 @@ def _rss_mb(field: str) -> float:
 
 
 def _peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+    # VmHWM, not ru_maxrss: the latter keeps the spawning pytest process's peak across exec.
+    from fedmq.memory import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 def _version(dist: str) -> str | None:

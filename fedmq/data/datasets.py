@@ -11,11 +11,13 @@ from __future__ import annotations
 import csv
 import gzip
 import inspect
+import io
 import logging
 import math
 import os
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ __all__ = [
     "FASHION_MNIST_ROOT",
     "LAYOUTS",
     "Dataset",
+    "LazyImageDataset",
     "available_datasets",
     "check_dataset_options",
     "load_csv_windows",
@@ -37,7 +40,11 @@ __all__ = [
     "load_fashion_mnist",
     "load_idx_pair",
     "load_npz",
+    "lazy_dataset",
+    "lazy_fashion_mnist",
+    "lazy_idx_pair",
     "read_idx",
+    "read_idx_rows",
     "reshape_layout",
     "stratified_split",
 ]
@@ -244,6 +251,109 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     return arr.astype(dtype.newbyteorder("="), copy=True)
 
 
+_ROW_CHUNK_BYTES = 1 << 20  # rows are streamed through a buffer of about this size
+
+
+@contextmanager
+def _open_stream(path: Path) -> Iterator[io.BufferedIOBase]:
+    """The file as a byte stream, gunzipped on the fly when it starts with the gzip magic."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(2)
+            fh.seek(0)
+            if head == b"\x1f\x8b":
+                with gzip.GzipFile(fileobj=fh) as gz:
+                    yield gz
+            else:
+                yield fh
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from exc
+
+
+def _read_exact(stream: io.BufferedIOBase, buf: memoryview) -> int:
+    """Fill ``buf`` from ``stream``; returns the number of bytes read (short only at EOF)."""
+    got = 0
+    while got < len(buf):
+        n = stream.readinto(buf[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _stream_header(
+    stream: io.BufferedIOBase, p: Path
+) -> tuple[np.dtype[Any], tuple[int, ...], int]:
+    """(item dtype, dims, header length) of an IDX stream positioned at its start."""
+    head = stream.read(4)
+    if len(head) < 4:
+        raise DataError(f"{p}: too short for an IDX header ({len(head)} bytes)")
+    if head[0] != 0 or head[1] != 0:
+        raise DataError(f"{p}: bad IDX magic number {head[:4].hex()} (must start with 0000)")
+    code, ndim = head[2], head[3]
+    if code not in _IDX_DTYPES:
+        raise DataError(f"{p}: unknown IDX type code 0x{code:02x}")
+    if ndim == 0:
+        raise DataError(f"{p}: IDX header declares zero dimensions")
+    raw_dims = stream.read(4 * ndim)
+    if len(raw_dims) < 4 * ndim:
+        raise DataError(f"{p}: truncated IDX header ({ndim} dimensions declared)")
+    dims = tuple(int(d) for d in np.frombuffer(raw_dims, dtype=">u4", count=ndim))
+    return _IDX_DTYPES[code], dims, 4 + 4 * ndim
+
+
+def read_idx_rows(
+    path: str | os.PathLike[str], indices: Any, *, chunk_bytes: int = _ROW_CHUNK_BYTES
+) -> np.ndarray:
+    """Rows ``indices`` (first axis, in the given order) of an IDX file, native-endian.
+
+    The same values as ``read_idx(path)[indices]``, but the file is streamed through a small
+    buffer: memory is the selected rows plus ``chunk_bytes``, never the whole array (a
+    device keeps its 1/10 of Fashion-MNIST without holding the other 9/10).
+    """
+    p = Path(path)
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+        raise DataError(f"{p}: row indices must be a 1-D integer array")
+    idx = idx.astype(np.intp, copy=False)
+    with _open_stream(p) as stream:
+        dtype, dims, header_len = _stream_header(stream, p)
+        n_rows, row_shape = dims[0], dims[1:]
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n_rows):
+            raise DataError(f"{p}: row index out of range [0, {n_rows})")
+        row_bytes = math.prod(row_shape) * dtype.itemsize
+        out = np.empty((len(idx), *row_shape), dtype=dtype.newbyteorder("="))
+        order = np.argsort(idx, kind="stable")
+        wanted = idx[order]
+        chunk_rows = max(1, chunk_bytes // max(row_bytes, 1))
+        buf = bytearray(chunk_rows * row_bytes)
+        view = memoryview(buf)
+        pos, payload = 0, 0
+        for start in range(0, n_rows, chunk_rows):
+            rows = min(chunk_rows, n_rows - start)
+            got = _read_exact(stream, view[: rows * row_bytes])
+            payload += got
+            if got < rows * row_bytes:
+                break
+            end = int(np.searchsorted(wanted, start + rows, side="left"))
+            if end > pos:
+                chunk = np.frombuffer(buf, dtype=dtype, count=rows * math.prod(row_shape))
+                chunk = chunk.reshape((rows, *row_shape))
+                out[order[pos:end]] = chunk[wanted[pos:end] - start]
+                pos = end
+        payload += len(stream.read(1))
+    expected = n_rows * row_bytes
+    if payload != expected:
+        size = "more than" if payload > expected else f"{payload} bytes,"
+        raise DataError(
+            f"{p}: IDX payload is {size} {expected} bytes needed for dims {dims} of {dtype.name}"
+        )
+    log.debug("%s: read %d of %d rows (header %d bytes)", p, len(idx), n_rows, header_len)
+    return out
+
+
 def reshape_layout(x: np.ndarray, layout: str) -> np.ndarray:
     """View (N, H, W) or (N, H, W, 1) images in a layout: images, sequences or flat."""
     if x.ndim == 4 and x.shape[-1] == 1:
@@ -337,6 +447,137 @@ def load_fashion_mnist(
     return out[0], out[1]
 
 
+@dataclass(frozen=True, eq=False)
+class LazyImageDataset:
+    """An IDX image set whose labels are in memory and whose examples are read from disk
+    and converted to float32 only for the indices asked for.
+
+    ``subset(indices)`` equals ``load_idx_pair(...).subset(indices)`` (same values, same
+    order) without ever holding the whole split: partition on :attr:`y`, then take the
+    slice. ``num_classes`` is fixed from all labels, as the eager loaders do.
+    """
+
+    images_path: Path
+    y: np.ndarray
+    num_classes: int
+    name: str
+    layout: str = "images"
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("images", "sequences", "flat"):
+            raise DataError(f"unknown image layout {self.layout!r}; use images, sequences or flat")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.y, minlength=self.num_classes)
+
+    def subset(self, indices: Any, name: str | None = None) -> Dataset:
+        """The examples at ``indices`` as a :class:`Dataset` (float32, scaled like
+        :func:`load_idx_pair`)."""
+        idx = np.asarray(indices)
+        if idx.dtype == np.bool_:
+            if idx.shape != (len(self),):
+                raise DataError(f"dataset {self.name!r}: boolean mask has wrong length")
+            idx = np.flatnonzero(idx)
+        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+            raise DataError(f"dataset {self.name!r}: subset needs a 1-D integer index array")
+        if idx.size and (int(idx.min()) < -len(self) or int(idx.max()) >= len(self)):
+            raise DataError(f"dataset {self.name!r}: subset index out of range [0, {len(self)})")
+        idx = idx.astype(np.intp, copy=False) % max(len(self), 1)
+        rows = read_idx_rows(self.images_path, idx)
+        return _images_to_dataset(
+            rows,
+            self.y[idx],
+            self.num_classes,
+            self.name if name is None else name,
+            self.layout,
+            str(self.images_path),
+        )
+
+    def load(self) -> Dataset:
+        """Every example (the same as the eager loader)."""
+        return self.subset(np.arange(len(self)))
+
+
+def _lazy_images(
+    images_path: Path, labels_path: Path, layout: str, num_classes: int | None, name: str
+) -> LazyImageDataset:
+    labels = read_idx(labels_path)
+    source = f"{images_path}, {labels_path}"
+    if labels.ndim != 1:
+        raise DataError(f"{source}: labels must be 1-D, got shape {labels.shape}")
+    with _open_stream(images_path) as stream:
+        _, dims, _ = _stream_header(stream, images_path)
+    if len(dims) not in (3, 4):
+        raise DataError(f"{source}: images must be (N, H, W[, C]), got shape {dims}")
+    if dims[0] != len(labels):
+        raise DataError(f"{source}: {dims[0]} images but {len(labels)} labels")
+    if len(dims) == 4 and layout != "images" and dims[-1] != 1:
+        raise DataError(f"{source}: layout {layout!r} needs single-channel images")
+    # the label checks and num_classes default of Dataset.from_arrays, on all labels
+    y = _labels_int32(labels, name)
+    if num_classes is None:
+        num_classes = int(y.max()) + 1 if y.size else 1
+    if y.size and int(y.max()) >= num_classes:
+        raise DataError(
+            f"dataset {name!r}: labels must lie in [0, {num_classes}), "
+            f"got [{int(y.min())}, {int(y.max())}]"
+        )
+    return LazyImageDataset(images_path, y, int(num_classes), name, layout)
+
+
+def lazy_idx_pair(
+    images_path: str | os.PathLike[str],
+    labels_path: str | os.PathLike[str],
+    layout: str = "images",
+    num_classes: int | None = None,
+) -> LazyImageDataset:
+    """:func:`load_idx_pair` that reads only the labels now (see :class:`LazyImageDataset`)."""
+    if layout not in ("images", "sequences", "flat"):
+        raise DataError(f"unknown image layout {layout!r}; use images, sequences or flat")
+    return _lazy_images(
+        Path(images_path), Path(labels_path), layout, num_classes, Path(images_path).name
+    )
+
+
+def lazy_fashion_mnist(
+    root: str | os.PathLike[str] = FASHION_MNIST_ROOT,
+    layout: str = "images",
+    split: str = "train",
+) -> LazyImageDataset:
+    """One split of :func:`load_fashion_mnist`, lazily (only the labels are read now)."""
+    if layout not in ("images", "sequences", "flat"):
+        raise DataError(f"unknown Fashion-MNIST layout {layout!r}; use images, sequences or flat")
+    if split not in _FASHION_FILES:
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    base = Path(root)
+    missing = [f for pair in _FASHION_FILES.values() for f in pair if not (base / f).is_file()]
+    if missing:
+        raise DataError(
+            f"Fashion-MNIST not found in {base} (missing {', '.join(missing)}); "
+            "install it with `apt-get install dataset-fashion-mnist`"
+        )
+    img_file, lbl_file = _FASHION_FILES[split]
+    with _open_stream(base / img_file) as stream:
+        dtype, dims, _ = _stream_header(stream, base / img_file)
+    if len(dims) != 3 or dims[1:] != (28, 28) or dtype != np.uint8:
+        raise DataError(f"{base / img_file}: expected uint8 (N, 28, 28), got {dims}")
+    return _lazy_images(base / img_file, base / lbl_file, layout, 10, f"fashion-mnist-{split}")
+
+
+def _labels_int32(labels: np.ndarray, name: str) -> np.ndarray:
+    if labels.dtype.kind == "f":
+        if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+            raise DataError(f"dataset {name!r}: labels must be whole numbers")
+    elif labels.dtype.kind not in "biu":
+        raise DataError(f"dataset {name!r}: labels must be integers, got dtype {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() > np.iinfo(np.int32).max):
+        raise DataError(f"dataset {name!r}: labels must be non-negative int32 values")
+    return np.ascontiguousarray(labels, dtype=np.int32)
+
+
 def stratified_split(
     labels: np.ndarray, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -362,21 +603,31 @@ def stratified_split(
     return np.flatnonzero(mask), test
 
 
+def _read_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The digits file scikit-learn ships, read directly: importing scikit-learn would add
+    about 90 MB to a device process's memory for a 500 KB table."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the digits dataset needs scikit-learn (pip install 'fedmq[data]')")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets/data/digits.csv.gz"
+    if not path.is_file():
+        raise DataError(f"scikit-learn's digits file is missing: {path}")
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    if table.ndim != 2 or table.shape[1] != 65:
+        raise DataError(f"{path}: expected 65 columns, got shape {table.shape}")
+    x = table[:, :64] / np.float32(16.0)
+    return np.ascontiguousarray(x), table[:, 64].astype(np.int64)
+
+
 def load_digits(test_fraction: float = 0.25, seed: int = 0) -> tuple[Dataset, Dataset]:
     """scikit-learn's bundled 8x8 digits (1797 examples, 10 classes) as flat (N, 64).
 
     Pixels are scaled by 1/16 into [0, 1]; the split is stratified and deterministic
     for a given ``seed``.
     """
-    try:
-        from sklearn.datasets import load_digits as _sk_load_digits
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise DataError(
-            "the digits dataset needs scikit-learn (pip install 'fedmq[data]')"
-        ) from exc
-    bunch = _sk_load_digits()
-    x = np.asarray(bunch.data, dtype=np.float32) / np.float32(16.0)
-    y = np.asarray(bunch.target)
+    x, y = _read_digits()
     train_idx, test_idx = stratified_split(y, test_fraction, seed)
     full = Dataset.from_arrays(x, y, num_classes=10, name="digits", layout="flat")
     return full.subset(train_idx, "digits-train"), full.subset(test_idx, "digits-test")
@@ -525,6 +776,33 @@ _REGISTRY: dict[str, Callable[..., tuple[Dataset, Dataset]]] = {
     "fashion-mnist": load_fashion_mnist,
     "fashion-mnist-seq": _fashion_seq,
 }
+
+
+def _lazy_fashion(
+    split: str, root: str | os.PathLike[str] = FASHION_MNIST_ROOT, layout: str = "images"
+) -> LazyImageDataset:
+    return lazy_fashion_mnist(root=root, layout=layout, split=split)
+
+
+def _lazy_fashion_seq(
+    split: str, root: str | os.PathLike[str] = FASHION_MNIST_ROOT
+) -> LazyImageDataset:
+    return lazy_fashion_mnist(root=root, layout="sequences", split=split)
+
+
+# Registered datasets that can also be opened lazily (same options as the eager loader).
+_LAZY: dict[str, Callable[..., LazyImageDataset]] = {
+    "fashion-mnist": _lazy_fashion,
+    "fashion-mnist-seq": _lazy_fashion_seq,
+}
+
+
+def lazy_dataset(name: str, split: str = "train", **kwargs: Any) -> LazyImageDataset | None:
+    """One split of a named dataset as a :class:`LazyImageDataset`, or None when that
+    dataset has no lazy loader (load it with :func:`load_dataset`)."""
+    check_dataset_options(name, **kwargs)
+    loader = _LAZY.get(name)
+    return None if loader is None else loader(split, **kwargs)
 
 
 def available_datasets() -> list[str]:

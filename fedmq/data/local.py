@@ -35,8 +35,11 @@ import numpy as np
 from fedmq.data.augment import AugmentConfig, make_augmenter
 from fedmq.data.datasets import (
     Dataset,
+    LazyImageDataset,
     available_datasets,
     check_dataset_options,
+    lazy_dataset,
+    lazy_idx_pair,
     load_csv_windows,
     load_dataset,
     load_idx_pair,
@@ -52,6 +55,7 @@ __all__ = [
     "LocalDataConfig",
     "load_local_data",
     "load_source",
+    "open_source",
     "parse_source",
 ]
 
@@ -264,12 +268,41 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
+def open_source(source: str | DataSource, split: str = "train") -> Dataset | LazyImageDataset:
+    """Like :func:`load_source`, but image sources that can be read lazily (Fashion-MNIST,
+    ``idx:`` files) come back as a :class:`LazyImageDataset`: labels only, examples
+    converted to float32 when a slice is taken."""
+    src = source if isinstance(source, DataSource) else parse_source(source)
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    if src.kind == "dataset":
+        lazy = lazy_dataset(src.location, split, **src.options)
+        if lazy is not None:
+            return lazy
+    elif src.kind == "idx" and split == "train":
+        images_path, labels_path = (p.strip() for p in src.location.split(","))
+        return lazy_idx_pair(
+            images_path,
+            labels_path,
+            layout=src.options.get("layout", "images"),
+            num_classes=src.options.get("num_classes"),
+        )
+    return load_source(src, split)
+
+
 def load_local_data(cfg: LocalDataConfig, dataset: Dataset | None = None) -> Dataset:
     """This device's dataset: the source (or the given, already loaded ``dataset``),
-    reduced to partition slice ``client_index`` when ``cfg.partition`` is set."""
-    ds = dataset if dataset is not None else load_source(cfg.source, cfg.split)
+    reduced to partition slice ``client_index`` when ``cfg.partition`` is set.
+
+    Image sources are opened lazily (:func:`open_source`): the partition is computed on the
+    labels and only this device's slice is read and converted to float32, so a device
+    never holds the whole split (Fashion-MNIST train: 188 MB as float32).
+    """
+    ds: Dataset | LazyImageDataset = (
+        dataset if dataset is not None else open_source(cfg.source, cfg.split)
+    )
     if cfg.partition is None:
-        return ds
+        return ds if isinstance(ds, Dataset) else ds.load()
     assert cfg.num_clients is not None and cfg.client_index is not None  # __post_init__
     parts = partition(ds.y, cfg.num_clients, cfg.partition, cfg.seed)
     mine = ds.subset(

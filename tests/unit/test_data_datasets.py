@@ -260,3 +260,23 @@ def test_csv_named_classes_and_errors(tmp_path: Path) -> None:
         load_csv_windows(bad, 1, 1, "label")
     with pytest.raises(DataError, match="fewer than one window"):
         load_csv_windows(path, 5, 1, "act", delimiter=";", classes=["walk", "run"])
+
+
+def test_digits_read_without_importing_sklearn_match_sklearn() -> None:
+    """Devices read the shipped digits table directly (no ~90 MB scikit-learn import)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from fedmq.data.datasets import load_digits; load_digits(); "
+        "print('sklearn' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    sk = pytest.importorskip("sklearn.datasets")
+    from fedmq.data.datasets import _read_digits
+
+    x, y = _read_digits()
+    bunch = sk.load_digits()
+    np.testing.assert_array_equal(x, (bunch.data / 16).astype(np.float32))
+    np.testing.assert_array_equal(y, bunch.target)

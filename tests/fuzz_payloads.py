@@ -1,0 +1,292 @@
+"""Malformed and adversarial update payloads for fuzzing the decoder and the aggregator.
+
+:func:`fuzz_payload` starts from a valid update (the real wire format and codecs) and applies
+one mutation: byte-level damage (bit flips, truncation, insertions, garbage), a field set to
+a value of the wrong type or an absurd one (every field, including the tensors' name, dtype,
+shape, params and data), NaN/Inf floats, huge or negative dimensions, wrong dtypes, msgpack
+extension types, deeply nested maps, oversized strings, duplicate tensor names, a device id
+that differs from the topic's, a wrong fleet/round/base version, int8 with an absurd scale.
+
+Driven by a :class:`random.Random`, so hypothesis (``st.randoms()``) and a seeded generator
+for the broker path share the same mutations.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from fedmq import codecs
+from fedmq.wire import UpdateMessage, encode
+
+__all__ = ["KINDS", "fuzz_payload", "valid_update_map"]
+
+Obj = dict[str, Any]
+
+_TOP_FIELDS = (
+    "v", "type", "fleet", "round", "base_version", "device", "update_id", "num_examples",
+    "codec", "tensors", "metrics", "created_at", "signature",
+)
+_TENSOR_FIELDS = ("name", "dtype", "shape", "params", "data")
+
+
+def valid_update_map(
+    rng: random.Random,
+    template: Mapping[str, tuple[int, ...]],
+    *,
+    fleet: str,
+    round_id: int,
+    base_version: int,
+    device: str,
+    codec: str | None = None,
+) -> Obj:
+    """A valid update (as the msgpack map the wire format produces) for ``template``."""
+    codec = codec or rng.choice(codecs.CODECS)
+    nrng = np.random.default_rng(rng.getrandbits(32))
+    delta = {n: nrng.normal(0, 0.05, s).astype(np.float32) for n, s in template.items()}
+    msg = UpdateMessage(
+        fleet=fleet, round_id=round_id, base_version=base_version, device=device,
+        update_id=f"{rng.getrandbits(64):016x}", num_examples=rng.randint(1, 500), codec=codec,
+        tensors=codecs.encode_delta(delta, codec, nrng), metrics={"loss": 0.5},
+        created_at=1.7e9,
+    )
+    obj = msgpack.unpackb(encode(msg), raw=False)
+    assert isinstance(obj, dict)
+    return obj
+
+
+def _pack(obj: Any) -> bytes:
+    out = msgpack.packb(obj, use_bin_type=True)
+    assert isinstance(out, bytes)
+    return out
+
+
+# ------------------------------------------------------------------------- weird values
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def _generic_value(rng: random.Random) -> Any:
+    choices: list[Callable[[], Any]] = [
+        lambda: None,
+        lambda: rng.choice([True, False]),
+        lambda: rng.choice([0, -1, 1, 2**31, 2**62, 2**62 + 1, 2**63 - 1, -(2**63), 2**64 - 1]),
+        lambda: rng.choice([float("nan"), float("inf"), -float("inf"), 1e308, -0.0, 5e-324]),
+        lambda: rng.choice(["", "x", "\0", "a/b", "+", "#", "é" * 10, "\x7f", " "]),
+        lambda: "s" * rng.choice([65, 129, 4097, 70_000]),
+        lambda: bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64))),
+        lambda: [],
+        lambda: [rng.randint(-5, 5) for _ in range(rng.randint(1, 12))],
+        lambda: {},
+        lambda: {"k": rng.random()},
+        lambda: _nested(rng.randint(5, 400)),
+        lambda: msgpack.ExtType(rng.randint(0, 127), b"\x01\x02"),
+        lambda: msgpack.Timestamp(rng.randint(0, 2**32 - 1), 0),
+    ]
+    return rng.choice(choices)()
+
+
+def _field_value(rng: random.Random, field: str, base: Obj) -> Any:
+    """A value of the right type but a wrong or absurd content, or a generic weird one."""
+    if rng.random() < 0.45:
+        return _generic_value(rng)
+    specific: dict[str, list[Any]] = {
+        "v": [0, 2, -1, 255],
+        "type": ["model", "ack", "status", "round", "UPDATE", "update\0"],
+        "fleet": ["other", "", "f" * 65],
+        "round": [base.get("round", 1) + d for d in (-1, 1, 2, 1000)] + [-1, 2**62 + 1],
+        "base_version": [base.get("base_version", 0) + d for d in (1, 7)] + [-3],
+        "device": ["someone-else", "dev/x", "dev+", "dev#", "a b", "", "\x00", "d" * 65],
+        "update_id": ["", "\n", "u" * 65, "\x1b[31m"],
+        "num_examples": [0, -1, 2**40 + 1, 2**40, 10_000_001, 1.5],
+        "codec": ["float64", "int4", "", "INT8", "pickle"],
+        "metrics": [{"loss": float("nan")}, {"x": "y"}, {str(i): 1.0 for i in range(300)}],
+        "created_at": [float("inf"), float("nan"), "now"],
+        "signature": [b"\x00" * 513, "sig", 1],
+        "tensors": [[], [{}], [1, 2], [base["tensors"][0]] * 5000],
+    }
+    return rng.choice(specific.get(field, [None]))
+
+
+# ------------------------------------------------------------------------- mutations
+
+
+def _byte_mutation(rng: random.Random, payload: bytes) -> bytes:
+    data = bytearray(payload)
+    op = rng.choice(("flip", "truncate", "insert", "splice", "garbage", "empty", "append"))
+    if op == "flip":
+        for _ in range(rng.randint(1, 8)):
+            i = rng.randrange(len(data))
+            data[i] ^= 1 << rng.randrange(8)
+    elif op == "truncate":
+        del data[rng.randrange(len(data)):]
+    elif op == "insert":
+        i = rng.randrange(len(data) + 1)
+        data[i:i] = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 16)))
+    elif op == "splice":
+        i = rng.randrange(len(data))
+        n = rng.randint(1, 32)
+        data[i:i + n] = bytes(rng.getrandbits(8) for _ in range(n))
+    elif op == "garbage":
+        data = bytearray(rng.getrandbits(8) for _ in range(rng.randint(1, 2000)))
+    elif op == "empty":
+        data = bytearray()
+    else:
+        data += bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 8)))
+    return bytes(data)
+
+
+def _elements(t: Obj) -> int:
+    shape = t.get("shape")
+    if isinstance(shape, list) and all(isinstance(d, int) and 0 <= d < 2**20 for d in shape):
+        return int(np.prod(shape, dtype=np.int64))
+    return 1
+
+
+def _tensor_mutation(rng: random.Random, obj: Obj) -> None:
+    tensors = obj["tensors"]
+    t = rng.choice(tensors)
+    op = rng.choice(
+        ("field", "delete", "shape", "dtype", "datalen", "nonfinite", "scale", "dupname",
+         "params")
+    )
+    if op == "field":
+        t[rng.choice(_TENSOR_FIELDS)] = _generic_value(rng)
+    elif op == "delete":
+        del t[rng.choice(_TENSOR_FIELDS)]
+    elif op == "shape":
+        t["shape"] = rng.choice([
+            [2**31, 2**31], [2**62, 2**62, 2**62], [-1, 4], [0], [1] * 9, [1.5], ["3"],
+            [True], [], [2**64 - 1], [-(2**63)], [3, -(2**62)], list(reversed(t["shape"])),
+        ])
+    elif op == "dtype":
+        t["dtype"] = rng.choice(
+            ["float64", "int16", "object", "O", "<f4", "", "float32\0", "bool", "complex64",
+             "uint8", "int8", "float16", "float32"]
+        )
+    elif op == "datalen":
+        n = len(t["data"])
+        t["data"] = t["data"][: max(0, n - rng.randint(1, 4))] if rng.random() < 0.5 else (
+            t["data"] + b"\0" * rng.randint(1, 4)
+        )
+    elif op == "nonfinite":
+        bad = rng.choice([float("nan"), float("inf"), -float("inf")])
+        kind = rng.choice(["<f4", "<f2"])
+        size = max(1, _elements(t))
+        values = np.zeros(size, kind)
+        values[rng.randrange(size)] = bad
+        t["dtype"] = "float32" if kind == "<f4" else "float16"
+        t["data"] = values.tobytes()
+        obj["codec"] = t["dtype"]
+    elif op == "scale":
+        obj["codec"] = "int8"
+        t["dtype"] = "int8"
+        size = max(1, _elements(t))
+        t["data"] = np.full(size, rng.choice([127, -127, 1]), np.int8).tobytes()
+        t["params"] = {"scale": rng.choice(
+            [float("nan"), float("inf"), -1.0, 1e30, 1e29, 3e38, 1e-45, -0.0, 1e300]
+        )} if rng.random() < 0.9 else {}
+    elif op == "dupname":
+        if len(tensors) > 1:
+            tensors[1]["name"] = tensors[0]["name"]
+        else:
+            tensors.append(copy.deepcopy(tensors[0]))
+    else:
+        t["params"] = rng.choice(
+            [{"scale": "x"}, {"scale": None}, {1: 2.0}, {"s": [1]}, [], "p",
+             {str(i): 1.0 for i in range(20)}]
+        )
+
+
+def _semantic_mutation(rng: random.Random, obj: Obj) -> None:
+    """A well-formed update that the round or the model must refuse."""
+    op = rng.choice(("fleet", "round", "base", "device", "codec_dtype", "unknown_tensor",
+                     "missing_tensor", "model_shape", "examples", "overflow"))
+    if op == "fleet":
+        obj["fleet"] = "another-fleet"
+    elif op == "round":
+        obj["round"] = obj["round"] + rng.choice([-1, 1, 5])
+    elif op == "base":
+        obj["base_version"] = obj["base_version"] + rng.randint(1, 9)
+    elif op == "device":
+        obj["device"] = obj["device"] + "-impostor"
+    elif op == "codec_dtype":
+        obj["codec"] = rng.choice([c for c in codecs.CODECS if c != obj["codec"]])
+    elif op == "unknown_tensor":
+        obj["tensors"][0]["name"] = "not_a_layer"
+    elif op == "missing_tensor":
+        obj["tensors"].pop()
+    elif op == "model_shape":
+        t = obj["tensors"][0]
+        item = np.dtype(t["dtype"]).itemsize
+        t["shape"] = [len(t["data"]) // item]
+    elif op == "examples":
+        obj["num_examples"] = rng.choice([10_000_001, 2**40])
+    else:  # finite values whose weighted sum overflows float32
+        obj["codec"] = "float32"
+        obj["num_examples"] = rng.choice([2, 1000, 2**40])
+        for t in obj["tensors"]:
+            n = len(t["data"]) // {"float32": 4, "float16": 2, "int8": 1}[t["dtype"]]
+            t["dtype"], t["params"] = "float32", {}
+            t["data"] = np.full(n, rng.choice([3e38, -3e38, 1e30]), "<f4").tobytes()
+
+
+def _deep_bytes(rng: random.Random) -> bytes:
+    """Nesting deeper than any packer allows, written by hand."""
+    depth = rng.choice([600, 5000, 100_000])
+    if rng.random() < 0.5:
+        return b"\x81\xa1a" * depth + b"\xc0"  # {"a": {"a": ... nil}}
+    return b"\x82\xa1v\x01\xa1x" + b"\x91" * depth + b"\xc0"  # {"v": 1, "x": [[[...]]]}
+
+
+KINDS = ("bytes", "field", "delete", "tensor", "semantic", "extra", "deep", "big")
+
+
+def fuzz_payload(rng: random.Random, base: Obj, kind: str | None = None) -> tuple[str, bytes]:
+    """One mutated payload of ``base`` (a valid update map); (kind, payload)."""
+    kind = kind or rng.choice(KINDS)
+    obj = copy.deepcopy(base)
+    if kind == "bytes":
+        return kind, _byte_mutation(rng, _pack(obj))
+    if kind == "deep":
+        return kind, _deep_bytes(rng)
+    if kind == "field":
+        field = rng.choice(_TOP_FIELDS)
+        obj[field] = _field_value(rng, field, base)
+    elif kind == "delete":
+        for field in rng.sample(_TOP_FIELDS[:-1], rng.randint(1, 3)):
+            obj.pop(field, None)
+    elif kind == "tensor":
+        _tensor_mutation(rng, obj)
+    elif kind == "semantic":
+        _semantic_mutation(rng, obj)
+    elif kind == "extra":
+        obj[rng.choice(["x", "pickle", "__class__", ""])] = _generic_value(rng)
+        if rng.random() < 0.5:
+            obj["signature"] = _generic_value(rng)
+    else:  # big: oversized strings, maps and lists
+        op = rng.randrange(4)
+        if op == 0:
+            obj[rng.choice(["fleet", "device", "update_id", "codec"])] = "x" * rng.choice(
+                [100, 5000, 2_000_000]
+            )
+        elif op == 1:
+            obj["metrics"] = {f"m{i}": float(i) for i in range(rng.choice([257, 5000]))}
+        elif op == 2:
+            obj["tensors"][0]["shape"] = [1] * rng.choice([9, 64, 200_000])
+        else:
+            obj["tensors"][0]["name"] = "n" * rng.choice([129, 100_000])
+    try:
+        return kind, _pack(obj)
+    except (ValueError, OverflowError, TypeError):  # the packer refused: damage bytes instead
+        return "bytes", _byte_mutation(rng, _pack(base))

@@ -1,0 +1,198 @@
+"""Fuzzing the update decoder and the aggregator's pure checks with hypothesis.
+
+Thousands of malformed or adversarial payloads (tests/fuzz_payloads.py: mutations of valid
+updates; arbitrary bytes; arbitrary msgpack structures). Properties: decoding raises nothing
+but :class:`WireError` (and never hangs: pytest-timeout); what decodes is finite and
+consistent; what the round and the model accept folds into a finite running sum. The other
+decoders (model, round, ack, status) get the same bytes. Prints payloads fuzzed and outcomes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedmq.aggregation import WeightedSum
+from fedmq.errors import WireError
+from fedmq.rounds import RoundPlan, RoundState
+from fedmq.wire import (
+    Limits,
+    TrainingConfig,
+    decode_ack,
+    decode_model,
+    decode_round,
+    decode_status,
+    decode_update,
+    message_type,
+)
+from tests.fuzz_payloads import KINDS, fuzz_payload, valid_update_map
+
+FLEET = "f1"
+DEVICE = "dev-1"
+TEMPLATE = {"w": (4, 3), "b": (3,)}
+LIMITS = Limits(max_bytes=256 * 1024)
+MAX_EXAMPLES_PER_UPDATE = 10_000_000
+PLAN = RoundPlan(
+    round_id=3, base_version=2, selected=(), target=10, min_updates=1, opened_at=0.0,
+    deadline=100.0, abandon_at=200.0, config=TrainingConfig(),
+)
+_SETTINGS = {
+    "deadline": None,
+    "suppress_health_check": list(HealthCheck),  # a loaded CI machine is not a failure
+}
+_OTHER_DECODERS: tuple[Callable[[bytes], object], ...] = (
+    decode_model, decode_round, decode_ack, decode_status, message_type,
+)
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.n = 0
+        self.outcomes: Counter[str] = Counter()
+        self.kinds: Counter[str] = Counter()
+        self.slowest = 0.0
+
+    def report(self, what: str) -> None:
+        print(
+            f"\nfuzz {what}: {self.n} payloads; outcomes {dict(self.outcomes.most_common())}; "
+            f"kinds {dict(self.kinds)}; slowest payload {self.slowest * 1000:.1f} ms"
+        )
+
+
+def _outcome(payload: bytes) -> str:
+    """Decode + the aggregator's pure checks + fold; the reject code or 'accepted'."""
+    for decode in _OTHER_DECODERS:
+        with contextlib.suppress(WireError):
+            decode(payload)
+    try:
+        msg = decode_update(payload, LIMITS)
+    except WireError as exc:
+        assert exc.code and exc.reason
+        return exc.code
+    assert len(payload) <= LIMITS.max_bytes
+    for t in msg.tensors:
+        values = t.array()
+        assert values.shape == t.shape
+        if t.dtype in ("float32", "float16"):
+            assert np.isfinite(values).all()
+    state = RoundState(FLEET, PLAN, MAX_EXAMPLES_PER_UPDATE)
+    fold = WeightedSum(TEMPLATE)
+    weight = float(msg.num_examples)
+    try:
+        state.check(msg, DEVICE, lambda m: fold.check(m.tensors, m.codec, weight))
+    except WireError as exc:
+        return exc.code
+    # Accepted: folding must work and keep the running sum (and so the model) finite, also
+    # when the same update arrives again from another device (or is refused before folding).
+    fold.fold(msg.tensors, msg.codec, weight)
+    try:
+        fold.check(msg.tensors, msg.codec, weight)
+    except WireError:
+        pass
+    else:
+        fold.fold(msg.tensors, msg.codec, weight)
+    for name, mean in fold.mean().items():
+        assert np.isfinite(mean).all(), f"{name}: the running sum overflowed"
+    return "accepted"
+
+
+def _run(tally: _Tally, kind: str, payload: bytes) -> None:
+    started = time.perf_counter()
+    outcome = _outcome(payload)
+    tally.slowest = max(tally.slowest, time.perf_counter() - started)
+    tally.n += 1
+    tally.kinds[kind] += 1
+    tally.outcomes[outcome] += 1
+
+
+@pytest.mark.timeout(300)
+def test_mutated_updates_raise_only_wire_errors() -> None:
+    tally = _Tally()
+
+    @settings(max_examples=6000, **_SETTINGS)  # type: ignore[arg-type]
+    @given(rng=st.randoms(use_true_random=False), kind=st.sampled_from(KINDS))
+    def check(rng: random.Random, kind: str) -> None:
+        device = DEVICE if rng.random() < 0.9 else "dev-2"
+        base = valid_update_map(rng, TEMPLATE, fleet=FLEET, round_id=PLAN.round_id,
+                                base_version=PLAN.base_version, device=device)
+        kind, payload = fuzz_payload(rng, base, kind)
+        _run(tally, kind, payload)
+
+    check()
+    tally.report("mutated updates")
+    assert tally.n >= 6000
+    assert sum(n for k, n in tally.outcomes.items() if k != "accepted") > tally.n * 0.8
+
+
+@pytest.mark.timeout(120)
+def test_arbitrary_bytes_raise_only_wire_errors() -> None:
+    tally = _Tally()
+
+    @settings(max_examples=1500, **_SETTINGS)  # type: ignore[arg-type]
+    @given(payload=st.binary(max_size=4096))
+    def check(payload: bytes) -> None:
+        _run(tally, "binary", payload)
+
+    check()
+    tally.report("arbitrary bytes")
+    assert tally.n >= 1500 and tally.outcomes["accepted"] == 0
+
+
+_scalars = (
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats() | st.text(max_size=80) | st.binary(max_size=80)
+    | st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=8))
+)
+_keys = st.sampled_from(
+    ["v", "type", "fleet", "round", "base_version", "device", "update_id", "num_examples",
+     "codec", "tensors", "name", "dtype", "shape", "params", "data", "scale", "x"]
+) | st.text(max_size=8)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(_keys, inner, max_size=8),
+    max_leaves=20,
+)
+_update_like = st.fixed_dictionaries(
+    {"v": st.just(1) | _scalars, "type": st.just("update") | _scalars},
+    optional={k: _values for k in ("fleet", "round", "base_version", "device", "update_id",
+                                   "num_examples", "codec", "tensors", "metrics")},
+)
+
+
+@pytest.mark.timeout(120)
+def test_arbitrary_msgpack_structures_raise_only_wire_errors() -> None:
+    tally = _Tally()
+
+    @settings(max_examples=1000, **_SETTINGS)  # type: ignore[arg-type]
+    @given(obj=_update_like | _values)
+    def check(obj: object) -> None:
+        payload = msgpack.packb(obj, use_bin_type=True)
+        assert isinstance(payload, bytes)
+        _run(tally, "structure", payload)
+
+    check()
+    tally.report("msgpack structures")
+    assert tally.n >= 1000
+
+
+def test_every_mutation_kind_is_exercised_by_a_seeded_run() -> None:
+    """A fixed-seed sweep (the generator the broker-path fuzz test uses) over each kind."""
+    tally = _Tally()
+    rng = random.Random(1234)
+    for kind in KINDS:
+        for _ in range(100):
+            base = valid_update_map(rng, TEMPLATE, fleet=FLEET, round_id=PLAN.round_id,
+                                    base_version=PLAN.base_version, device=DEVICE)
+            _run(tally, *fuzz_payload(rng, base, kind))
+    tally.report("seeded sweep")
+    assert set(tally.kinds) == set(KINDS)
+    assert len(tally.outcomes) >= 8  # many distinct reject reasons, not one catch-all
