@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +13,6 @@ from aggregator.config import (
     STRATEGIES,
     load_aggregator_config,
 )
-from fedmq.errors import FedmqError
 
 __all__ = ["add_arguments", "add_parser", "command", "main"]
 
@@ -112,16 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose >= 2 else logging.INFO
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        return command(args)
-    except FedmqError as exc:
-        logging.getLogger("aggregator").error("%s", exc)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    from fedmq.cli import run_logged
+
+    return run_logged(command, args, "aggregator")

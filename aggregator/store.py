@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import sqlite3
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from fedmq.errors import StateError
+from fedmq.fsutil import atomic_write
 
 __all__ = ["JournalEntry", "RoundRecord", "Store", "StoredModel"]
 
@@ -130,29 +130,6 @@ def _npz_load(data: bytes | Path) -> dict[str, np.ndarray]:
     src: Any = io.BytesIO(data) if isinstance(data, bytes) else data
     with np.load(src, allow_pickle=False) as npz:
         return {k: np.array(npz[k]) for k in npz.files}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a reader sees the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 class Store:

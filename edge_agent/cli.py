@@ -9,14 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
-import sys
 import typing
 from collections.abc import Sequence
 from typing import Any
 
 from edge_agent.config import ENV_PREFIX, AgentConfig, load_agent_config
-from fedmq.errors import FedmqError
 
 __all__ = ["add_parser", "build_parser", "main", "run_command"]
 
@@ -139,16 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose >= 2 else logging.INFO
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        return run_command(args)
-    except FedmqError as exc:
-        logging.getLogger("edge_agent").error("%s", exc)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    from fedmq.cli import run_logged
+
+    return run_logged(run_command, args, "edge_agent")

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import msgpack
 
-from edge_agent.state import atomic_write
 from fedmq.errors import StateError
+from fedmq.fsutil import atomic_write
 
 __all__ = ["OUTBOX_SUFFIX", "Outbox", "OutboxEntry"]
 

@@ -11,11 +11,12 @@ import argparse
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from fedmq.errors import FedmqError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "run_logged"]
 
 # (module, function) pairs; each function takes the subparsers object.
 _SUBCOMMANDS: tuple[tuple[str, str], ...] = (
@@ -70,11 +71,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    _setup_logging(args.verbose, args.quiet)
+    return run_logged(args.func, args, "fedmq")
+
+
+def run_logged(
+    func: Callable[[argparse.Namespace], Any], args: argparse.Namespace, logger: str
+) -> int:
+    """Set up logging from ``-v``/``-q`` and run ``func``: a FedmqError becomes a one-line
+    error and exit code 1, Ctrl-C exit code 130."""
+    _setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
     try:
-        result = args.func(args)
+        result = func(args)
     except FedmqError as exc:
-        logging.getLogger("fedmq").error("%s", exc)
+        logging.getLogger(logger).error("%s", exc)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -68,6 +68,20 @@ _FASHION_FILES = {
 LAYOUTS = ("images", "sequences", "flat", "series")
 
 
+def _subset_indices(indices: Any, n: int, name: str) -> np.ndarray:
+    """Validated 1-D intp indices from an integer array or a boolean mask over ``n`` rows."""
+    idx = np.asarray(indices)
+    if idx.dtype == np.bool_:
+        if idx.shape != (n,):
+            raise DataError(f"dataset {name!r}: boolean mask has wrong length")
+        idx = np.flatnonzero(idx)
+    if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+        raise DataError(f"dataset {name!r}: subset needs a 1-D integer index array")
+    if idx.size and (int(idx.min()) < -n or int(idx.max()) >= n):
+        raise DataError(f"dataset {name!r}: subset index out of range [0, {n})")
+    return idx.astype(np.intp, copy=False)
+
+
 @dataclass(frozen=True)
 class Dataset:
     """Examples ``x`` (float32, first axis = example) and labels ``y`` (int32, 0..C-1).
@@ -166,16 +180,7 @@ class Dataset:
 
     def subset(self, indices: Any, name: str | None = None) -> Dataset:
         """The examples at ``indices`` (copied), keeping ``num_classes`` and layout."""
-        idx = np.asarray(indices)
-        if idx.dtype == np.bool_:
-            if idx.shape != (len(self),):
-                raise DataError(f"dataset {self.name!r}: boolean mask has wrong length")
-            idx = np.flatnonzero(idx)
-        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
-            raise DataError(f"dataset {self.name!r}: subset needs a 1-D integer index array")
-        if idx.size and (int(idx.min()) < -len(self) or int(idx.max()) >= len(self)):
-            raise DataError(f"dataset {self.name!r}: subset index out of range [0, {len(self)})")
-        idx = idx.astype(np.intp, copy=False)
+        idx = _subset_indices(indices, len(self), self.name)
         return Dataset(
             x=self.x[idx],
             y=self.y[idx],
@@ -476,16 +481,7 @@ class LazyImageDataset:
     def subset(self, indices: Any, name: str | None = None) -> Dataset:
         """The examples at ``indices`` as a :class:`Dataset` (float32, scaled like
         :func:`load_idx_pair`)."""
-        idx = np.asarray(indices)
-        if idx.dtype == np.bool_:
-            if idx.shape != (len(self),):
-                raise DataError(f"dataset {self.name!r}: boolean mask has wrong length")
-            idx = np.flatnonzero(idx)
-        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
-            raise DataError(f"dataset {self.name!r}: subset needs a 1-D integer index array")
-        if idx.size and (int(idx.min()) < -len(self) or int(idx.max()) >= len(self)):
-            raise DataError(f"dataset {self.name!r}: subset index out of range [0, {len(self)})")
-        idx = idx.astype(np.intp, copy=False) % max(len(self), 1)
+        idx = _subset_indices(indices, len(self), self.name) % max(len(self), 1)
         rows = read_idx_rows(self.images_path, idx)
         return _images_to_dataset(
             rows,

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from fedmq.errors import ModelError
+from fedmq.fsutil import atomic_write
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -373,18 +374,6 @@ def load_bundle(path: str | os.PathLike[str]) -> ModelBundle:
     return ModelBundle(path=root, spec=spec, tflite_path=tflite_path, initial_weights=initial)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_bundle(
     path: str | os.PathLike[str],
     spec: ModelSpec,
@@ -397,8 +386,8 @@ def save_bundle(
     weights = check_weights(spec, initial_weights)
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    _atomic_write(root / MODEL_FILE, tflite)
-    _atomic_write(root / SPEC_FILE, spec.dumps().encode())
+    atomic_write(root / MODEL_FILE, tflite, _FILE_MODE)
+    atomic_write(root / SPEC_FILE, spec.dumps().encode(), _FILE_MODE)
     fd, tmp = tempfile.mkstemp(dir=root, prefix=".initial.", suffix=".npz")
     os.close(fd)
     try:
