@@ -7,12 +7,13 @@ PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := mosquitto mosquitto-clients dataset-fashion-mnist
 
-.PHONY: demo test lint typecheck unit integration bench system-deps venv clean help
+.PHONY: demo test lint typecheck unit integration bench experiments system-deps venv clean help
 
 help:
 	@echo "make demo    create $(VENV), install fedmq and run a local federation on digits"
 	@echo "make test    install what the tests need (incl. Mosquitto) and run ruff, mypy, pytest"
 	@echo "make bench   run the benchmarks in bench/ (figures + JSON in bench/results/)"
+	@echo "make experiments  Fashion-MNIST federations (CNN, LSTM) with PNG curves in runs/"
 
 # A venv is created once; re-installed when pyproject.toml changes.
 $(VENV)/.created:
@@ -60,8 +61,14 @@ test: system-deps $(VENV)/.dev
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
-bench: $(VENV)/.dev
+bench: $(VENV)/.dev system-deps
 	$(PY) bench/bench_codecs_fold.py
+	$(PY) bench/bench_training.py
+
+# The issue-3 federations: 10 agents on Fashion-MNIST, 20 rounds, curve in runs/*.png.
+experiments: $(VENV)/.dev system-deps
+	$(VENV)/bin/fedmq experiment fmnist-cnn
+	$(VENV)/bin/fedmq experiment fmnist-lstm
 
 clean:
-	rm -rf $(VENV) .venv-edge* .mypy_cache .ruff_cache .pytest_cache build *.egg-info
+	rm -rf $(VENV) .venv-edge* .mypy_cache .hypothesis .ruff_cache .pytest_cache build *.egg-info

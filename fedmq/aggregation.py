@@ -28,6 +28,8 @@ __all__ = [
 ]
 
 Weights = dict[str, np.ndarray]
+# Largest magnitude a finite value of these wire dtypes can have.
+_DTYPE_PEAK = {"float16": 65504.0, "int8": 128.0, "uint8": 255.0}
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -86,7 +88,13 @@ class WeightedSum:
         out: dict[str, float] = {}
         for t in tensors:
             arr = t.array()
-            peak = max(abs(float(arr.max())), abs(float(arr.min()))) if arr.size else 0.0
+            if not arr.size:
+                peak = 0.0
+            elif t.dtype in _DTYPE_PEAK:
+                # The dtype bounds the values: no scan (float16 reductions are slow).
+                peak = _DTYPE_PEAK[t.dtype]
+            else:
+                peak = max(abs(float(arr.max())), abs(float(arr.min())))
             scale = _int8_scale(t) if codec == "int8" else 1.0
             out[t.name] = float(weight) * scale * peak
         return out
