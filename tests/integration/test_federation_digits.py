@@ -15,15 +15,27 @@ pytestmark = pytest.mark.integration
 
 def test_five_agents_learn_digits(broker: LocalBroker, tmp_path: Path) -> None:
     spec = FederationSpec(
-        agents=5, rounds=10, dataset="digits", model="digits-mlp", partition="dirichlet:0.5",
-        codec="int8", epochs=2, lr=0.2, seed=1, broker=f"{broker.host}:{broker.port}",
-        fleet=f"digits-{uuid.uuid4().hex[:8]}", workdir=tmp_path / "fed", timeout=300,
+        agents=5,
+        rounds=10,
+        dataset="digits",
+        model="digits-mlp",
+        partition="dirichlet:0.5",
+        codec="int8",
+        epochs=2,
+        lr=0.2,
+        seed=1,
+        broker=f"{broker.host}:{broker.port}",
+        fleet=f"digits-{uuid.uuid4().hex[:8]}",
+        workdir=tmp_path / "fed",
+        timeout=300,
     )
     result = run_federation(spec)
     rows = result.rows
     for r in rows:
-        print(f"round {r.round_id}: {r.participants} devices, accuracy {r.accuracy:.4f}, "
-              f"up {r.bytes_up} B")
+        print(
+            f"round {r.round_id}: {r.participants} devices, accuracy {r.accuracy:.4f}, "
+            f"up {r.bytes_up} B"
+        )
     assert len(rows) == 10
     assert [r.version for r in rows] == list(range(1, 11))
     # Every round folded an int8 update from each of the 5 agents.
@@ -36,3 +48,14 @@ def test_five_agents_learn_digits(broker: LocalBroker, tmp_path: Path) -> None:
     model_params = 64 * 64 + 64 + 64 * 10 + 10
     per_update = rows[-1].bytes_up / 5
     assert model_params <= per_update < model_params * 1.2
+
+
+def test_demo_runs_on_the_embedded_amqtt_broker(tmp_path: Path) -> None:
+    """Without Mosquitto the demo falls back to amqtt (MQTT 3.1.1): pip alone is enough."""
+    pytest.importorskip("amqtt")
+    spec = FederationSpec(agents=3, rounds=3, broker="amqtt", workdir=tmp_path / "fed", timeout=180)
+    result = run_federation(spec)
+    assert result.broker == "amqtt"
+    assert [r.version for r in result.rows] == [1, 2, 3]
+    assert all(r.participants == 3 for r in result.rows)
+    assert result.rows[-1].accuracy > 0.5
