@@ -70,7 +70,12 @@ def plot_curve(rows: Sequence[Any], path: Path, title: str, reference: float | N
     rounds = [r.round_id for r in rows]
     ax.plot(rounds, [r.accuracy * 100 for r in rows], marker="o", ms=3, label="global model")
     if reference is not None:
-        ax.axhline(reference * 100, ls="--", c="gray", label=f"reference {reference * 100:.1f}%")
+        ax.axhline(
+            reference * 100,
+            ls="--",
+            c="gray",
+            label=f"centralized reference {reference * 100:.1f}%",
+        )
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(textwrap.fill(title, 70), fontsize=9)
