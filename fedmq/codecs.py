@@ -27,6 +27,7 @@ __all__ = [
 
 CODECS = ("float32", "float16", "int8")
 _F16_MAX = float(np.finfo(np.float16).max)
+_F32_MAX = float(np.finfo(np.float32).max)
 # Which wire dtype each codec must use; anything else is a malformed update.
 _CODEC_DTYPE = {"float32": "float32", "float16": "float16", "int8": "int8"}
 
@@ -52,7 +53,11 @@ def _encode_int8(name: str, x: np.ndarray, rng: np.random.Generator) -> Tensor:
     if max_abs == 0.0:
         return Tensor.from_array(name, np.zeros(x.shape, np.int8), {"scale": 0.0})
     scale = max_abs / 127.0
-    scaled = x * np.float32(1.0 / scale)
+    inv = 127.0 / max_abs
+    if inv < _F32_MAX:
+        scaled = x * np.float32(inv)
+    else:  # subnormal inputs: 1/scale does not fit float32, scale in float64
+        scaled = (x.astype(np.float64) * inv).astype(np.float32)
     scaled += rng.random(x.shape, dtype=np.float32)
     np.floor(scaled, out=scaled)
     np.clip(scaled, -127, 127, out=scaled)

@@ -93,3 +93,12 @@ def test_zero_tensor_and_bad_input() -> None:
     with pytest.raises(WireError) as e:
         codecs.decode_tensor(t, "float32")
     assert e.value.code == RejectReason.BAD_CODEC
+
+
+def test_int8_of_subnormal_values_stays_finite() -> None:
+    x = np.array([1e-45, -1e-45, 0.0], np.float32)  # 127 / max|x| overflows float32
+    with np.errstate(all="raise"):
+        t = codecs.encode_tensor("tiny", x, "int8", np.random.default_rng(0))
+    q = t.array()
+    assert set(np.unique(q)) <= {-127, 0, 127}
+    assert np.abs(codecs.decode_tensor(t, "int8") - x).max() <= 2e-45
