@@ -21,7 +21,7 @@ PRESETS: dict[str, FederationSpec] = {
         partition="dirichlet:0.5",
         codec="int8",
         epochs=1,
-        lr=0.1,
+        lr=0.2,
         round_timeout=600.0,
     ),
     "fmnist-lstm": FederationSpec(
@@ -32,7 +32,7 @@ PRESETS: dict[str, FederationSpec] = {
         partition="dirichlet:0.5",
         codec="int8",
         epochs=1,
-        lr=0.1,
+        lr=0.2,
         round_timeout=600.0,
     ),
     "digits-mlp": FederationSpec(),
