@@ -64,6 +64,7 @@ test: system-deps $(VENV)/.dev
 bench: $(VENV)/.dev system-deps
 	$(PY) bench/bench_codecs_fold.py
 	$(PY) bench/bench_training.py
+	$(PY) bench/bench_compression.py
 
 # The issue-3 federations: 10 agents on Fashion-MNIST, 20 rounds, curve in runs/*.png.
 experiments: $(VENV)/.dev system-deps

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import time
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
+from machine import machine_info
 
 from fedmq import codecs, wire
 from fedmq.aggregation import WeightedSum
@@ -108,12 +108,7 @@ def main() -> None:
                 "benchmark": "codecs_fold",
                 "parameters": params,
                 "updates": args.updates,
-                "machine": {
-                    "node": platform.node(),
-                    "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version(),
-                    "numpy": np.__version__,
-                },
+                "machine": machine_info(("numpy", "msgpack")),
                 "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "results": results,
                 "int8_target_mb_per_s": target,

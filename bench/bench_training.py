@@ -24,16 +24,16 @@ examples/s with the agent at <= 150 MB RSS.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from machine import machine_info as _machine_info
 
 from fedmq.memory import peak_rss_mb
 
@@ -138,27 +138,7 @@ def run_child(kind: str, threads: int, args: argparse.Namespace) -> dict[str, An
 
 
 def machine_info() -> dict[str, Any]:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for dist in ("numpy", "ai-edge-litert", "tensorflow", "tensorflow-cpu", "keras"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return {
-        "cpu": model,
-        "cpus": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": versions,
-    }
+    return _machine_info(("numpy", "ai-edge-litert", "tensorflow", "tensorflow-cpu", "keras"))
 
 
 def main() -> None:

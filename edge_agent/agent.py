@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +104,6 @@ class EdgeAgent:
                 f"has {spec.num_classes}"
             )
         self._key = load_or_create_key(config.signing_key) if config.signing_key else None
-        self._rng = np.random.default_rng()
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._tick_pending = threading.Event()
         self._stop = threading.Event()
@@ -415,10 +415,13 @@ class EdgeAgent:
         m = sample_size(len(x), cfg.sample_fraction, cfg.max_examples)
         x, y = x[:m], y[:m]  # round_batch is shuffled
         self.trainer.set_weights(global_weights)
-        metrics = self.trainer.fit(x, y, epochs=cfg.epochs, lr=cfg.lr, rng=self._rng)
+        # Seeded by (seed, device, round): a round's training and rounding are reproducible,
+        # differ between devices, and a retrained round after a crash gives the same update.
+        rng = np.random.default_rng([self.config.seed, zlib.crc32(self.device_id.encode()), r])
+        metrics = self.trainer.fit(x, y, epochs=cfg.epochs, lr=cfg.lr, rng=rng)
         local = self.trainer.get_weights()
         delta = {n: local[n] - global_weights[n] for n in self.trainer.spec.trainable}
-        tensors = encode_delta(delta, cfg.codec, self._rng)
+        tensors = encode_delta(delta, cfg.codec, rng)
         self._last_metrics = {
             "loss": float(metrics.loss) if math.isfinite(metrics.loss) else 0.0,
             "train_seconds": float(metrics.seconds),

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from fedmq.errors import ModelError
+from fedmq.models import tflite_file
 from fedmq.models.spec import ModelBundle, ModelSpec, check_weights, load_bundle
 
 __all__ = [
@@ -89,41 +90,22 @@ def runtime_version(name: str | None = None) -> str:
 
 
 # -- model inspection ---------------------------------------------------------------------------
-def _schema() -> Any:
-    for module_name in (
-        "ai_edge_litert.schema_py_generated",
-        "tensorflow.lite.python.schema_py_generated",
-    ):
-        try:
-            return importlib.import_module(module_name)
-        except ImportError:
-            continue
-    return None
-
-
 def tflite_op_names(model: bytes | str | os.PathLike[str]) -> list[str]:
-    """Sorted operator names of a ``.tflite`` (custom ops, e.g. ``FlexConv2D``, by name)."""
-    data = model if isinstance(model, bytes) else Path(model).read_bytes()
-    schema = _schema()
-    if schema is not None:
+    """Sorted operator names of a ``.tflite`` (custom ops, e.g. ``FlexConv2D``, by name).
+
+    Read straight from the file's ``operator_codes`` (:mod:`fedmq.models.tflite_file`), which
+    covers every subgraph/signature, with no schema module needed: the same answer with
+    ai-edge-litert, tflite-runtime or TensorFlow installed. Raises :class:`ModelError` for a
+    file that is not a well-formed ``.tflite``.
+    """
+    if isinstance(model, bytes):
+        data = model
+    else:
         try:
-            root = schema.Model.GetRootAs(data, 0)
-            names_by_code = {
-                v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")
-            }
-            names = set()
-            for i in range(root.OperatorCodesLength()):
-                oc = root.OperatorCodes(i)
-                code = max(int(oc.BuiltinCode()), int(oc.DeprecatedBuiltinCode()))
-                if code == schema.BuiltinOperator.CUSTOM:
-                    names.add((oc.CustomCode() or b"CUSTOM").decode())
-                else:
-                    names.add(names_by_code.get(code, f"BUILTIN_{code}"))
-            return sorted(names)
-        except Exception as exc:  # malformed flatbuffer
-            raise ModelError(f"cannot parse .tflite model: {exc}") from None
-    interp = interpreter_class()(model_content=data)
-    return sorted({str(op["op_name"]) for op in interp._get_ops_details()})
+            data = Path(model).read_bytes()
+        except OSError as exc:
+            raise ModelError(f"cannot read {model}: {exc}") from None
+    return tflite_file.tflite_op_names(data)
 
 
 def flex_ops(op_names: list[str]) -> list[str]:
