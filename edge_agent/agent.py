@@ -508,8 +508,8 @@ class EdgeAgent:
         if ack.device != self.device_id or ack.fleet != self.config.fleet:
             log.warning("ignoring ack for %s/%s", ack.fleet, ack.device)
             return
-        removed = self.outbox.remove(ack.update_id)
-        self._sent.pop(ack.update_id, None)
+        # Record and log the outcome first, then clear the outbox: whoever sees the outbox
+        # empty (an operator, a test) also sees why.
         if ack.accepted:
             self.store.bump("updates_accepted")
             log.info("update %s of round %d accepted", ack.update_id, ack.round_id)
@@ -522,5 +522,6 @@ class EdgeAgent:
                 "update %s of round %d rejected: %s: %s",
                 ack.update_id, ack.round_id, ack.code, ack.reason or "(no reason given)",
             )
-        if not removed:
+        self._sent.pop(ack.update_id, None)
+        if not self.outbox.remove(ack.update_id):
             log.debug("ack for update %s that is not in the outbox", ack.update_id)
