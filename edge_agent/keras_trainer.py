@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import re
-import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from edge_agent.trainer import EvalMetrics, TrainMetrics, _check_xy
+from edge_agent.trainer import (
+    EvalMetrics,
+    TrainMetrics,
+    _check_xy,
+    check_fit_args,
+    sgd_epochs,
+)
 from fedmq.errors import ModelError
 from fedmq.models.spec import (
     ModelBundle,
@@ -372,40 +377,24 @@ class KerasTrainer:
     def fit(
         self, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float, rng: np.random.Generator
     ) -> TrainMetrics:
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ModelError(f"epochs must be a positive integer, got {epochs!r}")
-        if not math.isfinite(lr) or lr <= 0:
-            raise ModelError(f"learning rate must be positive and finite, got {lr!r}")
+        check_fit_args(epochs, lr)
         xs = self.prepare_inputs(x)
         labels = _check_xy(self.spec, xs, y)
-        n, b = len(xs), self.spec.train_batch
-        if n == 0:
-            raise ModelError("cannot train on zero examples")
         self._lr[()] = lr
         lr_t = tf.constant(self._lr)
+        b = self.spec.train_batch
         xb = np.empty((b, *self.spec.input_shape), dtype=np.float32)
         yb = np.empty(b, dtype=np.int32)
-        steps, epoch_loss = 0, 0.0
-        start = time.perf_counter()
-        for _ in range(epochs):
-            order = rng.permutation(n)
-            total = 0.0
-            for lo in range(0, n, b):
-                idx = order[lo : lo + b]
-                m = len(idx)
-                np.take(xs, idx, axis=0, out=xb[:m])
-                np.take(labels, idx, out=yb[:m])
-                loss = float(self._train_step(xb[:m], yb[:m], lr_t))
-                if not math.isfinite(loss):
-                    raise ModelError(f"training diverged (loss {loss}) at step {steps}; lower lr")
-                total += loss * m
-                steps += 1
-            epoch_loss = total / n
-        seconds = time.perf_counter() - start
-        metrics = TrainMetrics(loss=epoch_loss, examples=n * epochs, steps=steps, seconds=seconds)
+
+        def step(m: int) -> float:
+            # Keras takes the partial last batch as it is (same gradient as LiteRT's padding).
+            return float(self._train_step(xb[:m], yb[:m], lr_t))
+
+        metrics = sgd_epochs(xs, labels, epochs=epochs, batch=b, rng=rng, xb=xb, yb=yb, step=step)
         log.debug(
             "fit %s (keras): %d examples, %d steps, loss %.4f, %.0f examples/s",
-            self.spec.name, metrics.examples, steps, epoch_loss, metrics.examples_per_second,
+            self.spec.name, metrics.examples, metrics.steps, metrics.loss,
+            metrics.examples_per_second,
         )
         return metrics
 

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -22,7 +22,14 @@ from fedmq.errors import ModelError
 from fedmq.models.spec import ModelBundle, ModelSpec, load_bundle
 from fedmq.runtime import TFLiteModel
 
-__all__ = ["EvalMetrics", "LiteRTTrainer", "TrainMetrics", "Trainer"]
+__all__ = [
+    "EvalMetrics",
+    "LiteRTTrainer",
+    "TrainMetrics",
+    "Trainer",
+    "check_fit_args",
+    "sgd_epochs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +105,50 @@ def _check_xy(spec: ModelSpec, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return labels.astype(np.int32, copy=False)
 
 
+def check_fit_args(epochs: int, lr: float) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ModelError(f"epochs must be a positive integer, got {epochs!r}")
+    if not math.isfinite(lr) or lr <= 0:
+        raise ModelError(f"learning rate must be positive and finite, got {lr!r}")
+
+
+def sgd_epochs(
+    xs: np.ndarray,
+    labels: np.ndarray,
+    *,
+    epochs: int,
+    batch: int,
+    rng: np.random.Generator,
+    xb: np.ndarray,
+    yb: np.ndarray,
+    step: Callable[[int], float],
+) -> TrainMetrics:
+    """Shuffled mini-batch epochs, shared by every backend so that they draw the same
+    permutations from ``rng`` and train on the same batches: each batch is gathered into the
+    first ``m`` rows of ``xb``/``yb`` and ``step(m)`` trains on it, returning its loss."""
+    n = len(xs)
+    if n == 0:
+        raise ModelError("cannot train on zero examples")
+    steps, epoch_loss = 0, 0.0
+    start = time.perf_counter()
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        total = 0.0
+        for lo in range(0, n, batch):
+            idx = order[lo : lo + batch]
+            m = len(idx)
+            np.take(xs, idx, axis=0, out=xb[:m])
+            np.take(labels, idx, out=yb[:m])
+            loss = step(m)
+            if not math.isfinite(loss):
+                raise ModelError(f"training diverged (loss {loss}) at step {steps}; lower lr")
+            total += loss * m
+            steps += 1
+        epoch_loss = total / n
+    seconds = time.perf_counter() - start
+    return TrainMetrics(loss=epoch_loss, examples=n * epochs, steps=steps, seconds=seconds)
+
+
 class LiteRTTrainer:
     """:class:`Trainer` on a LiteRT interpreter (ai-edge-litert / tflite-runtime)."""
 
@@ -130,45 +181,28 @@ class LiteRTTrainer:
     def fit(
         self, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float, rng: np.random.Generator
     ) -> TrainMetrics:
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ModelError(f"epochs must be a positive integer, got {epochs!r}")
-        if not math.isfinite(lr) or lr <= 0:
-            raise ModelError(f"learning rate must be positive and finite, got {lr!r}")
+        check_fit_args(epochs, lr)
         xs = self.model.prepare_inputs(x)
         labels = _check_xy(self.spec, xs, y)
-        n, b = len(xs), self.spec.train_batch
-        if n == 0:
-            raise ModelError("cannot train on zero examples")
         xb, yb, wb = self._xb, self._yb, self._wb
-        steps, epoch_loss = 0, 0.0
-        start = time.perf_counter()
-        for _ in range(epochs):
-            order = rng.permutation(n)
-            total = 0.0
-            for lo in range(0, n, b):
-                idx = order[lo : lo + b]
-                m = len(idx)
-                np.take(xs, idx, axis=0, out=xb[:m])
-                np.take(labels, idx, out=yb[:m])
-                wb[:m] = 1.0
-                if m < b:
-                    xb[m:] = 0.0
-                    yb[m:] = 0
-                    wb[m:] = 0.0
-                loss = self.model.train_step(xb, yb, wb, lr)
-                if not math.isfinite(loss):
-                    raise ModelError(f"training diverged (loss {loss}) at step {steps}; lower lr")
-                total += loss * m
-                steps += 1
-            epoch_loss = total / n
-        seconds = time.perf_counter() - start
-        metrics = TrainMetrics(loss=epoch_loss, examples=n * epochs, steps=steps, seconds=seconds)
+        b = self.spec.train_batch
+
+        def step(m: int) -> float:
+            # The signature's batch is fixed: pad the last partial batch with weight 0.
+            wb[:m] = 1.0
+            if m < b:
+                xb[m:] = 0.0
+                yb[m:] = 0
+                wb[m:] = 0.0
+            return self.model.train_step(xb, yb, wb, lr)
+
+        metrics = sgd_epochs(xs, labels, epochs=epochs, batch=b, rng=rng, xb=xb, yb=yb, step=step)
         log.debug(
             "fit %s: %d examples, %d steps, loss %.4f, %.0f examples/s",
             self.spec.name,
             metrics.examples,
-            steps,
-            epoch_loss,
+            metrics.steps,
+            metrics.loss,
             metrics.examples_per_second,
         )
         return metrics
