@@ -232,20 +232,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """
     p = Path(path)
     raw = _read_bytes(p)
-    if len(raw) < 4:
-        raise DataError(f"{p}: too short for an IDX header ({len(raw)} bytes)")
-    if raw[0] != 0 or raw[1] != 0:
-        raise DataError(f"{p}: bad IDX magic number {raw[:4].hex()} (must start with 0000)")
-    code, ndim = raw[2], raw[3]
-    if code not in _IDX_DTYPES:
-        raise DataError(f"{p}: unknown IDX type code 0x{code:02x}")
-    if ndim == 0:
-        raise DataError(f"{p}: IDX header declares zero dimensions")
-    header_len = 4 + 4 * ndim
-    if len(raw) < header_len:
-        raise DataError(f"{p}: truncated IDX header ({ndim} dimensions declared)")
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    dtype = _IDX_DTYPES[code]
+    dtype, dims, header_len = _stream_header(io.BytesIO(raw), p)
     expected = math.prod(dims) * dtype.itemsize
     actual = len(raw) - header_len
     if actual != expected:
