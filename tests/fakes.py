@@ -38,9 +38,11 @@ from fedmq.wire import (
 
 __all__ = [
     "AckCollector",
+    "AckLog",
     "AggregatorProcess",
     "FakeDevice",
     "Watcher",
+    "connect",
     "exact_delta",
     "make_update",
     "model_weights",
@@ -49,11 +51,13 @@ __all__ = [
 _ROOT = Path(__file__).resolve().parents[1]
 
 
-def _client(b: LocalBroker, client_id: str = "") -> mqtt.Client:
+def connect(b: LocalBroker, client_id: str = "") -> mqtt.Client:
+    """A connected MQTT v5 client with its network loop running."""
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     c.connect(b.host, b.port)
     c.loop_start()
     return c
+
 
 
 def make_update(
@@ -111,7 +115,7 @@ class AckCollector:
     def __init__(self, b: LocalBroker, topics: Topics) -> None:
         self._acks: queue.Queue[AckMessage] = queue.Queue()
         self.seen: list[AckMessage] = []
-        self.client = _client(b)
+        self.client = connect(b)
         ready = threading.Event()
         self.client.on_subscribe = lambda *_a, **_k: ready.set()
         self.client.on_message = self._on_message
@@ -142,6 +146,43 @@ class AckCollector:
         self.client.loop_stop()
 
 
+class AckLog:
+    """Every ack of a fleet, in arrival order, for tests that count them in bulk."""
+
+    def __init__(self, b: LocalBroker, topics: Topics) -> None:
+        self.acks: list[AckMessage] = []
+        self._cond = threading.Condition()
+        self.client = connect(b, f"acks-{uuid.uuid4().hex[:8]}")
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *_a, **_k: subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.subscribe(f"{topics.base}/ack/+", qos=1)
+        assert subscribed.wait(10), "ack subscription not confirmed"
+
+    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self.acks.append(decode_ack(bytes(msg.payload)))
+            self._cond.notify_all()
+
+    def wait_count(self, n: int, timeout: float) -> int:
+        """Wait until ``n`` acks arrived (or the timeout); returns how many did."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self.acks) >= n, timeout)
+            return len(self.acks)
+
+    @property
+    def by_device(self) -> dict[str, list[AckMessage]]:
+        with self._cond:
+            out: dict[str, list[AckMessage]] = {}
+            for ack in self.acks:
+                out.setdefault(ack.device, []).append(ack)
+            return out
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
 class Watcher:
     """Follows the retained model and round topics."""
 
@@ -150,7 +191,7 @@ class Watcher:
         self.models: dict[int, ModelMessage] = {}
         self.rounds: dict[int, RoundAnnouncement] = {}
         self._cond = threading.Condition()
-        self.client = _client(b)
+        self.client = connect(b)
         self.client.on_message = self._on_message
         self.client.subscribe([(topics.model, 1), (topics.round, 1)])
 
@@ -189,7 +230,7 @@ class FakeDevice:
     def __init__(self, b: LocalBroker, topics: Topics, device: str) -> None:
         self.topics = topics
         self.device = device
-        self.client = _client(b, f"fake-{device}-{uuid.uuid4().hex[:6]}")
+        self.client = connect(b, f"fake-{device}-{uuid.uuid4().hex[:6]}")
 
     def publish(self, payload: bytes, topic: str | None = None) -> None:
         info = self.client.publish(topic or self.topics.update(self.device), payload, qos=1)

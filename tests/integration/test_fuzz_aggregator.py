@@ -13,10 +13,8 @@ the prediction. Prints payloads fuzzed and rejects by reason.
 from __future__ import annotations
 
 import random
-import threading
 import time
 import urllib.request
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -31,8 +29,16 @@ from fedmq.errors import WireError
 from fedmq.localbroker import LocalBroker, free_port
 from fedmq.rounds import RoundPlan, RoundState
 from fedmq.topics import Topics
-from fedmq.wire import AckMessage, Limits, RoundAnnouncement, decode_ack, decode_update
-from tests.fakes import AggregatorProcess, Watcher, exact_delta, make_update, model_weights
+from fedmq.wire import Limits, RoundAnnouncement, decode_update
+from tests.fakes import (
+    AckLog,
+    AggregatorProcess,
+    Watcher,
+    connect,
+    exact_delta,
+    make_update,
+    model_weights,
+)
 from tests.fuzz_payloads import fuzz_payload, valid_update_map
 
 pytestmark = pytest.mark.integration
@@ -44,40 +50,6 @@ MAX_UPDATE_BYTES = 64 * 1024
 MAX_SENT_BYTES = 256 * 1024  # bigger payloads are generated but not sent (broker time)
 MAX_EXAMPLES_PER_UPDATE = 10_000_000  # the aggregator's default
 GOOD_COUNTS = (1, 3)  # num_examples of the two valid updates: the mean is exact in float32
-
-
-def _connect(b: LocalBroker, client_id: str) -> mqtt.Client:
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    c.max_queued_messages_set(0)
-    c.connect(b.host, b.port)
-    c.loop_start()
-    return c
-
-
-class _Acks:
-    def __init__(self, b: LocalBroker, topics: Topics) -> None:
-        self.acks: list[AckMessage] = []
-        self._cond = threading.Condition()
-        self.client = _connect(b, f"acks-{uuid.uuid4().hex[:8]}")
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *_a, **_k: subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.subscribe(f"{topics.base}/ack/+", qos=1)
-        assert subscribed.wait(10)
-
-    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-        with self._cond:
-            self.acks.append(decode_ack(bytes(msg.payload)))
-            self._cond.notify_all()
-
-    def wait_count(self, n: int, timeout: float) -> int:
-        with self._cond:
-            self._cond.wait_for(lambda: len(self.acks) >= n, timeout)
-            return len(self.acks)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 class _Oracle:
@@ -124,7 +96,7 @@ def test_fuzzed_updates_are_all_rejected_counted_and_harmless(
     topics = Topics(FLEET, topic_prefix)
     state = tmp_path / "state"
     metrics_port = free_port()
-    acks = _Acks(broker, topics)
+    acks = AckLog(broker, topics)
     watcher = Watcher(broker, topics)
     agg = AggregatorProcess(
         broker, topic_prefix, state,
@@ -168,7 +140,7 @@ def test_fuzzed_updates_are_all_rejected_counted_and_harmless(
 
         # Publish them all at once over PUBLISHERS connections (QoS 1).
         for i in range(PUBLISHERS):
-            publishers.append(_connect(broker, f"fuzz-{topic_prefix}-{i}"))
+            publishers.append(connect(broker, f"fuzz-{topic_prefix}-{i}"))
         t1 = time.monotonic()
         infos = [
             publishers[i % PUBLISHERS].publish(topics.update(device), payload, qos=1)
@@ -198,7 +170,7 @@ def test_fuzzed_updates_are_all_rejected_counted_and_harmless(
 
         # The round is intact: two valid updates close it with exactly their weighted mean.
         deltas = [exact_delta(template, 500 + i) for i in range(len(GOOD_COUNTS))]
-        good = _connect(broker, f"good-{topic_prefix}")
+        good = connect(broker, f"good-{topic_prefix}")
         publishers.append(good)
         for i, (n, delta) in enumerate(zip(GOOD_COUNTS, deltas, strict=True)):
             payload = make_update(FLEET, ann.round_id, ann.base_version, f"good-{i}", delta, n)

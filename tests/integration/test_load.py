@@ -22,8 +22,8 @@ from aggregator.store import Store
 from fedmq import codecs
 from fedmq.localbroker import LocalBroker
 from fedmq.topics import Topics
-from fedmq.wire import AckMessage, UpdateMessage, decode_ack, encode
-from tests.fakes import AggregatorProcess, Watcher, model_weights
+from fedmq.wire import UpdateMessage, encode
+from tests.fakes import AckLog, AggregatorProcess, Watcher, connect, model_weights
 
 pytestmark = pytest.mark.integration
 
@@ -33,50 +33,12 @@ PER_CONNECTION = 20
 TOTAL = CONNECTIONS * PER_CONNECTION
 
 
-def _connect(b: LocalBroker, client_id: str) -> mqtt.Client:
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    c.max_queued_messages_set(0)
-    c.connect(b.host, b.port)
-    c.loop_start()
-    return c
-
-
-class _Acks:
-    """Every ack of the fleet, by device."""
-
-    def __init__(self, b: LocalBroker, topics: Topics) -> None:
-        self.by_device: dict[str, list[AckMessage]] = {}
-        self.count = 0
-        self._cond = threading.Condition()
-        self.client = _connect(b, f"acks-{uuid.uuid4().hex[:8]}")
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *_a, **_k: subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.subscribe(f"{topics.base}/ack/+", qos=1)
-        assert subscribed.wait(10), "ack subscription not confirmed"
-
-    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-        ack = decode_ack(bytes(msg.payload))
-        with self._cond:
-            self.by_device.setdefault(ack.device, []).append(ack)
-            self.count += 1
-            self._cond.notify_all()
-
-    def wait_count(self, n: int, timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self.count >= n, timeout)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 def test_thousand_updates_at_once_none_lost(
     broker: LocalBroker, topic_prefix: str, tmp_path: Path
 ) -> None:
     topics = Topics(FLEET, topic_prefix)
     state = tmp_path / "state"
-    acks = _Acks(broker, topics)
+    acks = AckLog(broker, topics)
     watcher = Watcher(broker, topics)
     agg = AggregatorProcess(
         broker, topic_prefix, state,
@@ -119,7 +81,7 @@ def test_thousand_updates_at_once_none_lost(
             total_examples += n
 
         for c in range(CONNECTIONS):
-            clients.append(_connect(broker, f"load-{topic_prefix}-{c:02d}"))
+            clients.append(connect(broker, f"load-{topic_prefix}-{c:02d}"))
         start = threading.Barrier(CONNECTIONS + 1)
         errors: queue.Queue[BaseException] = queue.Queue()
 
