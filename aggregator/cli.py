@@ -109,6 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    from fedmq.cli import run_logged
+    from fedmq.logs import run_logged
 
     return run_logged(command, args, "aggregator")

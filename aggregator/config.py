@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedmq.codecs import CODECS
 from fedmq.config import load_config
 from fedmq.errors import ConfigError, FedmqError
-from fedmq.mqtt import MqttSettings
+from fedmq.net.mqtt import MqttSettings
 from fedmq.topics import Topics, validate_name
+from fedmq.update.codecs import CODECS
 from fedmq.wire import TrainingConfig
 
 __all__ = [

@@ -22,13 +22,14 @@ import numpy as np
 from aggregator.config import AggregatorConfig
 from aggregator.evaluate import Evaluator
 from aggregator.metrics import AggregatorMetrics
+from aggregator.round_state import RoundPlan, RoundState, select_devices
 from aggregator.store import Store
-from fedmq.aggregation import Strategy, WeightedSum, make_strategy
 from fedmq.errors import ConfigError, RejectReason, SecurityError, StateError, WireError
 from fedmq.models.spec import ModelBundle, load_bundle, prebuilt_bundle_path
-from fedmq.rounds import RoundPlan, RoundState, select_devices
 from fedmq.signing import Registry, verify_update
 from fedmq.topics import Topics, validate_name
+from fedmq.update.accumulate import WeightedSum
+from fedmq.update.strategies import Strategy, make_strategy
 from fedmq.wire import (
     AckMessage,
     Limits,

@@ -1,6 +1,6 @@
 """Evaluate global weights on a held-out set with the model's own ``.tflite`` (LiteRT).
 
-No TensorFlow: :class:`fedmq.runtime.TFLiteModel` runs the bundle's ``infer`` signature.
+No TensorFlow: :class:`fedmq.models.litert.TFLiteModel` runs the bundle's ``infer`` signature.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class TFLiteEvaluator:
     """Loads the bundle once; each call sets the weights and evaluates (loss, accuracy)."""
 
     def __init__(self, bundle: ModelBundle, x: np.ndarray, y: np.ndarray) -> None:
-        from fedmq.runtime import TFLiteModel
+        from fedmq.models.litert import TFLiteModel
 
         self._model = TFLiteModel(bundle, num_threads=1)
         self._x = self._model.prepare_inputs(x)

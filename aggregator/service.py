@@ -27,7 +27,7 @@ from aggregator.evaluate import Evaluator, TFLiteEvaluator, load_eval_set
 from aggregator.metrics import AggregatorMetrics
 from aggregator.store import Store
 from fedmq.errors import StateError
-from fedmq.mqtt import connect, make_client
+from fedmq.net.mqtt import connect, make_client
 
 __all__ = ["AggregatorService", "build_engine", "run"]
 

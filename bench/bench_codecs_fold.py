@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 from machine import machine_info
 
-from fedmq import codecs, wire
-from fedmq.aggregation import WeightedSum
+from fedmq import wire
+from fedmq.update import codecs
+from fedmq.update.accumulate import WeightedSum
 
 SHAPES = {"dense1/w": (784, 1152), "dense1/b": (1152,), "dense2/w": (1152, 84), "dense2/b": (84,)}
 

@@ -1,7 +1,7 @@
 """Uplink bytes and final accuracy per update codec: float32 vs float16 vs int8, side by side.
 
 DESIGN.md target: "Uplink bytes per update: int8 = 1/4 of float32 at <= 0.5 point accuracy
-loss". Every run is a real local federation (`fedmq.federation.run_federation`: broker,
+loss". Every run is a real local federation (`fedmq_ops.localfleet.run_federation`: broker,
 aggregator and agent processes); runs differ only in the codec. One run's final accuracy is
 noisy, so the digits comparison (digits-mlp, 8 agents, dirichlet:0.5, 2 local epochs, lr 0.2,
 20 rounds, ~5-10 s per run) is repeated over ``--seeds`` seeds (seed = partition + initial
@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 from machine import machine_info as _machine_info
 
-from fedmq.codecs import CODECS, encode_delta, encoded_nbytes
-from fedmq.experiment import PRESETS
-from fedmq.federation import FederationResult, FederationSpec, run_federation
 from fedmq.models.spec import load_bundle, prebuilt_bundle_path
+from fedmq.update.codecs import CODECS, encode_delta, encoded_nbytes
+from fedmq_ops.experiment import PRESETS
+from fedmq_ops.localfleet import FederationResult, FederationSpec, run_federation
 
 __all__ = ["main", "run_one", "summarize"]
 

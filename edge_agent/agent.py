@@ -25,19 +25,19 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from edge_agent.config import AgentConfig
+from edge_agent.decide import Decision, SkipReason, decide
 from edge_agent.outbox import Outbox, OutboxEntry
-from edge_agent.rounds import Decision, SkipReason, decide
 from edge_agent.state import StateStore
 from edge_agent.systemd import SystemdNotifier
 from edge_agent.trainer import LiteRTTrainer, Trainer
-from fedmq.codecs import CODECS, decode_tensor, encode_delta
 from fedmq.data.local import LocalData
 from fedmq.data.sampling import sample_size
 from fedmq.errors import FedmqError, ModelError, RejectReason, WireError
 from fedmq.memory import peak_rss_mb
 from fedmq.models.spec import check_weights, load_bundle, prebuilt_bundle_path
-from fedmq.mqtt import connect, make_client
+from fedmq.net.mqtt import connect, make_client
 from fedmq.signing import load_or_create_key, sign_update
+from fedmq.update.codecs import CODECS, decode_tensor, encode_delta
 from fedmq.wire import (
     ModelMessage,
     RoundAnnouncement,

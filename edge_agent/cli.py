@@ -136,6 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from fedmq.cli import run_logged
+    from fedmq.logs import run_logged
 
     return run_logged(run_command, args, "edge_agent")

@@ -15,7 +15,7 @@ from typing import Any
 from fedmq.config import load_config
 from fedmq.data.local import LocalDataConfig
 from fedmq.errors import ConfigError, FedmqError
-from fedmq.mqtt import PROTOCOLS, MqttSettings
+from fedmq.net.mqtt import PROTOCOLS, MqttSettings
 from fedmq.topics import Topics, validate_name
 
 __all__ = ["BACKENDS", "ENV_PREFIX", "TOML_SECTION", "AgentConfig", "load_agent_config"]
@@ -139,7 +139,7 @@ class AgentConfig:
             raise ConfigError(f"data settings: {exc}") from exc
 
     def mqtt_settings(self, device_id: str) -> MqttSettings:
-        """Settings for :func:`fedmq.mqtt.make_client` (client id = the device id)."""
+        """Settings for :func:`fedmq.net.mqtt.make_client` (client id = the device id)."""
         return MqttSettings(
             host=self.host,
             port=self.port,

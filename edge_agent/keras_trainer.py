@@ -45,6 +45,7 @@ from edge_agent.trainer import (
     sgd_epochs,
 )
 from fedmq.errors import ModelError
+from fedmq.models.litert import softmax_cross_entropy
 from fedmq.models.spec import (
     ModelBundle,
     ModelSpec,
@@ -54,7 +55,6 @@ from fedmq.models.spec import (
     prebuilt_bundle_path,
 )
 from fedmq.models.zoo import ModelConfig, init_weights
-from fedmq.runtime import softmax_cross_entropy
 
 __all__ = [
     "KerasTrainer",

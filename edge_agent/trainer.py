@@ -19,8 +19,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from fedmq.errors import ModelError
+from fedmq.models.litert import TFLiteModel
 from fedmq.models.spec import ModelBundle, ModelSpec, load_bundle
-from fedmq.runtime import TFLiteModel
 
 __all__ = [
     "EvalMetrics",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmq.localbroker import BrokerOptions, LocalBroker, mosquitto_path
+from fedmq.net.localbroker import BrokerOptions, LocalBroker, mosquitto_path
 
 _BROKERS_KEY = pytest.StashKey[list[LocalBroker]]()
 

@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import fedmq
     from edge_agent.trainer import LiteRTTrainer
-    from fedmq import runtime
     from fedmq.data import Dataset, read_idx, reshape_layout
+    from fedmq.models import litert as runtime
     from fedmq.models.spec import load_bundle, prebuilt_bundle_path
 
     report["fedmq_file"] = str(Path(fedmq.__file__).resolve())

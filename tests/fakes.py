@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from fedmq import codecs
-from fedmq.localbroker import LocalBroker
+from fedmq.net.localbroker import LocalBroker
 from fedmq.topics import Topics
+from fedmq.update import codecs
 from fedmq.wire import (
     AckMessage,
     ModelMessage,

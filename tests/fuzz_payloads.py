@@ -21,7 +21,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from fedmq import codecs
+from fedmq.update import codecs
 from fedmq.wire import UpdateMessage, encode
 
 __all__ = ["KINDS", "fuzz_payload", "valid_update_map"]

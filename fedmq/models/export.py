@@ -60,7 +60,7 @@ def convert_module(module: Any, *, saved_model_dir: str | os.PathLike[str] | Non
 
 
 def _check_tflite(tflite: bytes, spec: ModelSpec) -> list[str]:
-    from fedmq.runtime import flex_ops, tflite_op_names
+    from fedmq.models.litert import flex_ops, tflite_op_names
 
     ops = tflite_op_names(tflite)
     bad = flex_ops(ops)

@@ -24,11 +24,11 @@ from paho.mqtt.properties import Properties
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import AgentConfig
 from edge_agent.trainer import EvalMetrics, LiteRTTrainer, TrainMetrics
-from fedmq.codecs import decode_tensors
 from fedmq.data.local import LocalData
-from fedmq.localbroker import LocalBroker
 from fedmq.models.spec import ModelSpec, load_bundle, prebuilt_bundle_path
+from fedmq.net.localbroker import LocalBroker
 from fedmq.topics import Topics
+from fedmq.update.codecs import decode_tensors
 from fedmq.wire import (
     AckMessage,
     ModelMessage,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fedmq.errors import RejectReason
-from fedmq.localbroker import LocalBroker
+from fedmq.net.localbroker import LocalBroker
 from fedmq.topics import Topics
 from fedmq.wire import Tensor
 from tests.fakes import (

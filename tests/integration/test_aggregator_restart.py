@@ -11,7 +11,7 @@ import pytest
 
 from aggregator.store import Store
 from fedmq.errors import RejectReason
-from fedmq.localbroker import LocalBroker
+from fedmq.net.localbroker import LocalBroker
 from fedmq.topics import Topics
 from tests.fakes import (
     AckCollector,

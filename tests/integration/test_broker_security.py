@@ -22,7 +22,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from fedmq.broker_tools import (
+from fedmq.net.localbroker import BrokerOptions, LocalBroker, free_port, mosquitto_path
+from fedmq.net.mqtt import MqttSettings, connect, make_client
+from fedmq.topics import Topics
+from fedmq_ops.broker_tools import (
     BrokerLayout,
     BrokerSettings,
     add_device,
@@ -30,9 +33,6 @@ from fedmq.broker_tools import (
     make_ca,
     remove_device,
 )
-from fedmq.localbroker import BrokerOptions, LocalBroker, free_port, mosquitto_path
-from fedmq.mqtt import MqttSettings, connect, make_client
-from fedmq.topics import Topics
 from tests.conftest import _track
 
 pytestmark = pytest.mark.integration

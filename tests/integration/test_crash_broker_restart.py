@@ -35,7 +35,7 @@ from paho.mqtt.properties import Properties
 from aggregator.store import Store
 from edge_agent.state import StateStore
 from fedmq.errors import RejectReason
-from fedmq.localbroker import LocalBroker
+from fedmq.net.localbroker import LocalBroker
 from fedmq.topics import Topics
 from fedmq.wire import AckMessage, decode_ack, decode_update
 from tests.fakes import AggregatorProcess, Watcher

@@ -53,7 +53,7 @@ PIP_TIMEOUT = 900
 
 @dataclass(frozen=True)
 class Variant:
-    runtime: str  # expected fedmq.runtime.runtime_name()
+    runtime: str  # expected fedmq.models.litert.runtime_name()
     extra: str  # the pyproject extra installed with fedmq
     cache_name: str
     numpy_major: int

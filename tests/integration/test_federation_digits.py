@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fedmq.federation import FederationSpec, run_federation
-from fedmq.localbroker import LocalBroker
+from fedmq.net.localbroker import LocalBroker
+from fedmq_ops.localfleet import FederationSpec, run_federation
 
 pytestmark = pytest.mark.integration
 

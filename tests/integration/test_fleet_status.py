@@ -12,7 +12,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from fedmq import wire
-from fedmq.localbroker import LocalBroker
+from fedmq.net.localbroker import LocalBroker
 from fedmq.topics import Topics
 
 pytestmark = pytest.mark.integration

@@ -23,12 +23,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from aggregator.round_state import RoundPlan, RoundState
 from aggregator.store import Store
-from fedmq.aggregation import WeightedSum
 from fedmq.errors import WireError
-from fedmq.localbroker import LocalBroker, free_port
-from fedmq.rounds import RoundPlan, RoundState
+from fedmq.net.localbroker import LocalBroker, free_port
 from fedmq.topics import Topics
+from fedmq.update.accumulate import WeightedSum
 from fedmq.wire import Limits, RoundAnnouncement, decode_update
 from tests.fakes import (
     AckLog,

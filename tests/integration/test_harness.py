@@ -7,7 +7,7 @@ import threading
 import paho.mqtt.client as mqtt
 import pytest
 
-from fedmq.localbroker import LocalBroker
+from fedmq.net.localbroker import LocalBroker
 
 pytestmark = pytest.mark.integration
 

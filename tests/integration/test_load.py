@@ -19,9 +19,9 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from aggregator.store import Store
-from fedmq import codecs
-from fedmq.localbroker import LocalBroker
+from fedmq.net.localbroker import LocalBroker
 from fedmq.topics import Topics
+from fedmq.update import codecs
 from fedmq.wire import UpdateMessage, encode
 from tests.fakes import AckLog, AggregatorProcess, Watcher, connect, model_weights
 

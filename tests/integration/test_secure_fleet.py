@@ -26,13 +26,13 @@ import pytest
 
 from aggregator.engine import resolve_bundle
 from aggregator.store import Store
-from fedmq.broker_tools import BrokerLayout, BrokerSettings, add_device, init_broker
 from fedmq.errors import RejectReason
-from fedmq.localbroker import BrokerOptions, LocalBroker, free_port, mosquitto_path
-from fedmq.mqtt import MqttSettings, connect, make_client
+from fedmq.net.localbroker import BrokerOptions, LocalBroker, free_port, mosquitto_path
+from fedmq.net.mqtt import MqttSettings, connect, make_client
 from fedmq.signing import DeviceKey, Registry, load_or_create_key, sign_update
 from fedmq.topics import Topics
 from fedmq.wire import AckMessage, decode_ack, decode_model, decode_update, encode
+from fedmq_ops.broker_tools import BrokerLayout, BrokerSettings, add_device, init_broker
 from tests.conftest import _track
 from tests.fakes import exact_delta, make_update
 
@@ -69,7 +69,7 @@ def _env_file(path: Path) -> dict[str, str]:
 def _cli(*args: str) -> str:
     """``python -m fedmq ARGS``; its stdout."""
     env = {**os.environ, "PYTHONPATH": str(_ROOT)}
-    done = subprocess.run([sys.executable, "-m", "fedmq", "-q", *args], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "fedmq_ops", "-q", *args], capture_output=True,
                           text=True, env=env, cwd=_ROOT, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout

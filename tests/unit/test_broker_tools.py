@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedmq.broker_tools import (
+from fedmq.errors import ConfigError
+from fedmq_ops.broker_tools import (
     BrokerLayout,
     BrokerSettings,
     add_device,
@@ -31,7 +32,6 @@ from fedmq.broker_tools import (
     render_mosquitto_conf,
     verify_password,
 )
-from fedmq.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 PASSWD_LINE = re.compile(

@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedmq import codecs, wire
+from fedmq import wire
 from fedmq.errors import RejectReason, WireError
+from fedmq.update import codecs
 
 
 def _delta(seed: int = 0) -> dict[str, np.ndarray]:

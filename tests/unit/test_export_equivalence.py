@@ -18,8 +18,8 @@ import pytest
 from fedmq.errors import ModelError
 from fedmq.models import ModelBundle, zoo
 from fedmq.models.export import export_model
+from fedmq.models.litert import TFLiteModel, flex_ops, tflite_op_names
 from fedmq.models.zoo import ModelConfig, head_names, init_weights, preset
-from fedmq.runtime import TFLiteModel, flex_ops, tflite_op_names
 
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
@@ -216,7 +216,7 @@ def test_flex_needing_model_fails_loudly(tmp_path: Path, monkeypatch: pytest.Mon
 def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
-    from fedmq.models.cli import add_model_subcommands
+    from fedmq_ops.model_cli import add_model_subcommands
 
     parser = argparse.ArgumentParser(prog="fedmq")
     add_model_subcommands(parser.add_subparsers(dest="command", required=True))

@@ -17,8 +17,8 @@ import pytest
 from aggregator.config import AggregatorConfig
 from aggregator.engine import Engine, resolve_bundle
 from aggregator.store import Store
-from fedmq.aggregation import WeightedSum
 from fedmq.errors import RejectReason, WireError
+from fedmq.update.accumulate import WeightedSum
 from fedmq.wire import Tensor, decode_model
 from tests.fakes import exact_delta, make_update, model_weights, raw_update
 

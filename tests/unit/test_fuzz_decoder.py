@@ -21,9 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedmq.aggregation import WeightedSum
+from aggregator.round_state import RoundPlan, RoundState
 from fedmq.errors import WireError
-from fedmq.rounds import RoundPlan, RoundState
+from fedmq.update.accumulate import WeightedSum
 from fedmq.wire import (
     Limits,
     TrainingConfig,

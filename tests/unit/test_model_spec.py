@@ -228,7 +228,7 @@ def test_spec_module_does_not_import_tensorflow() -> None:
     import subprocess
 
     code = (
-        "import sys, fedmq.models, fedmq.models.spec, fedmq.runtime, edge_agent.trainer;"
+        "import sys, fedmq.models, fedmq.models.spec, fedmq.models.litert, edge_agent.trainer;"
         "sys.exit(1 if 'tensorflow' in sys.modules else 0)"
     )
     root = Path(__file__).resolve().parents[2]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from fedmq.models import load_bundle, prebuilt_bundle_path, prebuilt_names
+from fedmq.models.litert import TFLiteModel, flex_ops, tflite_op_names
 from fedmq.models.spec import ModelBundle
 from fedmq.models.zoo import PRESETS, init_weights, preset
-from fedmq.runtime import TFLiteModel, flex_ops, tflite_op_names
 
 NAMES = prebuilt_names()
 

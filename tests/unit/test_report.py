@@ -13,8 +13,8 @@ import pytest
 from aggregator.config import AggregatorConfig
 from aggregator.engine import Engine, resolve_bundle
 from aggregator.store import Store
-from fedmq.cli import main
-from fedmq.report import format_table, load_report
+from fedmq_ops.cli import main
+from fedmq_ops.report import format_table, load_report
 from tests.fakes import exact_delta, make_update
 
 T0 = 1_000.0

@@ -12,8 +12,8 @@ import pytest
 from edge_agent.trainer import EvalMetrics, LiteRTTrainer, Trainer, TrainMetrics
 from fedmq.errors import ModelError
 from fedmq.models import ModelBundle, load_bundle, prebuilt_bundle_path
-from fedmq.models.cli import add_model_subcommands
-from fedmq.runtime import RUNTIMES, TFLiteModel, flex_ops, runtime_name, tflite_op_names
+from fedmq.models.litert import RUNTIMES, TFLiteModel, flex_ops, runtime_name, tflite_op_names
+from fedmq_ops.model_cli import add_model_subcommands
 
 
 @pytest.fixture(scope="module")

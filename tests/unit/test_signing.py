@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmq import codecs, wire
+from fedmq import wire
 from fedmq.errors import RejectReason, SecurityError, WireError
 from fedmq.signing import DeviceKey, Registry, load_or_create_key, sign_update, verify_update
+from fedmq.update import codecs
 
 
 def _update(device: str = "dev-1") -> wire.UpdateMessage:

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from fedmq.errors import ModelError
 from fedmq.models import load_bundle, prebuilt_bundle_path, prebuilt_names
 from fedmq.models.builtin_ops import BUILTIN_OPS, CUSTOM_CODE, builtin_op_name
+from fedmq.models.litert import flex_ops, tflite_op_names
 from fedmq.models.tflite_file import OperatorCode, operator_codes
-from fedmq.runtime import flex_ops, tflite_op_names
 
 PREBUILT = prebuilt_names()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_agent.rounds import SkipReason, decide
+from edge_agent.decide import SkipReason, decide
 from edge_agent.state import AgentState
 from fedmq.wire import RoundAnnouncement, TrainingConfig
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedmq.federation import FederationSpec, RoundRow, run_federation
-from fedmq.progress import plot_curve, print_header, print_row, print_summary
+from fedmq_ops.localfleet import FederationSpec, RoundRow, run_federation
+from fedmq_ops.progress import plot_curve, print_header, print_row, print_summary
 
 __all__ = ["add_parser", "add_federation_arguments", "run_from_args"]
 

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fedmq.demo import add_federation_arguments, run_from_args
-from fedmq.federation import FederationSpec
+from fedmq_ops.demo import add_federation_arguments, run_from_args
+from fedmq_ops.localfleet import FederationSpec
 
 __all__ = ["CENTRALIZED_ACCURACY", "PRESETS", "add_parser"]
 

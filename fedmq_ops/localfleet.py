@@ -26,7 +26,7 @@ from typing import Any
 
 from fedmq import wire
 from fedmq.errors import ConfigError, FedmqError
-from fedmq.localbroker import BrokerOptions, LocalBroker
+from fedmq.net.localbroker import BrokerOptions, LocalBroker
 from fedmq.topics import Topics
 
 __all__ = ["FederationResult", "FederationSpec", "RoundRow", "run_federation"]
@@ -137,7 +137,7 @@ class _Observer:
     def __init__(self, host: str, port: int, protocol: str, topics: Topics, agents: int) -> None:
         import paho.mqtt.client as mqtt
 
-        from fedmq.mqtt import MqttSettings, connect, make_client
+        from fedmq.net.mqtt import MqttSettings, connect, make_client
 
         self._topics = topics
         self._agents = agents

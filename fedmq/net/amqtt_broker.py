@@ -1,6 +1,6 @@
 """Embedded MQTT 3.1.1 broker (amqtt) for `fedmq demo` on machines without Mosquitto.
 
-    python -m fedmq.amqtt_broker --port 1883
+    python -m fedmq.net.amqtt_broker --port 1883
 
 Development only: anonymous, no TLS, loopback. Clients must use MQTT 3.1.1 with it.
 """

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aggregator.round_state import RoundPlan, RoundState, select_devices
 from fedmq.errors import RejectReason, StateError, WireError
-from fedmq.rounds import RoundPlan, RoundState, select_devices
 from fedmq.wire import Tensor, TrainingConfig, UpdateMessage
 
 

@@ -85,7 +85,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def describe_bundle(bundle: ModelBundle, *, load: bool = True) -> dict[str, Any]:
     """A JSON-able summary; with ``load`` the model is also opened in the interpreter."""
-    from fedmq.runtime import flex_ops, runtime_name, tflite_op_names
+    from fedmq.models.litert import flex_ops, runtime_name, tflite_op_names
 
     spec = bundle.spec
     ops = tflite_op_names(bundle.tflite_path)
@@ -108,7 +108,7 @@ def describe_bundle(bundle: ModelBundle, *, load: bool = True) -> dict[str, Any]
         "extra": {k: v for k, v in spec.extra.items() if k != "ops"},
     }
     if load:
-        from fedmq.runtime import TFLiteModel
+        from fedmq.models.litert import TFLiteModel
 
         TFLiteModel(bundle)  # raises ModelError if the runtime cannot run it
         out["runtime"] = runtime_name()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedmq import codecs
-from fedmq.aggregation import FedAdam, FedAvg, FedAvgM, WeightedSum, make_strategy
 from fedmq.errors import ConfigError, RejectReason, WireError
+from fedmq.update import codecs
+from fedmq.update.accumulate import WeightedSum
+from fedmq.update.strategies import FedAdam, FedAvg, FedAvgM, make_strategy
 from fedmq.wire import Tensor
 
 SHAPES = {"w": (8, 4), "b": (4,)}

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 from fedmq import wire
 from fedmq.errors import FedmqError
-from fedmq.mqtt import MqttSettings, connect, make_client
+from fedmq.net.mqtt import MqttSettings, connect, make_client
 from fedmq.topics import Topics
 
 __all__ = ["FleetView", "add_parser", "render"]

@@ -9,26 +9,24 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from fedmq.errors import FedmqError
+from fedmq.logs import run_logged
 
-__all__ = ["build_parser", "main", "run_logged"]
+__all__ = ["build_parser", "main"]
 
 # (module, function) pairs; each function takes the subparsers object.
 _SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("aggregator.cli", "add_parser"),
     ("edge_agent.cli", "add_parser"),
-    ("fedmq.models.cli", "add_model_subcommands"),
-    ("fedmq.demo", "add_parser"),
-    ("fedmq.experiment", "add_parser"),
-    ("fedmq.broker_tools", "add_parser"),
-    ("fedmq.enroll", "add_parser"),
-    ("fedmq.fleet_status", "add_parser"),
-    ("fedmq.report", "add_parser"),
+    ("fedmq_ops.model_cli", "add_model_subcommands"),
+    ("fedmq_ops.demo", "add_parser"),
+    ("fedmq_ops.experiment", "add_parser"),
+    ("fedmq_ops.broker_tools", "add_parser"),
+    ("fedmq_ops.enroll", "add_parser"),
+    ("fedmq_ops.fleet_status", "add_parser"),
+    ("fedmq_ops.report", "add_parser"),
 )
 
 
@@ -55,16 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else logging.DEBUG if verbose >= 2 else logging.INFO
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -72,22 +60,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     return run_logged(args.func, args, "fedmq")
-
-
-def run_logged(
-    func: Callable[[argparse.Namespace], Any], args: argparse.Namespace, logger: str
-) -> int:
-    """Set up logging from ``-v``/``-q`` and run ``func``: a FedmqError becomes a one-line
-    error and exit code 1, Ctrl-C exit code 130."""
-    _setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
-    try:
-        result = func(args)
-    except FedmqError as exc:
-        logging.getLogger(logger).error("%s", exc)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return int(result or 0)
 
 
 if __name__ == "__main__":

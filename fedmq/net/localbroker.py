@@ -139,7 +139,7 @@ class LocalBroker:
             conf.write_text(self.mosquitto_config())
             cmd = [exe, "-c", str(conf)]
         else:
-            cmd = [sys.executable, "-m", "fedmq.amqtt_broker", "--port", str(self.port)]
+            cmd = [sys.executable, "-m", "fedmq.net.amqtt_broker", "--port", str(self.port)]
         self._proc = subprocess.Popen(
             cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
         )

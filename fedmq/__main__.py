@@ -1,7 +1,0 @@
-"""``python -m fedmq`` is the ``fedmq`` command."""
-
-import sys
-
-from fedmq.cli import main
-
-sys.exit(main())
