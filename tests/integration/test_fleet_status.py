@@ -67,7 +67,7 @@ def test_status_shows_devices_round_and_model(broker: LocalBroker) -> None:
         [
             sys.executable,
             "-m",
-            "fedmq",
+            "fedmq_ops",
             "status",
             "--fleet",
             fleet,
