@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aggregator.policies import DEFAULT_ROUND_POLICY, round_policy_names
 from fedmq.config import load_config
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.net.mqtt import MqttSettings
@@ -63,6 +64,8 @@ class AggregatorConfig:
     min_updates: int = 1
     min_devices: int = 0
     selection: str = "sample"
+    # a registered round policy (aggregator.policies): "sync" = synchronous rounds
+    round_policy: str = DEFAULT_ROUND_POLICY
     round_timeout: float = 300.0
     abandon_after: float = 300.0
     epochs: int = 1
@@ -117,6 +120,10 @@ class AggregatorConfig:
             )
         if self.selection not in SELECTIONS:
             raise ConfigError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.round_policy not in round_policy_names():
+            raise ConfigError(
+                f"round_policy must be one of {round_policy_names()}, got {self.round_policy!r}"
+            )
         for name in ("round_timeout", "abandon_after", "tick_interval"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):

@@ -1,8 +1,10 @@
 """Pure round state for the aggregator: the plan of one round and what it has accepted.
 
-No I/O and no clock: callers pass ``now``. :class:`RoundState` checks an
-:class:`~fedmq.wire.UpdateMessage` against the plan (in the order of docs/protocol.md) and
-raises :class:`~fedmq.errors.WireError` with a :class:`~fedmq.errors.RejectReason` code.
+No I/O and no clock: callers pass ``now``. :func:`check_route` is the one fleet/device/round
+check of an :class:`~fedmq.wire.UpdateMessage`; :class:`RoundState` checks the rest against
+the plan (in the order of docs/protocol.md). Both raise :class:`~fedmq.errors.WireError` with
+a :class:`~fedmq.errors.RejectReason` code. When a round is ready or abandoned is for the
+round policy to say (``aggregator.policies``).
 """
 
 from __future__ import annotations
@@ -16,16 +18,16 @@ from typing import Any
 from fedmq.errors import RejectReason, StateError, WireError
 from fedmq.wire import RoundAnnouncement, TrainingConfig, UpdateMessage
 
-__all__ = ["RoundPlan", "RoundState", "select_devices"]
+__all__ = ["RoundPlan", "RoundState", "check_route", "select_devices"]
 
 
 @dataclass(frozen=True)
 class RoundPlan:
     """What a round was opened with; ``selected`` empty = any device may contribute.
 
-    The round is ready when ``min_updates`` are in and either every selected device has
-    contributed, ``target`` updates are in, or ``deadline`` has passed. Without quorum at
-    ``abandon_at`` it is abandoned.
+    ``target`` and ``min_updates`` (the quorum), ``deadline`` and ``abandon_at`` are read by
+    the round policy that made the plan (the synchronous rule is in
+    :class:`aggregator.policies.SyncRounds`).
     """
 
     round_id: int
@@ -147,22 +149,7 @@ class RoundState:
         round checks and before the examples cap, as in docs/protocol.md).
         """
         p = self.plan
-        if msg.fleet != self.fleet:
-            raise WireError(
-                f"update is for fleet {msg.fleet!r}, this is {self.fleet!r}",
-                RejectReason.WRONG_FLEET,
-            )
-        if topic_device is not None and msg.device != topic_device:
-            raise WireError(
-                f"payload device {msg.device!r} differs from topic device {topic_device!r}",
-                RejectReason.DEVICE_MISMATCH,
-            )
-        if msg.round_id != p.round_id:
-            when = "stale" if msg.round_id < p.round_id else "future"
-            raise WireError(
-                f"{when} round {msg.round_id}: round {p.round_id} is open",
-                RejectReason.WRONG_ROUND,
-            )
+        check_route(msg, topic_device, self.fleet, open_round=p.round_id)
         if msg.base_version != p.base_version:
             raise WireError(
                 f"base version {msg.base_version}: round {p.round_id} trains on "
@@ -204,14 +191,43 @@ class RoundState:
     def all_selected_in(self) -> bool:
         return bool(self._selected) and self._selected <= self._devices
 
-    def is_ready(self, now: float) -> bool:
-        p = self.plan
-        if self.count < p.min_updates:
-            return False
-        return self.all_selected_in() or self.count >= p.target or now >= p.deadline
 
-    def is_abandoned(self, now: float) -> bool:
-        return self.count < self.plan.min_updates and now >= self.plan.abandon_at
+def check_route(
+    msg: UpdateMessage,
+    topic_device: str | None,
+    fleet: str | None = None,
+    *,
+    open_round: int | None = None,
+    last_round: int | None = None,
+) -> None:
+    """The fleet/device/round check, in the order of docs/protocol.md; raise :class:`WireError`.
+
+    Only what is given is checked, in this order: ``fleet`` (``wrong_fleet``), then the
+    payload device against the broker-authenticated ``topic_device`` (``device_mismatch``),
+    then the round: with ``open_round`` the update must be for it (``wrong_round``, stale or
+    future); with ``last_round`` instead, no round is open, so every update is refused
+    (``round_closed`` for a round up to ``last_round``, else ``wrong_round``).
+    """
+    if fleet is not None and msg.fleet != fleet:
+        raise WireError(
+            f"update is for fleet {msg.fleet!r}, this is {fleet!r}", RejectReason.WRONG_FLEET
+        )
+    if topic_device is not None and msg.device != topic_device:
+        raise WireError(
+            f"payload device {msg.device!r} differs from topic device {topic_device!r}",
+            RejectReason.DEVICE_MISMATCH,
+        )
+    if open_round is not None:
+        if msg.round_id != open_round:
+            when = "stale" if msg.round_id < open_round else "future"
+            raise WireError(
+                f"{when} round {msg.round_id}: round {open_round} is open",
+                RejectReason.WRONG_ROUND,
+            )
+    elif last_round is not None:
+        if msg.round_id <= last_round:
+            raise WireError(f"round {msg.round_id} is closed", RejectReason.ROUND_CLOSED)
+        raise WireError(f"round {msg.round_id} is not open", RejectReason.WRONG_ROUND)
 
 
 def select_devices(online: Iterable[str], k: int, seed: int, round_id: int) -> tuple[str, ...]:

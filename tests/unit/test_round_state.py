@@ -1,4 +1,4 @@
-"""Pure round state: plan validation, checks with the right reject codes, readiness."""
+"""Pure round state: plan validation, checks with the right reject codes, selection."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.round_state import RoundPlan, RoundState, select_devices
+from aggregator.round_state import RoundPlan, RoundState, check_route, select_devices
 from fedmq.errors import RejectReason, StateError, WireError
 from fedmq.wire import Tensor, TrainingConfig, UpdateMessage
 
@@ -63,6 +63,37 @@ def test_order_fleet_before_round() -> None:
     assert _code(RoundState("f", _plan()), _msg(fleet="g", round_id=1), "d1") == "wrong_fleet"
 
 
+@pytest.mark.parametrize(
+    ("kw", "args", "code"),
+    [
+        # the signature path: the payload device against the topic's, nothing else
+        ({"fleet": "g", "round_id": 99}, {"topic_device": "d1"}, None),
+        ({"fleet": "g"}, {"topic_device": "d2"}, RejectReason.DEVICE_MISMATCH),
+        # fleet first, then device, then round
+        ({"fleet": "g"}, {"topic_device": "d2", "fleet": "f", "open_round": 6},
+         RejectReason.WRONG_FLEET),
+        ({"round_id": 99}, {"topic_device": "d2", "fleet": "f", "open_round": 6},
+         RejectReason.DEVICE_MISMATCH),
+        ({}, {"topic_device": "d1", "fleet": "f", "open_round": 6}, RejectReason.WRONG_ROUND),
+        ({}, {"topic_device": "d1", "fleet": "f", "open_round": 5}, None),
+        # no round open: up to the last round it is closed, later ones are not open
+        ({}, {"topic_device": "d1", "fleet": "f", "last_round": 5}, RejectReason.ROUND_CLOSED),
+        ({}, {"topic_device": "d1", "fleet": "f", "last_round": 4}, RejectReason.WRONG_ROUND),
+        ({"fleet": "g"}, {"topic_device": "d1", "fleet": "f", "last_round": 4},
+         RejectReason.WRONG_FLEET),
+    ],
+)
+def test_check_route_order(kw: dict[str, Any], args: dict[str, Any], code: str | None) -> None:
+    msg = _msg(**kw)
+    topic = args.pop("topic_device", None)
+    if code is None:
+        check_route(msg, topic, **args)
+        return
+    with pytest.raises(WireError) as info:
+        check_route(msg, topic, **args)
+    assert info.value.code == code and info.value.reason
+
+
 def test_not_selected_and_duplicates() -> None:
     s = RoundState("f", _plan(selected=("d1", "d2"), target=2))
     assert _code(s, _msg(device="d3"), "d3") == RejectReason.NOT_SELECTED
@@ -87,28 +118,6 @@ def test_examples_cap_and_tensor_check_order() -> None:
     assert info.value.code == RejectReason.SHAPE and calls == ["u1"]
     assert _code(s, _msg(num_examples=6), "d1") == RejectReason.MALFORMED
     s.check(_msg(num_examples=5), "d1")
-
-
-def test_readiness() -> None:
-    s = RoundState("f", _plan(selected=("a", "b", "c"), target=3, min_updates=2))
-    assert not s.is_ready(100) and not s.is_ready(1e9)  # no quorum even after the deadline
-    s.record("1", "a", 1)
-    s.record("2", "b", 1)
-    assert not s.is_ready(159.9)  # quorum, but c is still out before the deadline
-    assert s.is_ready(160.0)
-    assert not s.is_abandoned(1e9)
-    s.record("3", "c", 1)
-    assert s.is_ready(100)
-
-
-def test_open_round_target_and_abandon() -> None:
-    s = RoundState("f", _plan(target=3, min_updates=2))
-    s.record("1", "a", 1)
-    assert not s.is_abandoned(199.9) and s.is_abandoned(200.0)
-    s.record("2", "b", 1)
-    assert not s.is_ready(150) and s.is_ready(160)
-    s.record("3", "c", 1)
-    assert s.is_ready(101)
 
 
 def test_plan_validation_and_json_roundtrip() -> None:

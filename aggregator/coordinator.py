@@ -1,0 +1,348 @@
+"""The round lifecycle of docs/protocol.md over a :class:`Store`; no network I/O.
+
+:class:`Coordinator` starts from (or restores) the state directory, asks its
+:class:`~aggregator.policies.RoundPolicy` when to open, close or abandon a round, hands the
+open round to the :class:`~aggregator.ingest.Ingest` and takes its accumulator back at the
+close, applies the strategy, evaluates, persists and returns the messages to publish (the
+retained model and round announcements).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from aggregator.bundles import model_id_of
+from aggregator.config import AggregatorConfig
+from aggregator.evaluate import Evaluator
+from aggregator.ingest import Ingest
+from aggregator.metrics import AggregatorMetrics
+from aggregator.outgoing import Outgoing, RoundTraffic
+from aggregator.policies import RoundContext, RoundPolicy, make_round_policy
+from aggregator.round_state import RoundPlan, RoundState
+from aggregator.store import Store
+from fedmq.errors import StateError, WireError
+from fedmq.models.spec import ModelBundle
+from fedmq.topics import Topics
+from fedmq.update.strategies import Strategy, make_strategy
+from fedmq.wire import ModelMessage, Tensor, decode_status, encode
+
+__all__ = ["Coordinator", "RoundResult"]
+
+log = logging.getLogger(__name__)
+
+_ONLINE_STATES = frozenset({"online", "training", "idle"})
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What happened to a round that ended (``status`` closed or abandoned)."""
+
+    round_id: int
+    status: str
+    version: int | None
+    participants: int
+    num_examples: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Coordinator:
+    """Opens, closes and abandons rounds (as the policy says); see the module docstring."""
+
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        store: Store,
+        bundle: ModelBundle,
+        ingest: Ingest,
+        evaluator: Evaluator | None = None,
+        policy: RoundPolicy | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.bundle = bundle
+        self.ingest = ingest
+        self.evaluator = evaluator
+        self.metrics: AggregatorMetrics = ingest.metrics
+        self.traffic: RoundTraffic = ingest.traffic
+        self.topics: Topics = config.topics
+        self.model_id = model_id_of(bundle)
+        self.template = {t.name: t.shape for t in bundle.spec.trainable_specs}
+        self.strategy: Strategy = make_strategy(
+            config.strategy, config.server_lr, config.server_momentum
+        )
+        self.policy: RoundPolicy = policy or make_round_policy(config)
+        self.online: set[str] = set()
+        self.version = -1
+        self.weights: dict[str, np.ndarray] = {}
+        self.model_metrics: dict[str, float] = {}
+        self.round: RoundState | None = None
+        self.last_round_id = 0
+        self.closed_rounds = 0
+        self._results: list[RoundResult] = []
+        self._started = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self, now: float, tick: bool = True) -> list[Outgoing]:
+        """Load (or create) the state; rebuild the open round; return what to publish.
+
+        With ``tick`` False no round is opened, closed or abandoned yet: the service first
+        lets the broker deliver the updates it kept while the aggregator was down.
+        """
+        self.ingest.check_registry()
+        stored_id = self.store.get_meta("model_id")
+        if stored_id is None:
+            self.store.set_meta("model_id", self.model_id)
+            self.store.set_meta("fleet", self.config.fleet)
+        elif stored_id != self.model_id:
+            raise StateError(
+                f"state directory {self.store.root} belongs to model {stored_id}, "
+                f"not {self.model_id}: use another state_dir"
+            )
+        current = self.store.current_model()
+        if current is None:
+            weights = self.bundle.initial_trainable()
+            metrics = self._evaluate(weights)
+            current = self.store.save_initial_model(weights, metrics, now)
+            log.info("created model version 0 from the %s bundle", self.bundle.spec.name)
+        self.version = current.version
+        self.weights = self.store.load_weights(current.version)
+        self._check_weights(self.weights, f"model file {current.path}")
+        self.model_metrics = dict(current.metrics)
+        self.strategy.load_state(self.store.server_state())
+        self.last_round_id = self.store.last_round_id() or 0
+        self.ingest.last_round_id = self.last_round_id
+        self.closed_rounds = self.store.closed_rounds()
+        self.metrics.model_version.set(self.version)
+        self._set_quality_gauges(self.model_metrics)
+        out = [self._model_out(now)]
+        record = self.store.open_round()
+        if record is not None:
+            plan = RoundPlan.from_json(record.plan)
+            if plan.base_version != self.version:
+                log.warning(
+                    "open round %d is based on version %d, current is %d: abandoning it",
+                    plan.round_id, plan.base_version, self.version,
+                )
+                self.store.abandon_round(plan.round_id, now)
+            else:
+                self._begin(plan)
+                self.ingest.refold()
+                out.append(self._round_out(now))
+        self._started = True
+        if tick:
+            out += self.tick(now)
+        return out
+
+    def _check_weights(self, weights: Mapping[str, np.ndarray], what: str) -> None:
+        got = {k: tuple(v.shape) for k, v in weights.items()}
+        if got != self.template:
+            raise StateError(f"{what} holds tensors {got}, the model has {self.template}")
+
+    @property
+    def done(self) -> bool:
+        """True once ``config.rounds`` rounds have closed (never with ``rounds=0``)."""
+        return self.config.rounds > 0 and self.closed_rounds >= self.config.rounds
+
+    def pop_results(self) -> list[RoundResult]:
+        out, self._results = self._results, []
+        return out
+
+    # -- inputs ----------------------------------------------------------------------------
+    def on_status(self, topic_device: str, payload: bytes, now: float) -> None:
+        """Track online devices from their (retained) status messages."""
+        before = len(self.online)
+        if not payload:
+            self.online.discard(topic_device)
+        else:
+            try:
+                status = decode_status(payload)
+            except WireError as exc:
+                log.debug("ignoring bad status from %s: %s", topic_device, exc)
+                return
+            if status.fleet != self.config.fleet or status.device != topic_device:
+                log.debug("ignoring status of %s on the topic of %s", status.device, topic_device)
+                return
+            if status.state in _ONLINE_STATES:
+                self.online.add(topic_device)
+            else:
+                self.online.discard(topic_device)
+        if len(self.online) != before:
+            self.metrics.online_devices.set(len(self.online))
+            log.debug("%d device(s) online", len(self.online))
+
+    # -- timer -----------------------------------------------------------------------------
+    def tick(self, now: float) -> list[Outgoing]:
+        """Close, abandon or open rounds as the policy says; what to publish."""
+        if not self._started:
+            raise StateError("engine.start() was not called")
+        out: list[Outgoing] = []
+        if self.round is not None:
+            if self.policy.is_ready(self.round, now):
+                out += self._close(now)
+            elif self.policy.is_abandoned(self.round, now):
+                out += self._abandon(now)
+        if self.round is None and not self.done:
+            out += self._open(now)
+        return out
+
+    def current_messages(self, now: float) -> list[Outgoing]:
+        """The retained state (model and open round): to republish after a session loss."""
+        out = [self._model_out(now)]
+        if self.round is not None:
+            out.append(self._round_out(now))
+        return out
+
+    # -- transitions -----------------------------------------------------------------------
+    def _begin(self, plan: RoundPlan) -> None:
+        self.round = RoundState(self.config.fleet, plan, self.config.max_examples_per_update)
+        self.traffic.reset()
+        self.ingest.begin(self.round)
+        self.metrics.current_round.set(plan.round_id)
+
+    def _open(self, now: float) -> list[Outgoing]:
+        ctx = RoundContext(
+            round_id=self.last_round_id + 1,
+            base_version=self.version,
+            online=frozenset(self.online),
+            now=now,
+            training=self.config.training_config(),
+        )
+        plan = self.policy.plan(ctx)
+        if plan is None:
+            return []
+        if (plan.round_id, plan.base_version) != (ctx.round_id, ctx.base_version):
+            raise StateError(
+                f"round policy planned round {plan.round_id} on version {plan.base_version}, "
+                f"expected round {ctx.round_id} on version {ctx.base_version}"
+            )
+        self.store.create_round(plan.round_id, self.version, plan.to_json(), now)
+        self.last_round_id = plan.round_id
+        self._begin(plan)
+        who = f"{len(plan.selected)} selected" if plan.selected else "any device"
+        log.info(
+            "round %d opened on version %d: %s, target %d, quorum %d, deadline in %.0fs",
+            plan.round_id, self.version, who, plan.target, plan.min_updates, plan.deadline - now,
+        )
+        return [self._round_out(now)]
+
+    def _close(self, now: float) -> list[Outgoing]:
+        assert self.round is not None
+        state = self.round
+        fold = self.ingest.end()
+        mean = fold.mean()
+        new_weights = self.strategy.apply(self.weights, mean)
+        quality = self._evaluate(new_weights)
+        seconds = max(0.0, now - state.plan.opened_at)
+        metrics = {
+            **quality,
+            "participants": float(state.count),
+            "num_examples": float(state.num_examples),
+            "bytes_in": float(self.traffic.bytes_in),
+            "round_seconds": seconds,
+        }
+        # Encoded before it is stored so the round's downlink (announcement, acks and this
+        # model) is part of its persisted statistics; published only after the commit.
+        model_payload = self._model_payload(
+            self.version + 1, state.round_id, new_weights, metrics, now
+        )
+        metrics["bytes_out"] = float(self.traffic.bytes_out + len(model_payload))
+        stored = self.store.close_round(
+            state.round_id, new_weights, metrics, self.strategy.state(), now
+        )
+        if stored.version != self.version + 1:
+            raise StateError(f"stored version {stored.version} after version {self.version}")
+        self.version, self.weights, self.model_metrics = stored.version, new_weights, metrics
+        self.closed_rounds += 1
+        self.round = None
+        out = [self.traffic.emit(self.topics.model, model_payload)]
+        if self.done:
+            out.append(self.traffic.emit(self.topics.round, b""))  # clear the retained round
+        self.metrics.rounds_completed.inc()
+        self.metrics.participants.observe(state.count)
+        self.metrics.round_seconds.observe(seconds)
+        self.metrics.model_version.set(self.version)
+        self._set_quality_gauges(quality)
+        self._results.append(
+            RoundResult(
+                round_id=state.round_id, status="closed", version=self.version,
+                participants=state.count, num_examples=state.num_examples,
+                bytes_in=self.traffic.bytes_in, bytes_out=self.traffic.bytes_out,
+                seconds=seconds, metrics=metrics,
+            )
+        )
+        return out
+
+    def _abandon(self, now: float) -> list[Outgoing]:
+        assert self.round is not None
+        state = self.round
+        self.store.abandon_round(state.round_id, now)
+        self.ingest.end()
+        self.round = None
+        self.metrics.rounds_abandoned.inc()
+        log.warning(
+            "round %d abandoned: %d of %d required update(s) by its deadline",
+            state.round_id, state.count, state.plan.min_updates,
+        )
+        self._results.append(
+            RoundResult(
+                round_id=state.round_id, status="abandoned", version=None,
+                participants=state.count, num_examples=state.num_examples,
+                bytes_in=self.traffic.bytes_in, bytes_out=self.traffic.bytes_out,
+                seconds=max(0.0, now - state.plan.opened_at),
+            )
+        )
+        return []
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _evaluate(self, weights: Mapping[str, np.ndarray]) -> dict[str, float]:
+        if self.evaluator is None:
+            return {}
+        try:
+            return self.evaluator(weights)
+        except Exception as exc:  # evaluation must never stop the federation
+            log.error("evaluation failed: %s", exc)
+            return {}
+
+    def _set_quality_gauges(self, metrics: Mapping[str, float]) -> None:
+        if "accuracy" in metrics:
+            self.metrics.accuracy.set(metrics["accuracy"])
+        if "loss" in metrics:
+            self.metrics.loss.set(metrics["loss"])
+
+    def _model_payload(
+        self,
+        version: int,
+        round_id: int,
+        weights: Mapping[str, np.ndarray],
+        metrics: Mapping[str, float],
+        now: float,
+    ) -> bytes:
+        msg = ModelMessage(
+            fleet=self.config.fleet,
+            version=version,
+            round_id=round_id,
+            model_id=self.model_id,
+            tensors=tuple(Tensor.from_array(n, weights[n]) for n in self.template),
+            metrics=dict(metrics),
+            created_at=now,
+        )
+        return encode(msg)
+
+    def _model_out(self, now: float) -> Outgoing:
+        round_id = self.store.model(self.version).round_id or 0
+        payload = self._model_payload(
+            self.version, round_id, self.weights, self.model_metrics, now
+        )
+        return self.traffic.emit(self.topics.model, payload)
+
+    def _round_out(self, now: float) -> Outgoing:
+        assert self.round is not None
+        ann = self.round.plan.announcement(self.config.fleet, self.model_id)
+        return self.traffic.emit(self.topics.round, encode(ann))

@@ -1,0 +1,247 @@
+"""One update in, one ack out: decode, authenticate, check, journal, fold.
+
+:class:`Ingest` owns the accumulator of the open round. It never opens or closes a round
+and knows no strategy: the coordinator hands it the open round (:meth:`Ingest.begin`) and
+takes the accumulator back when the round ends (:meth:`Ingest.end`). An accepted update is
+journaled durably before :meth:`Ingest.handle_update` returns, so the caller may send the
+MQTT PUBACK afterwards. Memory is O(model): decoded updates are folded and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgpack
+
+from aggregator.config import AggregatorConfig
+from aggregator.metrics import AggregatorMetrics
+from aggregator.outgoing import Outgoing, RoundTraffic
+from aggregator.round_state import RoundState, check_route
+from aggregator.store import Store
+from fedmq.errors import ConfigError, RejectReason, SecurityError, StateError, WireError
+from fedmq.signing import Registry, verify_update
+from fedmq.topics import Topics, validate_name
+from fedmq.update.accumulate import WeightedSum
+from fedmq.wire import AckMessage, Limits, UpdateMessage, decode_update, encode
+
+__all__ = ["Ingest"]
+
+log = logging.getLogger(__name__)
+
+
+def _peek_ids(payload: bytes, max_bytes: int) -> tuple[int | None, str]:
+    """Best effort (round, update_id) of a rejected payload, for the ack."""
+    if len(payload) > max_bytes:
+        return None, ""
+    try:
+        obj = msgpack.unpackb(payload, raw=False, max_ext_len=0, strict_map_key=False)
+    except Exception:  # garbage of any kind: nothing to peek at
+        return None, ""
+    if not isinstance(obj, dict):
+        return None, ""
+    rid = obj.get("round")
+    uid = obj.get("update_id")
+    ok_round = isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 2**62
+    round_id = rid if ok_round else None
+    update_id = uid if isinstance(uid, str) and len(uid) <= 64 and uid.isprintable() else ""
+    return round_id, update_id
+
+
+class Ingest:
+    """Checks, journals and folds updates into the open round; see the module docstring."""
+
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        store: Store,
+        template: Mapping[str, tuple[int, ...]],
+        traffic: RoundTraffic,
+        metrics: AggregatorMetrics,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.template = dict(template)
+        self.traffic = traffic
+        self.metrics = metrics
+        self.topics: Topics = config.topics
+        self.limits = Limits(max_bytes=config.max_update_bytes)
+        self.registry = Registry(Path(config.registry)) if config.registry else None
+        self.require_signatures = config.signatures_required
+        self.round: RoundState | None = None
+        self.fold: WeightedSum | None = None
+        # The newest round id ever opened: updates up to it are `round_closed` when no
+        # round is open. Set by the coordinator at start, then by begin().
+        self.last_round_id = 0
+
+    # -- the open round (driven by the coordinator) ----------------------------------------
+    def begin(self, state: RoundState) -> None:
+        """Accept updates for ``state``'s round into a fresh accumulator."""
+        if self.round is not None:
+            raise StateError(f"round {self.round.round_id} is still open in the ingest")
+        self.round = state
+        self.fold = WeightedSum(self.template)
+        self.last_round_id = max(self.last_round_id, state.round_id)
+
+    def refold(self) -> int:
+        """Re-fold the open round's journaled updates (after a restart); how many."""
+        if self.round is None or self.fold is None:
+            raise StateError("no open round to re-fold")
+        n = 0
+        for entry in self.store.journal(self.round.round_id):
+            try:
+                msg = decode_update(entry.payload, self.limits)
+                self.fold.fold(msg.tensors, msg.codec, float(msg.num_examples))
+            except (WireError, ValueError) as exc:
+                raise StateError(
+                    f"journaled update {entry.update_id!r} is unreadable: {exc}"
+                ) from exc
+            self.round.record(entry.update_id, entry.device, entry.num_examples)
+            self.traffic.bytes_in += len(entry.payload)
+            n += 1
+        log.info("round %d reopened with %d journaled update(s) re-folded", self.round.round_id, n)
+        return n
+
+    def end(self) -> WeightedSum:
+        """Stop accepting for the open round; its accumulator (the round closes or is dropped)."""
+        if self.fold is None:
+            raise StateError("no open round to end")
+        fold = self.fold
+        self.round, self.fold = None, None
+        return fold
+
+    # -- start-up --------------------------------------------------------------------------
+    def check_registry(self) -> None:
+        """Log the signature mode; an unreadable registry is a ConfigError."""
+        if self.registry is None:
+            if self.config.require_signatures is False:
+                return
+            log.warning("no device registry: updates are not authenticated (set `registry`)")
+            return
+        try:
+            enrolled = len(self.registry.devices())
+        except SecurityError as exc:
+            raise ConfigError(str(exc)) from exc
+        mode = "required" if self.require_signatures else "checked when present"
+        if enrolled == 0:
+            log.warning(
+                "registry %s has no enrolled device yet: every update is rejected until "
+                "`fedmq enroll` adds some", self.registry.path,
+            )
+        log.info("update signatures %s; %d device(s) enrolled", mode, enrolled)
+
+    # -- updates ---------------------------------------------------------------------------
+    def handle_update(self, topic_device: str, payload: bytes, now: float) -> AckMessage:
+        """Decode, check, journal (durably), fold; the ack to send.
+
+        Raises :class:`StateError` only when the journal cannot be written: the update is
+        then neither acknowledged nor counted (the broker redelivers it later).
+        """
+        started = time.perf_counter()
+        self.metrics.bytes_in.inc(len(payload))
+        try:
+            validate_name(topic_device, "device")
+        except ConfigError as exc:
+            return self._reject(topic_device, payload, WireError(str(exc)), now)
+        try:
+            msg = decode_update(payload, self.limits)
+        except WireError as exc:
+            return self._reject(topic_device, payload, exc, now)
+        try:
+            self._authenticate(msg, topic_device)
+            self._check(msg, topic_device)
+        except WireError as exc:
+            return self._reject(topic_device, payload, exc, now, msg)
+        assert self.round is not None and self.fold is not None
+        self.store.append_update(
+            msg.update_id, msg.round_id, msg.device, msg.num_examples, payload, now
+        )
+        self.fold.fold(msg.tensors, msg.codec, float(msg.num_examples))
+        self.round.record(msg.update_id, msg.device, msg.num_examples)
+        self.traffic.bytes_in += len(payload)
+        self.metrics.updates_accepted.inc()
+        self.metrics.fold_seconds.observe(time.perf_counter() - started)
+        log.debug(
+            "accepted update %s from %s for round %d (%d examples, %d/%d)",
+            msg.update_id, msg.device, msg.round_id, msg.num_examples,
+            self.round.count, self.round.plan.target,
+        )
+        return AckMessage(
+            fleet=self.config.fleet, round_id=msg.round_id, device=topic_device,
+            update_id=msg.update_id, accepted=True, code="ok", reason="", created_at=now,
+        )
+
+    def ack_outgoing(self, ack: AckMessage) -> Outgoing | None:
+        """The ack as a message to publish (None when the device id cannot be a topic)."""
+        try:
+            topic = self.topics.ack(ack.device)
+        except ConfigError:
+            return None
+        return self.traffic.emit(topic, encode(ack), retain=False)
+
+    def _authenticate(self, msg: UpdateMessage, topic_device: str) -> None:
+        """Signature check: after decoding, before any check that depends on round state.
+
+        The topic device is the broker-authenticated identity (ACL), so a payload naming
+        another device is a mismatch before anything else; then the signature must verify
+        with the key enrolled for that device. Only then do the fleet and round checks run,
+        so an unauthenticated sender learns nothing about the open round from the ack.
+        """
+        if self.registry is None:
+            return
+        check_route(msg, topic_device)
+        try:
+            public_key = self.registry.public_key(msg.device)
+        except SecurityError as exc:  # unreadable at start-up was caught by check_registry()
+            log.error("device registry: %s", exc)
+            public_key = None
+        if not self.require_signatures and (public_key is None or not msg.signature):
+            return  # migration mode: only signed updates of enrolled devices are verified
+        try:
+            verify_update(msg, public_key)
+        except SecurityError as exc:  # an enrolled key that is not a valid Ed25519 key
+            log.error("registry key of %s is unusable: %s", msg.device, exc)
+            raise WireError(
+                f"device {msg.device!r} has no usable enrolled key", RejectReason.UNKNOWN_DEVICE
+            ) from exc
+
+    def _check(self, msg: UpdateMessage, topic_device: str) -> None:
+        if self.round is None or self.fold is None:
+            check_route(msg, topic_device, self.config.fleet, last_round=self.last_round_id)
+            return  # not reached: with no open round check_route always raises
+        fold = self.fold
+
+        def check_tensors(m: UpdateMessage) -> None:
+            fold.check(m.tensors, m.codec, float(m.num_examples))
+
+        self.round.check(msg, topic_device, check_tensors)
+
+    def _reject(
+        self,
+        device: str,
+        payload: bytes,
+        err: WireError,
+        now: float,
+        msg: UpdateMessage | None = None,
+    ) -> AckMessage:
+        if msg is not None:
+            round_id: int | None = msg.round_id
+            update_id = msg.update_id
+        else:
+            round_id, update_id = _peek_ids(payload, self.limits.max_bytes)
+        current = self.round.round_id if self.round is not None else self.last_round_id
+        self.metrics.updates_rejected.labels(reason=err.code).inc()
+        self.store.add_reject(current, err.code)
+        log.warning(
+            "rejected update %s from %s (%d bytes, round %s): %s: %s",
+            update_id or "?", device, len(payload),
+            "?" if round_id is None else round_id, err.code, err.reason,
+        )
+        return AckMessage(
+            fleet=self.config.fleet,
+            round_id=current if round_id is None else round_id,
+            device=device, update_id=update_id, accepted=False, code=err.code,
+            reason=err.reason[:1000], created_at=now,
+        )
