@@ -25,7 +25,7 @@ import pytest
 from fedmq.net.localbroker import BrokerOptions, LocalBroker, free_port, mosquitto_path
 from fedmq.net.mqtt import MqttSettings, connect, make_client
 from fedmq.topics import Topics
-from fedmq_ops.broker_tools import (
+from fedmq_ops.broker import (
     BrokerLayout,
     BrokerSettings,
     add_device,

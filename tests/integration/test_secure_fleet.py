@@ -32,7 +32,7 @@ from fedmq.net.mqtt import MqttSettings, connect, make_client
 from fedmq.signing import DeviceKey, Registry, load_or_create_key, sign_update
 from fedmq.topics import Topics
 from fedmq.wire import AckMessage, decode_ack, decode_model, decode_update, encode
-from fedmq_ops.broker_tools import BrokerLayout, BrokerSettings, add_device, init_broker
+from fedmq_ops.broker import BrokerLayout, BrokerSettings, add_device, init_broker
 from tests.conftest import _track
 from tests.fakes import exact_delta, make_update
 

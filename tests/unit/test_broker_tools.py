@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_pem_priv
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedmq.errors import ConfigError
-from fedmq_ops.broker_tools import (
+from fedmq_ops.broker import (
     BrokerLayout,
     BrokerSettings,
     add_device,
