@@ -51,6 +51,7 @@ from fedmq_ops.broker.provision import (
 from fedmq_ops.broker.settings import (
     AGGREGATOR_USER,
     MONITOR_USER,
+    PACKET_OVERHEAD,
     RESERVED_USERS,
     BrokerLayout,
     BrokerSettings,
@@ -60,6 +61,7 @@ from fedmq_ops.broker.state import load_settings
 __all__ = [
     "AGGREGATOR_USER",
     "MONITOR_USER",
+    "PACKET_OVERHEAD",
     "PBKDF2_ITERATIONS",
     "RESERVED_USERS",
     "BrokerLayout",

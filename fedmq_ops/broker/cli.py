@@ -41,7 +41,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         if value:
             changes[f"{key}s"] = tuple(dict.fromkeys(value))
     for key in ("topic_prefix", "tls_port", "config_root", "data_dir", "days", "bind_clientid",
-                "max_queued_messages", "max_queued_bytes", "max_packet_size", "monitor",
+                "max_queued_messages", "max_queued_bytes", "max_message_bytes", "monitor",
                 "require_client_cert"):
         value = getattr(args, key)
         if value is not None:
@@ -53,7 +53,6 @@ def _cmd_init(args: argparse.Namespace) -> int:
             raise ConfigError("--local sets the paths itself: drop --config-root/--data-dir")
         changes["config_root"] = str(root.resolve())
         changes["data_dir"] = str((root / "data").resolve()) + "/"
-        (root / "data").mkdir(parents=True, exist_ok=True)
     settings = replace(base, **changes)
     result = init_broker(root, settings, renew_server_cert=args.renew_server_cert,
                          owner=_owner(args.owner))
@@ -116,8 +115,9 @@ def add_parser(subparsers: Any) -> None:
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--dir", required=True, type=Path, help="the broker directory")
         sp.add_argument("--owner", metavar="UID[:GID]",
-                        help="owner of server.key and passwd (1883:1883 for the "
-                        "eclipse-mosquitto image; needs root)")
+                        help="owner of server.key and passwd, group of DIR and certs/, owner "
+                        "of the --local data/ (1883:1883 for the eclipse-mosquitto image; "
+                        "needs root)")
 
     i = sub.add_parser("init", help="create the CA, certificates, users, ACL and config",
                        description="Idempotent: keeps the CA, keys and passwords that exist, "
@@ -149,7 +149,9 @@ def add_parser(subparsers: Any) -> None:
     i.add_argument("--max-queued-messages", type=int, help="per-client queue (default 100000)")
     i.add_argument("--max-queued-bytes", type=int, help="per-client queue bytes (default 1 GiB; "
                    "0 = unlimited)")
-    i.add_argument("--max-packet-size", type=int, help="largest packet (default 64 MiB)")
+    i.add_argument("--max-message-bytes", type=int, help="largest message a client may "
+                   "publish: the float32 model's size plus a margin (default 16 MiB); it also "
+                   "caps what a device can leave retained on its topics")
     i.add_argument("--renew-server-cert", action="store_true",
                    help="issue a new server certificate even if the current one is fine")
     i.set_defaults(func=_cmd_init)

@@ -17,7 +17,7 @@ __all__ = ["locked"]
 def locked(root: Path, create: bool = False) -> Iterator[None]:
     """One ``fedmq broker`` command at a time per directory."""
     if create:
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)  # init sets its final mode
     elif not (root / "broker.json").exists():
         raise ConfigError(f"{root} is not a broker directory: run `fedmq broker init` "
                           "(no broker.json)")

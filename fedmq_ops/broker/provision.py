@@ -22,7 +22,7 @@ from fedmq_ops.broker.certs import (
     server_cert_ok,
 )
 from fedmq_ops.broker.conf import render_mosquitto_conf
-from fedmq_ops.broker.files import write_file, write_if_changed
+from fedmq_ops.broker.files import DIR_MODES, ensure_dir, write_file, write_if_changed
 from fedmq_ops.broker.lock import locked
 from fedmq_ops.broker.passwords import format_passwd, hash_password, new_password
 from fedmq_ops.broker.settings import (
@@ -62,6 +62,24 @@ def _credentials_text(state: BrokerState, name: str, password: str) -> str:
         f"{prefix}PASSWORD={password}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _secure_dirs(layout: BrokerLayout, settings: BrokerSettings,
+                 owner: tuple[int, int] | None) -> None:
+    """Explicit modes (whatever the umask) for DIR, certs/ and a local data/: the broker's
+    group (``owner``) may enter DIR and certs/; the broker owns data/, where it saves
+    ``mosquitto.db`` after dropping root."""
+    group = (-1, owner[1]) if owner is not None else None
+    ensure_dir(layout.root, DIR_MODES[""], group)
+    ensure_dir(layout.certs, DIR_MODES["certs"], group)
+    for name in ("private", "credentials", "clients"):
+        if (layout.root / name).exists():
+            ensure_dir(layout.root / name, DIR_MODES[name])
+    if Path(settings.data_dir.rstrip("/")) == layout.data.resolve():  # --local
+        ensure_dir(layout.data, DIR_MODES["data"], owner)
+        if owner is not None:
+            for saved in layout.data.glob("mosquitto.db*"):
+                os.chown(saved, *owner, follow_symlinks=False)
 
 
 def _render_all(layout: BrokerLayout, state: BrokerState, passwd: dict[str, str],
@@ -105,6 +123,7 @@ def init_broker(
     created: list[str] = []
     passwords: dict[str, str] = {}
     with locked(layout.root, create=True):
+        _secure_dirs(layout, settings, owner)
         devices: dict[str, str] = {}
         if layout.state.exists():
             devices = load_state(layout).devices

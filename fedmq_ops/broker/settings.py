@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from fedmq_ops.broker.certs import subject_alt_name
 __all__ = [
     "AGGREGATOR_USER",
     "MONITOR_USER",
+    "PACKET_OVERHEAD",
     "RESERVED_USERS",
     "BrokerLayout",
     "BrokerSettings",
@@ -23,6 +25,12 @@ __all__ = [
 AGGREGATOR_USER = "aggregator"
 MONITOR_USER = "monitor"
 RESERVED_USERS = frozenset({AGGREGATOR_USER, MONITOR_USER})
+# Room for the fixed header, the topic and the MQTT v5 properties around a payload.
+PACKET_OVERHEAD = 4096
+_MQTT_MAX_PACKET = 268_435_455
+
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class BrokerSettings:
@@ -47,7 +55,9 @@ class BrokerSettings:
     max_queued_messages: int = 100_000
     max_queued_bytes: int = 1024 * 1024 * 1024
     max_inflight_messages: int = 100
-    max_packet_size: int = 64 * 1024 * 1024
+    # Largest payload any client may publish: the float32 model (or update) plus a margin.
+    # It also bounds what one device can park as retained messages on its own topics.
+    max_message_bytes: int = 16 * 1024 * 1024
     persistent_client_expiration: str = "14d"
     autosave_interval: int = 60
     days: int = 825
@@ -77,8 +87,9 @@ class BrokerSettings:
             raise ConfigError("max_queued_messages below 1000 drops QoS 1 updates (DESIGN.md)")
         if self.max_queued_bytes < 0 or self.max_inflight_messages < 1:
             raise ConfigError("max_queued_bytes must be >= 0 and max_inflight_messages >= 1")
-        if not 1024 <= self.max_packet_size <= 268_435_455:
-            raise ConfigError("max_packet_size must be in [1024, 268435455] (MQTT's limit)")
+        if not 1024 <= self.max_message_bytes <= _MQTT_MAX_PACKET - PACKET_OVERHEAD:
+            raise ConfigError(f"max_message_bytes must be in [1024, "
+                              f"{_MQTT_MAX_PACKET - PACKET_OVERHEAD}] (MQTT's limit)")
         if not self.persistent_client_expiration[:-1].isdigit() or \
                 self.persistent_client_expiration[-1] not in "hdwmy":
             raise ConfigError("persistent_client_expiration must look like 14d (h/d/w/m/y)")
@@ -87,6 +98,11 @@ class BrokerSettings:
             raise ConfigError("autosave_interval must be at least 1 second")
         if not 1 <= self.days <= self.ca_days:
             raise ConfigError("certificate days must be in [1, ca_days]")
+
+    @property
+    def max_packet_size(self) -> int:
+        """Mosquitto's ``max_packet_size``: the largest message plus its MQTT framing."""
+        return self.max_message_bytes + PACKET_OVERHEAD
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -97,7 +113,16 @@ class BrokerSettings:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> BrokerSettings:
         known = {f for f in cls.__dataclass_fields__}
-        kw = {k: v for k, v in data.items() if k in known}
+        kw = dict(data)
+        if "max_packet_size" in kw:
+            # Before max_message_bytes; the new default (16 MiB) is far below the old 64 MiB.
+            old = kw.pop("max_packet_size")
+            log.warning("broker.json: max_packet_size %s is replaced by max_message_bytes "
+                        "(now %s); set it with --max-message-bytes", old,
+                        kw.get("max_message_bytes", cls.max_message_bytes))
+        unknown = sorted(set(kw) - known)
+        if unknown:
+            raise ConfigError(f"bad broker settings: unknown key(s) {', '.join(unknown)}")
         for key in ("fleets", "hostnames"):
             if key in kw:
                 kw[key] = tuple(kw[key])
@@ -128,6 +153,11 @@ class BrokerLayout:
     @property
     def state(self) -> Path:
         return self.root / "broker.json"
+
+    @property
+    def data(self) -> Path:
+        """The persistence directory of a ``--local`` broker (unused for containers)."""
+        return self.root / "data"
 
     @property
     def certs(self) -> Path:

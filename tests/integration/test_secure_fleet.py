@@ -201,7 +201,6 @@ def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
         run_as="root" if os.geteuid() == 0 else "mosquitto", monitor=True,
     )
     init_broker(root, settings)
-    (root / "data").mkdir()
     # dev-m: a valid broker identity used to send bad updates; dev-x: not enrolled at all
     for device in (*AGENTS, "dev-m", "dev-x"):
         assert add_device(root, device) is not None
