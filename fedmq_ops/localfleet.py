@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from typing import Any
 from fedmq import wire
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.net.localbroker import BrokerOptions, LocalBroker
+from fedmq.net.procs import stop_processes
 from fedmq.topics import Topics
 
 __all__ = ["FederationResult", "FederationSpec", "RoundRow", "run_federation"]
@@ -246,19 +246,6 @@ def _spawn(cmd: list[str], logfile: Path, env: dict[str, str]) -> subprocess.Pop
         out.close()
 
 
-def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    end = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(max(0.1, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
-
-
 def run_federation(
     spec: FederationSpec, on_round: Callable[[RoundRow], None] | None = None
 ) -> FederationResult:
@@ -365,7 +352,7 @@ def run_federation(
             agent_peak_rss_mb=dict(observer.agent_rss_mb),
         )
     finally:
-        _stop(procs)
+        stop_processes(procs)
         if observer is not None:
             observer.close()
         if broker is not None:

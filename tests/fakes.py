@@ -21,6 +21,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from fedmq.net.localbroker import LocalBroker
+from fedmq.net.procs import stop_process
 from fedmq.topics import Topics
 from fedmq.update import codecs
 from fedmq.wire import (
@@ -294,14 +295,7 @@ class AggregatorProcess:
     def stop(self, timeout: float = 20.0) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
     def wait(self, timeout: float) -> int:
         assert self.proc is not None

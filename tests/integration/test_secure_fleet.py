@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ from aggregator.store import Store
 from fedmq.errors import RejectReason
 from fedmq.net.localbroker import BrokerOptions, LocalBroker, free_port, mosquitto_path
 from fedmq.net.mqtt import MqttSettings, connect, make_client
+from fedmq.net.procs import stop_process
 from fedmq.signing import DeviceKey, Registry, load_or_create_key, sign_update
 from fedmq.topics import Topics
 from fedmq.wire import AckMessage, decode_ack, decode_model, decode_update, encode
@@ -92,14 +92,7 @@ class Proc:
     def stop(self, timeout: float = 20.0) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
