@@ -13,9 +13,11 @@ their owner.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -33,6 +35,8 @@ from fedmq.wire import UpdateMessage, signing_bytes
 __all__ = [
     "DeviceKey",
     "Registry",
+    "create_key",
+    "load_key",
     "load_or_create_key",
     "sign_update",
     "verify_update",
@@ -76,22 +80,62 @@ class DeviceKey:
         return self.private.sign(data)
 
 
+def load_key(path: Path, private_only: bool = True) -> DeviceKey:
+    """The key at ``path``: a regular file holding a hex seed that (``private_only``) only
+    its owner can read."""
+    path = Path(path)
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise SecurityError(f"key file {path} is not a regular file (a directory?)")
+        if private_only and st.st_mode & 0o077:
+            raise SecurityError(
+                f"key file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
+                "a private key must be 0600; `chmod 600` it if it never leaked, or make a new "
+                "one with `fedmq keygen --force` and enrol that"
+            )
+        raw = path.read_bytes().strip()
+    except OSError as exc:
+        raise SecurityError(f"cannot read key file {path}: {exc.strerror or exc}") from exc
+    try:
+        seed = bytes.fromhex(raw.decode()) if len(raw) == 64 else raw
+    except ValueError as exc:
+        raise SecurityError(f"key file {path} is not a hex Ed25519 seed") from exc
+    if len(seed) != 32:
+        raise SecurityError(f"key file {path} is not a hex Ed25519 seed (32 bytes)")
+    return DeviceKey.from_seed(seed)
+
+
+def create_key(path: Path, overwrite: bool = False) -> DeviceKey:
+    """A new key written to ``path`` (mode 0600 whatever the umask); an existing file is
+    replaced only with ``overwrite``."""
+    path = Path(path)
+    key = DeviceKey.generate()
+    data = (key.seed().hex() + "\n").encode()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if overwrite and path.exists():
+            if not path.is_file():
+                raise SecurityError(f"key file {path} is not a regular file (a directory?)")
+            atomic_write(path, data, mode=0o600)
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o600)
+                f.write(data)
+    except FileExistsError as exc:
+        raise SecurityError(f"key file {path} exists; not overwritten") from exc
+    except OSError as exc:
+        raise SecurityError(f"cannot write key file {path}: {exc.strerror or exc}") from exc
+    return key
+
+
 def load_or_create_key(path: Path) -> DeviceKey:
     """The device's key at ``path``, created (mode 0600) on first use."""
     path = Path(path)
-    if path.exists():
-        raw = path.read_bytes().strip()
-        try:
-            seed = bytes.fromhex(raw.decode()) if len(raw) == 64 else raw
-        except ValueError as exc:
-            raise SecurityError(f"key file {path} is not a hex Ed25519 seed") from exc
-        return DeviceKey.from_seed(seed)
-    key = DeviceKey.generate()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key.seed().hex() + "\n")
-    return key
+    if path.exists() or path.is_symlink():
+        return load_key(path)
+    return create_key(path)
 
 
 def sign_update(update: UpdateMessage, key: DeviceKey) -> UpdateMessage:
@@ -123,7 +167,12 @@ def verify_update(update: UpdateMessage, public_key_hex: str | None) -> None:
 
 
 class Registry:
-    """Enrolled devices and their public keys (a JSON file, re-read when it changes)."""
+    """Enrolled devices and their public keys (a JSON file, re-read when it changes).
+
+    Every way the file can be wrong (unreadable, a directory, not JSON, ``devices`` not an
+    object of ``{"public_key": hex}``) is a :class:`SecurityError` naming the path and what
+    is wrong.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -131,27 +180,62 @@ class Registry:
         self._bad_mtime: float | None = None
         self._devices: dict[str, str] = {}
 
+    @staticmethod
+    def fingerprint(public_key_hex: str) -> str:
+        """A short, stable name of a public key for logs: ``SHA256:`` + 16 hex digits."""
+        digest = hashlib.sha256(bytes.fromhex(public_key_hex)).hexdigest()
+        return f"SHA256:{digest[:16]}"
+
+    def _read(self) -> dict[str, dict[str, object]]:
+        """The registry's ``devices`` table, checked; {} when the file does not exist."""
+        try:
+            if self.path.exists() and not self.path.is_file():
+                raise SecurityError(f"registry {self.path} is not a file (a directory?)")
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            why = exc.strerror or exc
+            raise SecurityError(f"cannot read registry {self.path}: {why}") from exc
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise SecurityError(f"registry {self.path} is malformed: not JSON ({exc})") from exc
+        devices = data.get("devices") if isinstance(data, dict) else None
+        if not isinstance(devices, dict):
+            found = type(devices).__name__ if isinstance(data, dict) else type(data).__name__
+            raise SecurityError(
+                f"registry {self.path} is malformed: expected {{\"devices\": {{DEVICE: "
+                f"{{\"public_key\": HEX}}}}}}, found {found}"
+            )
+        for device, entry in devices.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("public_key"), str):
+                raise SecurityError(
+                    f"registry {self.path} is malformed: device {device!r} has no "
+                    "\"public_key\" string"
+                )
+        return devices
+
     def _load(self) -> None:
         try:
             mtime = self.path.stat().st_mtime
         except FileNotFoundError:
             self._devices, self._mtime, self._bad_mtime = {}, None, None
             return
+        except OSError as exc:
+            why = exc.strerror or exc
+            raise SecurityError(f"cannot read registry {self.path}: {why}") from exc
         if mtime == self._mtime:
             return
         try:
-            data = json.loads(self.path.read_text())
-            devices = data["devices"]
-            parsed = {str(k): str(v["public_key"]) for k, v in devices.items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            parsed = {str(k): str(v["public_key"]) for k, v in self._read().items()}
+        except SecurityError as exc:
             if self._mtime is None:
-                raise SecurityError(f"registry {self.path} is malformed: {exc}") from exc
+                raise
             # A running service keeps the last good registry (and fails closed for devices
             # added since) rather than rejecting everyone over one bad edit.
             if mtime != self._bad_mtime:
-                log.error(
-                    "registry %s is malformed (%s): keeping the previous one", self.path, exc
-                )
+                log.error("%s: keeping the previous one", exc)
                 self._bad_mtime = mtime
             return
         self._devices, self._mtime, self._bad_mtime = parsed, mtime, None
@@ -164,27 +248,45 @@ class Registry:
         self._load()
         return self._devices.get(device)
 
-    def enroll(self, device: str, public_key_hex: str) -> None:
+    def enroll(self, device: str, public_key_hex: str, replace: bool = False) -> str | None:
+        """Enrol ``device`` with ``public_key_hex``; returns the key it had before, if any.
+
+        A device enrolled with another key is refused unless ``replace`` (then the old and
+        the new fingerprints are logged); enrolling the same key again changes nothing.
+        """
         validate_name(device, "device")
         _public_key(public_key_hex)
-        data: dict[str, dict[str, dict[str, object]]] = {"devices": {}}
-        if self.path.exists():
-            data = json.loads(self.path.read_text())
-        data.setdefault("devices", {})[device] = {
-            "public_key": public_key_hex,
-            "enrolled_at": time.time(),
-        }
-        self._write(data)
+        devices = self._read()
+        old = devices.get(device)
+        old_key = str(old["public_key"]) if old is not None else None
+        if old_key == public_key_hex:
+            return old_key
+        if old_key is not None:
+            if not replace:
+                raise SecurityError(
+                    f"device {device} is already enrolled in {self.path} with key "
+                    f"{self.fingerprint(old_key)}; refusing to replace it with "
+                    f"{self.fingerprint(public_key_hex)} (use --replace if the device "
+                    "really has a new key)"
+                )
+            log.warning("device %s: replacing key %s with %s", device,
+                        self.fingerprint(old_key), self.fingerprint(public_key_hex))
+        devices[device] = {"public_key": public_key_hex, "enrolled_at": time.time()}
+        self._write({"devices": devices})
+        return old_key
 
     def revoke(self, device: str) -> bool:
-        if not self.path.exists():
+        devices = self._read()
+        if devices.pop(device, None) is None:
             return False
-        data = json.loads(self.path.read_text())
-        removed = data.get("devices", {}).pop(device, None) is not None
-        self._write(data)
-        return removed
+        self._write({"devices": devices})
+        return True
 
     def _write(self, data: object) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, json.dumps(data, indent=2, sort_keys=True).encode())
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, json.dumps(data, indent=2, sort_keys=True).encode())
+        except OSError as exc:
+            why = exc.strerror or exc
+            raise SecurityError(f"cannot write registry {self.path}: {why}") from exc
         self._mtime = None

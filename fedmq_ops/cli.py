@@ -23,7 +23,7 @@ _SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("fedmq_ops.model_cli", "add_model_subcommands"),
     ("fedmq_ops.demo", "add_parser"),
     ("fedmq_ops.experiment", "add_parser"),
-    ("fedmq_ops.broker_tools", "add_parser"),
+    ("fedmq_ops.broker", "add_parser"),
     ("fedmq_ops.enroll", "add_parser"),
     ("fedmq_ops.fleet_status", "add_parser"),
     ("fedmq_ops.report", "add_parser"),

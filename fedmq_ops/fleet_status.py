@@ -8,47 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from fedmq import wire
-from fedmq.errors import FedmqError
-from fedmq.net.mqtt import MqttSettings, connect, make_client
+from fedmq.net.mqtt import MqttSettings
 from fedmq.topics import Topics
+from fedmq_ops.observer import FleetObserver, FleetView
 
-__all__ = ["FleetView", "add_parser", "render"]
-
-
-@dataclass
-class FleetView:
-    """What the status, round and model topics say (updated from the MQTT thread)."""
-
-    devices: dict[str, wire.StatusMessage] = field(default_factory=dict)
-    round: wire.RoundAnnouncement | None = None
-    model: wire.ModelMessage | None = None
-    model_bytes: int = 0
-    bad_messages: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def apply(self, topics: Topics, topic: str, payload: bytes) -> None:
-        try:
-            if topic == topics.round:
-                rnd = wire.decode_round(payload)
-                with self.lock:
-                    self.round = rnd
-            elif topic == topics.model:
-                model = wire.decode_model(payload)
-                with self.lock:
-                    self.model, self.model_bytes = model, len(payload)
-            elif topics.device_of(topic) is not None and payload:
-                status = wire.decode_status(payload)
-                with self.lock:
-                    self.devices[status.device] = status
-        except FedmqError:
-            with self.lock:
-                self.bad_messages += 1
+__all__ = ["add_parser", "render"]
 
 
 def _age(ts: float, now: float) -> str:
@@ -121,34 +88,21 @@ def _run(args: argparse.Namespace) -> int:
         password=args.password,
         tls_ca=args.tls_ca,
     )
-    view = FleetView()
-    client = make_client(settings)
-
-    def on_connect(c: Any, _u: Any, _f: Any, _rc: Any, _p: Any = None) -> None:
-        c.subscribe([(topics.status_wildcard, 1), (topics.round, 1), (topics.model, 1)])
-
-    client.on_connect = on_connect
-    client.on_message = lambda _c, _u, msg: view.apply(topics, msg.topic, bytes(msg.payload))
-    try:
-        connect(client, settings, asynchronous=False)
-    except OSError as exc:
-        raise FedmqError(f"cannot reach the broker at {args.host}:{args.port}: {exc}") from exc
-    client.loop_start()
+    observer = FleetObserver(settings, topics).start()
     try:
         time.sleep(args.wait)
         if not args.watch:
-            render(view, args.fleet, sys.stdout)
+            render(observer.view, args.fleet, sys.stdout)
             return 0
         while True:
             sys.stdout.write("\x1b[2J\x1b[H")
-            render(view, args.fleet, sys.stdout)
+            render(observer.view, args.fleet, sys.stdout)
             sys.stdout.flush()
             time.sleep(args.interval)
     except KeyboardInterrupt:
         return 0
     finally:
-        client.loop_stop()
-        client.disconnect()
+        observer.close()
 
 
 def add_parser(subparsers: Any) -> None:

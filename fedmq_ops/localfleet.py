@@ -13,11 +13,9 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,7 +25,10 @@ from typing import Any
 from fedmq import wire
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.net.localbroker import BrokerOptions, LocalBroker
+from fedmq.net.mqtt import MqttSettings
+from fedmq.net.procs import stop_processes
 from fedmq.topics import Topics
+from fedmq_ops.observer import FleetObserver
 
 __all__ = ["FederationResult", "FederationSpec", "RoundRow", "run_federation"]
 
@@ -131,109 +132,52 @@ def _write_toml(path: Path, section: str, values: dict[str, Any]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-class _Observer:
-    """Follows the retained model topic and turns every new version into a RoundRow."""
+class _RoundRecorder:
+    """Turns every new model version the observer sees into a RoundRow, and keeps each
+    agent's peak memory from its status (called from the observer's MQTT thread)."""
 
-    def __init__(self, host: str, port: int, protocol: str, topics: Topics, agents: int) -> None:
-        import paho.mqtt.client as mqtt
-
-        from fedmq.net.mqtt import MqttSettings, connect, make_client
-
-        self._topics = topics
+    def __init__(self, agents: int) -> None:
         self._agents = agents
-        self._lock = threading.Lock()
+        self._observer: FleetObserver | None = None
         self.rows: list[RoundRow] = []
-        self.versions = threading.Condition(self._lock)
-        self.latest_version = -1
-        self.model_bytes = 0
-        self._round_bytes = 0
         self.agent_rss_mb: dict[str, float] = {}
         self._t0 = time.monotonic()
         self._last = self._t0
-        settings = MqttSettings(
-            host=host,
-            port=port,
-            protocol=protocol,
-            client_id=f"observer-{os.getpid()}",
-            clean_start=True,
-            session_expiry=0,
-        )
-        self.client = make_client(settings)
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
-        connect(self.client, settings, asynchronous=False)
-        self.client.loop_start()
-        self._mqtt = mqtt
 
-    def _on_connect(self, client: Any, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
-        client.subscribe(
-            [(self._topics.model, 1), (self._topics.round, 1), (self._topics.status_wildcard, 1)]
-        )
+    def follow(self, host: str, port: int, protocol: str, topics: Topics) -> FleetObserver:
+        settings = MqttSettings(host=host, port=port, protocol=protocol,
+                                client_id=f"observer-{os.getpid()}", clean_start=True,
+                                session_expiry=0)
+        self._observer = FleetObserver(settings, topics, self.on_model, self.on_status)
+        return self._observer.start()
 
-    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
-        try:
-            if msg.topic == self._topics.round:
-                self._round_bytes = len(msg.payload)
-                return
-            if self._topics.device_of(msg.topic) is not None:
-                if msg.payload:
-                    status = wire.decode_status(msg.payload)
-                    rss = status.metrics.get("peak_rss_mb")
-                    if rss is not None:
-                        with self._lock:
-                            prev = self.agent_rss_mb.get(status.device, 0.0)
-                            self.agent_rss_mb[status.device] = max(prev, rss)
-                return
-            model = wire.decode_model(msg.payload)
-        except FedmqError as exc:
-            log.warning("observer: ignoring bad message on %s: %s", msg.topic, exc)
-            return
+    def on_status(self, status: wire.StatusMessage) -> None:
+        rss = status.metrics.get("peak_rss_mb")
+        if rss is not None:
+            prev = self.agent_rss_mb.get(status.device, 0.0)
+            self.agent_rss_mb[status.device] = max(prev, rss)
+
+    def on_model(self, model: wire.ModelMessage, size: int) -> None:
         now = time.monotonic()
-        with self._lock:
-            self.model_bytes = len(msg.payload)
-            if model.version <= self.latest_version:
-                return
-            self.latest_version = model.version
-            if model.version > 0:
-                m = model.metrics
-                # Every agent downloads the model and the round announcement once per round.
-                down = (len(msg.payload) + self._round_bytes) * self._agents
-                self.rows.append(
-                    RoundRow(
-                        round_id=model.round_id,
-                        version=model.version,
-                        participants=int(m.get("participants", 0)),
-                        accuracy=float(m.get("accuracy", float("nan"))),
-                        loss=float(m.get("loss", float("nan"))),
-                        bytes_up=int(m.get("bytes_in", 0)),
-                        bytes_down=down,
-                        seconds=float(m.get("round_seconds", now - self._last)),
-                        wall=now - self._t0,
-                    )
+        if model.version > 0:
+            m = model.metrics
+            round_bytes = self._observer.view.round_bytes if self._observer else 0
+            # Every agent downloads the model and the round announcement once per round.
+            down = (size + round_bytes) * self._agents
+            self.rows.append(
+                RoundRow(
+                    round_id=model.round_id,
+                    version=model.version,
+                    participants=int(m.get("participants", 0)),
+                    accuracy=float(m.get("accuracy", float("nan"))),
+                    loss=float(m.get("loss", float("nan"))),
+                    bytes_up=int(m.get("bytes_in", 0)),
+                    bytes_down=down,
+                    seconds=float(m.get("round_seconds", now - self._last)),
+                    wall=now - self._t0,
                 )
-            self._last = now
-            self.versions.notify_all()
-
-    def wait_for_version(self, version: int, timeout: float, alive: Callable[[], None]) -> None:
-        end = time.monotonic() + timeout
-        with self._lock:
-            while self.latest_version < version:
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise FedmqError(
-                        f"timed out after {timeout:.0f}s waiting for model version {version} "
-                        f"(have {self.latest_version})"
-                    )
-                self.versions.wait(min(left, 1.0))
-                self._lock.release()
-                try:
-                    alive()
-                finally:
-                    self._lock.acquire()
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+            )
+        self._last = now
 
 
 def _spawn(cmd: list[str], logfile: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -246,19 +190,6 @@ def _spawn(cmd: list[str], logfile: Path, env: dict[str, str]) -> subprocess.Pop
         out.close()
 
 
-def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    end = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(max(0.1, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
-
-
 def run_federation(
     spec: FederationSpec, on_round: Callable[[RoundRow], None] | None = None
 ) -> FederationResult:
@@ -268,7 +199,8 @@ def run_federation(
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     broker: LocalBroker | None = None
     procs: list[subprocess.Popen[bytes]] = []
-    observer: _Observer | None = None
+    observer: FleetObserver | None = None
+    recorder = _RoundRecorder(spec.agents)
     t0 = time.monotonic()
     try:
         if ":" in spec.broker:
@@ -308,7 +240,7 @@ def run_federation(
             **spec.extra_aggregator,
         }
         _write_toml(workdir / "aggregator.toml", "aggregator", agg_cfg)
-        observer = _Observer(host, port, protocol, topics, spec.agents)
+        observer = recorder.follow(host, port, protocol, topics)
         procs.append(
             _spawn(
                 [sys.executable, "-m", "aggregator", "--config", str(workdir / "aggregator.toml")],
@@ -351,21 +283,25 @@ def run_federation(
         shown = 0
         for version in range(1, spec.rounds + 1):
             observer.wait_for_version(version, spec.timeout, alive)
-            while on_round is not None and shown < len(observer.rows):
-                on_round(observer.rows[shown])
+            with observer.view.lock:
+                rows = list(recorder.rows)
+            while on_round is not None and shown < len(rows):
+                on_round(rows[shown])
                 shown += 1
-        rows = list(observer.rows)
+        with observer.view.lock:
+            rows = list(recorder.rows)
+            model_bytes, rss = observer.view.model_bytes, dict(recorder.agent_rss_mb)
         return FederationResult(
             spec={k: str(v) if isinstance(v, Path) else v for k, v in asdict(spec).items()},
             rows=rows,
             wall_seconds=time.monotonic() - t0,
             broker=kind,
-            model_bytes=observer.model_bytes,
+            model_bytes=model_bytes,
             workdir=str(workdir),
-            agent_peak_rss_mb=dict(observer.agent_rss_mb),
+            agent_peak_rss_mb=rss,
         )
     finally:
-        _stop(procs)
+        stop_processes(procs)
         if observer is not None:
             observer.close()
         if broker is not None:

@@ -21,6 +21,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from fedmq.net.localbroker import LocalBroker
+from fedmq.net.procs import stop_process
 from fedmq.topics import Topics
 from fedmq.update import codecs
 from fedmq.wire import (
@@ -44,11 +45,30 @@ __all__ = [
     "Watcher",
     "connect",
     "exact_delta",
+    "fedmq_cli",
     "make_update",
     "model_weights",
 ]
 
 _ROOT = Path(__file__).resolve().parents[1]
+
+# What the TFLite runtime prints on stderr itself (C++, not Python logging) when a model loads.
+_NATIVE_BANNERS = ("INFO: Created TensorFlow Lite",)
+
+
+def fedmq_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m fedmq_ops ARGS`` as a real process from this checkout (exit code, output).
+
+    ``.stderr`` keeps the Python log lines only: the TFLite runtime's own native banner is
+    dropped so a test can count the lines a command logged.
+    """
+    env = {**os.environ, "PYTHONPATH": str(_ROOT)}
+    done = subprocess.run([sys.executable, "-m", "fedmq_ops", *args], capture_output=True,
+                          text=True, env=env, cwd=_ROOT, timeout=timeout)
+    kept = [line for line in done.stderr.splitlines(keepends=True)
+            if not line.startswith(_NATIVE_BANNERS)]
+    done.stderr = "".join(kept)
+    return done
 
 
 def connect(b: LocalBroker, client_id: str = "") -> mqtt.Client:
@@ -275,14 +295,7 @@ class AggregatorProcess:
     def stop(self, timeout: float = 20.0) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
     def wait(self, timeout: float) -> int:
         assert self.proc is not None

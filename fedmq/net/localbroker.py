@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmq.errors import ConfigError
+from fedmq.net.procs import stop_process
 
 __all__ = ["BrokerOptions", "LocalBroker", "free_port", "mosquitto_path", "wait_for_port"]
 
@@ -155,14 +155,8 @@ class LocalBroker:
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
+        if proc is not None:
+            stop_process(proc, timeout, kill_timeout=timeout)
 
     def kill(self) -> None:
         """SIGKILL: the broker gets no chance to save anything since its last autosave."""

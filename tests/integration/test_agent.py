@@ -27,6 +27,7 @@ from edge_agent.trainer import EvalMetrics, LiteRTTrainer, TrainMetrics
 from fedmq.data.local import LocalData
 from fedmq.models.spec import ModelSpec, load_bundle, prebuilt_bundle_path
 from fedmq.net.localbroker import LocalBroker
+from fedmq.net.procs import stop_process
 from fedmq.topics import Topics
 from fedmq.update.codecs import decode_tensors
 from fedmq.wire import (
@@ -385,6 +386,4 @@ def test_cli_agent_waits_for_a_broker_that_is_down_and_stops_on_sigterm(
         finally:
             agg.close()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)

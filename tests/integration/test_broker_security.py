@@ -8,10 +8,14 @@ id to the username, so a second connection of the same user replaces the first.
 from __future__ import annotations
 
 import os
+import pwd
 import queue
 import re
+import shutil
 import signal
 import ssl
+import stat
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,15 +29,18 @@ import pytest
 from fedmq.net.localbroker import BrokerOptions, LocalBroker, free_port, mosquitto_path
 from fedmq.net.mqtt import MqttSettings, connect, make_client
 from fedmq.topics import Topics
-from fedmq_ops.broker_tools import (
+from fedmq_ops.broker import (
+    PACKET_OVERHEAD,
     BrokerLayout,
     BrokerSettings,
     add_device,
     init_broker,
+    load_settings,
     make_ca,
     remove_device,
 )
 from tests.conftest import _track
+from tests.fakes import fedmq_cli
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +49,7 @@ T = Topics(FLEET)
 NOT_AUTHORIZED = 0x87
 WAIT = 5.0
 QUIET = 0.6  # how long "nothing arrives" is watched after a sentinel has arrived
+MAX_MESSAGE = 256 * 1024  # the module broker's --max-message-bytes
 
 
 class SecuredBroker(LocalBroker):
@@ -88,10 +96,9 @@ def _secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
         health_port=free_port(), config_root=str(root), data_dir=f"{root}/data/",
         # As root, Mosquitto would switch to 'mosquitto', who cannot read pytest's tmp dirs.
         run_as="root" if os.geteuid() == 0 else "mosquitto",
-        monitor=True,
+        monitor=True, max_message_bytes=MAX_MESSAGE,
     )
     result = init_broker(root, settings)
-    (root / "data").mkdir()
     secure = Secure(SecuredBroker(BrokerLayout(root), settings), BrokerLayout(root))
     secure.passwords.update(result.passwords)
     for dev in ("dev-a", "dev-b"):
@@ -354,3 +361,97 @@ def _wait_until(check: Any, what: str) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for: {what}")
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_an_oversized_retained_publish_is_refused(
+    secure: Secure, peers: list[Peer], protocol: str
+) -> None:
+    """max_packet_size from --max-message-bytes: a message of that size is taken, a larger
+    one gets its sender disconnected and is neither delivered nor retained."""
+    dev = _online(peers, secure.settings("dev-a", protocol=protocol))
+    fits = bytes([1]) * MAX_MESSAGE
+    assert not dev.publish(T.status("dev-a"), fits, retain=True).is_failure
+    too_big = bytes([2]) * (MAX_MESSAGE + PACKET_OVERHEAD + 1)
+    dev.client.publish(T.status("dev-a"), too_big, qos=1, retain=True)
+    assert dev.disconnected.wait(WAIT), "the broker kept a client that sent too much"
+    mon = _online(peers, secure.settings("monitor"))
+    mon.subscribe(T.status("dev-a"))
+    msg = mon.messages.get(timeout=WAIT)
+    assert (msg.topic, msg.retain, bytes(msg.payload)) == (T.status("dev-a"), True, fits)
+    assert "Client dev-a disconnected due to oversize packet." in secure.broker.read_log()
+    # clear the retained status for the other tests
+    dev2 = _online(peers, secure.settings("dev-a", protocol=protocol))
+    assert not dev2.publish(T.status("dev-a"), b"", retain=True).is_failure
+
+
+@pytest.fixture
+def world_readable_dir() -> Iterator[Path]:
+    """A directory outside pytest's 0700 tmp tree, so a broker that dropped root reaches it."""
+    base = Path(tempfile.mkdtemp(prefix="fedmq-owned-broker-"))
+    os.chmod(base, 0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_local_broker_run_as_its_owner_keeps_queued_messages_over_a_restart(
+    request: pytest.FixtureRequest, world_readable_dir: Path, peers: list[Peer]
+) -> None:
+    """`fedmq broker init --local --owner` as docs/broker.md says: Mosquitto, started as root,
+    drops to `mosquitto`, saves mosquitto.db into data/ on SIGTERM and restores the
+    offline aggregator's queued QoS 1 update after the restart."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: --owner and Mosquitto dropping to its user")
+    try:
+        pw = pwd.getpwnam("mosquitto")
+    except KeyError:
+        pytest.skip("no `mosquitto` system user (apt-get install mosquitto creates it)")
+    owner = (pw.pw_uid, pw.pw_gid)
+    root = world_readable_dir / "broker"
+    tls, health = free_port(), free_port()
+    done = fedmq_cli("-q", "broker", "init", "--dir", str(root), "--local", "--fleet", FLEET,
+                     "--owner", f"{owner[0]}:{owner[1]}", "--tls-port", str(tls),
+                     "--health-port", str(health))
+    assert done.returncode == 0, done.stderr
+    layout = BrokerLayout(root)
+    data = root / "data"
+    assert (data.stat().st_uid, data.stat().st_gid) == owner
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    settings = load_settings(root)
+    assert settings.run_as == "mosquitto"
+    device_pw = add_device(root, "dev-a", owner=owner)
+    assert device_pw is not None
+    agg_pw = _env_file(layout.credentials("aggregator"))["FEDMQ_AGGREGATOR_PASSWORD"]
+    broker = SecuredBroker(layout, settings)
+    _track(request, broker)
+    broker.start()
+    try:
+        plain = MqttSettings(host="127.0.0.1", port=health, client_id="aggregator",
+                             protocol="5", clean_start=False, session_expiry=3600,
+                             username="aggregator", password=agg_pw)
+        agg = _online(peers, plain)
+        agg.subscribe(T.update_wildcard)
+        agg.stop()  # offline, its persistent session keeps the subscription
+        dev = _online(peers, replace(plain, client_id="dev-a", clean_start=True,
+                                     session_expiry=0, username="dev-a", password=device_pw))
+        assert not dev.publish(T.update("dev-a"), b"queued-update").is_failure
+        dev.stop()
+        broker.stop()  # SIGTERM: Mosquitto saves its database
+        saved = data / "mosquitto.db"
+        assert saved.is_file(), broker.read_log()
+        assert saved.stat().st_uid == owner[0]
+        broker.start()
+        back = _online(peers, plain)  # same session, no new SUBSCRIBE
+        msg = back.messages.get(timeout=WAIT)
+        assert (msg.topic, bytes(msg.payload)) == (T.update("dev-a"), b"queued-update")
+    finally:
+        broker.stop()
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key] = value
+    return out

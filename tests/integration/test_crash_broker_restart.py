@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -36,6 +35,7 @@ from aggregator.store import Store
 from edge_agent.state import StateStore
 from fedmq.errors import RejectReason
 from fedmq.net.localbroker import LocalBroker
+from fedmq.net.procs import stop_process
 from fedmq.topics import Topics
 from fedmq.wire import AckMessage, decode_ack, decode_update
 from tests.fakes import AggregatorProcess, Watcher
@@ -116,14 +116,7 @@ class _AgentProcess:
                                          cwd=_ROOT)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_process(self.proc, 20)
 
     def outbox_size(self) -> int:
         """Updates waiting for an ack (read-only: an ``Outbox`` object would remove the

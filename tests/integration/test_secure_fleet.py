@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -29,10 +28,11 @@ from aggregator.store import Store
 from fedmq.errors import RejectReason
 from fedmq.net.localbroker import BrokerOptions, LocalBroker, free_port, mosquitto_path
 from fedmq.net.mqtt import MqttSettings, connect, make_client
+from fedmq.net.procs import stop_process
 from fedmq.signing import DeviceKey, Registry, load_or_create_key, sign_update
 from fedmq.topics import Topics
 from fedmq.wire import AckMessage, decode_ack, decode_model, decode_update, encode
-from fedmq_ops.broker_tools import BrokerLayout, BrokerSettings, add_device, init_broker
+from fedmq_ops.broker import BrokerLayout, BrokerSettings, add_device, init_broker
 from tests.conftest import _track
 from tests.fakes import exact_delta, make_update
 
@@ -92,14 +92,7 @@ class Proc:
     def stop(self, timeout: float = 20.0) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -201,7 +194,6 @@ def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
         run_as="root" if os.geteuid() == 0 else "mosquitto", monitor=True,
     )
     init_broker(root, settings)
-    (root / "data").mkdir()
     # dev-m: a valid broker identity used to send bad updates; dev-x: not enrolled at all
     for device in (*AGENTS, "dev-m", "dev-x"):
         assert add_device(root, device) is not None

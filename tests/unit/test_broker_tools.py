@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
+import os
 import re
 import shutil
 import stat
@@ -17,7 +19,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_pem_priv
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedmq.errors import ConfigError
-from fedmq_ops.broker_tools import (
+from fedmq_ops.broker import (
+    PACKET_OVERHEAD,
     BrokerLayout,
     BrokerSettings,
     add_device,
@@ -26,12 +29,14 @@ from fedmq_ops.broker_tools import (
     hash_password,
     init_broker,
     list_devices,
+    load_settings,
     parse_passwd,
     remove_device,
     render_acl,
     render_mosquitto_conf,
     verify_password,
 )
+from tests.fakes import fedmq_cli
 
 REPO = Path(__file__).resolve().parents[2]
 PASSWD_LINE = re.compile(
@@ -94,7 +99,7 @@ def test_config_is_locked_down() -> None:
     assert d["persistence"] == "true"
     assert d["persistence_location"] == "/mosquitto/data/"
     assert int(d["max_queued_messages"]) >= 100_000
-    assert int(d["max_packet_size"]) == 64 * 1024 * 1024
+    assert int(d["max_packet_size"]) == 16 * 1024 * 1024 + 4096
     assert d["persistent_client_expiration"] == "14d"
     assert "message_size_limit" not in d  # deprecated
     listeners = [v for k, v in _directives(conf) if k == "listener"]
@@ -137,7 +142,8 @@ def test_config_options() -> None:
         {"health_port": 8883},
         {"config_root": "relative"},
         {"max_queued_messages": 1000 - 1},
-        {"max_packet_size": 300 * 1024 * 1024},
+        {"max_message_bytes": 300 * 1024 * 1024},
+        {"max_message_bytes": 1000},
         {"persistent_client_expiration": "soon"},
         {"topic_prefix": "t/"},
         {"run_as": "ro ot"},
@@ -476,3 +482,81 @@ def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert _cli(["broker", "remove-device", "dev-a", "--dir", str(d)]) == 0
     assert _cli(["broker", "remove-device", "dev-a", "--dir", str(d)]) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def _tree_modes(root: Path) -> dict[str, int]:
+    out = {".": _mode(root)}
+    for p in root.rglob("*"):
+        out[str(p.relative_to(root))] = _mode(p)
+    return out
+
+
+def test_init_under_umask_000_leaves_safe_modes(tmp_path: Path) -> None:
+    """Modes are set explicitly, never left to the umask (the real command, umask 000)."""
+    d = tmp_path / "b"
+    old = os.umask(0)
+    try:
+        done = fedmq_cli("-q", "broker", "init", "--dir", str(d), "--local", "--monitor")
+        added = fedmq_cli("-q", "broker", "add-device", "dev-a", "--dir", str(d), "--cert")
+    finally:
+        os.umask(old)
+    assert done.returncode == 0 and added.returncode == 0, done.stderr + added.stderr
+    modes = _tree_modes(d)
+    assert {k: modes[k] for k in (".", "certs", "data", "private", "credentials", "clients")} \
+        == {".": 0o750, "certs": 0o750, "data": 0o700, "private": 0o700,
+            "credentials": 0o700, "clients": 0o700}
+    for secret in ("passwd", "certs/server.key", "private/ca.key", ".lock",
+                   "credentials/aggregator.env", "credentials/monitor.env",
+                   "credentials/dev-a.env", "clients/dev-a.key"):
+        assert modes[secret] == 0o600, secret
+    assert not [k for k, m in modes.items() if m & 0o002], "world-writable"
+    assert not [k for k, m in modes.items() if m & 0o004 and k.endswith((".key", ".env"))]
+
+
+def test_init_gives_the_owner_dir_certs_and_local_data(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("--owner needs root")
+    d = tmp_path / "b"
+    (d / "data").mkdir(parents=True)
+    (d / "data" / "mosquitto.db").write_bytes(b"saved by a broker that ran as root")
+    assert fedmq_cli("-q", "broker", "init", "--dir", str(d), "--local",
+                     "--owner", "65534:65533").returncode == 0
+    for p, want in ((d, (0, 65533)), (d / "certs", (0, 65533)),
+                    (d / "data", (65534, 65533)), (d / "data" / "mosquitto.db", (65534, 65533)),
+                    (d / "passwd", (65534, 65533)), (d / "certs" / "server.key", (65534, 65533)),
+                    (d / "private" / "ca.key", (0, 0))):
+        assert (p.stat().st_uid, p.stat().st_gid) == want, p
+
+
+def test_owner_without_root_is_one_line(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root may give files away")
+    done = fedmq_cli("-q", "broker", "init", "--dir", str(tmp_path / "b"), "--owner", "0:0")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert len(done.stderr.splitlines()) == 1 and "--owner needs root" in done.stderr
+
+
+def test_max_message_bytes_sets_the_packet_limit(tmp_path: Path) -> None:
+    d = tmp_path / "b"
+    assert _cli(["broker", "init", "--dir", str(d), "--max-message-bytes", "1048576"]) == 0
+    d_conf = dict(_directives((d / "mosquitto.conf").read_text()))
+    assert int(d_conf["max_packet_size"]) == 1048576 + PACKET_OVERHEAD
+    assert "message_size_limit" not in d_conf
+    assert _cli(["broker", "init", "--dir", str(d)]) == 0  # kept on a re-run
+    assert json.loads((d / "broker.json").read_text())["settings"]["max_message_bytes"] \
+        == 1048576
+
+
+def test_broker_json_keys_are_checked(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    d = tmp_path / "b"
+    init_broker(d, BrokerSettings())
+    doc = json.loads((d / "broker.json").read_text())
+    del doc["settings"]["max_message_bytes"]
+    doc["settings"]["max_packet_size"] = 64 * 1024 * 1024  # written by an older version
+    (d / "broker.json").write_text(json.dumps(doc))
+    assert load_settings(d).max_message_bytes == 16 * 1024 * 1024
+    assert "max_packet_size 67108864 is replaced by max_message_bytes" in caplog.text
+    doc["settings"]["max_mesage_bytes"] = 5
+    (d / "broker.json").write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match=re.escape("unknown key(s) max_mesage_bytes")):
+        load_settings(d)

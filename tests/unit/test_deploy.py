@@ -401,8 +401,8 @@ def test_aggregator_client_id_is_its_username_and_the_health_listener_matches() 
                    if any(e["name"] == "FEDMQ_AGGREGATOR_USERNAME" for e in c.get("env", []))]
     env = {e["name"]: e.get("valueFrom") for e in container["env"]}
     assert env["FEDMQ_AGGREGATOR_CLIENT_ID"] == env["FEDMQ_AGGREGATOR_USERNAME"]
-    broker_tools = pytest.importorskip("fedmq_ops.broker_tools")
-    conf = broker_tools.render_mosquitto_conf(broker_tools.BrokerSettings())
+    broker = pytest.importorskip("fedmq_ops.broker")
+    conf = broker.render_mosquitto_conf(broker.BrokerSettings())
     assert "listener 1883 127.0.0.1" in conf  # what the compose health check dials
     assert (ROOT / "broker" / "mosquitto.conf").read_text() == conf
 

@@ -1,0 +1,57 @@
+"""Render the per-identity Mosquitto ACL (no patterns, nothing for anonymous clients)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from fedmq.errors import ConfigError
+from fedmq.topics import Topics
+from fedmq_ops.broker.settings import AGGREGATOR_USER, MONITOR_USER, BrokerSettings
+
+__all__ = ["render_acl"]
+
+
+def render_acl(s: BrokerSettings, devices: Mapping[str, str]) -> str:
+    """One ``user`` block per identity; nothing for anonymous clients; no patterns."""
+    lines = [
+        "# fedmq broker ACL. Rendered by `fedmq broker`; re-run it instead of editing.",
+        "# Mosquitto denies everything not granted here. No `topic` lines come before the",
+        "# first `user` (those would apply to anonymous clients) and there are no `pattern`",
+        "# lines (those would apply to every user, the monitor and the aggregator included).",
+        "",
+        f"user {AGGREGATOR_USER}",
+    ]
+    for fleet in s.fleets:
+        t = Topics(fleet, s.topic_prefix)
+        lines += [
+            f"topic read {t.update_wildcard}",
+            f"topic read {t.status_wildcard}",
+            f"topic readwrite {t.model}",
+            f"topic readwrite {t.round}",
+            f"topic write {t.base}/ack/+",
+        ]
+    if s.monitor:
+        lines += ["", f"user {MONITOR_USER}"]
+        for fleet in s.fleets:
+            t = Topics(fleet, s.topic_prefix)
+            lines += [
+                f"topic read {t.status_wildcard}",
+                f"topic read {t.model}",
+                f"topic read {t.round}",
+            ]
+        lines.append("topic read $SYS/#")
+    for name in sorted(devices):
+        fleet = devices[name]
+        if fleet not in s.fleets:
+            raise ConfigError(f"device {name} belongs to fleet {fleet!r}, not in {s.fleets}")
+        t = Topics(fleet, s.topic_prefix)
+        lines += [
+            "",
+            f"user {name}",
+            f"topic write {t.update(name)}",
+            f"topic write {t.status(name)}",
+            f"topic read {t.model}",
+            f"topic read {t.round}",
+            f"topic read {t.ack(name)}",
+        ]
+    return "\n".join(lines) + "\n"

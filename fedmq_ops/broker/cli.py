@@ -1,0 +1,184 @@
+"""``fedmq broker {init,add-device,remove-device,list}``: argument parsing and output."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from fedmq.errors import ConfigError
+from fedmq_ops.broker.provision import add_device, init_broker, list_devices, remove_device
+from fedmq_ops.broker.settings import BrokerLayout, BrokerSettings
+from fedmq_ops.broker.state import load_settings
+
+__all__ = ["add_parser"]
+
+
+_RELOAD_HINT = ("reload the broker to apply: `kill -HUP $(pidof mosquitto)` or "
+                "`docker compose kill -s HUP mosquitto`")
+
+
+def _owner(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    uid, _, gid = value.partition(":")
+    try:
+        return int(uid), int(gid or uid)
+    except ValueError as exc:
+        raise ConfigError(f"--owner must be UID[:GID] in numbers, got {value!r}") from exc
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    root = Path(args.dir)
+    base = BrokerSettings()
+    if (root / "broker.json").exists():
+        base = load_settings(root)  # keep earlier choices unless flags override them
+    changes: dict[str, Any] = {}
+    for key in ("fleet", "hostname"):
+        value = getattr(args, key)
+        if value:
+            changes[f"{key}s"] = tuple(dict.fromkeys(value))
+    for key in ("topic_prefix", "tls_port", "config_root", "data_dir", "days", "bind_clientid",
+                "max_queued_messages", "max_queued_bytes", "max_message_bytes", "monitor",
+                "require_client_cert"):
+        value = getattr(args, key)
+        if value is not None:
+            changes[key] = value
+    if args.health_port is not None:
+        changes["health_port"] = args.health_port or None
+    if args.local:
+        if args.config_root or args.data_dir:
+            raise ConfigError("--local sets the paths itself: drop --config-root/--data-dir")
+        changes["config_root"] = str(root.resolve())
+        changes["data_dir"] = str((root / "data").resolve()) + "/"
+    settings = replace(base, **changes)
+    result = init_broker(root, settings, renew_server_cert=args.renew_server_cert,
+                         owner=_owner(args.owner))
+    layout = BrokerLayout(root)
+    print(f"broker directory {root}: config {layout.conf}, CA {layout.ca_crt}")
+    for ident in result.passwords:
+        print(f"new password for {ident!r} saved in {layout.credentials(ident)} (mode 0600)")
+    if not result.passwords:
+        print("existing CA, keys and passwords kept; ACL and config re-rendered")
+    return 0
+
+
+def _cmd_add(args: argparse.Namespace) -> int:
+    password = args.password
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    new = add_device(Path(args.dir), args.name, fleet=args.fleet, password=password,
+                     rotate=args.rotate, client_cert=args.cert,
+                     save_credentials=not args.no_save, owner=_owner(args.owner))
+    layout = BrokerLayout(Path(args.dir))
+    if new is None:
+        print(f"{args.name} exists; password unchanged (use --rotate for a new one)")
+    elif args.password is None and not args.password_stdin:
+        print(f"{args.name} password (shown once): {new}")
+    else:
+        print(f"{args.name} password set")
+    if new is not None and not args.no_save:
+        print(f"credentials: {layout.credentials(args.name)} (mode 0600)")
+    if layout.client_crt(args.name).exists():
+        print(f"client certificate: {layout.client_crt(args.name)}, "
+              f"key {layout.client_key(args.name)}")
+    print(_RELOAD_HINT)
+    return 0
+
+
+def _cmd_remove(args: argparse.Namespace) -> int:
+    if remove_device(Path(args.dir), args.name, owner=_owner(args.owner)):
+        print(f"removed {args.name}; {_RELOAD_HINT}")
+    else:
+        print(f"{args.name} was not a device of {args.dir}; nothing to do")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    for name, fleet in list_devices(Path(args.dir)).items():
+        print(f"{name}\t{fleet}")
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``fedmq broker {init,add-device,remove-device,list}``."""
+    p = subparsers.add_parser(
+        "broker", help="create and manage the production Mosquitto files (TLS, ACL, users)",
+        description="Create a CA, the broker's TLS certificate, a password file, a per-user "
+        "ACL and mosquitto.conf in one directory, and add or remove devices. "
+        "See docs/broker.md.",
+    )
+    sub = p.add_subparsers(dest="broker_command", metavar="ACTION", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--dir", required=True, type=Path, help="the broker directory")
+        sp.add_argument("--owner", metavar="UID[:GID]",
+                        help="owner of server.key and passwd, group of DIR and certs/, owner "
+                        "of the --local data/ (1883:1883 for the eclipse-mosquitto image; "
+                        "needs root)")
+
+    i = sub.add_parser("init", help="create the CA, certificates, users, ACL and config",
+                       description="Idempotent: keeps the CA, keys and passwords that exist, "
+                       "re-renders the ACL and mosquitto.conf.")
+    common(i)
+    i.add_argument("--fleet", action="append", help="fleet served (repeatable; default "
+                   "'default')")
+    i.add_argument("--hostname", action="append", help="DNS name or IP of the broker for the "
+                   "certificate (repeatable; localhost and 127.0.0.1 are always included)")
+    i.add_argument("--days", type=int, help="validity of server and client certificates "
+                   "(default 825)")
+    i.add_argument("--tls-port", type=int, help="TLS listener port (default 8883)")
+    i.add_argument("--health-port", type=int, help="plaintext 127.0.0.1 listener port "
+                   "(default 1883; 0 = none)")
+    i.add_argument("--topic-prefix", help="topic prefix before fl/ (default none)")
+    i.add_argument("--config-root", help="where the broker sees DIR (default "
+                   "/mosquitto/config, the compose mount)")
+    i.add_argument("--data-dir", help="persistence directory (default /mosquitto/data/)")
+    i.add_argument("--local", action="store_true", help="render paths for running mosquitto "
+                   "on this host from DIR (config root = DIR, data = DIR/data)")
+    i.add_argument("--monitor", action=argparse.BooleanOptionalAction, default=None,
+                   help="a read-only 'monitor' user (status, model, round, $SYS)")
+    i.add_argument("--require-client-cert", action=argparse.BooleanOptionalAction,
+                   default=None, help="require a CA-signed client certificate in addition "
+                   "to the password")
+    i.add_argument("--bind-clientid", action=argparse.BooleanOptionalAction, default=None,
+                   help="client id := username (default on): one connection per identity, "
+                   "no session takeover by another user")
+    i.add_argument("--max-queued-messages", type=int, help="per-client queue (default 100000)")
+    i.add_argument("--max-queued-bytes", type=int, help="per-client queue bytes (default 1 GiB; "
+                   "0 = unlimited)")
+    i.add_argument("--max-message-bytes", type=int, help="largest message a client may "
+                   "publish: the float32 model's size plus a margin (default 16 MiB); it also "
+                   "caps what a device can leave retained on its topics")
+    i.add_argument("--renew-server-cert", action="store_true",
+                   help="issue a new server certificate even if the current one is fine")
+    i.set_defaults(func=_cmd_init)
+
+    a = sub.add_parser("add-device", help="add a device (prints its password once)",
+                       description="Add a device user with its ACL block. Idempotent: an "
+                       "existing device keeps its password unless --password or --rotate.")
+    a.add_argument("name", help="device id = MQTT username")
+    common(a)
+    a.add_argument("--fleet", help="its fleet (default: the first fleet of the broker)")
+    g = a.add_mutually_exclusive_group()
+    g.add_argument("--password", help="use this password (visible in the process list; "
+                   "prefer --password-stdin)")
+    g.add_argument("--password-stdin", action="store_true", help="read the password from "
+                   "the first line of stdin")
+    g.add_argument("--rotate", action="store_true", help="give an existing device a new "
+                   "random password")
+    a.add_argument("--cert", action="store_true", help="also issue a client certificate")
+    a.add_argument("--no-save", action="store_true", help="do not write "
+                   "credentials/NAME.env (print the password only)")
+    a.set_defaults(func=_cmd_add)
+
+    r = sub.add_parser("remove-device", help="remove a device (password, ACL, certificate)")
+    r.add_argument("name", help="device id")
+    common(r)
+    r.set_defaults(func=_cmd_remove)
+
+    ls = sub.add_parser("list", help="list the devices and their fleets")
+    ls.add_argument("--dir", required=True, type=Path, help="the broker directory")
+    ls.set_defaults(func=_cmd_list)

@@ -1,0 +1,258 @@
+"""The broker-directory commands: init, add a device, remove a device, list devices."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmq.errors import ConfigError
+from fedmq.topics import validate_name
+from fedmq_ops.broker.acl import render_acl
+from fedmq_ops.broker.certs import (
+    cert_pem,
+    issue_client_cert,
+    issue_server_cert,
+    key_pem,
+    load_cert,
+    load_key,
+    make_ca,
+    server_cert_ok,
+)
+from fedmq_ops.broker.conf import render_mosquitto_conf
+from fedmq_ops.broker.files import DIR_MODES, ensure_dir, write_file, write_if_changed
+from fedmq_ops.broker.lock import locked
+from fedmq_ops.broker.passwords import format_passwd, hash_password, new_password
+from fedmq_ops.broker.settings import (
+    AGGREGATOR_USER,
+    MONITOR_USER,
+    RESERVED_USERS,
+    BrokerLayout,
+    BrokerSettings,
+    BrokerState,
+)
+from fedmq_ops.broker.state import load_state, read_passwd, save_state
+
+__all__ = ["InitResult", "add_device", "init_broker", "list_devices", "remove_device"]
+
+log = logging.getLogger(__name__)
+
+
+def _credentials_text(state: BrokerState, name: str, password: str) -> str:
+    """Only the identity: host, port and fleet stay in the TOML config, which the
+    environment would override (a compose aggregator dials ``mosquitto``, not the DNS name)."""
+    s = state.settings
+    extra: list[str] = []
+    if name == AGGREGATOR_USER:
+        prefix, fleets = "FEDMQ_AGGREGATOR_", ", ".join(s.fleets)
+    elif name == MONITOR_USER:
+        prefix, fleets = "FEDMQ_MONITOR_", ", ".join(s.fleets)
+    else:
+        prefix, fleets = "FEDMQ_AGENT_", state.devices[name]
+        extra.append(f"FEDMQ_AGENT_DEVICE_ID={name}")
+    lines = [
+        f"# MQTT login of {name!r} (fleet {fleets}) for the fedmq broker:",
+        f"# TLS port {s.tls_port}, server names {', '.join(s.hostnames)}, CA certs/ca.crt.",
+        "# Secret: deliver it, then delete this file. Works as a compose env_file or a",
+        "# systemd EnvironmentFile.",
+        *extra,
+        f"{prefix}USERNAME={name}",
+        f"{prefix}PASSWORD={password}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _secure_dirs(layout: BrokerLayout, settings: BrokerSettings,
+                 owner: tuple[int, int] | None) -> None:
+    """Explicit modes (whatever the umask) for DIR, certs/ and a local data/: the broker's
+    group (``owner``) may enter DIR and certs/; the broker owns data/, where it saves
+    ``mosquitto.db`` after dropping root."""
+    group = (-1, owner[1]) if owner is not None else None
+    ensure_dir(layout.root, DIR_MODES[""], group)
+    ensure_dir(layout.certs, DIR_MODES["certs"], group)
+    for name in ("private", "credentials", "clients"):
+        if (layout.root / name).exists():
+            ensure_dir(layout.root / name, DIR_MODES[name])
+    if Path(settings.data_dir.rstrip("/")) == layout.data.resolve():  # --local
+        ensure_dir(layout.data, DIR_MODES["data"], owner)
+        if owner is not None:
+            for saved in layout.data.glob("mosquitto.db*"):
+                os.chown(saved, *owner, follow_symlinks=False)
+
+
+def _render_all(layout: BrokerLayout, state: BrokerState, passwd: dict[str, str],
+                owner: tuple[int, int] | None) -> None:
+    write_file(layout.passwd, format_passwd(passwd), 0o600, owner, keep_group_read=True)
+    write_if_changed(layout.acl, render_acl(state.settings, state.devices), 0o644)
+    write_if_changed(layout.conf, render_mosquitto_conf(state.settings), 0o644)
+    save_state(layout, state)
+
+
+def _set_password(layout: BrokerLayout, state: BrokerState, passwd: dict[str, str], name: str,
+                  password: str | None, save: bool) -> str:
+    password = password if password is not None else new_password()
+    passwd[name] = hash_password(password)
+    cred = layout.credentials(name)
+    if save:
+        write_file(cred, _credentials_text(state, name, password), 0o600)
+    elif cred.exists():
+        cred.unlink()  # it would hold the old password
+    return password
+
+
+@dataclass(frozen=True)
+class InitResult:
+    written: tuple[str, ...]  # files created or rewritten
+    passwords: Mapping[str, str]  # identities given a new password by this run
+
+
+def init_broker(
+    root: Path,
+    settings: BrokerSettings,
+    renew_server_cert: bool = False,
+    owner: tuple[int, int] | None = None,
+) -> InitResult:
+    """Create what is missing in ``root``; keep the CA, keys and passwords already there.
+
+    ``owner`` (uid, gid) is given to the files the broker process reads that are secret
+    (server.key, passwd): 1883:1883 for the eclipse-mosquitto image.
+    """
+    layout = BrokerLayout(Path(root))
+    created: list[str] = []
+    passwords: dict[str, str] = {}
+    with locked(layout.root, create=True):
+        _secure_dirs(layout, settings, owner)
+        devices: dict[str, str] = {}
+        if layout.state.exists():
+            devices = load_state(layout).devices
+            orphans = {d: f for d, f in devices.items() if f not in settings.fleets}
+            if orphans:
+                raise ConfigError(
+                    f"devices {sorted(orphans)} belong to fleets not in {settings.fleets}; "
+                    "remove them first or keep their fleets"
+                )
+        state = BrokerState(settings, devices)
+
+        if layout.ca_key.exists() != layout.ca_crt.exists():
+            raise ConfigError(
+                f"only one of {layout.ca_key} and {layout.ca_crt} exists; restore the other "
+                "or delete both to make a new CA (every client then needs the new ca.crt)"
+            )
+        if layout.ca_key.exists():
+            ca_key, ca_cert = load_key(layout.ca_key), load_cert(layout.ca_crt)
+        else:
+            ca_key, ca_cert = make_ca(days=settings.ca_days)
+            write_file(layout.ca_key, key_pem(ca_key), 0o600)
+            write_file(layout.ca_crt, cert_pem(ca_cert), 0o644)
+            created += [str(layout.ca_key), str(layout.ca_crt)]
+
+        keep = (
+            not renew_server_cert
+            and layout.server_crt.exists()
+            and layout.server_key.exists()
+            and server_cert_ok(load_cert(layout.server_crt), ca_cert, settings.hostnames)
+        )
+        if not keep:
+            key, cert = issue_server_cert(ca_key, ca_cert, settings.hostnames, settings.days)
+            write_file(layout.server_key, key_pem(key), 0o600, owner, keep_group_read=True)
+            write_file(layout.server_crt, cert_pem(cert), 0o644)
+            created += [str(layout.server_crt), str(layout.server_key)]
+        elif owner is not None:
+            os.chown(layout.server_key, *owner)
+
+        passwd = read_passwd(layout)
+        wanted = {AGGREGATOR_USER} | ({MONITOR_USER} if settings.monitor else set())
+        for ident in sorted(wanted):
+            if ident not in passwd:
+                passwords[ident] = _set_password(layout, state, passwd, ident, None, True)
+                created.append(str(layout.credentials(ident)))
+        if not settings.monitor and MONITOR_USER in passwd:
+            del passwd[MONITOR_USER]
+            layout.credentials(MONITOR_USER).unlink(missing_ok=True)
+        stale = set(passwd) - wanted - set(devices)
+        if stale:
+            log.warning("password file users without an ACL block (they can connect but "
+                        "do nothing): %s", ", ".join(sorted(stale)))
+        _render_all(layout, state, passwd, owner)
+        created += [str(p) for p in (layout.passwd, layout.acl, layout.conf)]
+    log.info("broker files in %s", layout.root)
+    return InitResult(tuple(dict.fromkeys(created)), passwords)
+
+
+def add_device(
+    root: Path,
+    name: str,
+    fleet: str | None = None,
+    password: str | None = None,
+    rotate: bool = False,
+    client_cert: bool = False,
+    save_credentials: bool = True,
+    owner: tuple[int, int] | None = None,
+) -> str | None:
+    """Add (or update) device ``name``; returns its new password, or None if unchanged.
+
+    Re-adding an existing device changes nothing unless ``password`` or ``rotate`` is given;
+    ``client_cert`` issues a client certificate when the device has none.
+    """
+    validate_name(name, "device")
+    if name in RESERVED_USERS:
+        raise ConfigError(f"{name!r} is reserved for the {name} identity")
+    if password is not None and rotate:
+        raise ConfigError("give either a password or rotate, not both")
+    layout = BrokerLayout(Path(root))
+    with locked(layout.root):
+        state = load_state(layout)
+        fleet = fleet or state.devices.get(name) or state.settings.fleets[0]
+        if fleet not in state.settings.fleets:
+            raise ConfigError(f"fleet {fleet!r} is not served by this broker "
+                              f"({', '.join(state.settings.fleets)}); see `init --fleet`")
+        known = state.devices.get(name)
+        if known is not None and known != fleet:
+            raise ConfigError(f"device {name} already belongs to fleet {known!r}; "
+                              "remove it first to move it")
+        passwd = read_passwd(layout)
+        state.devices[name] = fleet
+        new: str | None = None
+        if name not in passwd or password is not None or rotate:
+            new = _set_password(layout, state, passwd, name, password, save_credentials)
+            log.info("%s device %s (fleet %s)",
+                     "added" if known is None else "new password for", name, fleet)
+        else:
+            log.info("device %s exists (fleet %s); password unchanged (use --rotate)",
+                     name, fleet)
+        if client_cert and not layout.client_crt(name).exists():
+            ca_key, ca_cert = load_key(layout.ca_key), load_cert(layout.ca_crt)
+            key, cert = issue_client_cert(ca_key, ca_cert, name, state.settings.days)
+            write_file(layout.client_key(name), key_pem(key), 0o600)
+            write_file(layout.client_crt(name), cert_pem(cert), 0o644)
+            log.info("client certificate %s", layout.client_crt(name))
+        _render_all(layout, state, passwd, owner)
+    return new
+
+
+def remove_device(root: Path, name: str, owner: tuple[int, int] | None = None) -> bool:
+    """Remove ``name``'s password, ACL block, credentials and client certificate.
+
+    Returns False when there was nothing to remove. The broker applies it on SIGHUP.
+    """
+    validate_name(name, "device")
+    if name in RESERVED_USERS:
+        raise ConfigError(f"{name!r} is not a device")
+    layout = BrokerLayout(Path(root))
+    with locked(layout.root):
+        state = load_state(layout)
+        passwd = read_passwd(layout)
+        found = state.devices.pop(name, None) is not None
+        found = passwd.pop(name, None) is not None or found
+        for p in (layout.credentials(name), layout.client_crt(name), layout.client_key(name)):
+            if p.exists():
+                p.unlink()
+                found = True
+        _render_all(layout, state, passwd, owner)
+    return found
+
+
+def list_devices(root: Path) -> dict[str, str]:
+    return dict(sorted(load_state(BrokerLayout(Path(root))).devices.items()))

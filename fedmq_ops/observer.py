@@ -1,0 +1,153 @@
+"""One read-only MQTT observer of a fleet's retained topics, for every operator tool.
+
+:class:`FleetObserver` subscribes to ``status/+``, ``round`` and ``model`` of one fleet and
+keeps what they say in a :class:`FleetView`: the retained messages give the picture at
+once, later ones update it. ``fedmq status`` renders the view; the local fleet runner
+(``fedmq demo`` / ``experiment``) waits on model versions and hooks ``on_model`` and
+``on_status`` to record rounds and device memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedmq import wire
+from fedmq.errors import FedmqError
+from fedmq.net.mqtt import MqttSettings, connect, make_client
+from fedmq.topics import Topics
+
+__all__ = ["FleetObserver", "FleetView", "OnModel", "OnStatus"]
+
+log = logging.getLogger(__name__)
+
+# Called from the MQTT thread, under the view's lock: (model, payload bytes) for each newer
+# model version, and each decoded status.
+OnModel = Callable[[wire.ModelMessage, int], None]
+OnStatus = Callable[[wire.StatusMessage], None]
+
+
+@dataclass
+class FleetView:
+    """What the status, round and model topics say (written by the MQTT thread under
+    ``lock``; ``changed`` is notified after every accepted message)."""
+
+    devices: dict[str, wire.StatusMessage] = field(default_factory=dict)
+    round: wire.RoundAnnouncement | None = None
+    round_bytes: int = 0
+    model: wire.ModelMessage | None = None
+    model_bytes: int = 0
+    bad_messages: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    changed: threading.Condition = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.changed = threading.Condition(self.lock)
+
+    @property
+    def version(self) -> int:
+        """The newest model version seen; -1 before any."""
+        return -1 if self.model is None else self.model.version
+
+
+class FleetObserver:
+    """A read-only MQTT client following one fleet's retained topics into :attr:`view`."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        topics: Topics,
+        on_model: OnModel | None = None,
+        on_status: OnStatus | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.view = FleetView()
+        self._on_model = on_model
+        self._on_status = on_status
+        self.client = make_client(settings)
+        self.client.on_connect = self._subscribe
+        self.client.on_message = lambda _c, _u, msg: self.apply(msg.topic, bytes(msg.payload))
+
+    def start(self) -> FleetObserver:
+        """Connect (a FedmqError naming the broker when it cannot be reached) and follow."""
+        try:
+            connect(self.client, self.settings, asynchronous=False)
+        except OSError as exc:
+            raise FedmqError(
+                f"cannot reach the broker at {self.settings.host}:{self.settings.port}: {exc}"
+            ) from exc
+        self.client.loop_start()
+        return self
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+    def __enter__(self) -> FleetObserver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _subscribe(self, client: Any, _u: Any, _f: Any, _rc: Any, _p: Any = None) -> None:
+        t = self.topics
+        client.subscribe([(t.status_wildcard, 1), (t.round, 1), (t.model, 1)])
+
+    def apply(self, topic: str, payload: bytes) -> None:
+        """Take one message of the fleet's topics into the view (the MQTT callback)."""
+        t, view = self.topics, self.view
+        try:
+            if topic == t.round:
+                rnd = wire.decode_round(payload)
+                with view.lock:
+                    view.round, view.round_bytes = rnd, len(payload)
+                    view.changed.notify_all()
+            elif topic == t.model:
+                model = wire.decode_model(payload)
+                with view.lock:
+                    newer = model.version > view.version
+                    view.model_bytes = len(payload)
+                    if newer:
+                        view.model = model
+                        if self._on_model is not None:
+                            self._on_model(model, len(payload))
+                    view.changed.notify_all()
+            elif t.device_of(topic) is not None and payload:  # empty = retained one cleared
+                status = wire.decode_status(payload)
+                with view.lock:
+                    view.devices[status.device] = status
+                    if self._on_status is not None:
+                        self._on_status(status)
+                    view.changed.notify_all()
+        except FedmqError as exc:
+            log.warning("ignoring an undecodable message on %s: %s", topic, exc)
+            with view.lock:
+                view.bad_messages += 1
+
+    def wait_for_version(
+        self, version: int, timeout: float, alive: Callable[[], None] = lambda: None
+    ) -> None:
+        """Block until model ``version`` (or newer) was seen. ``alive`` is called about once
+        a second (without the lock) and may raise to give up; after ``timeout`` seconds a
+        FedmqError says which version was awaited and which one is there."""
+        end = time.monotonic() + timeout
+        view = self.view
+        with view.lock:
+            while view.version < version:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise FedmqError(
+                        f"timed out after {timeout:.0f}s waiting for model version {version} "
+                        f"(have {view.version})"
+                    )
+                view.changed.wait(min(left, 1.0))
+                view.lock.release()
+                try:
+                    alive()
+                finally:
+                    view.lock.acquire()

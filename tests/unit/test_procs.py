@@ -1,0 +1,48 @@
+"""stop_process / stop_processes with real child processes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from fedmq.net.procs import stop_process, stop_processes
+
+_IGNORES_TERM = (
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(600)\n"
+)
+_EXITS_ON_TERM = (
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+def _start(code: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    return proc
+
+
+def test_a_process_that_handles_sigterm_exits_with_its_own_code() -> None:
+    assert stop_process(_start(_EXITS_ON_TERM)) == 3
+
+
+def test_a_process_that_ignores_sigterm_is_killed(caplog: pytest.LogCaptureFixture) -> None:
+    proc = _start(_IGNORES_TERM)
+    assert stop_process(proc, timeout=0.5) == -signal.SIGKILL
+    assert f"process {proc.pid} did not stop within 0.5s of SIGTERM: sending SIGKILL" \
+        in caplog.text
+
+
+def test_many_at_once_and_already_exited() -> None:
+    done = subprocess.Popen([sys.executable, "-c", "raise SystemExit(7)"])
+    done.wait()
+    procs = [_start(_EXITS_ON_TERM), done, _start(_IGNORES_TERM)]
+    assert stop_processes(procs, timeout=0.5) == [3, 7, -signal.SIGKILL]
