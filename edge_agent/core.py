@@ -36,7 +36,7 @@ from edge_agent.state import ACCEPTED, EXPIRED, StateStore, rejected
 from edge_agent.trainer import Trainer
 from fedmq.data.local import LocalData
 from fedmq.data.sampling import sample_size
-from fedmq.errors import FedmqError, ModelError, WireError
+from fedmq.errors import FedmqError, ModelError, RejectReason, WireError
 from fedmq.memory import peak_rss_mb
 from fedmq.models.spec import check_weights
 from fedmq.signing import DeviceKey, sign_update
@@ -550,7 +550,11 @@ class EdgeCore:
         if ack.device != self.device_id or ack.fleet != self.settings.fleet:
             log.warning("ignoring ack for %s/%s", ack.fleet, ack.device)
             return []
-        outcome = ACCEPTED if ack.accepted else rejected(ack.code)
+        # ``duplicate`` means the aggregator holds this device's update for that round (this
+        # device never sends two update ids for one round): folded, whatever the flag says
+        # (aggregators before the duplicate-is-accepted change answered accepted=False).
+        folded = ack.accepted or ack.code == RejectReason.DUPLICATE
+        outcome = ACCEPTED if folded else rejected(ack.code)
         in_outbox = self.outbox.get(ack.update_id) is not None
         if not in_outbox and self.store.outcome(ack.update_id) is None:
             log.debug("ack for update %s that this device does not know", ack.update_id)
@@ -559,7 +563,7 @@ class EdgeCore:
         # sees the outbox empty also sees why, and a crash in between counts nothing twice.
         before = self.store.settle(ack.update_id, outcome)
         if before is None or before == EXPIRED:
-            self._log_outcome(ack.update_id, ack.round_id, ack.accepted, ack.code, ack.reason,
+            self._log_outcome(ack.update_id, ack.round_id, folded, ack.code, ack.reason,
                               late=before == EXPIRED)
         else:
             log.debug("repeated ack for update %s (already %s)", ack.update_id, before)
@@ -573,7 +577,7 @@ class EdgeCore:
         update_id: str, round_id: int, accepted: bool, code: str, reason: str, late: bool
     ) -> None:
         late_note = " (after it had expired)" if late else ""
-        if accepted and code == "duplicate":
+        if accepted and code == RejectReason.DUPLICATE:
             log.info("update %s of round %d accepted: the aggregator had already folded it%s",
                      update_id, round_id, late_note)
         elif accepted:

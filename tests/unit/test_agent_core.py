@@ -369,3 +369,12 @@ def test_crash_after_counting_an_ack_before_clearing_counts_nothing_twice(
     device.connect()
     device.ack(ack_msg(update))  # the broker redelivers the ack
     assert device.counter("updates_accepted") == 1
+
+
+def test_a_duplicate_answer_counts_as_folded_whatever_its_accepted_flag(
+    device: Device, weights: dict[str, np.ndarray]
+) -> None:
+    device.model(model_msg(weights, 0))
+    [update] = updates(device.round(round_msg(1, 0)))
+    device.ack(ack_msg(update, False, RejectReason.DUPLICATE))  # an older aggregator's form
+    assert (device.counter("updates_accepted"), device.counter("updates_rejected")) == (1, 0)
