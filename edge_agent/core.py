@@ -62,6 +62,7 @@ __all__ = [
     "TrainJob",
     "carry_out",
     "encode_with_state",
+    "max_update_age",
     "resend_interval",
     "seal_update",
 ]
@@ -120,6 +121,12 @@ class CoreSettings:
 def resend_interval(ack_timeout: float, attempts: int) -> float:
     """How long to wait for an ack after the ``attempts``-th send (doubling, capped)."""
     return ack_timeout * min(2 ** max(attempts - 1, 0), MAX_BACKOFF_FACTOR)
+
+
+def max_update_age(ack_timeout: float, max_resends: int) -> float:
+    """The whole resend schedule: an update older than this is not re-sent again (it
+    expires), so restarts do not give it a fresh budget each time."""
+    return sum(resend_interval(ack_timeout, k) for k in range(1, max_resends + 2))
 
 
 def encode_with_state(
@@ -470,7 +477,7 @@ class EdgeCore:
         # Durable before it leaves the device: a crash now means a resend, never a loss.
         entry = self.outbox.put(
             r, msg.update_id, seal_update(msg, self._key), epoch=ann.epoch,
-            codec_state=codec_state,
+            codec_state=codec_state, written_at=now,
         )
         self.store.record_submission(r, msg.update_id)
         return entry
@@ -512,12 +519,14 @@ class EdgeCore:
 
         Never sent by this process (a restart, or it was offline): send. Sent: resend when
         its interval passed, or at once when the round moved on past it (``moved_on``);
-        after ``max_resends`` resends and one more interval, give up (expired).
+        after ``max_resends`` resends (or once older than the whole schedule,
+        :func:`max_update_age`) and one more interval, give up (expired).
         """
         if not self.connected:
             return []
         out: list[Action] = []
         epoch = self.store.epoch
+        max_age = max_update_age(self.settings.ack_timeout, self.settings.max_resends)
         for entry in self.outbox.pending():
             if entry.epoch != epoch:
                 continue  # dropped when this device adopted the current epoch
@@ -528,7 +537,7 @@ class EdgeCore:
             stale = moved_on is not None and entry.round_id < moved_on
             if not (stale or self._due(sent, now)):
                 continue
-            if sent.attempts > self.settings.max_resends:
+            if sent.attempts > self.settings.max_resends or now - entry.written_at > max_age:
                 if self._due(sent, now):
                     self._expire(entry)
                 continue

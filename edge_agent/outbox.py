@@ -143,6 +143,7 @@ class Outbox:
         *,
         epoch: str = "",
         codec_state: bytes = b"",
+        written_at: float | None = None,
     ) -> OutboxEntry:
         """Store an update and the codec state it leaves durably (returns once both are on
         disk): one atomic write of the entry, then the codec state is committed."""
@@ -150,7 +151,7 @@ class Outbox:
             raise ValueError(f"update id {update_id!r} is not file-name safe")
         if round_id < 0:
             raise ValueError(f"round id must be >= 0, got {round_id}")
-        written_at = time.time()
+        written_at = time.time() if written_at is None else written_at
         path = self._path(round_id, update_id)
         with self._lock:
             seq = self._codec_state.seq + 1
@@ -230,21 +231,6 @@ class Outbox:
                 path.unlink(missing_ok=True)
                 return True
         return False
-
-    def drop_stale(self, current_round: int) -> list[OutboxEntry]:
-        """Remove the updates of every round other than ``current_round``; returns them."""
-        dropped = []
-        for entry in self.pending():
-            if entry.round_id == current_round:
-                continue
-            with self._lock:
-                entry.path.unlink(missing_ok=True)
-            log.info(
-                "outbox: dropping unacknowledged update %s of round %d: the current round is %d",
-                entry.update_id, entry.round_id, current_round,
-            )
-            dropped.append(entry)
-        return dropped
 
     def __len__(self) -> int:
         with self._lock:

@@ -378,3 +378,17 @@ def test_a_duplicate_answer_counts_as_folded_whatever_its_accepted_flag(
     [update] = updates(device.round(round_msg(1, 0)))
     device.ack(ack_msg(update, False, RejectReason.DUPLICATE))  # an older aggregator's form
     assert (device.counter("updates_accepted"), device.counter("updates_rejected")) == (1, 0)
+
+
+def test_an_update_older_than_the_resend_schedule_gets_one_send_after_a_restart(
+    device: Device, weights: dict[str, np.ndarray]
+) -> None:
+    device.model(model_msg(weights, 0))
+    [update] = updates(device.round(round_msg(1, 0)))  # t=1000; schedule 10+20+40 = 70s
+    device.now = 5000.0  # the device was down for an hour
+    device.restart()
+    [again] = updates(device.connect())
+    assert again.update_id == update.update_id
+    assert updates(device.tick(5009.0)) == [] and len(device.core.outbox) == 1
+    assert updates(device.tick(5010.0)) == []  # no fresh budget of resends: expired
+    assert device.counter("updates_expired") == 1 and len(device.core.outbox) == 0
