@@ -215,6 +215,7 @@ class EdgeCore:
     def _reconcile(self) -> None:
         """Bring outbox and state together after a crash between two of their writes."""
         epoch = self.store.epoch
+        self._drop_other_epochs(epoch)  # the epoch was adopted, the drop was interrupted
         for entry in self.outbox.pending():
             if self.store.outcome(entry.update_id) not in (None, EXPIRED):
                 # Settled (counted) but not yet removed when the process stopped.
@@ -298,19 +299,8 @@ class EdgeCore:
                 current,
             )
             return False
-        dropped = 0
-        for entry in self.outbox.pending():
-            if entry.epoch != epoch:
-                self.outbox.remove(entry.update_id)
-                self._sent.pop(entry.update_id, None)
-                self.store.bump("updates_dropped")
-                dropped += 1
-                log.warning(
-                    "outbox: dropping unacknowledged update %s of round %d of epoch %r: the "
-                    "aggregator is now in epoch %r and can never fold it",
-                    entry.update_id, entry.round_id, entry.epoch, epoch,
-                )
         self.store.adopt_epoch(epoch)
+        dropped = self._drop_other_epochs(epoch)
         self._global, self._model_version, self._round = None, None, None
         self._failed_rounds.clear()
         self._last_decision = None
@@ -323,6 +313,23 @@ class EdgeCore:
                 current, epoch, dropped,
             )
         return True
+
+    def _drop_other_epochs(self, epoch: str) -> int:
+        """Drop outbox updates of epochs other than ``epoch``: no aggregator folds them."""
+        dropped = 0
+        for entry in self.outbox.pending():
+            if entry.epoch == epoch:
+                continue
+            self.outbox.remove(entry.update_id)
+            self._sent.pop(entry.update_id, None)
+            self.store.bump("updates_dropped")
+            dropped += 1
+            log.warning(
+                "outbox: dropping unacknowledged update %s of round %d of epoch %r: the "
+                "aggregator is now in epoch %r and can never fold it",
+                entry.update_id, entry.round_id, entry.epoch, epoch,
+            )
+        return dropped
 
     def on_model(self, payload: bytes, now: float) -> list[Action]:
         msg = decode_model(payload)

@@ -392,3 +392,21 @@ def test_an_update_older_than_the_resend_schedule_gets_one_send_after_a_restart(
     assert updates(device.tick(5009.0)) == [] and len(device.core.outbox) == 1
     assert updates(device.tick(5010.0)) == []  # no fresh budget of resends: expired
     assert device.counter("updates_expired") == 1 and len(device.core.outbox) == 0
+
+
+def test_crash_between_adopting_an_epoch_and_dropping_its_old_updates(
+    device: Device, weights: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device.model(model_msg(weights, 0))
+    [old] = updates(device.round(round_msg(1, 0)))
+
+    def dies(epoch: str) -> int:
+        raise Crash
+
+    monkeypatch.setattr(device.core, "_drop_other_epochs", dies)
+    with pytest.raises(Crash):
+        device.model(model_msg(weights, 0, epoch="new-lineage"))
+    assert [e.update_id for e in device.core.outbox.pending()] == [old.update_id]
+    restarted = device.restart()
+    assert restarted.epoch == "new-lineage" and len(restarted.outbox) == 0
+    assert device.counter("updates_dropped") == 1
