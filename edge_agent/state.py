@@ -44,7 +44,7 @@ STATE_FORMAT = 1
 #: Submissions older than the newest this many rounds are forgotten (rounds never repeat).
 MAX_REMEMBERED_ROUNDS = 1000
 #: How many settled update ids (and left epochs) are remembered.
-MAX_REMEMBERED_OUTCOMES = 1000
+MAX_REMEMBERED_OUTCOMES = 256
 MAX_REMEMBERED_EPOCHS = 32
 #: Outcomes of an update; a rejection is ``"rejected:<code>"``.
 ACCEPTED = "accepted"
