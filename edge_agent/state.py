@@ -1,8 +1,11 @@
 """The device's durable state in its state directory (``state.json``, written atomically).
 
-It holds the device's identity, the rounds it already submitted to (round id -> update id),
-the last model version it saw and a few counters. An agent restarted with the same state
-directory keeps its identity and never trains twice for one round.
+It holds the device's identity, the aggregator epoch it follows (one lineage of the
+aggregator's state) and the epochs it left, the rounds it already submitted to in that epoch
+(round id -> update id), the last model version it saw, the outcome of its recent updates
+(update id -> outcome, so each update is counted once) and a few counters. An agent
+restarted with the same state directory keeps its identity and never trains twice for one
+round of one epoch.
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ from fedmq.fsutil import atomic_write
 from fedmq.topics import validate_name
 
 __all__ = [
+    "ACCEPTED",
+    "EXPIRED",
     "MAX_REMEMBERED_ROUNDS",
     "STATE_FILE",
     "AgentState",
     "StateStore",
     "atomic_write",
     "default_device_id",
+    "rejected",
 ]
 
 log = logging.getLogger(__name__)
@@ -37,8 +43,28 @@ STATE_FILE = "state.json"
 STATE_FORMAT = 1
 #: Submissions older than the newest this many rounds are forgotten (rounds never repeat).
 MAX_REMEMBERED_ROUNDS = 1000
+#: How many settled update ids (and left epochs) are remembered.
+MAX_REMEMBERED_OUTCOMES = 256
+MAX_REMEMBERED_EPOCHS = 32
+#: Outcomes of an update; a rejection is ``"rejected:<code>"``.
+ACCEPTED = "accepted"
+EXPIRED = "expired"
+_REJECTED = "rejected:"
 
 
+def _outcome_counters(outcome: str) -> tuple[str, ...]:
+    """The counters one outcome adds to."""
+    if outcome == ACCEPTED:
+        return ("updates_accepted",)
+    if outcome == EXPIRED:
+        return ("updates_expired",)
+    code = outcome.removeprefix(_REJECTED)
+    return ("updates_rejected", f"updates_rejected_{code}")
+
+
+def rejected(code: str) -> str:
+    """The outcome of an update the aggregator rejected with ``code``."""
+    return f"{_REJECTED}{code}"
 
 
 def default_device_id() -> str:
@@ -56,15 +82,27 @@ class AgentState:
     submitted: dict[int, str] = field(default_factory=dict)
     model_version: int | None = None
     counters: dict[str, int] = field(default_factory=dict)
+    epoch: str = ""
+    retired_epochs: list[str] = field(default_factory=list)
+    outcomes: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "format": STATE_FORMAT,
             "device_id": self.device_id,
+            "epoch": self.epoch,
+            "retired_epochs": list(self.retired_epochs),
             "submitted": {str(k): v for k, v in sorted(self.submitted.items())},
             "model_version": self.model_version,
             "counters": dict(sorted(self.counters.items())),
+            "outcomes": dict(self.outcomes),
         }
+
+    def copy(self) -> AgentState:
+        return AgentState(
+            self.device_id, dict(self.submitted), self.model_version, dict(self.counters),
+            self.epoch, list(self.retired_epochs), dict(self.outcomes),
+        )
 
     @classmethod
     def from_json(cls, obj: Any) -> AgentState:
@@ -79,9 +117,14 @@ class AgentState:
             if version is not None and (not isinstance(version, int) or version < 0):
                 raise ValueError(f"bad model_version {version!r}")
             counters = {str(k): int(v) for k, v in dict(obj.get("counters", {})).items()}
+            epoch = obj.get("epoch", "")
+            retired = list(obj.get("retired_epochs", []))
+            outcomes = {str(k): str(v) for k, v in dict(obj.get("outcomes", {})).items()}
+            if not isinstance(epoch, str) or not all(isinstance(e, str) for e in retired):
+                raise ValueError("epochs must be strings")
         except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise StateError(f"state file is inconsistent: {exc}") from exc
-        return cls(device_id, submitted, version, counters)
+        return cls(device_id, submitted, version, counters, epoch, retired, outcomes)
 
 
 class StateStore:
@@ -122,8 +165,10 @@ class StateStore:
                 f"not {device_id!r}; use another state_dir or the same device id"
             )
         log.info(
-            "loaded device state from %s (device id %s, %d rounds submitted, model version %s)",
-            self.dir, state.device_id, len(state.submitted), state.model_version,
+            "loaded device state from %s (device id %s, epoch %s, %d rounds submitted, model "
+            "version %s)",
+            self.dir, state.device_id, state.epoch or "(none)", len(state.submitted),
+            state.model_version,
         )
         return state
 
@@ -143,6 +188,26 @@ class StateStore:
     def model_version(self) -> int | None:
         with self._lock:
             return self._state.model_version
+
+    @property
+    def epoch(self) -> str:
+        """The aggregator epoch this device follows ("" before it saw one)."""
+        with self._lock:
+            return self._state.epoch
+
+    def is_retired(self, epoch: str) -> bool:
+        """True for an epoch this device followed and left (its messages are stale)."""
+        with self._lock:
+            return epoch in self._state.retired_epochs
+
+    def outcome(self, update_id: str) -> str | None:
+        """How the update ended (accepted, rejected:<code>, expired), None while open."""
+        with self._lock:
+            return self._state.outcomes.get(update_id)
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._state.counters)
 
     def submitted_update(self, round_id: int) -> str | None:
         """The update id submitted for ``round_id``, if any."""
@@ -164,8 +229,7 @@ class StateStore:
     def snapshot(self) -> AgentState:
         """A copy of the current state."""
         with self._lock:
-            s = self._state
-            return AgentState(s.device_id, dict(s.submitted), s.model_version, dict(s.counters))
+            return self._state.copy()
 
     # -------------------------------------------------------------------- changes
     def record_submission(self, round_id: int, update_id: str) -> None:
@@ -185,6 +249,46 @@ class StateStore:
                 return
             self._state.model_version = version
             self._write(self._state)
+
+    def adopt_epoch(self, epoch: str) -> None:
+        """Follow ``epoch`` from now on: the old one is retired, and the round bookkeeping
+        and the model version start over (the new lineage numbers its rounds afresh)."""
+        with self._lock:
+            s = self._state
+            if s.epoch == epoch:
+                return
+            if s.epoch not in s.retired_epochs:
+                s.retired_epochs = [*s.retired_epochs, s.epoch][-MAX_REMEMBERED_EPOCHS:]
+            s.retired_epochs = [e for e in s.retired_epochs if e != epoch]
+            s.epoch = epoch
+            s.submitted = {}
+            s.model_version = None
+            s.counters["epoch_changes"] = s.counters.get("epoch_changes", 0) + 1
+            self._write(s)
+
+    def settle(self, update_id: str, outcome: str) -> str | None:
+        """Record how an update ended and count it, once per update id, in one write.
+
+        Returns the outcome it had before (None: first time; then it was counted now). A
+        final outcome (accepted, rejected) is never changed; an ``expired`` update that gets
+        a late answer moves from the expired counter to the answer's.
+        """
+        with self._lock:
+            s = self._state
+            before = s.outcomes.get(update_id)
+            if before is not None and (before != EXPIRED or outcome == EXPIRED):
+                return before
+            if before is not None:
+                for name in _outcome_counters(before):
+                    s.counters[name] = max(0, s.counters.get(name, 0) - 1)
+            for name in _outcome_counters(outcome):
+                s.counters[name] = s.counters.get(name, 0) + 1
+            s.outcomes.pop(update_id, None)
+            s.outcomes[update_id] = outcome
+            while len(s.outcomes) > MAX_REMEMBERED_OUTCOMES:
+                del s.outcomes[next(iter(s.outcomes))]
+            self._write(s)
+            return before
 
     def bump(self, name: str, n: int = 1) -> int:
         with self._lock:

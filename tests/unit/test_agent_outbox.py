@@ -1,14 +1,14 @@
-"""The on-disk outbox: durable puts, removal, stale drop, crash leftovers."""
+"""The on-disk outbox: durable puts, removal, crash leftovers, the older file format."""
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
+import msgpack
 import pytest
 
-from edge_agent.outbox import Outbox
+from edge_agent.outbox import CodecState, Outbox
 
 
 def test_put_pending_remove_survive_reopen(tmp_path: Path) -> None:
@@ -25,22 +25,6 @@ def test_put_pending_remove_survive_reopen(tmp_path: Path) -> None:
     assert reopened.remove("u1") is True
     assert reopened.remove("u1") is False
     assert [e.update_id for e in Outbox(tmp_path).pending()] == ["u2"]
-
-
-def test_drop_stale_keeps_only_the_current_round_and_logs(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    box = Outbox(tmp_path)
-    box.put(1, "old", b"a")
-    box.put(2, "cur", b"b")
-    box.put(3, "future", b"c")
-    with caplog.at_level(logging.INFO, logger="edge_agent.outbox"):
-        dropped = box.drop_stale(2)
-    assert sorted(e.update_id for e in dropped) == ["future", "old"]
-    assert [e.update_id for e in box.pending()] == ["cur"]
-    lines = [r for r in caplog.records if "dropping" in r.getMessage()]
-    assert len(lines) == 2 and all(r.levelno == logging.INFO for r in lines)
-    assert "round 1" in lines[0].getMessage() and "current round is 2" in lines[0].getMessage()
 
 
 def test_failed_write_leaves_no_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,3 +51,13 @@ def test_update_ids_must_be_file_name_safe(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         box.put(1, "../escape", b"x")
     assert box.remove("../escape") is False
+
+
+def test_entries_of_the_first_format_still_load(tmp_path: Path) -> None:
+    old = {"v": 1, "round": 4, "update_id": "u4", "written_at": 5.0, "payload": b"p"}
+    (tmp_path / "r000000000004-u4.update").write_bytes(msgpack.packb(old, use_bin_type=True))
+    box = Outbox(tmp_path)
+    [entry] = box.pending()
+    assert (entry.round_id, entry.epoch, entry.seq, entry.codec_state) == (4, "", 0, b"")
+    assert box.codec_state == CodecState()
+    assert box.put(5, "u5", b"q").seq == 1

@@ -1,0 +1,412 @@
+"""EdgeCore without a broker: real encoded wire messages in, a fake clock, the real LiteRT
+trainer on the prebuilt digits-mlp bundle, real state and outbox files."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent.config import AgentConfig
+from edge_agent.core import CoreSettings, EdgeCore, Publish, TrainJob, carry_out
+from edge_agent.outbox import Outbox
+from edge_agent.state import StateStore
+from edge_agent.trainer import LiteRTTrainer
+from fedmq.data.local import LocalData
+from fedmq.errors import RejectReason
+from fedmq.models.spec import load_bundle, prebuilt_bundle_path
+from fedmq.signing import DeviceKey, verify_update
+from fedmq.topics import Topics
+from fedmq.wire import (
+    AckMessage,
+    ModelMessage,
+    RoundAnnouncement,
+    Tensor,
+    TrainingConfig,
+    UpdateMessage,
+    decode_status,
+    decode_update,
+    encode,
+)
+
+FLEET = "lab"
+DEVICE = "pi-0"
+EPOCH = "a1b2c3d4e5f60718"
+TOPICS = Topics(FLEET)
+BUNDLE = prebuilt_bundle_path("digits-mlp")
+
+
+@pytest.fixture(scope="module")
+def weights() -> dict[str, np.ndarray]:
+    return load_bundle(BUNDLE).initial_trainable()
+
+
+@pytest.fixture(scope="module")
+def data() -> LocalData:
+    cfg = AgentConfig(device_id=DEVICE, fleet=FLEET, source="digits", partition="iid",
+                      num_clients=4, client_index=0)
+    return LocalData.from_config(cfg.data_config())
+
+
+def model_msg(weights: dict[str, np.ndarray], version: int, epoch: str = EPOCH) -> bytes:
+    tensors = tuple(Tensor.from_array(n, w) for n, w in weights.items())
+    return encode(ModelMessage(FLEET, version, version, "digits-mlp", tensors, epoch=epoch))
+
+
+def round_msg(round_id: int, base: int, epoch: str = EPOCH, deadline: float = 1e6) -> bytes:
+    return encode(RoundAnnouncement(
+        FLEET, round_id, base, deadline, TrainingConfig(epochs=1, lr=0.05, codec="int8"),
+        epoch=epoch,
+    ))
+
+
+def ack_msg(update: UpdateMessage, accepted: bool = True, code: str = "ok",
+            round_id: int | None = None) -> bytes:
+    r = update.round_id if round_id is None else round_id
+    return encode(AckMessage(FLEET, r, DEVICE, update.update_id, accepted, code))
+
+
+@dataclass
+class Device:
+    """A core over a state directory, and what it published."""
+
+    state_dir: Path
+    data: LocalData
+    ack_timeout: float = 10.0
+    max_resends: int = 2
+    key: DeviceKey | None = None
+    published: list[Publish] = field(default_factory=list)
+    now: float = 1000.0
+
+    def __post_init__(self) -> None:
+        self.core = self.restart()
+
+    def restart(self) -> EdgeCore:
+        self.core = EdgeCore(
+            CoreSettings(FLEET, DEVICE, TOPICS, ack_timeout=self.ack_timeout,
+                         max_resends=self.max_resends),
+            StateStore(self.state_dir, DEVICE), Outbox(self.state_dir / "outbox"),
+            LiteRTTrainer(BUNDLE), self.data, self.key,
+        )
+        return self.core
+
+    def run(self, actions: list[Publish | TrainJob]) -> list[Publish]:
+        before = len(self.published)
+        carry_out(self.core, actions, self.published.append, lambda: self.now)
+        return self.published[before:]
+
+    def connect(self) -> list[Publish]:
+        return self.run(self.core.on_connected(self.now))
+
+    def model(self, payload: bytes) -> list[Publish]:
+        return self.run(self.core.on_message(TOPICS.model, payload, self.now))
+
+    def round(self, payload: bytes) -> list[Publish]:
+        return self.run(self.core.on_message(TOPICS.round, payload, self.now))
+
+    def ack(self, payload: bytes) -> list[Publish]:
+        return self.run(self.core.on_message(TOPICS.ack(DEVICE), payload, self.now))
+
+    def tick(self, at: float) -> list[Publish]:
+        self.now = at
+        return self.run(self.core.tick(at))
+
+    def counter(self, name: str) -> int:
+        return self.core.store.counter(name)
+
+
+def updates(published: list[Publish]) -> list[UpdateMessage]:
+    return [decode_update(p.payload) for p in published if p.topic == TOPICS.update(DEVICE)]
+
+
+@pytest.fixture
+def device(tmp_path: Path, data: LocalData) -> Device:
+    d = Device(tmp_path / "agent", data)
+    d.connect()
+    return d
+
+
+def test_a_round_trains_stores_then_publishes_and_one_ack_clears_it(
+    device: Device, weights: dict[str, np.ndarray]
+) -> None:
+    assert device.model(model_msg(weights, 0)) == []
+    actions = device.core.on_message(TOPICS.round, round_msg(1, 0), device.now)
+    assert [type(a) for a in actions] == [Publish, TrainJob]
+    assert decode_status(actions[0].payload).state == "training"  # type: ignore[union-attr]
+    out = device.run(actions)
+    [update] = updates(out)
+    assert (update.round_id, update.base_version, update.epoch, update.codec) == (
+        1, 0, EPOCH, "int8")
+    [entry] = device.core.outbox.pending()
+    assert entry.payload == out[1].payload and entry.epoch == EPOCH and entry.codec_state == b""
+    assert device.core.store.submitted_update(1) == update.update_id
+    assert decode_status(out[-1].payload).state == "idle"
+
+    device.ack(ack_msg(update))
+    device.ack(ack_msg(update))  # a repeated ack (QoS 1 redelivery) counts nothing twice
+    assert len(device.core.outbox) == 0
+    assert device.counter("updates_accepted") == 1 and device.counter("updates_rejected") == 0
+    # The same round again (retained redelivery) does not train twice.
+    assert updates(device.round(round_msg(1, 0))) == []
+
+
+def test_updates_are_signed_over_what_is_stored_and_sent(
+    tmp_path: Path, data: LocalData, weights: dict[str, np.ndarray]
+) -> None:
+    key = DeviceKey.generate()
+    d = Device(tmp_path / "agent", data, key=key)
+    d.connect()
+    d.model(model_msg(weights, 0))
+    [update] = updates(d.round(round_msg(1, 0)))
+    verify_update(update, key.public_hex)  # raises when the signature does not verify
+
+
+def test_resends_back_off_then_expire_and_a_late_answer_moves_the_count(
+    device: Device, weights: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    device.model(model_msg(weights, 0))
+    [update] = updates(device.round(round_msg(1, 0)))  # sent at t=1000
+    sends = {}
+    for t in range(1001, 1100):
+        if updates(device.tick(float(t))):
+            sends[t] = device.counter("updates_resent")
+    # ack_timeout 10, doubling: resends at +10 and +30; max_resends 2, so after +70 it expires.
+    assert sends == {1010: 1, 1030: 2}
+    assert device.counter("updates_expired") == 1 and len(device.core.outbox) == 0
+    assert any(f"update {update.update_id} of round 1 expired" in r.getMessage()
+               for r in caplog.records)
+    # The aggregator had folded it after all (its ack was lost): the count moves, once.
+    device.ack(ack_msg(update, True, "duplicate"))
+    device.ack(ack_msg(update, True, "duplicate"))
+    assert (device.counter("updates_expired"), device.counter("updates_accepted")) == (0, 1)
+
+
+@dataclass
+class ScriptedAggregator:
+    """The aggregator's answers as the protocol defines them: an update id it folded is
+    answered accepted/duplicate (with the round it was folded in) whatever round is open;
+    otherwise the open round decides. ``journal`` is what it folded, ``rejects`` by code."""
+
+    open_round: int = 1
+    journal: dict[str, int] = field(default_factory=dict)
+    rejects: dict[str, int] = field(default_factory=dict)
+
+    def answer(self, update: UpdateMessage) -> bytes:
+        if update.update_id in self.journal:
+            return ack_msg(update, True, RejectReason.DUPLICATE, self.journal[update.update_id])
+        if update.round_id != self.open_round:
+            code = (RejectReason.ROUND_CLOSED if update.round_id < self.open_round
+                    else RejectReason.WRONG_ROUND)
+            self.rejects[code] = self.rejects.get(code, 0) + 1
+            return ack_msg(update, False, code)
+        self.journal[update.update_id] = update.round_id
+        return ack_msg(update)
+
+
+def test_counters_match_the_aggregators_journal_under_lost_acks_and_redelivery(
+    device: Device, weights: dict[str, np.ndarray]
+) -> None:
+    agg = ScriptedAggregator()
+    device.model(model_msg(weights, 0))
+    [u1] = updates(device.round(round_msg(1, 0)))
+    agg.answer(u1)  # folded in round 1, but the ack is lost
+
+    # Round 2 opens before any resend: the unanswered round-1 update is not dropped but sent
+    # again at once, and the aggregator says it already folded it.
+    agg.open_round = 2
+    device.now += 1
+    device.model(model_msg(weights, 1))
+    out = device.round(round_msg(2, 1))
+    resent, u2 = updates(out)
+    assert resent.update_id == u1.update_id and u2.round_id == 2
+    device.ack(agg.answer(resent))
+    # Round 2's update reaches the aggregator only after round 3 opened: never folded.
+    agg.open_round = 3
+    device.ack(agg.answer(u2))
+    device.ack(agg.answer(u2))  # a redelivered reject is not counted twice either
+
+    assert agg.journal == {u1.update_id: 1}
+    assert agg.rejects == {RejectReason.ROUND_CLOSED: 2}
+    counters = device.core.counters()
+    assert counters["updates_accepted"] == len(agg.journal) == 1
+    assert counters["updates_rejected"] == counters["updates_rejected_round_closed"] == 1
+    assert len(device.core.outbox) == 0
+    # And the status the device publishes says the same.
+    status = decode_status(device.core.status_payload("idle", device.now))
+    assert status.metrics["updates_accepted"] == 1.0
+    assert status.metrics["updates_rejected_round_closed"] == 1.0
+    assert (status.epoch, status.model_version) == (EPOCH, 1)
+
+
+def test_a_new_epoch_starts_the_round_bookkeeping_over_and_drops_old_updates(
+    device: Device, weights: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="edge_agent")
+    device.model(model_msg(weights, 3))
+    [old] = updates(device.round(round_msg(4, 3)))  # unanswered when the aggregator resets
+
+    # A restored aggregator: new epoch, lower model version, round ids from 1 again.
+    new = "ffff000011112222"
+    assert device.model(model_msg(weights, 0, epoch=new)) == []
+    assert device.core.epoch == new and device.core.model_version == 0
+    assert len(device.core.outbox) == 0 and device.counter("updates_dropped") == 1
+    drops = [r for r in caplog.records if "dropping" in r.getMessage()]
+    assert len(drops) == 1 and old.update_id in drops[0].getMessage()
+    [fresh] = updates(device.round(round_msg(1, 0, epoch=new)))
+    assert (fresh.round_id, fresh.epoch) == (1, new)
+
+    # A stale retained message of the epoch it left is ignored with one line.
+    caplog.clear()
+    assert device.round(round_msg(5, 3)) == [] and device.core.epoch == new
+    assert any(f"of epoch '{EPOCH}'" in r.getMessage() for r in caplog.records)
+    # Within the new epoch nothing changed: never an older round.
+    assert updates(device.round(round_msg(1, 0, epoch=new))) == []
+    restarted = device.restart()
+    assert restarted.epoch == new and restarted.store.submitted_update(1) == fresh.update_id
+
+
+def test_an_older_retained_model_of_the_same_epoch_is_ignored_and_not_persisted(
+    device: Device, weights: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="edge_agent")
+    device.model(model_msg(weights, 25))
+    device.model(model_msg(weights, 24))
+    assert device.core.model_version == 25 and device.core.store.model_version == 25
+    lines = [r for r in caplog.records if "ignoring model version 24" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO
+    # After a restart (no model in memory) the same: it waits for 25 or newer.
+    device.restart()
+    device.connect()
+    device.model(model_msg(weights, 24))
+    assert device.core.model_version is None and device.core.store.model_version == 25
+    device.model(model_msg(weights, 25))
+    assert device.core.model_version == 25
+
+
+def test_bad_payloads_are_one_warning_and_counted(
+    device: Device, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert device.round(b"\x93garbage") == []
+    assert device.counter("bad_messages") == 1
+    assert [r.levelno for r in caplog.records if "ignoring bad message" in r.getMessage()] == [
+        logging.WARNING]
+
+
+def test_offline_updates_wait_and_go_on_connect(
+    tmp_path: Path, data: LocalData, weights: dict[str, np.ndarray]
+) -> None:
+    d = Device(tmp_path / "agent", data)  # never connected
+    d.model(model_msg(weights, 0))
+    assert d.round(round_msg(1, 0)) == []
+    assert len(d.core.outbox) == 1
+    [update] = updates(d.connect())
+    assert update.update_id == d.core.outbox.pending()[0].update_id
+
+
+class Crash(Exception):
+    """Stands for the process dying at this point."""
+
+
+def test_crash_in_training_leaves_nothing_and_the_round_is_trained_after_restart(
+    device: Device, weights: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device.model(model_msg(weights, 0))
+
+    def dies(*args: object, **kwargs: object) -> None:
+        raise Crash
+
+    monkeypatch.setattr(device.core.trainer, "fit", dies)
+    with pytest.raises(Crash):
+        device.round(round_msg(1, 0))
+    assert len(device.core.outbox) == 0 and device.core.store.submitted_update(1) is None
+    device.restart()
+    device.connect()
+    device.model(model_msg(weights, 0))
+    [update] = updates(device.round(round_msg(1, 0)))
+    assert update.round_id == 1 and device.core.outbox.codec_state.update_id == update.update_id
+
+
+def test_crash_after_storing_before_recording_never_trains_the_round_twice(
+    device: Device, weights: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device.model(model_msg(weights, 0))
+
+    def dies(round_id: int, update_id: str) -> None:
+        raise Crash
+
+    monkeypatch.setattr(device.core.store, "record_submission", dies)
+    with pytest.raises(Crash):
+        device.round(round_msg(1, 0))
+    [stored] = device.core.outbox.pending()
+    assert device.published[-1].topic != TOPICS.update(DEVICE)  # it never left the device
+
+    device.restart()  # the outbox entry is adopted as round 1's submission
+    assert device.core.store.submitted_update(1) == stored.update_id
+    [sent] = updates(device.connect())
+    device.model(model_msg(weights, 0))
+    assert updates(device.round(round_msg(1, 0))) == []
+    assert sent.update_id == stored.update_id
+    assert device.core.outbox.codec_state.update_id == stored.update_id
+
+
+def test_crash_after_counting_an_ack_before_clearing_counts_nothing_twice(
+    device: Device, weights: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device.model(model_msg(weights, 0))
+    [update] = updates(device.round(round_msg(1, 0)))
+
+    def dies(update_id: str) -> bool:
+        raise Crash
+
+    monkeypatch.setattr(device.core.outbox, "remove", dies)
+    with pytest.raises(Crash):
+        device.ack(ack_msg(update))
+    device.restart()
+    assert len(device.core.outbox) == 0  # settled before the crash: cleared at start-up
+    device.connect()
+    device.ack(ack_msg(update))  # the broker redelivers the ack
+    assert device.counter("updates_accepted") == 1
+
+
+def test_a_duplicate_answer_counts_as_folded_whatever_its_accepted_flag(
+    device: Device, weights: dict[str, np.ndarray]
+) -> None:
+    device.model(model_msg(weights, 0))
+    [update] = updates(device.round(round_msg(1, 0)))
+    device.ack(ack_msg(update, False, RejectReason.DUPLICATE))  # an older aggregator's form
+    assert (device.counter("updates_accepted"), device.counter("updates_rejected")) == (1, 0)
+
+
+def test_an_update_older_than_the_resend_schedule_gets_one_send_after_a_restart(
+    device: Device, weights: dict[str, np.ndarray]
+) -> None:
+    device.model(model_msg(weights, 0))
+    [update] = updates(device.round(round_msg(1, 0)))  # t=1000; schedule 10+20+40 = 70s
+    device.now = 5000.0  # the device was down for an hour
+    device.restart()
+    [again] = updates(device.connect())
+    assert again.update_id == update.update_id
+    assert updates(device.tick(5009.0)) == [] and len(device.core.outbox) == 1
+    assert updates(device.tick(5010.0)) == []  # no fresh budget of resends: expired
+    assert device.counter("updates_expired") == 1 and len(device.core.outbox) == 0
+
+
+def test_crash_between_adopting_an_epoch_and_dropping_its_old_updates(
+    device: Device, weights: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device.model(model_msg(weights, 0))
+    [old] = updates(device.round(round_msg(1, 0)))
+
+    def dies(epoch: str) -> int:
+        raise Crash
+
+    monkeypatch.setattr(device.core, "_drop_other_epochs", dies)
+    with pytest.raises(Crash):
+        device.model(model_msg(weights, 0, epoch="new-lineage"))
+    assert [e.update_id for e in device.core.outbox.pending()] == [old.update_id]
+    restarted = device.restart()
+    assert restarted.epoch == "new-lineage" and len(restarted.outbox) == 0
+    assert device.counter("updates_dropped") == 1
