@@ -28,17 +28,19 @@ from fedmq.errors import ConfigError, RejectReason, SecurityError, StateError, W
 from fedmq.models.spec import ModelBundle, load_bundle, prebuilt_bundle_path
 from fedmq.signing import Registry, verify_update
 from fedmq.topics import Topics, validate_name
-from fedmq.update.accumulate import WeightedSum
+from fedmq.update.accumulate import Accumulator, CheckedUpdate
 from fedmq.update.strategies import Strategy, make_strategy
 from fedmq.wire import (
     AckMessage,
     Limits,
     ModelMessage,
+    ReceivedUpdate,
     Tensor,
     UpdateMessage,
     decode_status,
     decode_update,
     encode,
+    receive_update,
 )
 
 __all__ = [
@@ -100,6 +102,8 @@ def _peek_ids(payload: bytes, max_bytes: int) -> tuple[int | None, str]:
         obj = msgpack.unpackb(payload, raw=False, max_ext_len=0, strict_map_key=False)
     except Exception:  # garbage of any kind: nothing to peek at
         return None, ""
+    if isinstance(obj, dict) and obj.get("type") == "signed" and isinstance(obj.get("body"), bytes):
+        return _peek_ids(obj["body"], max_bytes)  # the ids are in the envelope's body
     if not isinstance(obj, dict):
         return None, ""
     rid = obj.get("round")
@@ -140,7 +144,7 @@ class Engine:
         self.weights: dict[str, np.ndarray] = {}
         self.model_metrics: dict[str, float] = {}
         self.round: RoundState | None = None
-        self.fold: WeightedSum | None = None
+        self.fold: Accumulator | None = None
         self.last_round_id = 0
         self.closed_rounds = 0
         self._round_bytes_in = 0
@@ -283,19 +287,20 @@ class Engine:
         except ConfigError as exc:
             return self._reject(topic_device, payload, WireError(str(exc)), now)
         try:
-            msg = decode_update(payload, self.limits)
+            received = receive_update(payload, self.limits)
         except WireError as exc:
             return self._reject(topic_device, payload, exc, now)
+        msg = received.message
         try:
-            self._authenticate(msg, topic_device)
-            self._check(msg, topic_device)
+            self._authenticate(received, topic_device)
+            checked = self._check(msg, topic_device)
         except WireError as exc:
             return self._reject(topic_device, payload, exc, now, msg)
         assert self.round is not None and self.fold is not None
         self.store.append_update(
             msg.update_id, msg.round_id, msg.device, msg.num_examples, payload, now
         )
-        self.fold.fold(msg.tensors, msg.codec, float(msg.num_examples))
+        self.fold.add(checked)
         self.round.record(msg.update_id, msg.device, msg.num_examples)
         self._round_bytes_in += len(payload)
         self.metrics.updates_accepted.inc()
@@ -310,7 +315,7 @@ class Engine:
             update_id=msg.update_id, accepted=True, code="ok", reason="", created_at=now,
         )
 
-    def _authenticate(self, msg: UpdateMessage, topic_device: str) -> None:
+    def _authenticate(self, received: ReceivedUpdate, topic_device: str) -> None:
         """Signature check: after decoding, before any check that depends on round state.
 
         The topic device is the broker-authenticated identity (ACL), so a payload naming
@@ -320,6 +325,7 @@ class Engine:
         """
         if self.registry is None:
             return
+        msg = received.message
         if msg.device != topic_device:
             raise WireError(
                 f"payload device {msg.device!r} differs from topic device {topic_device!r}",
@@ -330,17 +336,17 @@ class Engine:
         except SecurityError as exc:  # unreadable at start-up was caught by start()
             log.error("device registry: %s", exc)
             public_key = None
-        if not self.require_signatures and (public_key is None or not msg.signature):
+        if not self.require_signatures and (public_key is None or not received.signature):
             return  # migration mode: only signed updates of enrolled devices are verified
         try:
-            verify_update(msg, public_key)
+            verify_update(received, public_key)
         except SecurityError as exc:  # an enrolled key that is not a valid Ed25519 key
             log.error("registry key of %s is unusable: %s", msg.device, exc)
             raise WireError(
                 f"device {msg.device!r} has no usable enrolled key", RejectReason.UNKNOWN_DEVICE
             ) from exc
 
-    def _check(self, msg: UpdateMessage, topic_device: str) -> None:
+    def _check(self, msg: UpdateMessage, topic_device: str) -> CheckedUpdate:
         if self.round is None or self.fold is None:
             if msg.fleet != self.config.fleet:
                 raise WireError(f"update is for fleet {msg.fleet!r}", RejectReason.WRONG_FLEET)
@@ -353,11 +359,13 @@ class Engine:
                 raise WireError(f"round {msg.round_id} is closed", RejectReason.ROUND_CLOSED)
             raise WireError(f"round {msg.round_id} is not open", RejectReason.WRONG_ROUND)
         fold = self.fold
+        checked: list[CheckedUpdate] = []
 
         def check_tensors(m: UpdateMessage) -> None:
-            fold.check(m.tensors, m.codec, float(m.num_examples))
+            checked.append(fold.check(m.tensors, m.codec, float(m.num_examples)))
 
         self.round.check(msg, topic_device, check_tensors)
+        return checked[0]
 
     def _reject(
         self,
@@ -420,7 +428,7 @@ class Engine:
     # -- transitions -----------------------------------------------------------------------
     def _begin(self, plan: RoundPlan) -> None:
         self.round = RoundState(self.config.fleet, plan, self.config.max_examples_per_update)
-        self.fold = WeightedSum(self.template)
+        self.fold = self.strategy.new_accumulator(self.template)
         self._round_bytes_in = 0
         self._round_bytes_out = 0
         self.metrics.current_round.set(plan.round_id)
@@ -444,7 +452,7 @@ class Engine:
             opened_at=now,
             deadline=deadline,
             abandon_at=deadline + cfg.abandon_after,
-            config=cfg.training_config(),
+            config=self.strategy.configure(round_id, cfg.training_config()),
         )
         self.store.create_round(round_id, self.version, plan.to_json(), now)
         self.last_round_id = round_id
@@ -460,8 +468,7 @@ class Engine:
     def _close(self, now: float) -> list[Outgoing]:
         assert self.round is not None and self.fold is not None
         state, fold = self.round, self.fold
-        mean = fold.mean()
-        new_weights = self.strategy.apply(self.weights, mean)
+        new_weights = self.strategy.aggregate(self.weights, fold.result())
         quality = self._evaluate(new_weights)
         seconds = max(0.0, now - state.plan.opened_at)
         metrics = {

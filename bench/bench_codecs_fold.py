@@ -84,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     params = sum(int(np.prod(s)) for s in SHAPES.values())
     print(f"model: {params:,} parameters, float32 weights {params * 4 / 1e6:.2f} MB")
-    results = {c: bench_codec(c, args.updates, args.repeats) for c in codecs.CODECS}
+    results = {c: bench_codec(c, args.updates, args.repeats) for c in codecs.codec_names()}
     f32 = results["float32"]["encoded_bytes"]
     print(
         f"{'codec':8} {'bytes/update':>13} {'vs f32':>7} {'encode ms':>10} "

@@ -37,7 +37,7 @@ from fedmq.memory import peak_rss_mb
 from fedmq.models.spec import check_weights, load_bundle, prebuilt_bundle_path
 from fedmq.net.mqtt import connect, make_client
 from fedmq.signing import load_or_create_key, sign_update
-from fedmq.update.codecs import CODECS, decode_tensor, encode_delta
+from fedmq.update.codecs import codec_names, decode_tensor, encode_delta
 from fedmq.wire import (
     ModelMessage,
     RoundAnnouncement,
@@ -190,7 +190,7 @@ class EdgeAgent:
                     "model": spec.name,
                     "examples": len(self.data),
                     "threads": self.config.num_threads,
-                    "codecs": list(CODECS),
+                    "codecs": list(codec_names()),
                 },
                 metrics=dict(self._last_metrics),
                 round_id=round_id,
@@ -441,10 +441,9 @@ class EdgeAgent:
             metrics=self._last_metrics,
             created_at=time.time(),
         )
-        if self._key is not None:
-            msg = sign_update(msg, self._key)
+        payload = encode(msg) if self._key is None else sign_update(msg, self._key)
         # Durable before it leaves the device: a crash now means a resend, never a loss.
-        entry = self.outbox.put(r, msg.update_id, encode(msg))
+        entry = self.outbox.put(r, msg.update_id, payload)
         self.store.record_submission(r, msg.update_id)
         return entry
 
