@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmq.update.codecs import codec_names
+from fedmq.update.strategies import strategy_names
 from fedmq_ops.localfleet import FederationSpec, RoundRow, run_federation
 from fedmq_ops.progress import plot_curve, print_header, print_row, print_summary
 
@@ -47,7 +48,7 @@ def add_federation_arguments(
     p.add_argument(
         "--strategy",
         default=d.strategy,
-        choices=("fedavg", "fedavgm", "fedadam"),
+        choices=strategy_names(),
         help="server-side aggregation strategy",
     )
     p.add_argument(
