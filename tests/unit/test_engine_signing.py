@@ -16,8 +16,8 @@ from aggregator.engine import Engine, resolve_bundle
 from aggregator.store import Store
 from fedmq.errors import ConfigError, RejectReason
 from fedmq.models.spec import ModelBundle
-from fedmq.signing import DeviceKey, Registry, sign_update
-from fedmq.wire import AckMessage, SignedUpdate, decode_update, encode, receive_update
+from fedmq.signing import DeviceKey, Registry
+from fedmq.wire import AckMessage, SignedUpdate, encode, receive_update
 from tests.fakes import exact_delta, make_update
 
 T0 = 1_000.0
@@ -61,11 +61,9 @@ class Harness:
 
     def payload(self, device: str, key: DeviceKey | None, *, round_id: int = 1, base: int = 0,
                 uid: str | None = None, seed: int = 0, payload_device: str | None = None) -> bytes:
-        raw = make_update(FLEET, round_id, base, payload_device or device,
-                          exact_delta(self.shapes, seed), 4, "float32", uid or f"u-{device}")
-        if key is None:
-            return raw
-        return sign_update(decode_update(raw), key)
+        return make_update(FLEET, round_id, base, payload_device or device,
+                           exact_delta(self.shapes, seed), 4, "float32", uid or f"u-{device}",
+                           key=key)
 
     def send(self, device: str, payload: bytes, now: float = T0 + 1) -> AckMessage:
         return self.engine.handle_update(device, payload, now)
