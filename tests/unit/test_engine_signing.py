@@ -17,8 +17,8 @@ from aggregator.store import Store
 from fedmq.errors import ConfigError, RejectReason
 from fedmq.models.spec import ModelBundle
 from fedmq.signing import DeviceKey, Registry
-from fedmq.wire import AckMessage, SignedUpdate, encode, receive_update
-from tests.fakes import exact_delta, make_update
+from fedmq.wire import AckMessage, SignedUpdate, Tensor, encode, receive_update
+from tests.fakes import exact_delta, make_update, raw_update
 
 T0 = 1_000.0
 FLEET = "f"
@@ -257,3 +257,17 @@ def test_journaled_signed_updates_refold_after_a_restart(
         np.testing.assert_equal(h2.engine.store.history()[0].participants, 2)
     finally:
         h2.close()
+
+
+def test_a_signed_update_refused_by_the_decoder_is_acked_with_its_own_ids(
+    harness: Harness, keys: Mapping[str, DeviceKey]
+) -> None:
+    # The ids of a rejected signed update are inside the envelope's body: the ack names
+    # them, so the device can match it to its outbox entry.
+    nan = [Tensor.from_array(n, np.full(s, np.nan, np.float32))
+           for n, s in harness.shapes.items()]
+    body = raw_update(FLEET, 7, 0, "a", nan, update_id="u-nan")
+    payload = encode(SignedUpdate(body, keys["a"].sign(body)))
+    ack = harness.send("a", payload)
+    assert (ack.accepted, ack.code) == (False, RejectReason.NON_FINITE)
+    assert (ack.update_id, ack.round_id) == ("u-nan", 7)
