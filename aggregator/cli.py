@@ -10,9 +10,10 @@ from aggregator.config import (
     ENV_PREFIX,
     EVAL_DATASETS,
     SELECTIONS,
-    STRATEGIES,
     load_aggregator_config,
 )
+from fedmq.update.codecs import codec_names
+from fedmq.update.strategies import strategy_names
 
 __all__ = ["add_arguments", "add_parser", "command", "main"]
 
@@ -46,9 +47,9 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
      "grace seconds after the deadline before a round without quorum is abandoned"),
     ("--epochs", "epochs", int, "local epochs per round"),
     ("--lr", "lr", float, "device learning rate"),
-    ("--codec", "codec", str, "update codec devices use: float32, float16 or int8"),
+    ("--codec", "codec", str, f"update codec devices use: {', '.join(codec_names())}"),
     ("--train-max-examples", "train_max_examples", int, "cap on local examples per round"),
-    ("--strategy", "strategy", str, f"server strategy: {', '.join(STRATEGIES)}"),
+    ("--strategy", "strategy", str, f"server strategy: {', '.join(strategy_names())}"),
     ("--server-lr", "server_lr", float, "server learning rate (strategy default if unset)"),
     ("--server-momentum", "server_momentum", float, "FedAvgM momentum"),
     ("--seed", "seed", int, "seed for device sampling and evaluation subsets"),

@@ -17,14 +17,14 @@ from fedmq.config import load_config
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.net.mqtt import MqttSettings
 from fedmq.topics import Topics, validate_name
-from fedmq.update.codecs import CODECS
+from fedmq.update.codecs import codec_names
+from fedmq.update.strategies import strategy_names
 from fedmq.wire import TrainingConfig
 
 __all__ = [
     "ENV_PREFIX",
     "EVAL_DATASETS",
     "SELECTIONS",
-    "STRATEGIES",
     "TOML_SECTION",
     "AggregatorConfig",
     "load_aggregator_config",
@@ -32,7 +32,6 @@ __all__ = [
 
 ENV_PREFIX = "FEDMQ_AGGREGATOR_"
 TOML_SECTION = "aggregator"
-STRATEGIES = ("fedavg", "fedavgm", "fedadam")
 EVAL_DATASETS = ("digits", "fashion-mnist", "fashion-mnist-seq", "none")
 SELECTIONS = ("sample", "any")
 
@@ -130,10 +129,12 @@ class AggregatorConfig:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
         if self.round_timeout <= 0:
             raise ConfigError("round_timeout must be > 0")
-        if self.codec not in CODECS:
-            raise ConfigError(f"codec must be one of {CODECS}, got {self.codec!r}")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.codec not in codec_names():
+            raise ConfigError(f"codec must be one of {codec_names()}, got {self.codec!r}")
+        if self.strategy not in strategy_names():
+            raise ConfigError(
+                f"strategy must be one of {strategy_names()}, got {self.strategy!r}"
+            )
         lr = self.server_lr
         if lr is not None and not (math.isfinite(lr) and lr > 0):
             raise ConfigError(f"server_lr must be > 0, got {self.server_lr}")

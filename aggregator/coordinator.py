@@ -203,7 +203,7 @@ class Coordinator:
     def _begin(self, plan: RoundPlan) -> None:
         self.round = RoundState(self.config.fleet, plan, self.config.max_examples_per_update)
         self.traffic.reset()
-        self.ingest.begin(self.round)
+        self.ingest.begin(self.round, self.strategy.new_accumulator(self.template))
         self.metrics.current_round.set(plan.round_id)
 
     def _open(self, now: float) -> list[Outgoing]:
@@ -212,7 +212,7 @@ class Coordinator:
             base_version=self.version,
             online=frozenset(self.online),
             now=now,
-            training=self.config.training_config(),
+            training=self.strategy.configure(self.last_round_id + 1, self.config.training_config()),
         )
         plan = self.policy.plan(ctx)
         if plan is None:
@@ -236,8 +236,7 @@ class Coordinator:
         assert self.round is not None
         state = self.round
         fold = self.ingest.end()
-        mean = fold.mean()
-        new_weights = self.strategy.apply(self.weights, mean)
+        new_weights = self.strategy.aggregate(self.weights, fold.result())
         quality = self._evaluate(new_weights)
         seconds = max(0.0, now - state.plan.opened_at)
         metrics = {

@@ -24,7 +24,7 @@ from aggregator.policies import RoundPolicy
 from aggregator.round_state import RoundState
 from aggregator.store import Store
 from fedmq.models.spec import ModelBundle
-from fedmq.update.accumulate import WeightedSum
+from fedmq.update.accumulate import Accumulator
 from fedmq.update.strategies import Strategy
 from fedmq.wire import AckMessage
 
@@ -113,5 +113,5 @@ class Engine:
         return self.ingest.ack_outgoing(ack)
 
     @property
-    def fold(self) -> WeightedSum | None:
+    def fold(self) -> Accumulator | None:
         return self.ingest.fold

@@ -24,8 +24,16 @@ from aggregator.store import Store
 from fedmq.errors import ConfigError, RejectReason, SecurityError, StateError, WireError
 from fedmq.signing import Registry, verify_update
 from fedmq.topics import Topics, validate_name
-from fedmq.update.accumulate import WeightedSum
-from fedmq.wire import AckMessage, Limits, UpdateMessage, decode_update, encode
+from fedmq.update.accumulate import Accumulator, CheckedUpdate
+from fedmq.wire import (
+    AckMessage,
+    Limits,
+    ReceivedUpdate,
+    UpdateMessage,
+    decode_update,
+    encode,
+    receive_update,
+)
 
 __all__ = ["Ingest"]
 
@@ -40,6 +48,8 @@ def _peek_ids(payload: bytes, max_bytes: int) -> tuple[int | None, str]:
         obj = msgpack.unpackb(payload, raw=False, max_ext_len=0, strict_map_key=False)
     except Exception:  # garbage of any kind: nothing to peek at
         return None, ""
+    if isinstance(obj, dict) and obj.get("type") == "signed" and isinstance(obj.get("body"), bytes):
+        return _peek_ids(obj["body"], max_bytes)  # the ids are in the envelope's body
     if not isinstance(obj, dict):
         return None, ""
     rid = obj.get("round")
@@ -71,18 +81,20 @@ class Ingest:
         self.registry = Registry(Path(config.registry)) if config.registry else None
         self.require_signatures = config.signatures_required
         self.round: RoundState | None = None
-        self.fold: WeightedSum | None = None
+        self.fold: Accumulator | None = None
         # The newest round id ever opened: updates up to it are `round_closed` when no
         # round is open. Set by the coordinator at start, then by begin().
         self.last_round_id = 0
 
     # -- the open round (driven by the coordinator) ----------------------------------------
-    def begin(self, state: RoundState) -> None:
-        """Accept updates for ``state``'s round into a fresh accumulator."""
+    def begin(self, state: RoundState, accumulator: Accumulator) -> None:
+        """Accept updates for ``state``'s round into ``accumulator`` (fresh, from the strategy)."""
         if self.round is not None:
             raise StateError(f"round {self.round.round_id} is still open in the ingest")
+        if accumulator.count:
+            raise StateError("the ingest needs an empty accumulator")
         self.round = state
-        self.fold = WeightedSum(self.template)
+        self.fold = accumulator
         self.last_round_id = max(self.last_round_id, state.round_id)
 
     def refold(self) -> int:
@@ -104,7 +116,7 @@ class Ingest:
         log.info("round %d reopened with %d journaled update(s) re-folded", self.round.round_id, n)
         return n
 
-    def end(self) -> WeightedSum:
+    def end(self) -> Accumulator:
         """Stop accepting for the open round; its accumulator (the round closes or is dropped)."""
         if self.fold is None:
             raise StateError("no open round to end")
@@ -146,19 +158,20 @@ class Ingest:
         except ConfigError as exc:
             return self._reject(topic_device, payload, WireError(str(exc)), now)
         try:
-            msg = decode_update(payload, self.limits)
+            received = receive_update(payload, self.limits)
         except WireError as exc:
             return self._reject(topic_device, payload, exc, now)
+        msg = received.message
         try:
-            self._authenticate(msg, topic_device)
-            self._check(msg, topic_device)
+            self._authenticate(received, topic_device)
+            checked = self._check(msg, topic_device)
         except WireError as exc:
             return self._reject(topic_device, payload, exc, now, msg)
         assert self.round is not None and self.fold is not None
         self.store.append_update(
             msg.update_id, msg.round_id, msg.device, msg.num_examples, payload, now
         )
-        self.fold.fold(msg.tensors, msg.codec, float(msg.num_examples))
+        self.fold.add(checked)
         self.round.record(msg.update_id, msg.device, msg.num_examples)
         self.traffic.bytes_in += len(payload)
         self.metrics.updates_accepted.inc()
@@ -181,7 +194,7 @@ class Ingest:
             return None
         return self.traffic.emit(topic, encode(ack), retain=False)
 
-    def _authenticate(self, msg: UpdateMessage, topic_device: str) -> None:
+    def _authenticate(self, received: ReceivedUpdate, topic_device: str) -> None:
         """Signature check: after decoding, before any check that depends on round state.
 
         The topic device is the broker-authenticated identity (ACL), so a payload naming
@@ -191,32 +204,35 @@ class Ingest:
         """
         if self.registry is None:
             return
+        msg = received.message
         check_route(msg, topic_device)
         try:
             public_key = self.registry.public_key(msg.device)
         except SecurityError as exc:  # unreadable at start-up was caught by check_registry()
             log.error("device registry: %s", exc)
             public_key = None
-        if not self.require_signatures and (public_key is None or not msg.signature):
+        if not self.require_signatures and (public_key is None or not received.signature):
             return  # migration mode: only signed updates of enrolled devices are verified
         try:
-            verify_update(msg, public_key)
+            verify_update(received, public_key)
         except SecurityError as exc:  # an enrolled key that is not a valid Ed25519 key
             log.error("registry key of %s is unusable: %s", msg.device, exc)
             raise WireError(
                 f"device {msg.device!r} has no usable enrolled key", RejectReason.UNKNOWN_DEVICE
             ) from exc
 
-    def _check(self, msg: UpdateMessage, topic_device: str) -> None:
+    def _check(self, msg: UpdateMessage, topic_device: str) -> CheckedUpdate:
         if self.round is None or self.fold is None:
             check_route(msg, topic_device, self.config.fleet, last_round=self.last_round_id)
-            return  # not reached: with no open round check_route always raises
+            raise WireError(f"round {msg.round_id} is not open", RejectReason.WRONG_ROUND)
         fold = self.fold
+        checked: list[CheckedUpdate] = []
 
         def check_tensors(m: UpdateMessage) -> None:
-            fold.check(m.tensors, m.codec, float(m.num_examples))
+            checked.append(fold.check(m.tensors, m.codec, float(m.num_examples)))
 
         self.round.check(msg, topic_device, check_tensors)
+        return checked[0]
 
     def _reject(
         self,

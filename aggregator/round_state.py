@@ -73,7 +73,6 @@ class RoundPlan:
         )
 
     def to_json(self) -> dict[str, Any]:
-        c = self.config
         return {
             "round_id": self.round_id,
             "base_version": self.base_version,
@@ -83,13 +82,7 @@ class RoundPlan:
             "opened_at": self.opened_at,
             "deadline": self.deadline,
             "abandon_at": self.abandon_at,
-            "config": {
-                "epochs": c.epochs,
-                "lr": c.lr,
-                "codec": c.codec,
-                "max_examples": c.max_examples,
-                "sample_fraction": c.sample_fraction,
-            },
+            "config": self.config.to_dict(),
         }
 
     @classmethod
@@ -104,7 +97,7 @@ class RoundPlan:
                 opened_at=float(obj["opened_at"]),
                 deadline=float(obj["deadline"]),
                 abandon_at=float(obj["abandon_at"]),
-                config=TrainingConfig(**obj["config"]),
+                config=TrainingConfig.from_dict(obj["config"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"stored round plan is invalid: {exc}") from exc

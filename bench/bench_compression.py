@@ -30,7 +30,7 @@ import numpy as np
 from machine import machine_info as _machine_info
 
 from fedmq.models.spec import load_bundle, prebuilt_bundle_path
-from fedmq.update.codecs import CODECS, encode_delta, encoded_nbytes
+from fedmq.update.codecs import codec_names, encode_delta, encoded_nbytes
 from fedmq_ops.experiment import PRESETS
 from fedmq_ops.localfleet import FederationResult, FederationSpec, run_federation
 
@@ -185,7 +185,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3, help="digits runs per codec (seeds 0..N-1)")
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--codecs", default=",".join(CODECS), help="comma-separated codecs")
+    ap.add_argument("--codecs", default=",".join(codec_names()), help="comma-separated codecs")
     ap.add_argument("--fmnist", action="store_true", help="also fmnist-cnn, one seed (~12 min)")
     ap.add_argument("--broker", default="auto", help="auto | mosquitto | amqtt | HOST:PORT")
     ap.add_argument(
@@ -195,9 +195,9 @@ def main() -> None:
     codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
     if "float32" not in codecs:
         codecs.insert(0, "float32")
-    unknown = [c for c in codecs if c not in CODECS]
+    unknown = [c for c in codecs if c not in codec_names()]
     if unknown:
-        ap.error(f"unknown codecs {unknown}; choose from {CODECS}")
+        ap.error(f"unknown codecs {unknown}; choose from {codec_names()}")
     t0 = time.monotonic()
     digits = FederationSpec(
         agents=8, rounds=args.rounds, dataset="digits", model="digits-mlp",

@@ -41,7 +41,7 @@ from fedmq.memory import peak_rss_mb
 from fedmq.models.spec import check_weights
 from fedmq.signing import DeviceKey, sign_update
 from fedmq.topics import Topics
-from fedmq.update.codecs import CODECS, decode_tensor, encode_delta
+from fedmq.update.codecs import codec_names, decode_tensor, get_codec, pack_state, unpack_state
 from fedmq.wire import (
     ModelMessage,
     RoundAnnouncement,
@@ -132,17 +132,20 @@ def max_update_age(ack_timeout: float, max_resends: int) -> float:
 def encode_with_state(
     delta: Mapping[str, np.ndarray], codec: str, rng: np.random.Generator, state: bytes
 ) -> tuple[tuple[Tensor, ...], bytes]:
-    """Encode ``delta`` with ``codec`` from the device's committed codec ``state``; the
-    tensors and the state this update leaves (stored with it in the outbox). Today's
-    codecs are stateless: the state stays empty."""
-    return encode_delta(delta, codec, rng), b""
+    """Encode ``delta`` with ``codec`` from the device's committed codec ``state`` (bytes
+    of :func:`~fedmq.update.codecs.base.pack_state`, empty for none yet); the tensors and
+    the state this update leaves, stored with it in the outbox. Stateless codecs leave an
+    empty state."""
+    impl = get_codec(codec)
+    if not impl.stateful:
+        return impl.encode(delta, rng).tensors, b""
+    encoded = impl.encode(delta, rng, unpack_state(state) if state else None)
+    return encoded.tensors, pack_state(encoded.state)
 
 
 def seal_update(msg: UpdateMessage, key: DeviceKey | None) -> bytes:
     """The bytes to store and publish for ``msg``: signed with ``key`` (if any), encoded."""
-    if key is not None:
-        msg = sign_update(msg, key)
-    return encode(msg)
+    return encode(msg) if key is None else sign_update(msg, key)
 
 
 @dataclass
@@ -240,7 +243,7 @@ class EdgeCore:
                     "model": spec.name,
                     "examples": len(self.data),
                     "threads": self.settings.num_threads,
-                    "codecs": list(CODECS),
+                    "codecs": list(codec_names()),
                 },
                 metrics=metrics,
                 round_id=self._status.round_id,

@@ -1,10 +1,14 @@
 """Authenticated updates: Ed25519 device keys, signatures and the registry of enrolled devices.
 
-A device signs ``wire.signing_bytes(update)`` (the update encoded without its signature,
-which covers fleet, round, base version, device, update id and every tensor byte). The
-aggregator verifies the signature against the public key enrolled for that device id, so
-an update cannot be forged, moved to another device or altered; a replay of the same update
-id is a duplicate and a replay into a later round fails the round check.
+A device encodes its update and signs those exact bytes (:func:`sign_update`); the payload
+it sends is the envelope ``{v, type: "signed", body, sig}`` (:class:`fedmq.wire.SignedUpdate`).
+The aggregator verifies ``sig`` over the ``body`` bytes it received
+(:func:`verify_update` on :func:`fedmq.wire.receive_update`'s result) against the public key
+enrolled for the device the body names; nothing is re-encoded, so a client in any language
+signs whatever msgpack it produced. The body covers fleet, round, base version, device,
+update id, codec, metrics and every tensor byte: an update cannot be forged, moved to another
+device or altered; a replay of the same update id is a duplicate and a replay into a later
+round fails the round check.
 
 The registry is a JSON file ``{"devices": {device_id: {"public_key": hex, "enrolled_at": t}}}``
 written atomically; private keys are raw 32-byte Ed25519 seeds in files readable only by
@@ -20,7 +24,7 @@ import os
 import stat
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -30,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from fedmq.errors import RejectReason, SecurityError, WireError
 from fedmq.fsutil import atomic_write
 from fedmq.topics import validate_name
-from fedmq.wire import UpdateMessage, signing_bytes
+from fedmq.wire import ReceivedUpdate, SignedUpdate, UpdateMessage, encode
 
 __all__ = [
     "DeviceKey",
@@ -138,8 +142,10 @@ def load_or_create_key(path: Path) -> DeviceKey:
     return create_key(path)
 
 
-def sign_update(update: UpdateMessage, key: DeviceKey) -> UpdateMessage:
-    return replace(update, signature=key.sign(signing_bytes(update)))
+def sign_update(update: UpdateMessage, key: DeviceKey) -> bytes:
+    """The signed envelope payload of ``update``: its encoding, signed as is."""
+    body = encode(update)
+    return encode(SignedUpdate(body, key.sign(body)))
 
 
 def _public_key(hex_key: str) -> Ed25519PublicKey:
@@ -152,17 +158,19 @@ def _public_key(hex_key: str) -> Ed25519PublicKey:
         raise SecurityError(f"not an Ed25519 public key: {hex_key!r}") from exc
 
 
-def verify_update(update: UpdateMessage, public_key_hex: str | None) -> None:
-    """Raise WireError (unknown_device / unsigned / bad_signature) unless the signature holds."""
+def verify_update(received: ReceivedUpdate, public_key_hex: str | None) -> None:
+    """Raise WireError (unknown_device / unsigned / bad_signature) unless the envelope's
+    signature holds over the exact body bytes received."""
+    device = received.message.device
     if public_key_hex is None:
-        raise WireError(f"device {update.device!r} is not enrolled", RejectReason.UNKNOWN_DEVICE)
-    if not update.signature:
+        raise WireError(f"device {device!r} is not enrolled", RejectReason.UNKNOWN_DEVICE)
+    if not received.signature:
         raise WireError("update is not signed", RejectReason.UNSIGNED)
     try:
-        _public_key(public_key_hex).verify(update.signature, signing_bytes(update))
+        _public_key(public_key_hex).verify(received.signature, received.body)
     except InvalidSignature as exc:
         raise WireError(
-            f"signature does not verify for device {update.device!r}", RejectReason.BAD_SIGNATURE
+            f"signature does not verify for device {device!r}", RejectReason.BAD_SIGNATURE
         ) from exc
 
 

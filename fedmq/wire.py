@@ -1,11 +1,17 @@
 """The wire format: msgpack maps with a schema version, strict and bounded decoding.
 
-Every message is a msgpack map with ``v`` (schema version) and ``type``. Tensors are maps
-``{name, dtype, shape, params, data}`` where ``data`` holds the raw little-endian bytes of
-``dtype`` and ``params`` the codec parameters (``scale`` for int8, ...). Decoding checks the
-payload size before unpacking, then types, ranges, the dtype allowlist, that the byte length
-agrees with the shape and that every float is finite. msgpack extension types (and so any
-object serialisation) are refused. Every failure is a :class:`WireError` with a reason.
+Every message is a msgpack map with ``v`` (schema version) and ``type``. Tensors
+(:class:`fedmq.tensor.Tensor`) are maps ``{name, dtype, shape, params, data[, extra]}``:
+``data`` holds raw little-endian values of ``dtype``, ``params`` named numbers and ``extra``
+named byte strings of the update's codec. A signed update is an envelope
+``{v, type: "signed", body, sig}`` whose ``body`` is the exact bytes of the update message
+and ``sig`` an Ed25519 signature over them (:mod:`fedmq.signing`).
+
+Decoding checks the payload size before unpacking, then types, ranges, the dtype allowlist,
+that tensor data are whole values, that every float is finite and that the codec is
+registered. Whether a tensor fits the model (shape, element count, params) is its codec's
+check, made once by the accumulator. msgpack extension types (and so any object
+serialisation) are refused. Every failure is a :class:`WireError` with a reason.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgpack
-import numpy as np
 
 from fedmq.errors import RejectReason, WireError
+from fedmq.tensor import ALLOWED_DTYPES, MAX_NDIM, Tensor, tensor_from_map
+from fedmq.update.codecs import codec_names
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -27,7 +34,9 @@ __all__ = [
     "AckMessage",
     "Limits",
     "ModelMessage",
+    "ReceivedUpdate",
     "RoundAnnouncement",
+    "SignedUpdate",
     "StatusMessage",
     "Tensor",
     "TrainingConfig",
@@ -39,22 +48,18 @@ __all__ = [
     "decode_update",
     "encode",
     "message_type",
-    "signing_bytes",
+    "receive_update",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-ALLOWED_DTYPES: Mapping[str, np.dtype[Any]] = {
-    "float32": np.dtype("<f4"),
-    "float16": np.dtype("<f2"),
-    "int8": np.dtype("i1"),
-    "uint8": np.dtype("u1"),
-}
-_MAX_NDIM = 8
+_MAX_NDIM = MAX_NDIM
 _MAX_NAME = 128
 _MAX_TEXT = 4096
-_CODEC_NAMES = ("float32", "float16", "int8")
 _MAX_EPOCH = 64
+_MAX_SIGNATURE = 512
+_MAX_CONFIG_PARAMS = 32
+_MAX_CONFIG_KEY = 64
 
 
 @dataclass(frozen=True)
@@ -74,59 +79,97 @@ class Limits:
 # ---------------------------------------------------------------------------- messages
 
 
-@dataclass(frozen=True)
-class Tensor:
-    """One named tensor as carried on the wire (raw bytes, codec params)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    data: bytes
-    params: Mapping[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        _check_tensor_fields(self.name, self.dtype, self.shape, self.data, self.params)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    def array(self) -> np.ndarray:
-        """A read-only view of the raw values (no copy), shaped."""
-        return np.frombuffer(self.data, dtype=ALLOWED_DTYPES[self.dtype]).reshape(self.shape)
-
-    @classmethod
-    def from_array(
-        cls, name: str, array: np.ndarray, params: Mapping[str, float] | None = None
-    ) -> Tensor:
-        arr = np.asarray(array)
-        dtype = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
-        key = _dtype_name(dtype)
-        data = np.ascontiguousarray(arr, dtype=ALLOWED_DTYPES[key]).tobytes()
-        return cls(name, key, tuple(int(d) for d in arr.shape), data, dict(params or {}))
+ConfigValue = int | float | str | bool
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """What a device should do in a round."""
+    """What a device should do in a round (a strategy's :meth:`configure` decides it).
+
+    ``params`` is a free-form map for what a strategy or codec tells devices beyond the
+    fixed fields (FedProx's ``mu``, a clip norm, top-k's ``k``): at most 32 entries, names
+    of 1-64 characters, values finite numbers, bools or strings of at most 256 characters.
+    :meth:`to_dict` / :meth:`from_dict` are its one serialisation (wire, round plans).
+    """
 
     epochs: int = 1
     lr: float = 0.05
     codec: str = "int8"
     max_examples: int | None = None
     sample_fraction: float | None = None
+    params: Mapping[str, ConfigValue] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 1 <= self.epochs <= 1000:
             raise ValueError(f"epochs must be 1..1000, got {self.epochs}")
         if not (math.isfinite(self.lr) and 0 < self.lr <= 100):
             raise ValueError(f"lr must be in (0, 100], got {self.lr}")
-        if self.codec not in _CODEC_NAMES:
-            raise ValueError(f"codec must be one of {_CODEC_NAMES}, got {self.codec!r}")
+        if self.codec not in codec_names():
+            raise ValueError(f"codec must be one of {codec_names()}, got {self.codec!r}")
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError("max_examples must be >= 1")
         if self.sample_fraction is not None and not 0 < self.sample_fraction <= 1:
             raise ValueError("sample_fraction must be in (0, 1]")
+        if len(self.params) > _MAX_CONFIG_PARAMS:
+            raise ValueError(f"params has more than {_MAX_CONFIG_PARAMS} entries")
+        for key, value in self.params.items():
+            if not isinstance(key, str) or not 1 <= len(key) <= _MAX_CONFIG_KEY:
+                raise ValueError(f"params name {key!r} must be 1-{_MAX_CONFIG_KEY} characters")
+            if isinstance(value, str):
+                if len(value) > 256:
+                    raise ValueError(f"params {key!r} is longer than 256 characters")
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                if not math.isfinite(value):
+                    raise ValueError(f"params {key!r} is not finite")
+            elif not isinstance(value, bool):
+                raise ValueError(f"params {key!r} must be a number, bool or string")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (msgpack/JSON); :meth:`from_dict` reads it back."""
+        return {
+            "epochs": self.epochs,
+            "lr": float(self.lr),
+            "codec": self.codec,
+            "max_examples": self.max_examples,
+            "sample_fraction": self.sample_fraction,
+            "params": dict(sorted(self.params.items())),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> TrainingConfig:
+        """Strictly typed inverse of :meth:`to_dict`; ``params`` may be absent (older plans).
+        Raises :class:`ValueError` naming the bad field."""
+        if not isinstance(raw, Mapping):
+            raise ValueError("a training config must be a map")
+        unknown = set(raw) - {"epochs", "lr", "codec", "max_examples", "sample_fraction",
+                              "params"}
+        if unknown:
+            raise ValueError(f"unknown training config fields {sorted(map(str, unknown))}")
+
+        def num(key: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
+            value = raw.get(key)
+            if value is None and optional:
+                return None
+            if isinstance(value, bool) or not isinstance(value, kind):
+                what = "an integer" if kind is int else "a number"
+                raise ValueError(f"field {key!r} must be {what}")
+            return value
+
+        codec = raw.get("codec")
+        if not isinstance(codec, str):
+            raise ValueError("field 'codec' must be a string")
+        params = raw.get("params") or {}
+        if not isinstance(params, Mapping):
+            raise ValueError("field 'params' must be a map")
+        fraction = num("sample_fraction", (int, float), optional=True)
+        return cls(
+            epochs=num("epochs", int),
+            lr=float(num("lr", (int, float))),
+            codec=codec,
+            max_examples=num("max_examples", int, optional=True),
+            sample_fraction=None if fraction is None else float(fraction),
+            params=dict(params),
+        )
 
 
 @dataclass(frozen=True)
@@ -173,12 +216,35 @@ class UpdateMessage:
     tensors: tuple[Tensor, ...]
     metrics: Mapping[str, float] = field(default_factory=dict)
     created_at: float = 0.0
-    signature: bytes | None = None
     epoch: str = ""
 
-    @property
-    def payload_bytes(self) -> int:
-        return sum(len(t.data) for t in self.tensors)
+
+@dataclass(frozen=True)
+class SignedUpdate:
+    """The signed envelope: ``signature`` is Ed25519 over ``body``, the exact bytes of an
+    encoded :class:`UpdateMessage` (built by :func:`fedmq.signing.sign_update`)."""
+
+    body: bytes
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.body, bytes) or not self.body:
+            raise WireError("field 'body' must be non-empty bytes")
+        if not isinstance(self.signature, bytes) or not 0 < len(self.signature) <= _MAX_SIGNATURE:
+            raise WireError(f"field 'sig' must be 1-{_MAX_SIGNATURE} bytes")
+
+
+@dataclass(frozen=True)
+class ReceivedUpdate:
+    """An update payload as received: the decoded ``message``, the exact ``body`` bytes it
+    was decoded from and the envelope's ``signature`` over them (None when unsigned).
+
+    Built only by :func:`receive_update`, so ``message`` is always the decoding of ``body``.
+    """
+
+    message: UpdateMessage
+    body: bytes
+    signature: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -211,37 +277,19 @@ class StatusMessage:
     model_version: int | None = None
 
 
-Message = ModelMessage | RoundAnnouncement | UpdateMessage | AckMessage | StatusMessage
+Message = (
+    ModelMessage | RoundAnnouncement | UpdateMessage | SignedUpdate | AckMessage | StatusMessage
+)
 STATUS_STATES = ("online", "offline", "training", "idle")
 
 # ---------------------------------------------------------------------------- encoding
-
-
-def _tensor_map(t: Tensor) -> dict[str, Any]:
-    return {
-        "name": t.name,
-        "dtype": t.dtype,
-        "shape": list(t.shape),
-        "params": {k: float(v) for k, v in sorted(t.params.items())},
-        "data": t.data,
-    }
-
-
-def _config_map(c: TrainingConfig) -> dict[str, Any]:
-    return {
-        "epochs": c.epochs,
-        "lr": float(c.lr),
-        "codec": c.codec,
-        "max_examples": c.max_examples,
-        "sample_fraction": c.sample_fraction,
-    }
 
 
 def _floats(m: Mapping[str, float]) -> dict[str, float]:
     return {str(k): float(v) for k, v in sorted(m.items())}
 
 
-def _to_map(msg: Message, *, with_signature: bool = True) -> dict[str, Any]:
+def _to_map(msg: Message) -> dict[str, Any]:
     head: dict[str, Any] = {"v": SCHEMA_VERSION}
     if isinstance(msg, UpdateMessage):
         body: dict[str, Any] = {
@@ -253,13 +301,13 @@ def _to_map(msg: Message, *, with_signature: bool = True) -> dict[str, Any]:
             "update_id": msg.update_id,
             "num_examples": msg.num_examples,
             "codec": msg.codec,
-            "tensors": [_tensor_map(t) for t in msg.tensors],
+            "tensors": [t.to_map() for t in msg.tensors],
             "metrics": _floats(msg.metrics),
             "created_at": float(msg.created_at),
         }
-        if with_signature and msg.signature is not None:
-            body["signature"] = msg.signature
         _put_epoch(body, msg.epoch)
+    elif isinstance(msg, SignedUpdate):
+        body = {"type": "signed", "body": msg.body, "sig": msg.signature}
     elif isinstance(msg, ModelMessage):
         body = {
             "type": "model",
@@ -267,7 +315,7 @@ def _to_map(msg: Message, *, with_signature: bool = True) -> dict[str, Any]:
             "version": msg.version,
             "round": msg.round_id,
             "model_id": msg.model_id,
-            "tensors": [_tensor_map(t) for t in msg.tensors],
+            "tensors": [t.to_map() for t in msg.tensors],
             "metrics": _floats(msg.metrics),
             "created_at": float(msg.created_at),
         }
@@ -279,7 +327,7 @@ def _to_map(msg: Message, *, with_signature: bool = True) -> dict[str, Any]:
             "round": msg.round_id,
             "base_version": msg.base_version,
             "deadline": float(msg.deadline),
-            "config": _config_map(msg.config),
+            "config": msg.config.to_dict(),
             "selected": list(msg.selected),
             "min_updates": msg.min_updates,
             "model_id": msg.model_id,
@@ -328,13 +376,6 @@ def _put_epoch(body: dict[str, Any], epoch: str) -> None:
 def encode(msg: Message) -> bytes:
     """Serialise a message to msgpack bytes (deterministic for equal messages)."""
     out = msgpack.packb(_to_map(msg), use_bin_type=True)
-    assert isinstance(out, bytes)
-    return out
-
-
-def signing_bytes(msg: UpdateMessage) -> bytes:
-    """The canonical bytes a device signs: the update encoded without its signature."""
-    out = msgpack.packb(_to_map(msg, with_signature=False), use_bin_type=True)
     assert isinstance(out, bytes)
     return out
 
@@ -393,7 +434,7 @@ def message_type(payload: bytes, limits: Limits | None = None) -> str:
     return _str(_unpack(payload, limits or Limits()), "type")
 
 
-def _expect_type(obj: dict[str, Any], expected: str) -> None:
+def _expect_type(obj: Mapping[str, Any], expected: str) -> None:
     got = obj.get("type")
     if got != expected:
         raise WireError(f"expected a {expected!r} message, got type {got!r}")
@@ -455,76 +496,11 @@ def _float_map(obj: Mapping[str, Any], key: str, max_items: int = 256) -> dict[s
     return out
 
 
-def _dtype_name(dtype: np.dtype[Any]) -> str:
-    for name, allowed in ALLOWED_DTYPES.items():
-        if dtype == allowed:
-            return name
-    raise WireError(f"dtype {dtype} is not allowed (allowed: {', '.join(ALLOWED_DTYPES)})")
-
-
-def _check_tensor_fields(
-    name: str, dtype: str, shape: tuple[int, ...], data: bytes, params: Mapping[str, float]
-) -> None:
-    if not isinstance(name, str) or not name or len(name) > _MAX_NAME:
-        raise WireError(f"tensor name {name!r} must be 1-{_MAX_NAME} characters")
-    if dtype not in ALLOWED_DTYPES:
-        raise WireError(
-            f"tensor {name!r}: dtype {dtype!r} is not allowed "
-            f"(allowed: {', '.join(ALLOWED_DTYPES)})",
-            RejectReason.BAD_CODEC,
-        )
-    if len(shape) > _MAX_NDIM or any(
-        not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape
-    ):
-        raise WireError(f"tensor {name!r}: bad shape {list(shape)}", RejectReason.SHAPE)
-    expected = math.prod(shape) * ALLOWED_DTYPES[dtype].itemsize
-    if len(data) != expected:
-        raise WireError(
-            f"tensor {name!r}: {len(data)} data bytes do not match shape {list(shape)} "
-            f"of {dtype} ({expected} bytes)",
-            RejectReason.SHAPE,
-        )
-    for key, value in params.items():
-        if not isinstance(value, int | float) or not math.isfinite(value):
-            raise WireError(
-                f"tensor {name!r}: param {key!r} is not finite", RejectReason.NON_FINITE
-            )
-
-
-def _tensor(raw: Any, limits: Limits) -> Tensor:
-    if not isinstance(raw, dict):
-        raise WireError("a tensor must be a map")
-    name = _str(raw, "name", _MAX_NAME)
-    dtype = _str(raw, "dtype", 16)
-    shape_raw = _get(raw, "shape", list, "a list")
-    if len(shape_raw) > _MAX_NDIM:
-        raise WireError(f"tensor {name!r} has more than {_MAX_NDIM} dimensions", RejectReason.SHAPE)
-    shape = tuple(shape_raw)
-    if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
-        raise WireError(f"tensor {name!r}: bad shape {shape_raw}", RejectReason.SHAPE)
-    if math.prod(shape) > limits.max_elements:
-        raise WireError(f"tensor {name!r} has too many elements", RejectReason.TOO_LARGE)
-    data = _get(raw, "data", bytes, "bytes")
-    params = _float_map(raw, "params", 16)
-    tensor = Tensor(name, dtype, shape, data, params)
-    if dtype in ("float32", "float16") and tensor.size and not _all_finite(tensor):
-        raise WireError(f"tensor {name!r} holds NaN or infinite values", RejectReason.NON_FINITE)
-    return tensor
-
-
-def _all_finite(tensor: Tensor) -> bool:
-    if tensor.dtype == "float16":
-        # NaN/inf have an all-ones exponent; integer ops on the bits beat float16 isfinite 6x.
-        bits = np.frombuffer(tensor.data, dtype="<u2")
-        return not bool(((bits & 0x7C00) == 0x7C00).any())
-    return bool(np.isfinite(tensor.array()).all())
-
-
 def _tensors(obj: Mapping[str, Any], limits: Limits) -> tuple[Tensor, ...]:
     raw = _get(obj, "tensors", list, "a list")
     if len(raw) > limits.max_tensors:
         raise WireError(f"more than {limits.max_tensors} tensors", RejectReason.TOO_LARGE)
-    tensors = tuple(_tensor(t, limits) for t in raw)
+    tensors = tuple(tensor_from_map(t, limits.max_elements) for t in raw)
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise WireError("duplicate tensor names", RejectReason.SHAPE)
@@ -548,16 +524,11 @@ def _device_id(obj: Mapping[str, Any], key: str = "device") -> str:
     return value
 
 
-def decode_update(payload: bytes, limits: Limits | None = None) -> UpdateMessage:
-    lim = limits or Limits()
-    obj = _unpack(payload, lim)
+def _update(obj: Mapping[str, Any], limits: Limits) -> UpdateMessage:
     _expect_type(obj, "update")
     codec = _str(obj, "codec", 16)
-    if codec not in _CODEC_NAMES:
+    if codec not in codec_names():
         raise WireError(f"unknown codec {codec!r}", RejectReason.BAD_CODEC)
-    signature = obj.get("signature")
-    if signature is not None and (not isinstance(signature, bytes) or len(signature) > 512):
-        raise WireError("field 'signature' must be at most 512 bytes")
     update_id = _str(obj, "update_id", 64)
     if not update_id.isprintable():
         raise WireError("field 'update_id' is not printable")
@@ -569,24 +540,46 @@ def decode_update(payload: bytes, limits: Limits | None = None) -> UpdateMessage
         update_id=update_id,
         num_examples=_int(obj, "num_examples", 1, 2**40),
         codec=codec,
-        tensors=_tensors(obj, lim),
+        tensors=_tensors(obj, limits),
         metrics=_float_map(obj, "metrics"),
         created_at=_float(obj, "created_at") if _opt(obj, "created_at") else 0.0,
-        signature=signature,
         epoch=_epoch(obj),
     )
+
+
+def receive_update(payload: bytes, limits: Limits | None = None) -> ReceivedUpdate:
+    """Decode an update payload, bare or in a signed envelope, keeping the exact body bytes
+    and the signature for :func:`fedmq.signing.verify_update` (nothing is re-encoded)."""
+    lim = limits or Limits()
+    obj = _unpack(payload, lim)
+    if obj.get("type") != "signed":
+        return ReceivedUpdate(_update(obj, lim), bytes(payload), None)
+    body = _get(obj, "body", bytes, "bytes")
+    sig = _get(obj, "sig", bytes, "bytes")
+    if not 0 < len(sig) <= _MAX_SIGNATURE:
+        raise WireError(f"field 'sig' must be 1-{_MAX_SIGNATURE} bytes")
+    inner = _unpack(body, lim)
+    return ReceivedUpdate(_update(inner, lim), body, sig)
+
+
+def decode_update(payload: bytes, limits: Limits | None = None) -> UpdateMessage:
+    """The update in a payload, bare or signed (the signature is not checked here)."""
+    return receive_update(payload, limits).message
 
 
 def decode_model(payload: bytes, limits: Limits | None = None) -> ModelMessage:
     lim = limits or Limits()
     obj = _unpack(payload, lim)
     _expect_type(obj, "model")
+    tensors = _tensors(obj, lim)
+    for t in tensors:
+        t.array()  # model weights are dense: raises shape_mismatch otherwise
     return ModelMessage(
         fleet=_str(obj, "fleet", 64),
         version=_int(obj, "version"),
         round_id=_int(obj, "round"),
         model_id=_str(obj, "model_id", 256, empty=True),
-        tensors=_tensors(obj, lim),
+        tensors=tensors,
         metrics=_float_map(obj, "metrics"),
         created_at=_float(obj, "created_at") if _opt(obj, "created_at") else 0.0,
         epoch=_epoch(obj),
@@ -597,15 +590,7 @@ def _training_config(raw: Any) -> TrainingConfig:
     if not isinstance(raw, dict):
         raise WireError("field 'config' must be a map")
     try:
-        return TrainingConfig(
-            epochs=_int(raw, "epochs", 1, 1000),
-            lr=_float(raw, "lr"),
-            codec=_str(raw, "codec", 16),
-            max_examples=_int(raw, "max_examples", 1) if _opt(raw, "max_examples") else None,
-            sample_fraction=_float(raw, "sample_fraction")
-            if _opt(raw, "sample_fraction")
-            else None,
-        )
+        return TrainingConfig.from_dict(raw)
     except ValueError as exc:
         raise WireError(f"bad training config: {exc}") from exc
 

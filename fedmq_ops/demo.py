@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedmq.update.codecs import codec_names
+from fedmq.update.strategies import strategy_names
 from fedmq_ops.localfleet import FederationSpec, RoundRow, run_federation
 from fedmq_ops.progress import plot_curve, print_header, print_row, print_summary
 
@@ -40,13 +42,13 @@ def add_federation_arguments(
         default=d.partition,
         help="iid | dirichlet:ALPHA | classes:K | quantity:ALPHA",
     )
-    p.add_argument("--codec", default=d.codec, choices=("float32", "float16", "int8"))
+    p.add_argument("--codec", default=d.codec, choices=codec_names())
     p.add_argument("--epochs", type=int, default=d.epochs, help="local epochs per round")
     p.add_argument("--lr", type=float, default=d.lr, help="local SGD learning rate")
     p.add_argument(
         "--strategy",
         default=d.strategy,
-        choices=("fedavg", "fedavgm", "fedadam"),
+        choices=strategy_names(),
         help="server-side aggregation strategy",
     )
     p.add_argument(

@@ -22,6 +22,7 @@ import paho.mqtt.client as mqtt
 
 from fedmq.net.localbroker import LocalBroker
 from fedmq.net.procs import stop_process
+from fedmq.signing import DeviceKey, sign_update
 from fedmq.topics import Topics
 from fedmq.update import codecs
 from fedmq.wire import (
@@ -90,16 +91,18 @@ def make_update(
     codec: str = "float32",
     update_id: str | None = None,
     seed: int = 0,
+    key: DeviceKey | None = None,
 ) -> bytes:
-    """An encoded update message for ``delta`` (the real codecs and wire format)."""
+    """An encoded update message for ``delta`` (the real codecs and wire format); with
+    ``key``, the signed envelope of it."""
     tensors = codecs.encode_delta(delta, codec, np.random.default_rng(seed))
-    return encode(
-        UpdateMessage(
-            fleet=fleet, round_id=round_id, base_version=base_version, device=device,
-            update_id=update_id or uuid.uuid4().hex, num_examples=num_examples, codec=codec,
-            tensors=tensors, created_at=time.time(),
-        )
+    msg = UpdateMessage(
+        fleet=fleet, round_id=round_id, base_version=base_version, device=device,
+        update_id=update_id or uuid.uuid4().hex, num_examples=num_examples, codec=codec,
+        tensors=tensors, created_at=time.time(),
     )
+    return encode(msg) if key is None else sign_update(msg, key)
+
 
 
 def raw_update(

@@ -5,7 +5,8 @@ one mutation: byte-level damage (bit flips, truncation, insertions, garbage), a 
 a value of the wrong type or an absurd one (every field, including the tensors' name, dtype,
 shape, params and data), NaN/Inf floats, huge or negative dimensions, wrong dtypes, msgpack
 extension types, deeply nested maps, oversized strings, duplicate tensor names, a device id
-that differs from the topic's, a wrong fleet/round/base version, int8 with an absurd scale.
+that differs from the topic's, a wrong fleet/round/base version, int8 with an absurd scale,
+and signed envelopes (a valid or mutated body, damaged envelope fields, nested envelopes).
 
 Driven by a :class:`random.Random`, so hypothesis (``st.randoms()``) and a seeded generator
 for the broker path share the same mutations.
@@ -46,7 +47,7 @@ def valid_update_map(
     codec: str | None = None,
 ) -> Obj:
     """A valid update (as the msgpack map the wire format produces) for ``template``."""
-    codec = codec or rng.choice(codecs.CODECS)
+    codec = codec or rng.choice(codecs.codec_names())
     nrng = np.random.default_rng(rng.getrandbits(32))
     delta = {n: nrng.normal(0, 0.05, s).astype(np.float32) for n, s in template.items()}
     msg = UpdateMessage(
@@ -221,7 +222,7 @@ def _semantic_mutation(rng: random.Random, obj: Obj) -> None:
     elif op == "device":
         obj["device"] = obj["device"] + "-impostor"
     elif op == "codec_dtype":
-        obj["codec"] = rng.choice([c for c in codecs.CODECS if c != obj["codec"]])
+        obj["codec"] = rng.choice([c for c in codecs.codec_names() if c != obj["codec"]])
     elif op == "unknown_tensor":
         obj["tensors"][0]["name"] = "not_a_layer"
     elif op == "missing_tensor":
@@ -249,7 +250,28 @@ def _deep_bytes(rng: random.Random) -> bytes:
     return b"\x82\xa1v\x01\xa1x" + b"\x91" * depth + b"\xc0"  # {"v": 1, "x": [[[...]]]}
 
 
-KINDS = ("bytes", "field", "delete", "tensor", "semantic", "extra", "deep", "big")
+def _signed_mutation(rng: random.Random, base: Obj) -> bytes:
+    """A signed envelope (signatures are not verified here): a valid or mutated body, or
+    damage to the envelope itself."""
+    inner_kind = rng.choice(("valid", *KINDS[:-1]))
+    body = _pack(base) if inner_kind == "valid" else fuzz_payload(rng, base, inner_kind)[1]
+    env: Obj = {"v": 2, "type": "signed", "body": body, "sig": rng.randbytes(64)}
+    op = rng.choice(("ok", "ok", "field", "delete", "nested", "bytes"))
+    if op == "field":
+        key = rng.choice(("v", "type", "body", "sig"))
+        env[key] = rng.choice([_generic_value(rng), b"", b"s" * 513, 1])
+    elif op == "delete":
+        del env[rng.choice(("body", "sig", "type"))]
+    elif op == "nested":
+        env["body"] = _pack({"v": 2, "type": "signed", "body": body, "sig": b"x" * 64})
+    try:
+        payload = _pack(env)
+    except (ValueError, OverflowError, TypeError):
+        payload = _pack({"v": 2, "type": "signed", "body": body, "sig": b"x" * 64})
+    return _byte_mutation(rng, payload) if op == "bytes" else payload
+
+
+KINDS = ("bytes", "field", "delete", "tensor", "semantic", "extra", "deep", "big", "signed")
 
 
 def fuzz_payload(rng: random.Random, base: Obj, kind: str | None = None) -> tuple[str, bytes]:
@@ -260,6 +282,8 @@ def fuzz_payload(rng: random.Random, base: Obj, kind: str | None = None) -> tupl
         return kind, _byte_mutation(rng, _pack(obj))
     if kind == "deep":
         return kind, _deep_bytes(rng)
+    if kind == "signed":
+        return kind, _signed_mutation(rng, base)
     if kind == "field":
         field = rng.choice(_TOP_FIELDS)
         obj[field] = _field_value(rng, field, base)

@@ -29,9 +29,9 @@ from fedmq.errors import RejectReason
 from fedmq.net.localbroker import BrokerOptions, LocalBroker, free_port, mosquitto_path
 from fedmq.net.mqtt import MqttSettings, connect, make_client
 from fedmq.net.procs import stop_process
-from fedmq.signing import DeviceKey, Registry, load_or_create_key, sign_update
+from fedmq.signing import DeviceKey, Registry, load_or_create_key
 from fedmq.topics import Topics
-from fedmq.wire import AckMessage, decode_ack, decode_model, decode_update, encode
+from fedmq.wire import AckMessage, decode_ack, decode_model
 from fedmq_ops.broker import BrokerLayout, BrokerSettings, add_device, init_broker
 from tests.conftest import _track
 from tests.fakes import exact_delta, make_update
@@ -244,8 +244,7 @@ def _wait_model(monitor: Peer, version: int, timeout: float, procs: list[Proc]) 
 
 def _update(device: str, key: DeviceKey | None, uid: str) -> bytes:
     shapes = {t.name: t.shape for t in resolve_bundle("digits-mlp").spec.trainable_specs}
-    raw = make_update(FLEET, 2, 1, device, exact_delta(shapes, 0), 10, "float32", uid)
-    return raw if key is None else encode(sign_update(decode_update(raw), key))
+    return make_update(FLEET, 2, 1, device, exact_delta(shapes, 0), 10, "float32", uid, key=key)
 
 
 def test_signed_round_over_tls_and_what_a_device_identity_cannot_do(

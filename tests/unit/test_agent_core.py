@@ -29,6 +29,7 @@ from fedmq.wire import (
     UpdateMessage,
     decode_status,
     decode_update,
+    receive_update,
     encode,
 )
 
@@ -160,8 +161,13 @@ def test_updates_are_signed_over_what_is_stored_and_sent(
     d = Device(tmp_path / "agent", data, key=key)
     d.connect()
     d.model(model_msg(weights, 0))
-    [update] = updates(d.round(round_msg(1, 0)))
-    verify_update(update, key.public_hex)  # raises when the signature does not verify
+    published = d.round(round_msg(1, 0))
+    [payload] = [p.payload for p in published if p.topic == TOPICS.update(DEVICE)]
+    received = receive_update(payload)
+    assert received.signature is not None
+    verify_update(received, key.public_hex)  # raises when the signature does not verify
+    [entry] = d.core.outbox.pending()
+    assert entry.payload == payload  # what is stored is what is sent
 
 
 def test_resends_back_off_then_expire_and_a_late_answer_moves_the_count(

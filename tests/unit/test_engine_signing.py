@@ -16,9 +16,9 @@ from aggregator.engine import Engine, resolve_bundle
 from aggregator.store import Store
 from fedmq.errors import ConfigError, RejectReason
 from fedmq.models.spec import ModelBundle
-from fedmq.signing import DeviceKey, Registry, sign_update
-from fedmq.wire import AckMessage, decode_update, encode
-from tests.fakes import exact_delta, make_update
+from fedmq.signing import DeviceKey, Registry
+from fedmq.wire import AckMessage, SignedUpdate, Tensor, encode, receive_update
+from tests.fakes import exact_delta, make_update, raw_update
 
 T0 = 1_000.0
 FLEET = "f"
@@ -61,11 +61,9 @@ class Harness:
 
     def payload(self, device: str, key: DeviceKey | None, *, round_id: int = 1, base: int = 0,
                 uid: str | None = None, seed: int = 0, payload_device: str | None = None) -> bytes:
-        raw = make_update(FLEET, round_id, base, payload_device or device,
-                          exact_delta(self.shapes, seed), 4, "float32", uid or f"u-{device}")
-        if key is None:
-            return raw
-        return encode(sign_update(decode_update(raw), key))
+        return make_update(FLEET, round_id, base, payload_device or device,
+                           exact_delta(self.shapes, seed), 4, "float32", uid or f"u-{device}",
+                           key=key)
 
     def send(self, device: str, payload: bytes, now: float = T0 + 1) -> AckMessage:
         return self.engine.handle_update(device, payload, now)
@@ -124,13 +122,16 @@ def test_unauthenticated_updates_are_rejected_with_their_code(
     elif case == "other_key":  # signed by another enrolled device's key
         device, payload, code = "a", harness.payload("a", keys["b"]), RejectReason.BAD_SIGNATURE
     else:  # a valid signature, then one weight changed
-        signed = decode_update(harness.payload("a", keys["a"]))
+        received = receive_update(harness.payload("a", keys["a"]))
+        signed = received.message
         t0 = signed.tensors[0]
         data = bytearray(t0.data)
         data[0] ^= 0x01
         forged_t = dataclasses.replace(t0, data=bytes(data))
         msg = dataclasses.replace(signed, tensors=(forged_t, *signed.tensors[1:]))
-        device, payload, code = "a", encode(msg), RejectReason.BAD_SIGNATURE
+        assert received.signature is not None
+        payload = encode(SignedUpdate(encode(msg), received.signature))
+        device, code = "a", RejectReason.BAD_SIGNATURE
     ack = harness.send(device, payload)
     assert not ack.accepted and ack.code == code, ack
     assert ack.device == device and ack.round_id == 1
@@ -170,8 +171,10 @@ def test_replays_are_duplicates_in_the_round_and_wrong_round_later(
     replay = harness.send("a", signed_a, now=T0 + 3)
     assert not replay.accepted and replay.code == RejectReason.WRONG_ROUND
     # re-labelling the old update for round 2 breaks the signature (it covers the round)
-    msg = decode_update(signed_a)
-    moved = encode(dataclasses.replace(msg, round_id=2, base_version=1, update_id="ua2"))
+    received = receive_update(signed_a)
+    assert received.signature is not None
+    moved_msg = dataclasses.replace(received.message, round_id=2, base_version=1, update_id="ua2")
+    moved = encode(SignedUpdate(encode(moved_msg), received.signature))
     ack = harness.send("a", moved, now=T0 + 3)
     assert ack.code == RejectReason.BAD_SIGNATURE
     assert harness.rejected(RejectReason.DUPLICATE) == 1
@@ -254,3 +257,17 @@ def test_journaled_signed_updates_refold_after_a_restart(
         np.testing.assert_equal(h2.engine.store.history()[0].participants, 2)
     finally:
         h2.close()
+
+
+def test_a_signed_update_refused_by_the_decoder_is_acked_with_its_own_ids(
+    harness: Harness, keys: Mapping[str, DeviceKey]
+) -> None:
+    # The ids of a rejected signed update are inside the envelope's body: the ack names
+    # them, so the device can match it to its outbox entry.
+    nan = [Tensor.from_array(n, np.full(s, np.nan, np.float32))
+           for n, s in harness.shapes.items()]
+    body = raw_update(FLEET, 7, 0, "a", nan, update_id="u-nan")
+    payload = encode(SignedUpdate(body, keys["a"].sign(body)))
+    ack = harness.send("a", payload)
+    assert (ack.accepted, ack.code) == (False, RejectReason.NON_FINITE)
+    assert (ack.update_id, ack.round_id) == ("u-nan", 7)

@@ -26,7 +26,7 @@ from tests.fakes import exact_delta, make_update, model_weights, raw_update
 def test_weighted_sum_refuses_an_update_that_would_overflow() -> None:
     fold = WeightedSum({"a": (3,)})
     huge = [Tensor.from_array("a", np.full(3, 3e38, np.float32))]
-    fold.check(huge, "float32")  # shapes and codec are fine ...
+    fold.check(huge, "float32", 1.0)  # shapes and codec are fine ...
     with pytest.raises(WireError) as err:
         fold.check(huge, "float32", 2.0)  # ... but 2 x 3e38 is not a float32
     assert err.value.code == RejectReason.NON_FINITE

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from aggregator.round_state import RoundPlan, RoundState
 from fedmq.errors import WireError
-from fedmq.update.accumulate import WeightedSum
+from fedmq.update.accumulate import CheckedUpdate, WeightedSum
 from fedmq.wire import (
     Limits,
     TrainingConfig,
@@ -80,26 +80,27 @@ def _outcome(payload: bytes) -> str:
         return exc.code
     assert len(payload) <= LIMITS.max_bytes
     for t in msg.tensors:
-        values = t.array()
-        assert values.shape == t.shape
+        values = t.values()
+        assert values.size == t.count and len(t.data) == t.count * values.itemsize
         if t.dtype in ("float32", "float16"):
             assert np.isfinite(values).all()
     state = RoundState(FLEET, PLAN, MAX_EXAMPLES_PER_UPDATE)
     fold = WeightedSum(TEMPLATE)
     weight = float(msg.num_examples)
+    checked: list[CheckedUpdate] = []
     try:
-        state.check(msg, DEVICE, lambda m: fold.check(m.tensors, m.codec, weight))
+        state.check(msg, DEVICE, lambda m: checked.append(fold.check(m.tensors, m.codec, weight)))
     except WireError as exc:
         return exc.code
-    # Accepted: folding must work and keep the running sum (and so the model) finite, also
-    # when the same update arrives again from another device (or is refused before folding).
-    fold.fold(msg.tensors, msg.codec, weight)
+    # Accepted: adding must work and keep the running sum (and so the model) finite, also
+    # when the same update arrives again from another device (or is refused before adding).
+    fold.add(checked[0])
     try:
-        fold.check(msg.tensors, msg.codec, weight)
+        again = fold.check(msg.tensors, msg.codec, weight)
     except WireError:
         pass
     else:
-        fold.fold(msg.tensors, msg.codec, weight)
+        fold.add(again)
     for name, mean in fold.mean().items():
         assert np.isfinite(mean).all(), f"{name}: the running sum overflowed"
     return "accepted"
@@ -162,9 +163,11 @@ _values = st.recursive(
     max_leaves=20,
 )
 _update_like = st.fixed_dictionaries(
-    {"v": st.just(1) | _scalars, "type": st.just("update") | _scalars},
+    {"v": st.just(2) | st.just(1) | _scalars,
+     "type": st.just("update") | st.just("signed") | _scalars},
     optional={k: _values for k in ("fleet", "round", "base_version", "device", "update_id",
-                                   "num_examples", "codec", "tensors", "metrics")},
+                                   "num_examples", "codec", "tensors", "metrics", "body",
+                                   "sig")},
 )
 
 

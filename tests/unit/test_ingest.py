@@ -15,6 +15,7 @@ from aggregator.outgoing import RoundTraffic
 from aggregator.round_state import RoundPlan, RoundState
 from aggregator.store import Store
 from fedmq.errors import RejectReason, StateError
+from fedmq.update.accumulate import WeightedSum
 from fedmq.wire import TrainingConfig, decode_ack
 from tests.fakes import exact_delta, make_update
 
@@ -42,7 +43,7 @@ def _open(store: Store, ingest: Ingest, round_id: int = 1) -> RoundState:
                      config=TrainingConfig(codec="float32"))
     store.create_round(round_id, 0, plan.to_json(), T0)
     state = RoundState("f", plan, 100)
-    ingest.begin(state)
+    ingest.begin(state, WeightedSum(TEMPLATE))
     return state
 
 
@@ -98,7 +99,7 @@ def test_refold_restores_count_and_sum_after_a_restart(store: Store) -> None:
     want = first.end().mean()
     second = _ingest(store)  # a new process over the same state directory
     plan = RoundPlan.from_json(store.open_round().plan)  # type: ignore[union-attr]
-    second.begin(RoundState("f", plan, 100))
+    second.begin(RoundState("f", plan, 100), WeightedSum(TEMPLATE))
     assert second.refold() == 2
     assert second.round is not None and second.round.devices == {"d0", "d1"}
     assert second.fold is not None
@@ -112,7 +113,7 @@ def test_one_open_round_at_a_time(store: Store) -> None:
     ingest = _ingest(store)
     state = _open(store, ingest)
     with pytest.raises(StateError, match="still open"):
-        ingest.begin(state)
+        ingest.begin(state, WeightedSum(TEMPLATE))
     ingest.end()
     with pytest.raises(StateError, match="no open round"):
         ingest.end()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -19,11 +20,32 @@ def _update(device: str = "dev-1") -> wire.UpdateMessage:
     return wire.UpdateMessage("f", 4, 3, device, "u1", 10, "int8", t)
 
 
+def _envelope(payload: bytes) -> tuple[bytes, bytes]:
+    obj = msgpack.unpackb(payload, raw=False)
+    assert obj["v"] == wire.SCHEMA_VERSION and obj["type"] == "signed"
+    return obj["body"], obj["sig"]
+
+
 def test_signed_update_verifies_after_the_wire() -> None:
     key = DeviceKey.generate()
-    signed = sign_update(_update(), key)
-    decoded = wire.decode_update(wire.encode(signed))
-    verify_update(decoded, key.public_hex)
+    payload = sign_update(_update(), key)
+    received = wire.receive_update(payload)
+    assert received.message == _update()
+    assert received.body == wire.encode(_update())  # the signed bytes are the update's own
+    verify_update(received, key.public_hex)
+
+
+def test_the_signature_covers_the_bytes_received_not_a_re_encoding() -> None:
+    # A client whose msgpack differs from ours (here: a map with its keys in another order,
+    # and float64 where we would write an int) still verifies: nothing is re-encoded.
+    key = DeviceKey.generate()
+    obj = msgpack.unpackb(wire.encode(_update()), raw=False)
+    body = msgpack.packb(dict(reversed(list(obj.items()))), use_bin_type=True)
+    assert body != wire.encode(_update())
+    payload = wire.encode(wire.SignedUpdate(body, key.sign(body)))
+    received = wire.receive_update(payload)
+    assert received.message == _update()
+    verify_update(received, key.public_hex)
 
 
 @pytest.mark.parametrize(
@@ -38,31 +60,37 @@ def test_signed_update_verifies_after_the_wire() -> None:
 )
 def test_any_change_breaks_the_signature(change: dict[str, object]) -> None:
     key = DeviceKey.generate()
-    tampered = replace(sign_update(_update(), key), **change)  # type: ignore[arg-type]
+    _, sig = _envelope(sign_update(_update(), key))
+    tampered = wire.encode(replace(_update(), **change))  # type: ignore[arg-type]
+    received = wire.receive_update(wire.encode(wire.SignedUpdate(tampered, sig)))
     with pytest.raises(WireError) as e:
-        verify_update(tampered, key.public_hex)
+        verify_update(received, key.public_hex)
     assert e.value.code == RejectReason.BAD_SIGNATURE
 
 
 def test_tensor_bytes_are_covered() -> None:
     key = DeviceKey.generate()
-    signed = sign_update(_update(), key)
-    t = signed.tensors[0]
+    body, sig = _envelope(sign_update(_update(), key))
+    t = _update().tensors[0]
     flipped = wire.Tensor(t.name, t.dtype, t.shape, bytes([t.data[0] ^ 1]) + t.data[1:], t.params)
-    with pytest.raises(WireError):
-        verify_update(replace(signed, tensors=(flipped,)), key.public_hex)
+    forged = wire.encode(replace(_update(), tensors=(flipped,)))
+    assert len(forged) == len(body) and forged != body
+    with pytest.raises(WireError) as e:
+        verify_update(wire.receive_update(wire.encode(wire.SignedUpdate(forged, sig))),
+                      key.public_hex)
+    assert e.value.code == RejectReason.BAD_SIGNATURE
 
 
 def test_unsigned_unknown_and_other_key() -> None:
     key, other = DeviceKey.generate(), DeviceKey.generate()
     with pytest.raises(WireError) as e:
-        verify_update(_update(), key.public_hex)
+        verify_update(wire.receive_update(wire.encode(_update())), key.public_hex)
     assert e.value.code == RejectReason.UNSIGNED
     with pytest.raises(WireError) as e:
-        verify_update(sign_update(_update(), key), None)
+        verify_update(wire.receive_update(sign_update(_update(), key)), None)
     assert e.value.code == RejectReason.UNKNOWN_DEVICE
     with pytest.raises(WireError) as e:
-        verify_update(sign_update(_update(), other), key.public_hex)
+        verify_update(wire.receive_update(sign_update(_update(), other)), key.public_hex)
     assert e.value.code == RejectReason.BAD_SIGNATURE
 
 

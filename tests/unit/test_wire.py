@@ -17,6 +17,7 @@ from fedmq.wire import (
     Limits,
     ModelMessage,
     RoundAnnouncement,
+    SignedUpdate,
     StatusMessage,
     Tensor,
     TrainingConfig,
@@ -47,7 +48,11 @@ def tensors(draw: st.DrawFn) -> Tensor:
         vals = draw(st.lists(st.integers(lo, hi), min_size=n, max_size=n))
     arr = np.array(vals, dtype=wire.ALLOWED_DTYPES[dtype]).reshape(shape)
     params = draw(st.dictionaries(st.sampled_from(["scale", "zero"]), finite, max_size=2))
-    return Tensor.from_array(draw(names), arr, params)
+    # Codec-defined layouts: fewer stored values than the shape, and named byte fields.
+    extra = draw(st.dictionaries(st.sampled_from(["index", "mask"]), st.binary(max_size=8),
+                                 max_size=2))
+    stored = draw(st.integers(0, arr.size)) if extra else arr.size
+    return Tensor.from_array(draw(names), arr.reshape(-1)[:stored], params, extra, shape)
 
 
 @st.composite
@@ -64,7 +69,6 @@ def updates(draw: st.DrawFn) -> UpdateMessage:
         tensors=tuple(ts),
         metrics=draw(st.dictionaries(names, finite, max_size=3)),
         created_at=draw(st.floats(0, 2e9)),
-        signature=draw(st.none() | st.binary(min_size=64, max_size=64)),
     )
 
 
@@ -74,10 +78,26 @@ def test_update_round_trip(msg: UpdateMessage) -> None:
     assert wire.decode_update(wire.encode(msg)) == msg
 
 
+@given(updates(), st.binary(min_size=1, max_size=512))
+@settings(max_examples=100, deadline=None)
+def test_signed_envelope_round_trip(msg: UpdateMessage, sig: bytes) -> None:
+    body = wire.encode(msg)
+    received = wire.receive_update(wire.encode(SignedUpdate(body, sig)))
+    assert received == wire.ReceivedUpdate(msg, body, sig)
+    assert wire.decode_update(wire.encode(SignedUpdate(body, sig))) == msg
+    assert wire.receive_update(body) == wire.ReceivedUpdate(msg, body, None)
+
+
 @given(tensors())
 @settings(max_examples=100, deadline=None)
 def test_model_round_trip(t: Tensor) -> None:
+    t = Tensor(t.name, t.dtype, t.shape, t.data, t.params) if t.dense else t
     msg = ModelMessage("fleet", 3, 2, "digits-mlp", (t,), {"accuracy": 0.5}, 12.5)
+    if not t.dense:  # model weights are dense: a sparse layout is refused
+        with pytest.raises(WireError) as e:
+            wire.decode_model(wire.encode(msg))
+        assert e.value.code == RejectReason.SHAPE
+        return
     assert wire.decode_model(wire.encode(msg)) == msg
 
 
@@ -88,7 +108,8 @@ def test_model_round_trip(t: Tensor) -> None:
 )
 @settings(max_examples=60, deadline=None)
 def test_round_round_trip(selected: list[str], epochs: int, lr: float) -> None:
-    cfg = TrainingConfig(epochs=epochs, lr=min(lr, 100.0), codec="int8", max_examples=100)
+    cfg = TrainingConfig(epochs=epochs, lr=min(lr, 100.0), codec="int8", max_examples=100,
+                         params={"mu": 0.01, "k": 5, "mode": "prox", "on": True})
     msg = RoundAnnouncement("f", 7, 6, 1e9, cfg, tuple(selected), 2, "m", 5.0)
     assert wire.decode_round(wire.encode(msg)) == msg
 
@@ -103,14 +124,22 @@ def test_ack_and_status_round_trip() -> None:
     assert wire.decode_status(wire.encode(st_msg)) == st_msg
 
 
-# Golden bytes pin format v1: a change here is a wire-format change (bump SCHEMA_VERSION).
+# Golden bytes pin format v2: a change here is a wire-format change (bump SCHEMA_VERSION).
 GOLDEN_UPDATE = (
-    "8ca17601a474797065a6757064617465a5666c656574a3666c74a5726f756e6403ac626173655f766572"
+    "8ca17602a474797065a6757064617465a5666c656574a3666c74a5726f756e6403ac626173655f766572"
     "73696f6e02a6646576696365a464657631a97570646174655f6964a475303031ac6e756d5f6578616d70"
     "6c65730aa5636f646563a4696e7438a774656e736f72739185a46e616d65a177a56474797065a4696e74"
     "38a57368617065920103a6706172616d7381a57363616c65cb3f50624dd2f1a9fca464617461c403ff00"
     "81a76d65747269637381a46c6f7373cb3fe0000000000000aa637265617465645f6174cb41d000000000"
     "0000"
+)
+# The same update in format v1 (before the signed envelope): refused as schema_version.
+GOLDEN_UPDATE_V1 = GOLDEN_UPDATE[:6] + "01" + GOLDEN_UPDATE[8:]
+# Envelope {v: 2, type: "signed", body: <GOLDEN_UPDATE bytes>, sig: bytes 0..63}.
+GOLDEN_SIG = bytes(range(64))
+GOLDEN_SIGNED = (
+    "84a17602a474797065a67369676e6564a4626f6479c4d4" + GOLDEN_UPDATE + "a3736967c440"
+    + GOLDEN_SIG.hex()
 )
 
 
@@ -122,6 +151,41 @@ def _golden_update() -> UpdateMessage:
 def test_golden_bytes_pinned() -> None:
     assert wire.encode(_golden_update()).hex() == GOLDEN_UPDATE
     assert wire.decode_update(bytes.fromhex(GOLDEN_UPDATE)) == _golden_update()
+    body = bytes.fromhex(GOLDEN_UPDATE)
+    assert wire.encode(SignedUpdate(body, GOLDEN_SIG)).hex() == GOLDEN_SIGNED
+    received = wire.receive_update(bytes.fromhex(GOLDEN_SIGNED))
+    assert received == wire.ReceivedUpdate(_golden_update(), body, GOLDEN_SIG)
+
+
+def test_version_1_is_refused_bare_signed_or_inside_an_envelope() -> None:
+    _reject(bytes.fromhex(GOLDEN_UPDATE_V1), RejectReason.SCHEMA)
+    v1_body = bytes.fromhex(GOLDEN_UPDATE_V1)
+    _reject(wire.encode(SignedUpdate(v1_body, GOLDEN_SIG)), RejectReason.SCHEMA)
+    envelope = msgpack.unpackb(bytes.fromhex(GOLDEN_SIGNED), raw=False)
+    envelope["v"] = 1
+    _reject(_pack(envelope), RejectReason.SCHEMA)
+    # v1 carried the signature inside the update map: such a payload is refused first
+    v1_signed = {**msgpack.unpackb(v1_body, raw=False), "signature": GOLDEN_SIG}
+    _reject(_pack(v1_signed), RejectReason.SCHEMA)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"body": "text"},
+        {"body": b""},
+        {"sig": b""},
+        {"sig": b"s" * 513},
+        {"sig": None},
+        {"body": None},
+        {"body": bytes.fromhex(GOLDEN_SIGNED)},  # an envelope in an envelope
+        {"body": b"\xc1garbage"},
+    ],
+)
+def test_bad_envelopes_are_rejected(change: dict[str, object]) -> None:
+    envelope = msgpack.unpackb(bytes.fromhex(GOLDEN_SIGNED), raw=False)
+    envelope.update(change)
+    _reject(_pack({k: v for k, v in envelope.items() if v is not None}))
 
 
 def _base_map() -> dict[str, object]:
@@ -158,9 +222,10 @@ def test_garbage_is_rejected(payload: bytes) -> None:
 
 
 def test_schema_version_checked() -> None:
-    m = _base_map()
-    m["v"] = 2
-    _reject(_pack(m), RejectReason.SCHEMA)
+    for version in (1, 3, -1):
+        m = _base_map()
+        m["v"] = version
+        _reject(_pack(m), RejectReason.SCHEMA)
 
 
 def test_size_limit_before_unpacking() -> None:
@@ -182,10 +247,18 @@ def _with_tensor(**changes: object) -> bytes:
     return _pack(m)
 
 
-def test_shape_and_length_must_agree() -> None:
-    _reject(_with_tensor(shape=[2, 3]), RejectReason.SHAPE)
+def test_data_must_be_whole_values_and_shapes_sane() -> None:
+    # Whether the values fill the model shape is the codec's check (test_accumulate): the
+    # wire only refuses bytes that are not whole values of the dtype, and absurd shapes.
+    _reject(_with_tensor(dtype="float32", shape=[1], data=b"\x00" * 3), RejectReason.SHAPE)
+    _reject(_with_tensor(dtype="float16", shape=[1], data=b"\x00" * 3), RejectReason.SHAPE)
     _reject(_with_tensor(shape=[-1]), RejectReason.SHAPE)
     _reject(_with_tensor(shape=[1] * 9), RejectReason.SHAPE)
+    _reject(_with_tensor(shape=[2**20, 2**20]), RejectReason.TOO_LARGE)
+    _reject(_with_tensor(extra={"index": "not bytes"}))
+    _reject(_with_tensor(extra={str(i): b"" for i in range(9)}))
+    _reject(_with_tensor(extra=[b"x"]))
+    assert wire.decode_update(_with_tensor(shape=[2, 3])).tensors[0].count == 3
 
 
 def test_dtype_allowlist() -> None:
@@ -245,7 +318,22 @@ def test_random_bytes_never_crash(payload: bytes) -> None:
             assert err.reason
 
 
-def test_signing_bytes_exclude_signature() -> None:
-    msg = _golden_update()
-    signed = UpdateMessage(**{**msg.__dict__, "signature": b"s" * 64})
-    assert wire.signing_bytes(signed) == wire.signing_bytes(msg) == wire.encode(msg)
+def test_training_config_has_one_serialisation() -> None:
+    cfg = TrainingConfig(3, 0.1, "float16", 50, 0.5, {"mu": 0.01, "k": 4})
+    assert TrainingConfig.from_dict(cfg.to_dict()) == cfg
+    old_plan = {k: v for k, v in cfg.to_dict().items() if k != "params"}  # before params
+    assert TrainingConfig.from_dict(old_plan) == TrainingConfig(3, 0.1, "float16", 50, 0.5)
+    for bad in [
+        {**cfg.to_dict(), "epochs": True},
+        {**cfg.to_dict(), "epochs": "3"},
+        {**cfg.to_dict(), "lr": "0.1"},
+        {**cfg.to_dict(), "codec": "zip"},
+        {**cfg.to_dict(), "params": {"mu": float("nan")}},
+        {**cfg.to_dict(), "params": {"": 1}},
+        {**cfg.to_dict(), "params": {"x": [1]}},
+        {**cfg.to_dict(), "params": {str(i): 1 for i in range(33)}},
+        {**cfg.to_dict(), "surprise": 1},
+        [1, 2],
+    ]:
+        with pytest.raises(ValueError):
+            TrainingConfig.from_dict(bad)

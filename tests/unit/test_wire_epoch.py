@@ -44,8 +44,8 @@ def test_epoch_and_model_version_round_trip() -> None:
     assert wire.decode_update(wire.encode(_update(EPOCH))).epoch == EPOCH
     status = wire.decode_status(wire.encode(_status(EPOCH, 7)))
     assert (status.epoch, status.model_version) == (EPOCH, 7)
-    # Signed bytes cover the epoch: a relabelled epoch changes what is signed.
-    assert wire.signing_bytes(_update(EPOCH)) != wire.signing_bytes(_update("other"))
+    # The signed body is the encoded update: a relabelled epoch changes what is signed.
+    assert wire.encode(_update(EPOCH)) != wire.encode(_update("other"))
 
 
 def test_absent_epoch_decodes_as_empty_and_keeps_the_old_bytes() -> None:
