@@ -29,8 +29,8 @@ from fedmq.wire import (
     UpdateMessage,
     decode_status,
     decode_update,
-    receive_update,
     encode,
+    receive_update,
 )
 
 FLEET = "lab"
