@@ -7,7 +7,8 @@ an update cannot be forged, moved to another device or altered; a replay of the 
 id is a duplicate and a replay into a later round fails the round check.
 
 The registry is a JSON file ``{"devices": {device_id: {"public_key": hex, "enrolled_at": t}}}``
-written atomically; private keys are raw 32-byte Ed25519 seeds in files readable only by
+written atomically (an entry may add ``"max_examples": n``, the most its updates weigh in a
+fold); private keys are raw 32-byte Ed25519 seeds in files readable only by
 their owner.
 """
 
@@ -20,6 +21,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -122,6 +124,16 @@ def verify_update(update: UpdateMessage, public_key_hex: str | None) -> None:
         ) from exc
 
 
+def _max_examples(device: object, entry: Any) -> int | None:
+    """An enrolment's optional ``max_examples``: a positive integer (or absent/null)."""
+    value = entry.get("max_examples")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"device {device}: max_examples must be an integer >= 1, got {value!r}")
+    return value
+
+
 class Registry:
     """Enrolled devices and their public keys (a JSON file, re-read when it changes)."""
 
@@ -130,12 +142,14 @@ class Registry:
         self._mtime: float | None = None
         self._bad_mtime: float | None = None
         self._devices: dict[str, str] = {}
+        self._caps: dict[str, int] = {}
 
     def _load(self) -> None:
         try:
             mtime = self.path.stat().st_mtime
         except FileNotFoundError:
             self._devices, self._mtime, self._bad_mtime = {}, None, None
+            self._caps = {}
             return
         if mtime == self._mtime:
             return
@@ -143,6 +157,7 @@ class Registry:
             data = json.loads(self.path.read_text())
             devices = data["devices"]
             parsed = {str(k): str(v["public_key"]) for k, v in devices.items()}
+            caps = {str(k): _max_examples(k, v) for k, v in devices.items()}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             if self._mtime is None:
                 raise SecurityError(f"registry {self.path} is malformed: {exc}") from exc
@@ -155,6 +170,7 @@ class Registry:
                 self._bad_mtime = mtime
             return
         self._devices, self._mtime, self._bad_mtime = parsed, mtime, None
+        self._caps = {k: v for k, v in caps.items() if v is not None}
 
     def devices(self) -> Mapping[str, str]:
         self._load()
@@ -163,6 +179,11 @@ class Registry:
     def public_key(self, device: str) -> str | None:
         self._load()
         return self._devices.get(device)
+
+    def max_examples(self, device: str) -> int | None:
+        """The device's optional ``max_examples`` (its enrolment's cap on the fold weight)."""
+        self._load()
+        return self._caps.get(device)
 
     def enroll(self, device: str, public_key_hex: str) -> None:
         validate_name(device, "device")
