@@ -114,7 +114,8 @@ def update_norm(tensors: Iterable[Tensor], codec: str) -> float:
             total += scale * scale * float(np.dot(q, q))
         else:
             x = arr if arr.dtype == np.float32 else arr.astype(np.float32)
-            sq = float(np.dot(x, x))
+            with np.errstate(over="ignore"):
+                sq = float(np.dot(x, x))
             if not math.isfinite(sq):
                 x64 = x.astype(np.float64)
                 sq = float(np.dot(x64, x64))
