@@ -4,6 +4,7 @@ capped fold weights, with real encoded updates, the real engine and a real Store
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -222,5 +223,37 @@ def test_registry_caps_the_fold_weight(tmp_path: Path, bundle: ModelBundle) -> N
             want = w0[name] + (3 * da[name] + db[name]) / np.float32(4)
             np.testing.assert_array_equal(w1[name], want)
         assert engine.store.contributions(1)[0][2] == 1000  # the claim is kept as claimed
+    finally:
+        engine.store.close()
+
+
+def test_a_journal_without_the_weight_column_refolds_with_num_examples(
+    tmp_path: Path, bundle: ModelBundle
+) -> None:
+    """State directories of older versions: the column is added, NULL = num_examples."""
+    cfg = _config(tmp_path, min_updates=2, clients_per_round=2)
+    engine = Engine(cfg, Store(cfg.state_dir), bundle)
+    w0 = _model(engine.start(T0))
+    engine.store.close()
+    shapes = {k: v.shape for k, v in w0.items()}
+    deltas = [exact_delta(shapes, 1), exact_delta(shapes, 2)]
+    db = sqlite3.connect(cfg.state_dir / "state.db")
+    db.execute("ALTER TABLE journal DROP COLUMN weight")  # the journal of an older version
+    for i, n in enumerate((1, 3)):
+        payload = make_update("f", 1, 0, f"d{i}", deltas[i], n, update_id=f"u{i}")
+        db.execute(
+            "INSERT INTO journal (update_id, round_id, device, num_examples, payload, "
+            "received_at) VALUES (?, 1, ?, ?, ?, ?)", (f"u{i}", f"d{i}", n, payload, T0),
+        )
+    db.commit()
+    db.close()
+    engine = Engine(cfg, Store(cfg.state_dir), bundle)
+    try:
+        engine.start(T0 + 1, tick=False)
+        assert [e.weight for e in engine.store.journal(1)] == [None, None]
+        w1 = _model(engine.tick(T0 + 2))
+        for name in shapes:
+            want = w0[name] + (deltas[0][name] + 3 * deltas[1][name]) / np.float32(4)
+            np.testing.assert_array_equal(w1[name], want)
     finally:
         engine.store.close()
