@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aggregator.bounds import BoundsConfig
 from aggregator.policies import DEFAULT_ROUND_POLICY, round_policy_names
 from fedmq.config import load_config
 from fedmq.errors import ConfigError, FedmqError
@@ -95,6 +96,19 @@ class AggregatorConfig:
     metrics_port: int = 0
     log_every: int = 1
     tick_interval: float = 0.2
+    # -- ingest bounds and the model-publication guard (docs/protocol.md, "Ingest bounds") --
+    # L2-norm bound of an update: "adaptive" (norm_multiplier x the median of the fleet's
+    # recent norms, once bounds_warmup devices are known), "fixed" (max_update_norm) or "off".
+    norm_bound: str = "adaptive"
+    max_update_norm: float = 0.0  # a fixed ceiling on the L2 norm; 0 = none
+    norm_multiplier: float = 3.0
+    # Fold weight = min(num_examples, the registry's max_examples for the device,
+    # weight_cap_multiplier x the median of recent claims); 0 = no relative cap.
+    weight_cap_multiplier: float = 2.0
+    bounds_window: int = 100  # medians over the latest value of this many recent devices
+    bounds_warmup: int = 3  # median bounds apply once this many devices are known
+    # A candidate model with a weight of |w| above this (or non-finite) is not published.
+    max_model_weight: float = 1e4
 
     def __post_init__(self) -> None:
         validate_name(self.fleet, "fleet")
@@ -152,9 +166,12 @@ class AggregatorConfig:
             raise ConfigError("require_signatures needs a registry of enrolled devices")
         if (self.username is None) and self.password is not None:
             raise ConfigError("password given without username")
+        if not (math.isfinite(self.max_model_weight) and self.max_model_weight > 0):
+            raise ConfigError(f"max_model_weight must be > 0, got {self.max_model_weight}")
         try:
             self.training_config()
             self.mqtt_settings()
+            self.bounds_config()
         except (ValueError, FedmqError) as exc:
             raise ConfigError(str(exc)) from exc
 
@@ -182,6 +199,16 @@ class AggregatorConfig:
             codec=self.codec,
             max_examples=self.train_max_examples,
             sample_fraction=self.sample_fraction,
+        )
+
+    def bounds_config(self) -> BoundsConfig:
+        return BoundsConfig(
+            norm_bound=self.norm_bound,
+            max_update_norm=self.max_update_norm,
+            norm_multiplier=self.norm_multiplier,
+            weight_cap_multiplier=self.weight_cap_multiplier,
+            bounds_window=self.bounds_window,
+            bounds_warmup=self.bounds_warmup,
         )
 
     def mqtt_settings(self) -> MqttSettings:

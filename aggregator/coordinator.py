@@ -15,9 +15,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from aggregator.bounds import Contribution
 from aggregator.bundles import model_id_of
 from aggregator.config import AggregatorConfig
 from aggregator.evaluate import Evaluator
+from aggregator.guard import (
+    UnpublishableModel,
+    check_publishable,
+    describe_contributions,
+    finite_metrics,
+    largest_contributions,
+)
 from aggregator.ingest import Ingest
 from aggregator.metrics import AggregatorMetrics
 from aggregator.outgoing import Outgoing, RoundTraffic
@@ -235,9 +243,10 @@ class Coordinator:
     def _close(self, now: float) -> list[Outgoing]:
         assert self.round is not None
         state = self.round
+        contributions = list(self.ingest.contributions)
         fold = self.ingest.end()
         new_weights = self.strategy.aggregate(self.weights, fold.result())
-        quality = self._evaluate(new_weights)
+        quality = finite_metrics(self._evaluate(new_weights))
         seconds = max(0.0, now - state.plan.opened_at)
         metrics = {
             **quality,
@@ -251,6 +260,12 @@ class Coordinator:
         model_payload = self._model_payload(
             self.version + 1, state.round_id, new_weights, metrics, now
         )
+        try:
+            check_publishable(
+                model_payload, self.config.fleet, self.bundle.spec, self.config.max_model_weight
+            )
+        except UnpublishableModel as exc:
+            return self._refuse_candidate(state, contributions, str(exc), now)
         metrics["bytes_out"] = float(self.traffic.bytes_out + len(model_payload))
         stored = self.store.close_round(
             state.round_id, new_weights, metrics, self.strategy.state(), now
@@ -284,10 +299,44 @@ class Coordinator:
         self.store.abandon_round(state.round_id, now)
         self.ingest.end()
         self.round = None
-        self.metrics.rounds_abandoned.inc()
+        self.metrics.rounds_abandoned.labels(reason="no_quorum").inc()
         log.warning(
             "round %d abandoned: %d of %d required update(s) by its deadline",
             state.round_id, state.count, state.plan.min_updates,
+        )
+        self._results.append(
+            RoundResult(
+                round_id=state.round_id, status="abandoned", version=None,
+                participants=state.count, num_examples=state.num_examples,
+                bytes_in=self.traffic.bytes_in, bytes_out=self.traffic.bytes_out,
+                seconds=max(0.0, now - state.plan.opened_at),
+            )
+        )
+        return []
+
+    def _refuse_candidate(
+        self, state: RoundState, contributions: list[Contribution], reason: str, now: float
+    ) -> list[Outgoing]:
+        """The round's model would be refused by the devices: abandon the round instead.
+
+        Nothing is stored or published; the server optimiser's state goes back to the stored
+        one; the next round opens on the unchanged model.
+        """
+        self.store.abandon_round(state.round_id, now)
+        self.strategy.load_state(self.store.server_state())
+        self.round = None
+        worst = largest_contributions(contributions)
+        self.metrics.rounds_abandoned.labels(reason="unpublishable_model").inc()
+        self.metrics.unpublishable_update_norm.clear()
+        for c in worst:
+            self.metrics.unpublishable_update_norm.labels(
+                device=c.device, update_id=c.update_id
+            ).set(c.norm)
+        log.error(
+            "round %d abandoned: its model (version %d) is unpublishable: %s; version %d "
+            "stays current; largest updates (weight x L2 norm): %s",
+            state.round_id, self.version + 1, reason, self.version,
+            describe_contributions(worst),
         )
         self._results.append(
             RoundResult(
@@ -329,7 +378,7 @@ class Coordinator:
             round_id=round_id,
             model_id=self.model_id,
             tensors=tuple(Tensor.from_array(n, weights[n]) for n in self.template),
-            metrics=dict(metrics),
+            metrics=finite_metrics(metrics),
             created_at=now,
         )
         return encode(msg)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import msgpack
 
+from aggregator.bounds import Contribution, FleetBounds, update_norm
 from aggregator.config import AggregatorConfig
 from aggregator.metrics import AggregatorMetrics
 from aggregator.outgoing import Outgoing, RoundTraffic
@@ -38,6 +39,8 @@ from fedmq.wire import (
 __all__ = ["Ingest"]
 
 log = logging.getLogger(__name__)
+
+_BOUNDS_META = "ingest_bounds"  # the fleet's recent norms and claims (aggregator.bounds)
 
 
 def _peek_ids(payload: bytes, max_bytes: int) -> tuple[int | None, str]:
@@ -82,6 +85,11 @@ class Ingest:
         self.require_signatures = config.signatures_required
         self.round: RoundState | None = None
         self.fold: Accumulator | None = None
+        # The accepted updates of the open round (norm, claimed and used weight): O(devices).
+        self.contributions: list[Contribution] = []
+        self.bounds = FleetBounds.from_json(
+            config.bounds_config(), store.get_meta(_BOUNDS_META)
+        )
         # The newest round id ever opened: updates up to it are `round_closed` when no
         # round is open. Set by the coordinator at start, then by begin().
         self.last_round_id = 0
@@ -95,6 +103,7 @@ class Ingest:
             raise StateError("the ingest needs an empty accumulator")
         self.round = state
         self.fold = accumulator
+        self.contributions = []
         self.last_round_id = max(self.last_round_id, state.round_id)
 
     def refold(self) -> int:
@@ -103,13 +112,20 @@ class Ingest:
             raise StateError("no open round to re-fold")
         n = 0
         for entry in self.store.journal(self.round.round_id):
+            weight = float(entry.num_examples) if entry.weight is None else entry.weight
             try:
                 msg = decode_update(entry.payload, self.limits)
-                self.fold.fold(msg.tensors, msg.codec, float(msg.num_examples))
+                self.fold.fold(msg.tensors, msg.codec, weight)
             except (WireError, ValueError) as exc:
                 raise StateError(
                     f"journaled update {entry.update_id!r} is unreadable: {exc}"
                 ) from exc
+            norm = update_norm(msg.tensors, msg.codec)
+            self.bounds.observe_norm(entry.device, norm)
+            self.bounds.observe_claim(entry.device, entry.num_examples)
+            self.contributions.append(
+                Contribution(entry.update_id, entry.device, entry.num_examples, weight, norm)
+            )
             self.round.record(entry.update_id, entry.device, entry.num_examples)
             self.traffic.bytes_in += len(entry.payload)
             n += 1
@@ -122,7 +138,12 @@ class Ingest:
             raise StateError("no open round to end")
         fold = self.fold
         self.round, self.fold = None, None
+        self.save_bounds()
         return fold
+
+    def save_bounds(self) -> None:
+        """Persist the fleet's recent norms and claims (the medians' pool) in the state."""
+        self.store.set_meta(_BOUNDS_META, self.bounds.to_json())
 
     # -- start-up --------------------------------------------------------------------------
     def check_registry(self) -> None:
@@ -164,15 +185,31 @@ class Ingest:
         msg = received.message
         try:
             self._authenticate(received, topic_device)
-            checked = self._check(msg, topic_device)
+            weight = self.bounds.weight(
+                msg.device, msg.num_examples, self._registry_cap(msg.device)
+            )
+            checked = self._check(msg, topic_device, weight)
+            norm = update_norm(checked.tensors, msg.codec)  # the one norm of this update
+            self.bounds.check_norm(msg.device, norm)
         except WireError as exc:
             return self._reject(topic_device, payload, exc, now, msg)
         assert self.round is not None and self.fold is not None
         self.store.append_update(
-            msg.update_id, msg.round_id, msg.device, msg.num_examples, payload, now
+            msg.update_id, msg.round_id, msg.device, msg.num_examples, payload, now, weight
         )
         self.fold.add(checked)
         self.round.record(msg.update_id, msg.device, msg.num_examples)
+        self.bounds.observe_claim(msg.device, msg.num_examples)
+        self.contributions.append(
+            Contribution(msg.update_id, msg.device, msg.num_examples, weight, norm)
+        )
+        self.metrics.update_norm.observe(norm)
+        if weight < msg.num_examples:
+            self.metrics.weights_capped.inc()
+            log.info(
+                "update %s from %s claims %d examples: folded with weight %.6g (capped)",
+                msg.update_id, msg.device, msg.num_examples, weight,
+            )
         self.traffic.bytes_in += len(payload)
         self.metrics.updates_accepted.inc()
         self.metrics.fold_seconds.observe(time.perf_counter() - started)
@@ -221,7 +258,16 @@ class Ingest:
                 f"device {msg.device!r} has no usable enrolled key", RejectReason.UNKNOWN_DEVICE
             ) from exc
 
-    def _check(self, msg: UpdateMessage, topic_device: str) -> CheckedUpdate:
+    def _registry_cap(self, device: str) -> int | None:
+        if self.registry is None:
+            return None
+        try:
+            return self.registry.max_examples(device)
+        except SecurityError as exc:  # unreadable at start-up was caught by check_registry()
+            log.error("device registry: %s", exc)
+            return None
+
+    def _check(self, msg: UpdateMessage, topic_device: str, weight: float) -> CheckedUpdate:
         if self.round is None or self.fold is None:
             check_route(msg, topic_device, self.config.fleet, last_round=self.last_round_id)
             raise WireError(f"round {msg.round_id} is not open", RejectReason.WRONG_ROUND)
@@ -229,7 +275,7 @@ class Ingest:
         checked: list[CheckedUpdate] = []
 
         def check_tensors(m: UpdateMessage) -> None:
-            checked.append(fold.check(m.tensors, m.codec, float(m.num_examples)))
+            checked.append(fold.check(m.tensors, m.codec, weight))
 
         self.round.check(msg, topic_device, check_tensors)
         return checked[0]

@@ -8,7 +8,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from fedmq.errors import ConfigError, RejectReason
 
-__all__ = ["AggregatorMetrics"]
+__all__ = ["ABANDON_REASONS", "AggregatorMetrics"]
+
+# Why a round ended without a new model (the label of fedmq_rounds_abandoned_total).
+ABANDON_REASONS = ("no_quorum", "unpublishable_model")
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +26,10 @@ class AggregatorMetrics:
             "fedmq_rounds_completed", "Rounds closed with a new model version", registry=r
         )
         self.rounds_abandoned = Counter(
-            "fedmq_rounds_abandoned", "Rounds abandoned without quorum", registry=r
+            "fedmq_rounds_abandoned", "Rounds abandoned, by reason", ["reason"], registry=r
         )
+        for reason in ABANDON_REASONS:
+            self.rounds_abandoned.labels(reason=reason)
         self.participants = Histogram(
             "fedmq_round_participants",
             "Accepted updates per closed round",
@@ -39,6 +44,23 @@ class AggregatorMetrics:
         )
         for code in RejectReason.ALL:
             self.updates_rejected.labels(reason=code)
+        self.update_norm = Histogram(
+            "fedmq_update_norm",
+            "L2 norm of each accepted update's decoded delta",
+            buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000, 1e4, 1e5),
+            registry=r,
+        )
+        self.weights_capped = Counter(
+            "fedmq_update_weights_capped",
+            "Accepted updates folded with less weight than the num_examples they claimed",
+            registry=r,
+        )
+        self.unpublishable_update_norm = Gauge(
+            "fedmq_unpublishable_update_norm",
+            "L2 norms of the largest updates of the last round whose model was unpublishable",
+            ["device", "update_id"],
+            registry=r,
+        )
         self.bytes_in = Counter("fedmq_bytes_in", "Update payload bytes received", registry=r)
         self.bytes_out = Counter("fedmq_bytes_out", "Payload bytes published", registry=r)
         self.fold_seconds = Histogram(

@@ -138,6 +138,7 @@ class RoundState:
     ) -> None:
         """Raise :class:`WireError` unless ``msg`` may be folded into this round.
 
+        The update's codec must be the one the round asked for (``bad_codec``).
         ``check_tensors`` validates shapes and codec against the model (it runs after the
         round checks and before the examples cap, as in docs/protocol.md).
         """
@@ -162,6 +163,12 @@ class RoundState:
             raise WireError(
                 f"device {msg.device!r} already contributed to round {p.round_id}",
                 RejectReason.DUPLICATE,
+            )
+        if msg.codec != p.config.codec:
+            raise WireError(
+                f"update codec {msg.codec} differs from round {p.round_id}'s codec "
+                f"{p.config.codec}",
+                RejectReason.BAD_CODEC,
             )
         if check_tensors is not None:
             check_tensors(msg)

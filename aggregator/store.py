@@ -118,6 +118,14 @@ class JournalEntry:
     num_examples: int
     payload: bytes
     received_at: float
+    weight: float | None = None  # the fold weight used; None (older journals) = num_examples
+
+
+def _add_journal_weight(db: sqlite3.Connection) -> None:
+    """Journals written before fold weights were capped lack the column: add it (NULL)."""
+    columns = {str(row[1]) for row in db.execute("PRAGMA table_info(journal)")}
+    if "weight" not in columns:
+        db.execute("ALTER TABLE journal ADD COLUMN weight REAL")
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -167,6 +175,7 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            _add_journal_weight(self._db)
         except (OSError, sqlite3.Error) as exc:
             self._lock.close()
             raise StateError(f"cannot open state database in {self.root}: {exc}") from exc
@@ -417,14 +426,19 @@ class Store:
         num_examples: int,
         payload: bytes,
         now: float,
+        weight: float | None = None,
     ) -> None:
-        """Journal an accepted update; returns once it is durable (committed, fsynced)."""
+        """Journal an accepted update; returns once it is durable (committed, fsynced).
+
+        ``weight`` is the fold weight actually used when it differs from ``num_examples``
+        (a capped claim), so that a restart re-folds identically.
+        """
         try:
             with self._tx() as db:
                 db.execute(
                     "INSERT INTO journal (update_id, round_id, device, num_examples, payload, "
-                    "received_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (update_id, round_id, device, num_examples, bytes(payload), now),
+                    "received_at, weight) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (update_id, round_id, device, num_examples, bytes(payload), now, weight),
                 )
         except sqlite3.IntegrityError as exc:
             raise StateError(f"update {update_id!r} is already journaled") from exc
@@ -436,14 +450,14 @@ class Store:
         ).fetchall()
         for (update_id,) in ids:
             row = self._one(
-                "SELECT update_id, round_id, device, num_examples, payload, received_at "
+                "SELECT update_id, round_id, device, num_examples, payload, received_at, weight "
                 "FROM journal WHERE update_id = ?",
                 (update_id,),
             )
             if row is not None:
                 yield JournalEntry(
                     str(row[0]), int(row[1]), str(row[2]), int(row[3]), bytes(row[4]),
-                    float(row[5]),
+                    float(row[5]), None if row[6] is None else float(row[6]),
                 )
 
     # -- rejects and server state ----------------------------------------------------------

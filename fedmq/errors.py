@@ -57,6 +57,7 @@ class RejectReason:
     ROUND_CLOSED = "round_closed"
     UNSIGNED = "unsigned"
     BAD_SIGNATURE = "bad_signature"
+    NORM_BOUND = "norm_bound"
     ALL = (
         MALFORMED,
         TOO_LARGE,
@@ -74,6 +75,7 @@ class RejectReason:
         ROUND_CLOSED,
         UNSIGNED,
         BAD_SIGNATURE,
+        NORM_BOUND,
     )
 
 

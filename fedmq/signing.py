@@ -11,7 +11,8 @@ device or altered; a replay of the same update id is a duplicate and a replay in
 round fails the round check.
 
 The registry is a JSON file ``{"devices": {device_id: {"public_key": hex, "enrolled_at": t}}}``
-written atomically; private keys are raw 32-byte Ed25519 seeds in files readable only by
+written atomically (an entry may add ``"max_examples": n``, the most its updates weigh in a
+fold); private keys are raw 32-byte Ed25519 seeds in files readable only by
 their owner.
 """
 
@@ -187,6 +188,7 @@ class Registry:
         self._mtime: float | None = None
         self._bad_mtime: float | None = None
         self._devices: dict[str, str] = {}
+        self._caps: dict[str, int] = {}
 
     @staticmethod
     def fingerprint(public_key_hex: str) -> str:
@@ -224,11 +226,24 @@ class Registry:
                 )
         return devices
 
+    def _max_examples(self, device: str, entry: Mapping[str, object]) -> int | None:
+        """An enrolment's optional ``max_examples``: a positive integer (or absent/null)."""
+        value = entry.get("max_examples")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SecurityError(
+                f"registry {self.path} is malformed: device {device!r} has max_examples "
+                f"{value!r}, expected an integer >= 1"
+            )
+        return value
+
     def _load(self) -> None:
         try:
             mtime = self.path.stat().st_mtime
         except FileNotFoundError:
             self._devices, self._mtime, self._bad_mtime = {}, None, None
+            self._caps = {}
             return
         except OSError as exc:
             why = exc.strerror or exc
@@ -236,7 +251,9 @@ class Registry:
         if mtime == self._mtime:
             return
         try:
-            parsed = {str(k): str(v["public_key"]) for k, v in self._read().items()}
+            devices = self._read()
+            parsed = {str(k): str(v["public_key"]) for k, v in devices.items()}
+            caps = {str(k): self._max_examples(k, v) for k, v in devices.items()}
         except SecurityError as exc:
             if self._mtime is None:
                 raise
@@ -247,6 +264,7 @@ class Registry:
                 self._bad_mtime = mtime
             return
         self._devices, self._mtime, self._bad_mtime = parsed, mtime, None
+        self._caps = {k: v for k, v in caps.items() if v is not None}
 
     def devices(self) -> Mapping[str, str]:
         self._load()
@@ -255,6 +273,11 @@ class Registry:
     def public_key(self, device: str) -> str | None:
         self._load()
         return self._devices.get(device)
+
+    def max_examples(self, device: str) -> int | None:
+        """The device's optional ``max_examples`` (its enrolment's cap on the fold weight)."""
+        self._load()
+        return self._caps.get(device)
 
     def enroll(self, device: str, public_key_hex: str, replace: bool = False) -> str | None:
         """Enrol ``device`` with ``public_key_hex``; returns the key it had before, if any.

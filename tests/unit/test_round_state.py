@@ -17,7 +17,8 @@ from fedmq.wire import Tensor, TrainingConfig, UpdateMessage
 def _plan(selected: tuple[str, ...] = (), target: int = 3, min_updates: int = 2) -> RoundPlan:
     return RoundPlan(
         round_id=5, base_version=4, selected=selected, target=target, min_updates=min_updates,
-        opened_at=100.0, deadline=160.0, abandon_at=200.0, config=TrainingConfig(),
+        opened_at=100.0, deadline=160.0, abandon_at=200.0,
+        config=TrainingConfig(codec="float32"),
     )
 
 

@@ -14,6 +14,7 @@ keeps both or neither) and passes it to the next encode. :func:`pack_state` /
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from fedmq.errors import RejectReason, WireError
 from fedmq.tensor import Tensor, tensor_from_map
 
 __all__ = [
+    "dense_squared_norm",
     "Codec",
     "CodecState",
     "DenseCodec",
@@ -85,6 +87,11 @@ class Codec(ABC):
     def bound(self, tensor: Tensor) -> float:
         """An upper bound of max|decode(tensor)| (float, may be inf), without a scan where the
         storage bounds it."""
+
+    def squared_norm(self, tensor: Tensor) -> float:
+        """``||decode(tensor)||^2`` of a validated tensor (float64 when float32 overflows).
+        Codecs override it when the storage gives it without a decoded copy."""
+        return dense_squared_norm(self.decode(tensor).reshape(-1))
 
     def add_into(
         self, acc: np.ndarray, tensor: Tensor, coef: float, scratch: np.ndarray | None = None
@@ -158,6 +165,18 @@ def unpack_state(data: bytes, max_bytes: int = 256 * 1024 * 1024) -> CodecState:
             raise WireError(f"codec state tensor {t.name!r} is not a unique float32 tensor")
         out[t.name] = np.array(t.array(), dtype=np.float32)
     return out if out else _EMPTY
+
+
+def dense_squared_norm(values: np.ndarray) -> float:
+    """``sum(values**2)`` of a flat float array: in float32, redone in float64 when the
+    squares overflow (values near float32's limit)."""
+    x = values if values.dtype == np.float32 else values.astype(np.float32)
+    with np.errstate(over="ignore"):
+        sq = float(np.dot(x, x))
+    if not math.isfinite(sq):
+        x64 = x.astype(np.float64)
+        sq = float(np.dot(x64, x64))
+    return sq
 
 
 def finite_input(name: str, values: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedmq.tensor import Tensor
-from fedmq.update.codecs.base import DenseCodec, finite_input
+from fedmq.update.codecs.base import DenseCodec, dense_squared_norm, finite_input
 
 __all__ = ["Float32"]
 
@@ -25,6 +25,9 @@ class Float32(DenseCodec):
         if not arr.size:
             return 0.0
         return max(abs(float(arr.max())), abs(float(arr.min())))
+
+    def squared_norm(self, tensor: Tensor) -> float:
+        return dense_squared_norm(tensor.array().reshape(-1))  # no copy
 
     def add_into(
         self, acc: np.ndarray, tensor: Tensor, coef: float, scratch: np.ndarray | None = None

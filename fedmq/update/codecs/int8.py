@@ -56,6 +56,12 @@ class Int8(DenseCodec):
     def bound(self, tensor: Tensor) -> float:
         return _Q_PEAK * float(tensor.params["scale"]) if tensor.size else 0.0
 
+    def squared_norm(self, tensor: Tensor) -> float:
+        """``scale^2 * q.q`` on the int8 values (no dequantised copy)."""
+        q = tensor.array().reshape(-1).astype(np.float32)
+        scale = float(tensor.params["scale"])
+        return scale * scale * float(np.dot(q, q))
+
     def add_into(
         self, acc: np.ndarray, tensor: Tensor, coef: float, scratch: np.ndarray | None = None
     ) -> None:

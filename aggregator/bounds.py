@@ -1,0 +1,205 @@
+"""Ingest bounds: one device must not steer the fleet (docs/protocol.md, "Ingest bounds").
+
+Two bounds, both relative to the fleet so an operator need not guess absolute numbers:
+
+- **Update norm.** The L2 norm of the decoded delta (:func:`update_norm`, computed once per
+  update on the wire arrays, no float copy of an int8 update). Over the bound the update is
+  rejected ``norm_bound``: a device can resend, while clipping would silently change what it
+  sent. The bound is ``max_update_norm`` (``norm_bound = "fixed"``), or ``norm_multiplier``
+  times the median of the fleet's recent norms (``"adaptive"``, with ``max_update_norm`` as
+  an extra ceiling when set), or none (``"off"``).
+- **Fold weight.** A device's claimed ``num_examples`` is folded with weight
+  ``min(claimed, registry cap, weight_cap_multiplier * median of recent claims)``. The
+  update is not changed, only its weight; the weight used is journaled so that a restart
+  re-folds identically.
+
+"Recent" is one value per device, its latest (norms of updates that passed every other check,
+accepted or rejected for their norm; claims of accepted updates), for the ``bounds_window``
+devices seen last: an attacker moves the median by one entry at most, and a fleet whose
+honest norms all grow (a higher ``lr``, more ``epochs``) moves it within a round or two instead
+of being locked out. Warm-up: a median bound applies only once ``bounds_warmup`` devices
+have a value (the pool survives restarts in the state directory); before that only the fixed
+ceiling, the registry caps and ``max_examples_per_update`` apply.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedmq.errors import RejectReason, StateError, WireError
+from fedmq.update.codecs import get_codec
+from fedmq.wire import Tensor
+
+__all__ = [
+    "NORM_BOUNDS",
+    "BoundsConfig",
+    "Contribution",
+    "FleetBounds",
+    "update_norm",
+]
+
+log = logging.getLogger(__name__)
+
+NORM_BOUNDS = ("adaptive", "fixed", "off")
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One accepted update of the open round: who, what it claimed, how it was folded."""
+
+    update_id: str
+    device: str
+    num_examples: int  # as claimed by the device
+    weight: float  # the fold weight actually used (capped)
+    norm: float  # L2 norm of the decoded delta
+
+    @property
+    def weighted_norm(self) -> float:
+        """``weight * norm``: the size of this update's share of the weighted sum."""
+        return self.weight * self.norm
+
+
+@dataclass(frozen=True)
+class BoundsConfig:
+    """The ingest bounds' settings (the aggregator config keys of the same names)."""
+
+    norm_bound: str = "adaptive"
+    max_update_norm: float = 0.0  # 0 = no fixed ceiling
+    norm_multiplier: float = 3.0
+    weight_cap_multiplier: float = 2.0  # 0 = no relative weight cap
+    bounds_window: int = 100
+    bounds_warmup: int = 3
+
+    def __post_init__(self) -> None:
+        if self.norm_bound not in NORM_BOUNDS:
+            raise ValueError(f"norm_bound must be one of {NORM_BOUNDS}, got {self.norm_bound!r}")
+        if not (math.isfinite(self.max_update_norm) and self.max_update_norm >= 0):
+            raise ValueError(f"max_update_norm must be >= 0, got {self.max_update_norm}")
+        if self.norm_bound == "fixed" and self.max_update_norm == 0:
+            raise ValueError('norm_bound = "fixed" needs max_update_norm > 0')
+        if not (math.isfinite(self.norm_multiplier) and self.norm_multiplier >= 1):
+            raise ValueError(f"norm_multiplier must be >= 1, got {self.norm_multiplier}")
+        cap = self.weight_cap_multiplier
+        if not (math.isfinite(cap) and (cap == 0 or cap >= 1)):
+            raise ValueError(f"weight_cap_multiplier must be 0 (off) or >= 1, got {cap}")
+        if self.bounds_window < 1:
+            raise ValueError(f"bounds_window must be >= 1, got {self.bounds_window}")
+        if not 1 <= self.bounds_warmup <= self.bounds_window:
+            raise ValueError(
+                f"bounds_warmup must be in [1, bounds_window], got {self.bounds_warmup}"
+            )
+
+
+def update_norm(tensors: Iterable[Tensor], codec: str) -> float:
+    """L2 norm of the delta the tensors stand for (call after the codec checks passed);
+    each codec computes its tensors' squared norms from their storage."""
+    impl = get_codec(codec)
+    return math.sqrt(sum(impl.squared_norm(t) for t in tensors))
+
+
+class _Recent:
+    """The latest value per device, for the ``window`` devices seen last."""
+
+    def __init__(self, window: int, values: Mapping[str, float] | None = None) -> None:
+        self.window = window
+        self._values: dict[str, float] = {}
+        for device, value in (values or {}).items():
+            self.put(device, value)
+
+    def put(self, device: str, value: float) -> None:
+        self._values.pop(device, None)
+        self._values[device] = value
+        while len(self._values) > self.window:
+            del self._values[next(iter(self._values))]
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def median(self) -> float:
+        return float(statistics.median(self._values.values()))
+
+    def to_json(self) -> dict[str, float]:
+        return dict(self._values)
+
+
+class FleetBounds:
+    """The norm bound and the fold weight, from the fleet's recent values; see the module."""
+
+    def __init__(self, config: BoundsConfig, state: Mapping[str, Any] | None = None) -> None:
+        self.config = config
+        state = state or {}
+        self._norms = _Recent(config.bounds_window, state.get("norms"))
+        self._claims = _Recent(config.bounds_window, state.get("claims"))
+
+    # -- persistence -----------------------------------------------------------------------
+    @classmethod
+    def from_json(cls, config: BoundsConfig, text: str | None) -> FleetBounds:
+        """Rebuild from :meth:`to_json` (``None``: a fresh state directory)."""
+        if text is None:
+            return cls(config)
+        try:
+            obj = json.loads(text)
+            state = {
+                key: {str(d): float(v) for d, v in obj[key].items() if math.isfinite(float(v))}
+                for key in ("norms", "claims")
+            }
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise StateError(f"stored ingest bounds are unreadable: {exc}") from exc
+        return cls(config, state)
+
+    def to_json(self) -> str:
+        return json.dumps({"norms": self._norms.to_json(), "claims": self._claims.to_json()})
+
+    # -- the norm bound --------------------------------------------------------------------
+    def norm_limit(self) -> tuple[float, str] | None:
+        """The bound an update's norm must not exceed now, and how it was set (None = none)."""
+        c = self.config
+        if c.norm_bound == "off":
+            return None
+        limits: list[tuple[float, str]] = []
+        if c.max_update_norm > 0:
+            limits.append((c.max_update_norm, "max_update_norm"))
+        if c.norm_bound == "adaptive" and len(self._norms) >= c.bounds_warmup:
+            median = self._norms.median()
+            limits.append((
+                c.norm_multiplier * median,
+                f"{c.norm_multiplier:g} x median {median:.4g} of {len(self._norms)} device(s)",
+            ))
+        return min(limits) if limits else None
+
+    def check_norm(self, device: str, norm: float) -> None:
+        """Raise ``norm_bound`` when ``norm`` is over the bound; remember it either way."""
+        limit = self.norm_limit()
+        if math.isfinite(norm):
+            self._norms.put(device, norm)
+        if limit is not None and not norm <= limit[0]:
+            raise WireError(
+                f"update L2 norm {norm:.4g} exceeds the bound {limit[0]:.4g} ({limit[1]})",
+                RejectReason.NORM_BOUND,
+            )
+
+    def observe_norm(self, device: str, norm: float) -> None:
+        """Remember an accepted update's norm without checking it (re-fold after restart)."""
+        if math.isfinite(norm):
+            self._norms.put(device, norm)
+
+    # -- the fold weight -------------------------------------------------------------------
+    def weight(self, device: str, claimed: int, registry_cap: int | None = None) -> float:
+        """The weight to fold ``device``'s update with (see the module docstring)."""
+        weight = float(claimed)
+        if registry_cap is not None and registry_cap < weight:
+            weight = float(registry_cap)
+        mult = self.config.weight_cap_multiplier
+        if mult > 0 and len(self._claims) >= self.config.bounds_warmup:
+            weight = min(weight, mult * self._claims.median())
+        return weight
+
+    def observe_claim(self, device: str, claimed: int) -> None:
+        """Remember an accepted update's claimed ``num_examples``."""
+        self._claims.put(device, float(claimed))
