@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := mosquitto mosquitto-clients dataset-fashion-mnist
+APT_PACKAGES := mosquitto mosquitto-clients dataset-fashion-mnist prometheus
 
 .PHONY: demo test lint typecheck unit integration bench experiments system-deps venv clean help
 
@@ -32,7 +32,8 @@ $(VENV)/.dev: $(VENV)/.created pyproject.toml
 
 venv: $(VENV)/.dev
 
-# Mosquitto (the tests run a real broker) and the Fashion-MNIST files, from Debian.
+# Mosquitto (the tests run a real broker), the Fashion-MNIST files and Prometheus +
+# promtool (the monitoring tests), from Debian.
 system-deps:
 	@missing=""; \
 	for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
