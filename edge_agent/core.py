@@ -34,7 +34,8 @@ from edge_agent.decide import SkipReason, decide
 from edge_agent.outbox import Outbox, OutboxEntry
 from edge_agent.state import ACCEPTED, EXPIRED, StateStore, rejected
 from edge_agent.trainer import Trainer
-from fedmq.data.local import LocalData
+from fedmq.data.local import LocalData, PluginData
+from fedmq.data.plugin import InputSpec, PluginDataError
 from fedmq.data.sampling import sample_size
 from fedmq.errors import FedmqError, ModelError, RejectReason, WireError
 from fedmq.memory import peak_rss_mb
@@ -161,6 +162,7 @@ class _Status:
     state: str = "online"
     round_id: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    last_skip: dict[str, int | str] | None = None  # the last round skipped for bad data
 
 
 class EdgeCore:
@@ -191,6 +193,10 @@ class EdgeCore:
         self._failed_rounds: set[int] = set()
         self._last_decision: tuple[int, str] | None = None
         self._status = _Status()
+        if isinstance(data, PluginData):  # the plugin is given the model's input each round
+            spec = trainer.spec
+            data.bind(self.device_id, InputSpec(spec.input_shape, spec.input_dtype,
+                                                spec.num_classes))
         self._reconcile()
 
     # ------------------------------------------------------------------ view
@@ -233,18 +239,21 @@ class EdgeCore:
         spec = self.trainer.spec
         metrics = dict(self._status.metrics)
         metrics.update({k: float(v) for k, v in self.store.counters().items()})
+        capabilities: dict[str, object] = {
+            "model": spec.name,
+            "examples": len(self.data),
+            "threads": self.settings.num_threads,
+            "codecs": list(codec_names()),
+        }
+        if self._status.last_skip is not None:
+            capabilities["last_skip"] = dict(self._status.last_skip)
         return encode(
             StatusMessage(
                 fleet=self.settings.fleet,
                 device=self.device_id,
                 state=state,
                 runtime=self.trainer.runtime_name,
-                capabilities={
-                    "model": spec.name,
-                    "examples": len(self.data),
-                    "threads": self.settings.num_threads,
-                    "codecs": list(codec_names()),
-                },
+                capabilities=capabilities,
                 metrics=metrics,
                 round_id=self._status.round_id,
                 created_at=now,
@@ -431,6 +440,14 @@ class EdgeCore:
             return self._status_out("idle", now, r)
         try:
             entry = self._train_round(ann, self._global, now)
+        except PluginDataError as exc:
+            # The device's own data is unusable this round: no update; the next round asks
+            # the plugin again. The status says why.
+            self._failed_rounds.add(r)
+            self.store.bump("data_skips")
+            self._status.last_skip = {"round": r, "reason": str(exc)}
+            log.error("round %d skipped: %s", r, exc)
+            return self._status_out("idle", now, r)
         except (FedmqError, ValueError) as exc:
             self._failed_rounds.add(r)
             self.store.bump("train_failures")

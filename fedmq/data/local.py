@@ -16,6 +16,9 @@ Sources (``LocalDataConfig.source``) are one string, ``KIND:LOCATION?key=value&.
   See :func:`fedmq.data.datasets.load_csv_windows`.
 - ``idx:/path/images.gz,/path/labels.gz?layout=images&num_classes=10``
   (uint8 pixels are scaled to [0, 1]).
+- ``plugin:mypkg.sensors:load_round?num_classes=4&path=...`` or ``plugin:NAME?...`` (an
+  entry point): the device's own data, fetched from a Python callable once per round
+  (:mod:`fedmq.data.plugin`); :meth:`LocalData.from_config` gives a :class:`PluginData`.
 
 Each round, :meth:`LocalData.round_batch` draws this round's examples
 (:func:`~fedmq.data.sampling.sample_indices`) and augments them, with a generator seeded
@@ -46,6 +49,13 @@ from fedmq.data.datasets import (
     load_npz,
 )
 from fedmq.data.partition import parse_partition, partition
+from fedmq.data.plugin import (
+    DEFAULT_LIMIT,
+    RESERVED_OPTIONS,
+    InputSpec,
+    PluginSource,
+    check_target,
+)
 from fedmq.data.sampling import sample_indices, sample_size
 from fedmq.errors import DataError
 
@@ -53,6 +63,7 @@ __all__ = [
     "DataSource",
     "LocalData",
     "LocalDataConfig",
+    "PluginData",
     "load_local_data",
     "load_source",
     "open_source",
@@ -112,7 +123,8 @@ _REQUIRED = {"csv": ("window", "label")}
 
 @dataclass(frozen=True)
 class DataSource:
-    """A parsed source string: ``kind`` is ``dataset``, ``npz``, ``csv`` or ``idx``."""
+    """A parsed source string: ``kind`` is ``dataset``, ``npz``, ``csv``, ``idx`` or
+    ``plugin`` (its options: ``num_classes`` and ``limit`` as ints, the rest strings)."""
 
     kind: str
     location: str
@@ -143,10 +155,14 @@ def parse_source(source: str) -> DataSource:
         loader_options = {k: _auto(v) for k, v in raw.items()}
         check_dataset_options(head, **loader_options)
         return DataSource("dataset", head, loader_options)
-    if kind not in _FILE_OPTIONS:
-        raise DataError(f"data source {source!r}: unknown kind {kind!r}; use npz, csv or idx")
+    if kind not in (*_FILE_OPTIONS, "plugin"):
+        raise DataError(
+            f"data source {source!r}: unknown kind {kind!r}; use npz, csv, idx or plugin"
+        )
     if not location:
         raise DataError(f"data source {source!r}: missing path after '{kind}:'")
+    if kind == "plugin":
+        return _plugin_source(source, location, raw)
     schema = _FILE_OPTIONS[kind]
     options: dict[str, Any] = {}
     for key, value in raw.items():
@@ -167,9 +183,35 @@ def parse_source(source: str) -> DataSource:
     return DataSource(kind, location, options)
 
 
+def _plugin_source(source: str, target: str, raw: Mapping[str, str]) -> DataSource:
+    check_target(target)
+    options: dict[str, Any] = dict(raw)
+    for key in RESERVED_OPTIONS:
+        if key in raw:
+            try:
+                options[key] = _positive_int(raw[key])
+            except ValueError:
+                raise DataError(f"data source {source!r}: bad value {key}={raw[key]!r}") from None
+    if "num_classes" not in options:
+        raise DataError(
+            f"data source {source!r}: a plugin source needs num_classes=N (the number of "
+            "classes of its labels, the model's)"
+        )
+    return DataSource("plugin", target, options)
+
+
+def _no_plugin(src: DataSource) -> None:
+    if src.kind == "plugin":
+        raise DataError(
+            f"plugin:{src.location} is read round by round on the device "
+            "(LocalData.from_config), not loaded as a dataset"
+        )
+
+
 def load_source(source: str | DataSource, split: str = "train") -> Dataset:
     """Load a source; ``split`` (train/test) selects the half of a named dataset."""
     src = source if isinstance(source, DataSource) else parse_source(source)
+    _no_plugin(src)
     if split not in ("train", "test"):
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
     opts = dict(src.options)
@@ -228,7 +270,20 @@ class LocalDataConfig:
     split: str = "train"
 
     def __post_init__(self) -> None:
-        parse_source(self.source)
+        src = parse_source(self.source)
+        if src.kind == "plugin":
+            unsupported = [
+                name for name, on in (
+                    ("partition", self.partition is not None),
+                    ("class_balanced", self.class_balanced is True),
+                    ("augment", bool(self.augment)),
+                ) if on
+            ]
+            if unsupported:
+                raise DataError(
+                    f"{', '.join(unsupported)} cannot be used with a plugin source: the "
+                    "plugin decides what each round trains on"
+                )
         if self.split not in ("train", "test"):
             raise DataError(f"split must be 'train' or 'test', got {self.split!r}")
         if not _is_int(self.seed) or self.seed < 0:
@@ -273,6 +328,7 @@ def open_source(source: str | DataSource, split: str = "train") -> Dataset | Laz
     ``idx:`` files) come back as a :class:`LazyImageDataset`: labels only, examples
     converted to float32 when a slice is taken."""
     src = source if isinstance(source, DataSource) else parse_source(source)
+    _no_plugin(src)
     if split not in ("train", "test"):
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
     if src.kind == "dataset":
@@ -349,7 +405,11 @@ class LocalData:
 
     @classmethod
     def from_config(cls, cfg: LocalDataConfig, dataset: Dataset | None = None) -> LocalData:
-        """Load (or take ``dataset`` and partition it) as :func:`load_local_data` does."""
+        """Load (or take ``dataset`` and partition it) as :func:`load_local_data` does; a
+        ``plugin:`` source gives a :class:`PluginData` (the plugin imported now)."""
+        src = parse_source(cfg.source)
+        if src.kind == "plugin" and dataset is None:
+            return PluginData.from_config(cfg)
         return cls(
             load_local_data(cfg, dataset),
             seed=cfg.seed,
@@ -394,3 +454,98 @@ class LocalData:
         y = self._dataset.y[idx]
         x = self._augment(x, rng)
         return np.ascontiguousarray(x, dtype=np.float32), y
+
+
+class PluginData(LocalData):
+    """A device's data that a plugin (:mod:`fedmq.data.plugin`) hands over each round.
+
+    :meth:`bind` gives it the device id and the model's input (the edge core does that when
+    it starts); :meth:`round_batch` then calls the plugin, checks what it returned and
+    shuffles (and samples, with ``sample_fraction``/``max_examples``) like
+    :class:`LocalData`. Bad data or a plugin exception raise
+    :class:`~fedmq.data.plugin.PluginDataError`: skip the round. ``len()`` is the number of
+    examples of the last round fetched (0 before the first).
+    """
+
+    def __init__(
+        self,
+        source: PluginSource,
+        num_classes: int,
+        *,
+        seed: int = 0,
+        sample_fraction: float | None = None,
+        max_examples: int | None = None,
+    ) -> None:
+        if not _is_int(num_classes) or num_classes < 2:
+            raise DataError(f"data plugin {source.target}: num_classes must be >= 2")
+        if not _is_int(seed) or seed < 0:
+            raise DataError(f"seed must be a non-negative integer, got {seed!r}")
+        sample_size(1, sample_fraction, max_examples)
+        self._source = source
+        self._num_classes = int(num_classes)
+        self._seed = int(seed)
+        self._client = -1
+        self._fraction = sample_fraction
+        self._max = max_examples
+        self._balanced = False
+        self._device: str | None = None
+        self._spec: InputSpec | None = None
+        self._last = 0
+
+    @classmethod
+    def from_config(cls, cfg: LocalDataConfig, dataset: Dataset | None = None) -> PluginData:
+        """Import the plugin of ``cfg.source`` (a DataError names what failed)."""
+        src = parse_source(cfg.source)
+        if src.kind != "plugin" or dataset is not None:
+            raise DataError(f"{cfg.source!r} is not a plugin source")
+        opts = dict(src.options)
+        num_classes = opts.pop("num_classes")
+        limit = opts.pop("limit", DEFAULT_LIMIT)
+        source = PluginSource(src.location, opts, limit=limit)
+        log.info(
+            "local data: plugin %s (%d classes, up to %d examples a round)",
+            src.location, num_classes, limit,
+        )
+        return cls(
+            source, num_classes, seed=cfg.seed, sample_fraction=cfg.sample_fraction,
+            max_examples=cfg.max_examples,
+        )
+
+    @property
+    def name(self) -> str:
+        return f"plugin:{self._source.target}"
+
+    def bind(self, device_id: str, spec: InputSpec) -> None:
+        """The device and the model's input; the model's classes must be the declared ones."""
+        if spec.num_classes != self._num_classes:
+            raise DataError(
+                f"data plugin {self._source.target}: num_classes={self._num_classes}, "
+                f"the model has {spec.num_classes}"
+            )
+        self._device = device_id
+        self._spec = spec
+
+    @property
+    def dataset(self) -> Dataset:
+        raise DataError(f"{self.name} hands over its examples round by round (round_batch)")
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    @property
+    def examples_per_round(self) -> int:
+        return sample_size(self._last, self._fraction, self._max) if self._last else 0
+
+    def __len__(self) -> int:
+        return self._last
+
+    def round_batch(self, round_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """This round's checked examples from the plugin (x float32, y int32), shuffled
+        and sampled with the generator of (seed, round); PluginDataError when bad."""
+        if self._device is None or self._spec is None:
+            raise DataError(f"{self.name}: bind(device_id, spec) before the first round")
+        x, y = self._source.fetch(self._device, round_id, self._spec)
+        self._last = len(x)
+        idx = sample_indices(y, self.round_rng(round_id), self._fraction, self._max)
+        return x[idx], y[idx]
