@@ -26,7 +26,13 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from fedmq.net.localbroker import BrokerOptions, LocalBroker, free_port, mosquitto_path
+from fedmq.net.localbroker import (
+    BrokerOptions,
+    LocalBroker,
+    free_port,
+    mosquitto_path,
+    wait_for_port,
+)
 from fedmq.net.mqtt import MqttSettings, connect, make_client
 from fedmq.topics import Topics
 from fedmq_ops.broker import (
@@ -63,6 +69,14 @@ class SecuredBroker(LocalBroker):
 
     def mosquitto_config(self) -> str:
         return self.layout.conf.read_text()  # exactly the generated file
+
+    def start(self, timeout: float = 15.0) -> SecuredBroker:
+        """Started once every listener accepts connections (the TLS one opens first)."""
+        super().start(timeout)
+        health = self.settings.health_port
+        if health and not wait_for_port("127.0.0.1", health, timeout):
+            raise RuntimeError(f"the health listener on port {health} did not open")
+        return self
 
     def reload(self) -> None:
         assert self._proc is not None
