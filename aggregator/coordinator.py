@@ -9,8 +9,9 @@ retained model and round announcements).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +25,7 @@ from aggregator.outgoing import Outgoing, RoundTraffic
 from aggregator.policies import RoundContext, RoundPolicy, make_round_policy
 from aggregator.round_state import RoundPlan, RoundState
 from aggregator.store import Store
-from fedmq.errors import StateError, WireError
+from fedmq.errors import StateError, StorageFullError, WireError
 from fedmq.models.spec import ModelBundle
 from fedmq.topics import Topics
 from fedmq.update.strategies import Strategy, make_strategy
@@ -179,24 +180,37 @@ class Coordinator:
 
     # -- timer -----------------------------------------------------------------------------
     def tick(self, now: float) -> list[Outgoing]:
-        """Close, abandon or open rounds as the policy says; what to publish."""
+        """Close, abandon or open rounds as the policy says; what to publish.
+
+        On a full disk it raises :class:`StorageFullError` naming the round and what was not
+        done; the round and the model are then unchanged, in memory and on disk, and the
+        next tick tries again.
+        """
         if not self._started:
             raise StateError("engine.start() was not called")
         out: list[Outgoing] = []
         if self.round is not None:
+            round_id = self.round.round_id
             if self.policy.is_ready(self.round, now):
-                out += self._close(now)
+                with _storage_full_context(f"round {round_id} not closed"):
+                    out += self._close(now)
             elif self.policy.is_abandoned(self.round, now):
-                out += self._abandon(now)
+                with _storage_full_context(f"round {round_id} not abandoned"):
+                    out += self._abandon(now)
         if self.round is None and not self.done:
-            out += self._open(now)
+            with _storage_full_context(f"round {self.last_round_id + 1} not opened"):
+                out += self._open(now)
         return out
 
     def current_messages(self, now: float) -> list[Outgoing]:
-        """The retained state (model and open round): to republish after a session loss."""
+        """The retained state to republish on every (re)connect, finished or not: the model,
+        and the open round's announcement or, with no round open, an empty retained message
+        that clears whatever stale round the broker holds."""
         out = [self._model_out(now)]
         if self.round is not None:
             out.append(self._round_out(now))
+        else:
+            out.append(self.traffic.emit(self.topics.round, b""))
         return out
 
     # -- transitions -----------------------------------------------------------------------
@@ -235,8 +249,11 @@ class Coordinator:
     def _close(self, now: float) -> list[Outgoing]:
         assert self.round is not None
         state = self.round
-        fold = self.ingest.end()
+        fold = self.ingest.fold  # ended only once the close is stored (a full disk: retry)
+        if fold is None:
+            raise StateError(f"round {state.round_id} has no accumulator in the ingest")
         mean = fold.mean()
+        strategy_before = self.strategy.state()
         new_weights = self.strategy.apply(self.weights, mean)
         quality = self._evaluate(new_weights)
         seconds = max(0.0, now - state.plan.opened_at)
@@ -253,9 +270,14 @@ class Coordinator:
             self.version + 1, state.round_id, new_weights, metrics, now
         )
         metrics["bytes_out"] = float(self.traffic.bytes_out + len(model_payload))
-        stored = self.store.close_round(
-            state.round_id, new_weights, metrics, self.strategy.state(), now
-        )
+        try:
+            stored = self.store.close_round(
+                state.round_id, new_weights, metrics, self.strategy.state(), now
+            )
+        except StateError:
+            self.strategy.load_state(strategy_before)  # as if the close was never tried
+            raise
+        self.ingest.end()
         if stored.version != self.version + 1:
             raise StateError(f"stored version {stored.version} after version {self.version}")
         self.version, self.weights, self.model_metrics = stored.version, new_weights, metrics
@@ -346,3 +368,12 @@ class Coordinator:
         assert self.round is not None
         ann = self.round.plan.announcement(self.config.fleet, self.model_id)
         return self.traffic.emit(self.topics.round, encode(ann))
+
+
+@contextlib.contextmanager
+def _storage_full_context(what: str) -> Iterator[None]:
+    """Re-raise a :class:`StorageFullError` with ``what`` was not done (for the one log line)."""
+    try:
+        yield
+    except StorageFullError as exc:
+        raise StorageFullError(exc.directory, f"{what} ({exc.detail})") from exc

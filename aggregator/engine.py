@@ -105,9 +105,11 @@ class Engine:
         return self.coordinator.online
 
     # -- the ingest ------------------------------------------------------------------------
-    def handle_update(self, topic_device: str, payload: bytes, now: float) -> AckMessage:
+    def handle_update(
+        self, topic_device: str, payload: bytes, now: float, *, retained: bool = False
+    ) -> AckMessage:
         """Decode, check, journal (durably), fold; the ack to send (see Ingest)."""
-        return self.ingest.handle_update(topic_device, payload, now)
+        return self.ingest.handle_update(topic_device, payload, now, retained=retained)
 
     def ack_outgoing(self, ack: AckMessage) -> Outgoing | None:
         return self.ingest.ack_outgoing(ack)

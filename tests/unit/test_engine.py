@@ -132,9 +132,10 @@ def test_rejects_carry_the_right_codes(tmp_path: Path, bundle: ModelBundle) -> N
             ack = h.send("m", payload)
             assert (ack.accepted, ack.code) == (False, code), (code, ack.reason)
             assert ack.reason and ack.device == "m"
-    dup = h.update("a", good, 5, uid="ua")
-    assert (dup.code, dup.update_id) == (RejectReason.DUPLICATE, "ua")
-    assert h.update("a", good, 5, uid="ua2").code == RejectReason.DUPLICATE  # same device
+    dup = h.update("a", good, 5, uid="ua")  # a redelivery: it is folded, and not again
+    assert (dup.accepted, dup.code, dup.update_id) == (True, RejectReason.DUPLICATE, "ua")
+    same_device = h.update("a", good, 5, uid="ua2")
+    assert (same_device.accepted, same_device.code) == (False, RejectReason.DUPLICATE)
     ack = h.engine.handle_update("bad device", b"x", T0)
     assert ack.code == RejectReason.MALFORMED and h.engine.ack_outgoing(ack) is None
     garbage_ack = h.engine.ack_outgoing(h.send("m", b"\x01\x02"))
@@ -142,9 +143,10 @@ def test_rejects_carry_the_right_codes(tmp_path: Path, bundle: ModelBundle) -> N
     assert decode_ack(garbage_ack.payload).code == RejectReason.MALFORMED
     assert h.engine.metrics.value(
         "fedmq_updates_rejected_total", {"reason": RejectReason.DUPLICATE}
-    ) == 2
+    ) == 1
+    assert h.engine.metrics.value("fedmq_updates_duplicate_total") == 1
     counts = h.engine.store.reject_counts(1)
-    assert counts[RejectReason.MALFORMED] == 4 and counts[RejectReason.DUPLICATE] == 2
+    assert counts[RejectReason.MALFORMED] == 4 and counts[RejectReason.DUPLICATE] == 1
     assert h.engine.round is not None and h.engine.round.count == 1  # nothing poisoned
     h.close()
 
@@ -158,6 +160,47 @@ def test_stale_round_after_close(tmp_path: Path, bundle: ModelBundle) -> None:
     assert ack.code == RejectReason.WRONG_ROUND and ack.round_id == 1
     assert h.update("b", d, 1, round_id=2, base=0).code == RejectReason.WRONG_BASE
     assert h.update("b", d, 1, round_id=2, base=1).accepted
+    h.close()
+
+
+def test_redelivered_folded_update_is_duplicate_with_its_round(
+    tmp_path: Path, bundle: ModelBundle
+) -> None:
+    """Folded in round 1, redelivered while round 2 is open (also after a restart): accepted
+    duplicate naming round 1, never wrong_round, never folded again."""
+    cfg = _config(tmp_path, min_updates=1, clients_per_round=1)
+    h = Harness(cfg, bundle)
+    d = exact_delta(h.shapes, 1)
+    payload = make_update("f", 1, 0, "a", d, 2, "float32", "ua")
+    assert h.send("a", payload).code == "ok"
+    assert [r.round_id for r in _rounds(h.engine.tick(T0 + 2))] == [2]
+    ack = h.send("a", payload)
+    assert (ack.accepted, ack.code, ack.round_id) == (True, RejectReason.DUPLICATE, 1)
+    assert ack.reason == "update ua was already folded in round 1"
+    assert h.engine.round is not None and h.engine.round.count == 0
+    assert h.engine.store.reject_counts() == {}
+    other = h.send("b", make_update("f", 1, 0, "b", d, 2, "float32", "ua"))  # not its update
+    assert (other.accepted, other.code) == (False, RejectReason.WRONG_ROUND)
+    h.close()
+    h2 = Harness(cfg, bundle)
+    ack = h2.send("a", payload)
+    assert (ack.accepted, ack.code, ack.round_id) == (True, RejectReason.DUPLICATE, 1)
+    assert h2.engine.round is not None and h2.engine.round.count == 0
+    h2.close()
+
+
+def test_retained_update_is_rejected_not_folded(tmp_path: Path, bundle: ModelBundle) -> None:
+    h = Harness(_config(tmp_path), bundle)
+    payload = make_update("f", 1, 0, "a", exact_delta(h.shapes, 1), 2, "float32", "ua")
+    ack = h.engine.handle_update("a", payload, T0 + 1, retained=True)
+    assert (ack.accepted, ack.code, ack.update_id) == (False, RejectReason.RETAINED, "ua")
+    assert "must not be retained" in ack.reason
+    assert h.engine.round is not None and h.engine.round.count == 0
+    assert h.engine.store.reject_counts(1) == {RejectReason.RETAINED: 1}
+    assert h.engine.metrics.value(
+        "fedmq_updates_rejected_total", {"reason": RejectReason.RETAINED}
+    ) == 1
+    assert h.send("a", payload).code == "ok"  # the same update, published normally
     h.close()
 
 
@@ -238,7 +281,7 @@ def test_rounds_limit_evaluator_and_fedavgm_state(tmp_path: Path, bundle: ModelB
     out = h.engine.tick(T0 + 1)
     assert _models(out)[0].metrics["accuracy"] == pytest.approx(0.7)
     assert h.engine.metrics.value("fedmq_global_accuracy") == pytest.approx(0.7)
-    assert h.update("a", exact_delta(h.shapes, 1), 1, round_id=2, base=1).accepted
+    assert h.update("a", exact_delta(h.shapes, 1), 1, round_id=2, base=1, uid="a2").accepted
     out = h.engine.tick(T0 + 2)
     assert h.engine.done and [m.version for m in _models(out)] == [2]
     assert [o.payload for o in out if o.topic.endswith("/round")] == [b""]  # cleared
