@@ -5,12 +5,21 @@
 open round to the :class:`~aggregator.ingest.Ingest` and takes its accumulator back at the
 close, applies the strategy, evaluates, persists and returns the messages to publish (the
 retained model and round announcements).
+
+Round identity: the state holds an *epoch* (16 random hex characters, made when the state
+is created). Models and rounds carry it; round ids are only unique within an epoch. When the
+retained model or a device's retained status shows this epoch with a model version or round
+id beyond what the state holds, the state was restored from an older backup: the coordinator
+moves to a new epoch (persisted, one WARNING line), moves the open round to it and returns
+the model and round to republish, so devices that already used these round ids take part.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -29,7 +38,7 @@ from fedmq.errors import StateError, StorageFullError, WireError
 from fedmq.models.spec import ModelBundle
 from fedmq.topics import Topics
 from fedmq.update.strategies import Strategy, make_strategy
-from fedmq.wire import ModelMessage, Tensor, decode_status, encode
+from fedmq.wire import ModelMessage, Tensor, decode_model, decode_status, encode
 
 __all__ = ["Coordinator", "RoundResult"]
 
@@ -86,6 +95,7 @@ class Coordinator:
         self.round: RoundState | None = None
         self.last_round_id = 0
         self.closed_rounds = 0
+        self.epoch = ""
         self._results: list[RoundResult] = []
         self._started = False
 
@@ -106,6 +116,12 @@ class Coordinator:
                 f"state directory {self.store.root} belongs to model {stored_id}, "
                 f"not {self.model_id}: use another state_dir"
             )
+        epoch = self.store.get_meta("epoch")
+        if epoch is None:  # a new state (or one from before epochs)
+            epoch = secrets.token_hex(8)
+            self.store.set_meta("epoch", epoch)
+            log.info("state epoch %s", epoch)
+        self.epoch = epoch
         current = self.store.current_model()
         if current is None:
             weights = self.bundle.initial_trainable()
@@ -133,7 +149,8 @@ class Coordinator:
                 )
                 self.store.abandon_round(plan.round_id, now)
             else:
-                self._begin(plan)
+                # a round opened before epochs (or before a rotation) belongs to this epoch
+                self._begin(dataclasses.replace(plan, epoch=self.epoch))
                 self.ingest.refold()
                 out.append(self._round_out(now))
         self._started = True
@@ -156,8 +173,24 @@ class Coordinator:
         return out
 
     # -- inputs ----------------------------------------------------------------------------
-    def on_status(self, topic_device: str, payload: bytes, now: float) -> None:
-        """Track online devices from their (retained) status messages."""
+    def on_model(self, payload: bytes, now: float) -> list[Outgoing]:
+        """The retained model found on the broker (read at start, never our own publish):
+        a newer version of this epoch means the state was restored; what to publish."""
+        if not payload:
+            return []
+        try:
+            msg = decode_model(payload)
+        except WireError as exc:
+            log.debug("ignoring a bad retained model: %s", exc)
+            return []
+        if msg.fleet != self.config.fleet:
+            return []
+        return self._check_epoch(msg.epoch, msg.version, msg.round_id, "the retained model", now)
+
+    def on_status(self, topic_device: str, payload: bytes, now: float) -> list[Outgoing]:
+        """Track online devices from their (retained) status messages; a status that shows
+        this epoch beyond the state rotates the epoch (what to publish)."""
+        out: list[Outgoing] = []
         before = len(self.online)
         if not payload:
             self.online.discard(topic_device)
@@ -166,10 +199,14 @@ class Coordinator:
                 status = decode_status(payload)
             except WireError as exc:
                 log.debug("ignoring bad status from %s: %s", topic_device, exc)
-                return
+                return out
             if status.fleet != self.config.fleet or status.device != topic_device:
                 log.debug("ignoring status of %s on the topic of %s", status.device, topic_device)
-                return
+                return out
+            out = self._check_epoch(
+                status.epoch, status.model_version, status.round_id,
+                f"the status of {topic_device}", now,
+            )
             if status.state in _ONLINE_STATES:
                 self.online.add(topic_device)
             else:
@@ -177,6 +214,31 @@ class Coordinator:
         if len(self.online) != before:
             self.metrics.online_devices.set(len(self.online))
             log.debug("%d device(s) online", len(self.online))
+        return out
+
+    def _check_epoch(
+        self, epoch: str, version: int | None, round_id: int | None, source: str, now: float
+    ) -> list[Outgoing]:
+        """Rotate the epoch when ``source`` saw this epoch further than the state is."""
+        if not self._started or not epoch or epoch != self.epoch:
+            return []
+        ahead_version = version is not None and version > self.version
+        ahead_round = round_id is not None and round_id > self.last_round_id
+        if not (ahead_version or ahead_round):
+            return []
+        new = secrets.token_hex(8)
+        self.store.set_meta("epoch", new)
+        log.warning(
+            "%s shows model version %s, round %s of epoch %s, but the state in %s holds "
+            "version %d, round %d: it was restored from an older copy; new epoch %s, so "
+            "devices take part in the reused round ids",
+            source, version, round_id, epoch, self.store.root, self.version,
+            self.last_round_id, new,
+        )
+        self.epoch = new
+        if self.round is not None:
+            self.round.plan = dataclasses.replace(self.round.plan, epoch=new)
+        return self.current_messages(now)
 
     # -- timer -----------------------------------------------------------------------------
     def tick(self, now: float) -> list[Outgoing]:
@@ -231,6 +293,7 @@ class Coordinator:
         plan = self.policy.plan(ctx)
         if plan is None:
             return []
+        plan = dataclasses.replace(plan, epoch=self.epoch)
         if (plan.round_id, plan.base_version) != (ctx.round_id, ctx.base_version):
             raise StateError(
                 f"round policy planned round {plan.round_id} on version {plan.base_version}, "
@@ -354,6 +417,7 @@ class Coordinator:
             tensors=tuple(Tensor.from_array(n, weights[n]) for n in self.template),
             metrics=dict(metrics),
             created_at=now,
+            epoch=self.epoch,
         )
         return encode(msg)
 

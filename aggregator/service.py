@@ -118,9 +118,12 @@ class AggregatorService:
             self._generation += 1
             # retainAsPublished: an update a device published with the retain flag keeps it
             # also when delivered live, so it is refused every time, not only on resubscribe.
+            # noLocal on the model topic: only the retained model another process left (read at
+            # start to notice a state restored from an older copy), never our own publishes.
             client.subscribe([
                 (self.topics.update_wildcard, mqtt.SubscribeOptions(1, retainAsPublished=True)),
                 (self.topics.status_wildcard, mqtt.SubscribeOptions(1)),
+                (self.topics.model, mqtt.SubscribeOptions(1, noLocal=True)),
             ])
             present = bool(getattr(flags, "session_present", False))
             self._inbox.put(_Connected(self._generation, present))
@@ -189,7 +192,9 @@ class AggregatorService:
                 if self._ticking:
                     self._tick(now)
             elif device is not None and kind == "status":
-                self.engine.on_status(device, item.payload, now)
+                self._publish(self.engine.on_status(device, item.payload, now))
+            elif item.topic == self.topics.model:
+                self._publish(self.engine.on_model(item.payload, now))
             else:
                 log.debug("ignoring a message on %s", item.topic)
         except StateError:

@@ -54,6 +54,7 @@ _MAX_NDIM = 8
 _MAX_NAME = 128
 _MAX_TEXT = 4096
 _CODEC_NAMES = ("float32", "float16", "int8")
+_MAX_EPOCH = 64
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ class ModelMessage:
     tensors: tuple[Tensor, ...]
     metrics: Mapping[str, float] = field(default_factory=dict)
     created_at: float = 0.0
+    epoch: str = ""
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ class RoundAnnouncement:
     min_updates: int = 1
     model_id: str = ""
     opened_at: float = 0.0
+    epoch: str = ""
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,7 @@ class UpdateMessage:
     metrics: Mapping[str, float] = field(default_factory=dict)
     created_at: float = 0.0
     signature: bytes | None = None
+    epoch: str = ""
 
     @property
     def payload_bytes(self) -> int:
@@ -203,6 +207,8 @@ class StatusMessage:
     metrics: Mapping[str, float] = field(default_factory=dict)
     round_id: int | None = None
     created_at: float = 0.0
+    epoch: str = ""
+    model_version: int | None = None
 
 
 Message = ModelMessage | RoundAnnouncement | UpdateMessage | AckMessage | StatusMessage
@@ -253,6 +259,7 @@ def _to_map(msg: Message, *, with_signature: bool = True) -> dict[str, Any]:
         }
         if with_signature and msg.signature is not None:
             body["signature"] = msg.signature
+        _put_epoch(body, msg.epoch)
     elif isinstance(msg, ModelMessage):
         body = {
             "type": "model",
@@ -264,6 +271,7 @@ def _to_map(msg: Message, *, with_signature: bool = True) -> dict[str, Any]:
             "metrics": _floats(msg.metrics),
             "created_at": float(msg.created_at),
         }
+        _put_epoch(body, msg.epoch)
     elif isinstance(msg, RoundAnnouncement):
         body = {
             "type": "round",
@@ -277,6 +285,7 @@ def _to_map(msg: Message, *, with_signature: bool = True) -> dict[str, Any]:
             "model_id": msg.model_id,
             "opened_at": float(msg.opened_at),
         }
+        _put_epoch(body, msg.epoch)
     elif isinstance(msg, AckMessage):
         body = {
             "type": "ack",
@@ -301,10 +310,19 @@ def _to_map(msg: Message, *, with_signature: bool = True) -> dict[str, Any]:
             "round": msg.round_id,
             "created_at": float(msg.created_at),
         }
+        _put_epoch(body, msg.epoch)
+        if msg.model_version is not None:
+            body["model_version"] = msg.model_version
     else:  # pragma: no cover - typing makes this unreachable
         raise TypeError(f"not a fedmq message: {type(msg).__name__}")
     head.update(body)
     return head
+
+
+def _put_epoch(body: dict[str, Any], epoch: str) -> None:
+    """``epoch`` only when set: an update without one encodes (and signs) as before epochs."""
+    if epoch:
+        body["epoch"] = epoch
 
 
 def encode(msg: Message) -> bytes:
@@ -421,6 +439,16 @@ def _float(obj: Mapping[str, Any], key: str) -> float:
 
 def _opt(obj: Mapping[str, Any], key: str) -> bool:
     return obj.get(key) is not None
+
+
+def _epoch(obj: Mapping[str, Any]) -> str:
+    """The optional ``epoch`` (the aggregator state's identity): "" when absent."""
+    if not _opt(obj, "epoch"):
+        return ""
+    value = _str(obj, "epoch", _MAX_EPOCH, empty=True)
+    if not value.isprintable():
+        raise WireError("field 'epoch' is not printable")
+    return value
 
 
 def _float_map(obj: Mapping[str, Any], key: str, max_items: int = 256) -> dict[str, float]:
@@ -545,6 +573,7 @@ def decode_update(payload: bytes, limits: Limits | None = None) -> UpdateMessage
         metrics=_float_map(obj, "metrics"),
         created_at=_float(obj, "created_at") if _opt(obj, "created_at") else 0.0,
         signature=signature,
+        epoch=_epoch(obj),
     )
 
 
@@ -560,6 +589,7 @@ def decode_model(payload: bytes, limits: Limits | None = None) -> ModelMessage:
         tensors=_tensors(obj, lim),
         metrics=_float_map(obj, "metrics"),
         created_at=_float(obj, "created_at") if _opt(obj, "created_at") else 0.0,
+        epoch=_epoch(obj),
     )
 
 
@@ -596,6 +626,7 @@ def decode_round(payload: bytes, limits: Limits | None = None) -> RoundAnnouncem
         min_updates=_int(obj, "min_updates", 1, lim.max_devices),
         model_id=_str(obj, "model_id", 256, empty=True),
         opened_at=_float(obj, "opened_at") if _opt(obj, "opened_at") else 0.0,
+        epoch=_epoch(obj),
     )
 
 
@@ -645,4 +676,6 @@ def decode_status(payload: bytes, limits: Limits | None = None) -> StatusMessage
         metrics=_float_map(obj, "metrics"),
         round_id=_int(obj, "round") if _opt(obj, "round") else None,
         created_at=_float(obj, "created_at") if _opt(obj, "created_at") else 0.0,
+        epoch=_epoch(obj),
+        model_version=_int(obj, "model_version") if _opt(obj, "model_version") else None,
     )

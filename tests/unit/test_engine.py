@@ -21,6 +21,7 @@ from fedmq.wire import (
     decode_ack,
     decode_model,
     decode_round,
+    decode_update,
     encode,
 )
 from tests.fakes import exact_delta, make_update, model_weights, raw_update
@@ -320,3 +321,72 @@ def test_config_precedence_and_validation(tmp_path: Path) -> None:
                 {"password": "x"}, {"tls_cert": "c"}):
         with pytest.raises(ConfigError):
             load_aggregator_config(overrides=bad, environ={})
+
+
+def test_epoch_is_made_once_and_carried_by_models_rounds_and_checked_on_updates(
+    tmp_path: Path, bundle: ModelBundle
+) -> None:
+    cfg = _config(tmp_path)
+    h = Harness(cfg, bundle)
+    epoch = h.engine.epoch
+    assert len(epoch) == 16 and int(epoch, 16) >= 0
+    assert [m.epoch for m in _models(h.out)] == [epoch]
+    assert [r.epoch for r in _rounds(h.out)] == [epoch]
+    d = exact_delta(h.shapes, 1)
+
+    def upd(device: str, ep: str) -> bytes:
+        msg = decode_update(make_update("f", 1, 0, device, d, 1, "float32", f"u-{device}"))
+        return encode(dataclasses.replace(msg, epoch=ep))
+
+    other = h.send("a", upd("a", "0000000000000000"))
+    assert (other.accepted, other.code) == (False, RejectReason.WRONG_ROUND)
+    assert other.reason == (
+        "update is for epoch '0000000000000000' (round 1), the aggregator is in epoch "
+        f"'{epoch}' (round 1 is open)"
+    )
+    assert h.send("a", upd("a", epoch)).code == "ok"
+    assert h.send("b", upd("b", "")).code == "ok"  # a device from before epochs
+    h.close()
+    h2 = Harness(cfg, bundle)  # the epoch is kept in the state
+    assert h2.engine.epoch == epoch and [r.epoch for r in _rounds(h2.out)] == [epoch]
+    h2.close()
+
+
+def test_state_behind_its_own_epoch_rotates_to_a_new_one(
+    tmp_path: Path, bundle: ModelBundle, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A retained model or a device status of this epoch beyond the state (a restored older
+    copy): new persisted epoch, one WARNING line, model and open round republished with it."""
+    cfg = _config(tmp_path)
+    h = Harness(cfg, bundle)
+    epoch = h.engine.epoch
+    [v0] = _models(h.out)
+    # our own model, another epoch's newer model, a status not ahead: nothing happens
+    assert h.engine.on_model(encode(v0), T0) == []
+    newer_elsewhere = dataclasses.replace(v0, version=9, epoch="ffffffffffffffff")
+    assert h.engine.on_model(encode(newer_elsewhere), T0) == []
+    level = StatusMessage("f", "a", "idle", round_id=1, epoch=epoch, model_version=0)
+    assert h.engine.on_status("a", encode(level), T0) == []
+    assert h.engine.epoch == epoch
+    caplog.set_level("WARNING", logger="aggregator.coordinator")
+    ahead = StatusMessage("f", "a", "idle", round_id=5, epoch=epoch, model_version=4)
+    out = h.engine.on_status("a", encode(ahead), T0)
+    new = h.engine.epoch
+    assert new != epoch and len(new) == 16
+    assert [(m.version, m.epoch) for m in _models(out)] == [(0, new)]
+    assert [(r.round_id, r.epoch) for r in _rounds(out)] == [(1, new)]
+    [line] = [
+        r.getMessage() for r in caplog.records
+        if r.levelname == "WARNING" and r.name == "aggregator.coordinator"
+    ]
+    assert line.startswith(
+        f"the status of a shows model version 4, round 5 of epoch {epoch}, but the state in "
+    ) and f"holds version 0, round 1: it was restored from an older copy; new epoch {new}" in line
+    old = decode_update(make_update("f", 1, 0, "a", exact_delta(h.shapes, 1), 1, "float32", "u"))
+    ack = h.send("a", encode(dataclasses.replace(old, epoch=epoch)))
+    assert (ack.accepted, ack.code) == (False, RejectReason.WRONG_ROUND)
+    assert h.send("a", encode(dataclasses.replace(old, epoch=new, update_id="u2"))).accepted
+    h.close()
+    h2 = Harness(cfg, bundle)
+    assert h2.engine.epoch == new and [r.epoch for r in _rounds(h2.out)] == [new]
+    h2.close()
