@@ -174,7 +174,7 @@ class Coordinator:
 
     # -- inputs ----------------------------------------------------------------------------
     def on_model(self, payload: bytes, now: float) -> list[Outgoing]:
-        """The retained model found on the broker (read at start, never our own publish):
+        """The retained model found on the broker (delivered on subscribe, e.g. at start):
         a newer version of this epoch means the state was restored; what to publish."""
         if not payload:
             return []

@@ -118,12 +118,14 @@ class AggregatorService:
             self._generation += 1
             # retainAsPublished: an update a device published with the retain flag keeps it
             # also when delivered live, so it is refused every time, not only on resubscribe.
-            # noLocal on the model topic: only the retained model another process left (read at
-            # start to notice a state restored from an older copy), never our own publishes.
+            # The model topic for its retained message (delivered with the retain flag on each
+            # subscribe): a newer one of our epoch means the state was restored from an older
+            # copy. Our own live publishes arrive without the flag and are ignored. (Not
+            # noLocal: Mosquitto then withholds the retained model our client id left.)
             client.subscribe([
+                (self.topics.model, mqtt.SubscribeOptions(1)),
                 (self.topics.update_wildcard, mqtt.SubscribeOptions(1, retainAsPublished=True)),
                 (self.topics.status_wildcard, mqtt.SubscribeOptions(1)),
-                (self.topics.model, mqtt.SubscribeOptions(1, noLocal=True)),
             ])
             present = bool(getattr(flags, "session_present", False))
             self._inbox.put(_Connected(self._generation, present))
@@ -194,7 +196,8 @@ class AggregatorService:
             elif device is not None and kind == "status":
                 self._publish(self.engine.on_status(device, item.payload, now))
             elif item.topic == self.topics.model:
-                self._publish(self.engine.on_model(item.payload, now))
+                if item.retain:
+                    self._publish(self.engine.on_model(item.payload, now))
             else:
                 log.debug("ignoring a message on %s", item.topic)
         except StateError:
