@@ -116,17 +116,7 @@ class AggregatorService:
                 log.error("broker refused the connection: %s", reason)
                 return
             self._generation += 1
-            # retainAsPublished: an update a device published with the retain flag keeps it
-            # also when delivered live, so it is refused every time, not only on resubscribe.
-            # The model topic for its retained message (delivered with the retain flag on each
-            # subscribe): a newer one of our epoch means the state was restored from an older
-            # copy. Our own live publishes arrive without the flag and are ignored. (Not
-            # noLocal: Mosquitto then withholds the retained model our client id left.)
-            client.subscribe([
-                (self.topics.model, mqtt.SubscribeOptions(1)),
-                (self.topics.update_wildcard, mqtt.SubscribeOptions(1, retainAsPublished=True)),
-                (self.topics.status_wildcard, mqtt.SubscribeOptions(1)),
-            ])
+            client.subscribe(self._subscriptions())
             present = bool(getattr(flags, "session_present", False))
             self._inbox.put(_Connected(self._generation, present))
         except Exception:
@@ -155,6 +145,26 @@ class AggregatorService:
             )
         except Exception:
             log.exception("error queueing a message on %s", getattr(msg, "topic", "?"))
+
+    def _subscriptions(self) -> list[tuple[str, Any]]:
+        """Model (first), updates and statuses, QoS 1.
+
+        The model topic is read for its retained message (delivered with the retain flag on
+        each subscribe): a newer one of our epoch means the state was restored from an older
+        copy; our own live publishes arrive without the flag and are ignored (not noLocal:
+        Mosquitto then withholds the retained model our client id left). With MQTT 5 updates
+        are subscribed retain-as-published, so an update a device published with the retain
+        flag is refused also when delivered live, not only on a resubscribe (MQTT 3.1.1 has
+        no such option: there only the resubscribe deliveries carry the flag).
+        """
+        topics = (self.topics.model, self.topics.update_wildcard, self.topics.status_wildcard)
+        if self._settings.protocol != "5":
+            return [(t, 1) for t in topics]
+        return [
+            (self.topics.model, mqtt.SubscribeOptions(1)),
+            (self.topics.update_wildcard, mqtt.SubscribeOptions(1, retainAsPublished=True)),
+            (self.topics.status_wildcard, mqtt.SubscribeOptions(1)),
+        ]
 
     # -- main thread -----------------------------------------------------------------------
     def _publish(self, items: list[Outgoing]) -> None:
