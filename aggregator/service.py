@@ -198,7 +198,9 @@ class AggregatorService:
         kind = item.topic.rsplit("/", 2)[-2] if item.topic.count("/") >= 2 else ""
         now = time.time()
         try:
-            if device is not None and kind == "update":
+            if device is not None and kind == "update" and item.retain and not item.payload:
+                log.debug("%s cleared its retained update", device)  # the fix, not an update
+            elif device is not None and kind == "update":
                 if not self._handle_update(item, device, now):
                     return  # not journaled: no PUBACK
                 if self._ticking:
