@@ -227,7 +227,11 @@ class Coordinator:
         if not (ahead_version or ahead_round):
             return []
         new = secrets.token_hex(8)
-        self.store.set_meta("epoch", new)
+        try:
+            self.store.set_meta("epoch", new)
+        except StorageFullError as exc:  # not persisted, not used: the next sighting retries
+            log.error("%s: new epoch not saved, the state stays in epoch %s for now", exc, epoch)
+            return []
         log.warning(
             "%s shows model version %s, round %s of epoch %s, but the state in %s holds "
             "version %d, round %d: it was restored from an older copy; new epoch %s, so "
