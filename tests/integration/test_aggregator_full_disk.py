@@ -124,3 +124,47 @@ def test_full_disk_mid_round_loses_nothing(
                 dev.close()
             acks.close()
             watcher.close()
+
+
+def test_unjournaled_update_is_redelivered_by_the_broker_after_a_crash(
+    broker: LocalBroker, topic_prefix: str, tmp_path: Path
+) -> None:
+    """Killed while an update waits on the full disk: it was never PUBACKed, so the broker
+    redelivers it to the restarted aggregator, which folds it exactly once."""
+    topics = Topics("f1", topic_prefix)
+    with small_tmpfs(tmp_path / "state", "2m") as state:
+        acks = AckLog(broker, topics)
+        watcher = Watcher(broker, topics)
+        agg = AggregatorProcess(
+            broker, topic_prefix, state,
+            "--eval-dataset", "none", "--codec", "float32", "--selection", "any",
+            "--clients-per-round", "1", "--min-updates", "1", "--rounds", "1",
+        ).start()
+        dev = FakeDevice(broker, topics, "dev0")
+        try:
+            assert watcher.round(1).base_version == 0
+            w0 = model_weights(watcher.model(0))
+            delta = exact_delta({k: v.shape for k, v in w0.items()}, 7)
+            filler = fill(state)
+            dev.publish(make_update("f1", 1, 0, "dev0", delta, 2, update_id="u1"))
+            _wait_log(agg, "update u1 of dev0 not acknowledged, will be redelivered")
+            agg.kill()
+            assert list(acks.acks) == []
+            filler.unlink()
+            agg.start()
+            w1 = model_weights(watcher.model(1))
+            for k, v in _mean(w0, [(2, delta)]).items():
+                np.testing.assert_array_equal(w1[k], v)
+            assert agg.wait(60) == 0
+            assert [(a.update_id, a.code) for a in acks.acks] == [("u1", "ok")]
+            with Store(state) as store:
+                assert store.contributions(1) == [("dev0", "u1", 2, store.round(1).bytes_in)]
+            assert "Traceback" not in agg.log()
+        except BaseException:
+            print(agg.log()[-20000:])
+            raise
+        finally:
+            agg.stop()
+            dev.close()
+            acks.close()
+            watcher.close()
