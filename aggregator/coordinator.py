@@ -5,12 +5,22 @@
 open round to the :class:`~aggregator.ingest.Ingest` and takes its accumulator back at the
 close, applies the strategy, evaluates, persists and returns the messages to publish (the
 retained model and round announcements).
+
+Round identity: the state holds an *epoch* (16 random hex characters, made when the state
+is created). Models and rounds carry it; round ids are only unique within an epoch. When the
+retained model or a device's retained status shows this epoch with a model version or round
+id beyond what the state holds, the state was restored from an older backup: the coordinator
+moves to a new epoch (persisted, one WARNING line), moves the open round to it and returns
+the model and round to republish, so devices that already used these round ids take part.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
-from collections.abc import Mapping
+import secrets
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,11 +42,11 @@ from aggregator.outgoing import Outgoing, RoundTraffic
 from aggregator.policies import RoundContext, RoundPolicy, make_round_policy
 from aggregator.round_state import RoundPlan, RoundState
 from aggregator.store import Store
-from fedmq.errors import StateError, WireError
+from fedmq.errors import StateError, StorageFullError, WireError
 from fedmq.models.spec import ModelBundle
 from fedmq.topics import Topics
 from fedmq.update.strategies import Strategy, make_strategy
-from fedmq.wire import ModelMessage, Tensor, decode_status, encode
+from fedmq.wire import ModelMessage, Tensor, decode_model, decode_status, encode
 
 __all__ = ["Coordinator", "RoundResult"]
 
@@ -93,6 +103,7 @@ class Coordinator:
         self.round: RoundState | None = None
         self.last_round_id = 0
         self.closed_rounds = 0
+        self.epoch = ""
         self._results: list[RoundResult] = []
         self._started = False
 
@@ -113,6 +124,12 @@ class Coordinator:
                 f"state directory {self.store.root} belongs to model {stored_id}, "
                 f"not {self.model_id}: use another state_dir"
             )
+        epoch = self.store.get_meta("epoch")
+        if epoch is None:  # a new state (or one from before epochs)
+            epoch = secrets.token_hex(8)
+            self.store.set_meta("epoch", epoch)
+            log.info("state epoch %s", epoch)
+        self.epoch = epoch
         current = self.store.current_model()
         if current is None:
             weights = self.bundle.initial_trainable()
@@ -140,7 +157,8 @@ class Coordinator:
                 )
                 self.store.abandon_round(plan.round_id, now)
             else:
-                self._begin(plan)
+                # a round opened before epochs (or before a rotation) belongs to this epoch
+                self._begin(dataclasses.replace(plan, epoch=self.epoch))
                 self.ingest.refold()
                 out.append(self._round_out(now))
         self._started = True
@@ -163,8 +181,24 @@ class Coordinator:
         return out
 
     # -- inputs ----------------------------------------------------------------------------
-    def on_status(self, topic_device: str, payload: bytes, now: float) -> None:
-        """Track online devices from their (retained) status messages."""
+    def on_model(self, payload: bytes, now: float) -> list[Outgoing]:
+        """The retained model found on the broker (delivered on subscribe, e.g. at start):
+        a newer version of this epoch means the state was restored; what to publish."""
+        if not payload:
+            return []
+        try:
+            msg = decode_model(payload)
+        except WireError as exc:
+            log.debug("ignoring a bad retained model: %s", exc)
+            return []
+        if msg.fleet != self.config.fleet:
+            return []
+        return self._check_epoch(msg.epoch, msg.version, msg.round_id, "the retained model", now)
+
+    def on_status(self, topic_device: str, payload: bytes, now: float) -> list[Outgoing]:
+        """Track online devices from their (retained) status messages; a status that shows
+        this epoch beyond the state rotates the epoch (what to publish)."""
+        out: list[Outgoing] = []
         before = len(self.online)
         if not payload:
             self.online.discard(topic_device)
@@ -173,10 +207,14 @@ class Coordinator:
                 status = decode_status(payload)
             except WireError as exc:
                 log.debug("ignoring bad status from %s: %s", topic_device, exc)
-                return
+                return out
             if status.fleet != self.config.fleet or status.device != topic_device:
                 log.debug("ignoring status of %s on the topic of %s", status.device, topic_device)
-                return
+                return out
+            out = self._check_epoch(
+                status.epoch, status.model_version, status.round_id,
+                f"the status of {topic_device}", now,
+            )
             if status.state in _ONLINE_STATES:
                 self.online.add(topic_device)
             else:
@@ -184,27 +222,69 @@ class Coordinator:
         if len(self.online) != before:
             self.metrics.online_devices.set(len(self.online))
             log.debug("%d device(s) online", len(self.online))
+        return out
+
+    def _check_epoch(
+        self, epoch: str, version: int | None, round_id: int | None, source: str, now: float
+    ) -> list[Outgoing]:
+        """Rotate the epoch when ``source`` saw this epoch further than the state is."""
+        if not self._started or not epoch or epoch != self.epoch:
+            return []
+        ahead_version = version is not None and version > self.version
+        ahead_round = round_id is not None and round_id > self.last_round_id
+        if not (ahead_version or ahead_round):
+            return []
+        new = secrets.token_hex(8)
+        try:
+            self.store.set_meta("epoch", new)
+        except StorageFullError as exc:  # not persisted, not used: the next sighting retries
+            log.error("%s: new epoch not saved, the state stays in epoch %s for now", exc, epoch)
+            return []
+        log.warning(
+            "%s shows model version %s, round %s of epoch %s, but the state in %s holds "
+            "version %d, round %d: it was restored from an older copy; new epoch %s, so "
+            "devices take part in the reused round ids",
+            source, version, round_id, epoch, self.store.root, self.version,
+            self.last_round_id, new,
+        )
+        self.epoch = new
+        if self.round is not None:
+            self.round.plan = dataclasses.replace(self.round.plan, epoch=new)
+        return self.current_messages(now)
 
     # -- timer -----------------------------------------------------------------------------
     def tick(self, now: float) -> list[Outgoing]:
-        """Close, abandon or open rounds as the policy says; what to publish."""
+        """Close, abandon or open rounds as the policy says; what to publish.
+
+        On a full disk it raises :class:`StorageFullError` naming the round and what was not
+        done; the round and the model are then unchanged, in memory and on disk, and the
+        next tick tries again.
+        """
         if not self._started:
             raise StateError("engine.start() was not called")
         out: list[Outgoing] = []
         if self.round is not None:
+            round_id = self.round.round_id
             if self.policy.is_ready(self.round, now):
-                out += self._close(now)
+                with _storage_full_context(f"round {round_id} not closed"):
+                    out += self._close(now)
             elif self.policy.is_abandoned(self.round, now):
-                out += self._abandon(now)
+                with _storage_full_context(f"round {round_id} not abandoned"):
+                    out += self._abandon(now)
         if self.round is None and not self.done:
-            out += self._open(now)
+            with _storage_full_context(f"round {self.last_round_id + 1} not opened"):
+                out += self._open(now)
         return out
 
     def current_messages(self, now: float) -> list[Outgoing]:
-        """The retained state (model and open round): to republish after a session loss."""
+        """The retained state to republish on every (re)connect, finished or not: the model,
+        and the open round's announcement or, with no round open, an empty retained message
+        that clears whatever stale round the broker holds."""
         out = [self._model_out(now)]
         if self.round is not None:
             out.append(self._round_out(now))
+        else:
+            out.append(self.traffic.emit(self.topics.round, b""))
         return out
 
     # -- transitions -----------------------------------------------------------------------
@@ -225,6 +305,7 @@ class Coordinator:
         plan = self.policy.plan(ctx)
         if plan is None:
             return []
+        plan = dataclasses.replace(plan, epoch=self.epoch)
         if (plan.round_id, plan.base_version) != (ctx.round_id, ctx.base_version):
             raise StateError(
                 f"round policy planned round {plan.round_id} on version {plan.base_version}, "
@@ -244,7 +325,10 @@ class Coordinator:
         assert self.round is not None
         state = self.round
         contributions = list(self.ingest.contributions)
-        fold = self.ingest.end()
+        fold = self.ingest.fold  # ended only once the close is stored (a full disk: retry)
+        if fold is None:
+            raise StateError(f"round {state.round_id} has no accumulator in the ingest")
+        strategy_before = self.strategy.state()
         new_weights = self.strategy.aggregate(self.weights, fold.result())
         quality = finite_metrics(self._evaluate(new_weights))
         seconds = max(0.0, now - state.plan.opened_at)
@@ -267,9 +351,14 @@ class Coordinator:
         except UnpublishableModel as exc:
             return self._refuse_candidate(state, contributions, str(exc), now)
         metrics["bytes_out"] = float(self.traffic.bytes_out + len(model_payload))
-        stored = self.store.close_round(
-            state.round_id, new_weights, metrics, self.strategy.state(), now
-        )
+        try:
+            stored = self.store.close_round(
+                state.round_id, new_weights, metrics, self.strategy.state(), now
+            )
+        except StateError:
+            self.strategy.load_state(strategy_before)  # as if the close was never tried
+            raise
+        self.ingest.end()
         if stored.version != self.version + 1:
             raise StateError(f"stored version {stored.version} after version {self.version}")
         self.version, self.weights, self.model_metrics = stored.version, new_weights, metrics
@@ -323,6 +412,7 @@ class Coordinator:
         one; the next round opens on the unchanged model.
         """
         self.store.abandon_round(state.round_id, now)
+        self.ingest.end()
         self.strategy.load_state(self.store.server_state())
         self.round = None
         worst = largest_contributions(contributions)
@@ -380,6 +470,7 @@ class Coordinator:
             tensors=tuple(Tensor.from_array(n, weights[n]) for n in self.template),
             metrics=finite_metrics(metrics),
             created_at=now,
+            epoch=self.epoch,
         )
         return encode(msg)
 
@@ -394,3 +485,12 @@ class Coordinator:
         assert self.round is not None
         ann = self.round.plan.announcement(self.config.fleet, self.model_id)
         return self.traffic.emit(self.topics.round, encode(ann))
+
+
+@contextlib.contextmanager
+def _storage_full_context(what: str) -> Iterator[None]:
+    """Re-raise a :class:`StorageFullError` with ``what`` was not done (for the one log line)."""
+    try:
+        yield
+    except StorageFullError as exc:
+        raise StorageFullError(exc.directory, f"{what} ({exc.detail})") from exc

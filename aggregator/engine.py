@@ -64,8 +64,17 @@ class Engine:
         """Load (or create) the state and rebuild the open round (see Coordinator.start)."""
         return self.coordinator.start(now, tick)
 
-    def on_status(self, topic_device: str, payload: bytes, now: float) -> None:
-        self.coordinator.on_status(topic_device, payload, now)
+    def on_status(self, topic_device: str, payload: bytes, now: float) -> list[Outgoing]:
+        """A device's status; what to publish (after an epoch rotation, see Coordinator)."""
+        return self.coordinator.on_status(topic_device, payload, now)
+
+    def on_model(self, payload: bytes, now: float) -> list[Outgoing]:
+        """The retained model on the broker; what to publish (see Coordinator.on_model)."""
+        return self.coordinator.on_model(payload, now)
+
+    @property
+    def epoch(self) -> str:
+        return self.coordinator.epoch
 
     def tick(self, now: float) -> list[Outgoing]:
         return self.coordinator.tick(now)
@@ -105,9 +114,11 @@ class Engine:
         return self.coordinator.online
 
     # -- the ingest ------------------------------------------------------------------------
-    def handle_update(self, topic_device: str, payload: bytes, now: float) -> AckMessage:
+    def handle_update(
+        self, topic_device: str, payload: bytes, now: float, *, retained: bool = False
+    ) -> AckMessage:
         """Decode, check, journal (durably), fold; the ack to send (see Ingest)."""
-        return self.ingest.handle_update(topic_device, payload, now)
+        return self.ingest.handle_update(topic_device, payload, now, retained=retained)
 
     def ack_outgoing(self, ack: AckMessage) -> Outgoing | None:
         return self.ingest.ack_outgoing(ack)

@@ -22,7 +22,14 @@ from aggregator.metrics import AggregatorMetrics
 from aggregator.outgoing import Outgoing, RoundTraffic
 from aggregator.round_state import RoundState, check_route
 from aggregator.store import Store
-from fedmq.errors import ConfigError, RejectReason, SecurityError, StateError, WireError
+from fedmq.errors import (
+    ConfigError,
+    RejectReason,
+    SecurityError,
+    StateError,
+    StorageFullError,
+    WireError,
+)
 from fedmq.signing import Registry, verify_update
 from fedmq.topics import Topics, validate_name
 from fedmq.update.accumulate import Accumulator, CheckedUpdate
@@ -166,11 +173,18 @@ class Ingest:
         log.info("update signatures %s; %d device(s) enrolled", mode, enrolled)
 
     # -- updates ---------------------------------------------------------------------------
-    def handle_update(self, topic_device: str, payload: bytes, now: float) -> AckMessage:
+    def handle_update(
+        self, topic_device: str, payload: bytes, now: float, *, retained: bool = False
+    ) -> AckMessage:
         """Decode, check, journal (durably), fold; the ack to send.
 
-        Raises :class:`StateError` only when the journal cannot be written: the update is
-        then neither acknowledged nor counted (the broker redelivers it later).
+        ``retained``: the broker delivered it with the retain flag (a device parked it on its
+        update topic): rejected ``retained``, never folded. An update id already folded (in
+        any round) is answered ``accepted=True, code=duplicate`` with that round.
+
+        Raises :class:`StateError` only when the journal cannot be written
+        (:class:`StorageFullError` on a full disk, naming the update): the update is then
+        neither folded, acknowledged nor counted (the broker keeps it for redelivery).
         """
         started = time.perf_counter()
         self.metrics.bytes_in.inc(len(payload))
@@ -178,6 +192,13 @@ class Ingest:
             validate_name(topic_device, "device")
         except ConfigError as exc:
             return self._reject(topic_device, payload, WireError(str(exc)), now)
+        if retained:
+            err = WireError(
+                "updates must not be retained: clear it with an empty retained message on "
+                f"{self.topics.update(topic_device)}",
+                RejectReason.RETAINED,
+            )
+            return self._reject(topic_device, payload, err, now)
         try:
             received = receive_update(payload, self.limits)
         except WireError as exc:
@@ -185,6 +206,9 @@ class Ingest:
         msg = received.message
         try:
             self._authenticate(received, topic_device)
+            duplicate = self._already_folded(msg, topic_device, now)
+            if duplicate is not None:
+                return duplicate
             weight = self.bounds.weight(
                 msg.device, msg.num_examples, self._registry_cap(msg.device)
             )
@@ -194,9 +218,14 @@ class Ingest:
         except WireError as exc:
             return self._reject(topic_device, payload, exc, now, msg)
         assert self.round is not None and self.fold is not None
-        self.store.append_update(
-            msg.update_id, msg.round_id, msg.device, msg.num_examples, payload, now, weight
-        )
+        try:
+            self.store.append_update(
+                msg.update_id, msg.round_id, msg.device, msg.num_examples, payload, now, weight
+            )
+        except StorageFullError as exc:
+            raise StorageFullError(
+                exc.directory, exc.detail, update_id=msg.update_id, device=msg.device
+            ) from exc
         self.fold.add(checked)
         self.round.record(msg.update_id, msg.device, msg.num_examples)
         self.bounds.observe_claim(msg.device, msg.num_examples)
@@ -266,6 +295,29 @@ class Ingest:
         except SecurityError as exc:  # unreadable at start-up was caught by check_registry()
             log.error("device registry: %s", exc)
             return None
+
+    def _already_folded(
+        self, msg: UpdateMessage, topic_device: str, now: float
+    ) -> AckMessage | None:
+        """The ``duplicate`` answer for an update id this device already had folded, in
+        whatever round (a redelivery, or a re-send after a lost ack); None otherwise."""
+        if msg.fleet != self.config.fleet or msg.device != topic_device:
+            return None
+        folded = self.store.folded_update(msg.update_id)
+        if folded is None or folded[1] != msg.device:
+            return None
+        round_id = folded[0]
+        self.metrics.updates_duplicate.inc()
+        log.info(
+            "update %s from %s was already folded in round %d: answered duplicate",
+            msg.update_id, msg.device, round_id,
+        )
+        return AckMessage(
+            fleet=self.config.fleet, round_id=round_id, device=topic_device,
+            update_id=msg.update_id, accepted=True, code=RejectReason.DUPLICATE,
+            reason=f"update {msg.update_id} was already folded in round {round_id}",
+            created_at=now,
+        )
 
     def _check(self, msg: UpdateMessage, topic_device: str, weight: float) -> CheckedUpdate:
         if self.round is None or self.fold is None:

@@ -39,6 +39,11 @@ class AggregatorMetrics:
         self.updates_accepted = Counter(
             "fedmq_updates_accepted", "Updates journaled and folded", registry=r
         )
+        self.updates_duplicate = Counter(
+            "fedmq_updates_duplicate",
+            "Redelivered updates already folded (answered duplicate, not folded again)",
+            registry=r,
+        )
         self.updates_rejected = Counter(
             "fedmq_updates_rejected", "Updates rejected, by reason", ["reason"], registry=r
         )

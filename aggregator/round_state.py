@@ -39,6 +39,7 @@ class RoundPlan:
     deadline: float
     abandon_at: float
     config: TrainingConfig
+    epoch: str = ""  # the aggregator state's epoch the round belongs to
 
     def __post_init__(self) -> None:
         if self.round_id < 0 or self.base_version < 0:
@@ -70,6 +71,7 @@ class RoundPlan:
             min_updates=self.min_updates,
             model_id=model_id,
             opened_at=self.opened_at,
+            epoch=self.epoch,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -82,6 +84,7 @@ class RoundPlan:
             "opened_at": self.opened_at,
             "deadline": self.deadline,
             "abandon_at": self.abandon_at,
+            "epoch": self.epoch,
             "config": self.config.to_dict(),
         }
 
@@ -98,6 +101,7 @@ class RoundPlan:
                 deadline=float(obj["deadline"]),
                 abandon_at=float(obj["abandon_at"]),
                 config=TrainingConfig.from_dict(obj["config"]),
+                epoch=str(obj.get("epoch", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"stored round plan is invalid: {exc}") from exc
@@ -143,7 +147,7 @@ class RoundState:
         round checks and before the examples cap, as in docs/protocol.md).
         """
         p = self.plan
-        check_route(msg, topic_device, self.fleet, open_round=p.round_id)
+        check_route(msg, topic_device, self.fleet, open_round=p.round_id, epoch=p.epoch)
         if msg.base_version != p.base_version:
             raise WireError(
                 f"base version {msg.base_version}: round {p.round_id} trains on "
@@ -199,6 +203,7 @@ def check_route(
     *,
     open_round: int | None = None,
     last_round: int | None = None,
+    epoch: str | None = None,
 ) -> None:
     """The fleet/device/round check, in the order of docs/protocol.md; raise :class:`WireError`.
 
@@ -206,7 +211,9 @@ def check_route(
     payload device against the broker-authenticated ``topic_device`` (``device_mismatch``),
     then the round: with ``open_round`` the update must be for it (``wrong_round``, stale or
     future); with ``last_round`` instead, no round is open, so every update is refused
-    (``round_closed`` for a round up to ``last_round``, else ``wrong_round``).
+    (``round_closed`` for a round up to ``last_round``, else ``wrong_round``). With ``epoch``,
+    an update that names another epoch is ``wrong_round`` before its round id is compared
+    (round ids restart in a new epoch); an update without an epoch is checked by round id.
     """
     if fleet is not None and msg.fleet != fleet:
         raise WireError(
@@ -216,6 +223,12 @@ def check_route(
         raise WireError(
             f"payload device {msg.device!r} differs from topic device {topic_device!r}",
             RejectReason.DEVICE_MISMATCH,
+        )
+    if epoch is not None and msg.epoch and msg.epoch != epoch:
+        raise WireError(
+            f"update is for epoch {msg.epoch!r} (round {msg.round_id}), the aggregator is in "
+            f"epoch {epoch!r}" + ("" if open_round is None else f" (round {open_round} is open)"),
+            RejectReason.WRONG_ROUND,
         )
     if open_round is not None:
         if msg.round_id != open_round:

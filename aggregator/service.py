@@ -4,6 +4,14 @@ paho's network thread only queues what arrives; the calling thread runs the engi
 engine needs no locks. Updates are received with ``manual_ack``: the PUBACK goes out only
 after the engine journaled (or rejected) the update, and the fixed client id with a
 persistent session makes the broker keep QoS 1 updates while the aggregator is down.
+
+A full state directory stops nothing: an update that cannot be journaled is not
+acknowledged (one ERROR line) and kept in memory to be retried every ``tick_interval``
+until it is journaled (the broker redelivers it if the connection or the process goes
+first); no round is closed, abandoned or opened while updates wait, and a close that hits
+the full disk leaves the round open and is retried the same way. On every start and
+reconnect, finished or not, the service connects and republishes its retained state; with
+all ``rounds`` done it then answers what the broker kept for it and exits.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import contextlib
 import logging
 import queue
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +35,7 @@ from aggregator.engine import Engine, Outgoing, RoundResult, resolve_bundle
 from aggregator.evaluate import Evaluator, TFLiteEvaluator, load_eval_set
 from aggregator.metrics import AggregatorMetrics
 from aggregator.store import Store
-from fedmq.errors import StateError
+from fedmq.errors import StateError, StorageFullError
 from fedmq.net.mqtt import connect, make_client
 
 __all__ = ["AggregatorService", "build_engine", "run"]
@@ -46,6 +55,7 @@ class _Inbound:
     payload: bytes
     mid: int
     qos: int
+    retain: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,8 @@ class AggregatorService:
         self._stopping = False
         self._ticking = False
         self._pending: list[Outgoing] = []
+        self._parked: list[_Inbound] = []  # updates not journaled: the state disk is full
+        self._full: StorageFullError | None = None  # a round change failed on a full disk
         self._last_infos: list[mqtt.MQTTMessageInfo] = []
         self.client = make_client(self._settings, manual_ack=True)
         self.client.on_connect = self._on_connect
@@ -104,9 +116,7 @@ class AggregatorService:
                 log.error("broker refused the connection: %s", reason)
                 return
             self._generation += 1
-            client.subscribe(
-                [(self.topics.update_wildcard, 1), (self.topics.status_wildcard, 1)]
-            )
+            client.subscribe(self._subscriptions())
             present = bool(getattr(flags, "session_present", False))
             self._inbox.put(_Connected(self._generation, present))
         except Exception:
@@ -128,10 +138,33 @@ class AggregatorService:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
             self._inbox.put(
-                _Inbound(self._generation, msg.topic, bytes(msg.payload), msg.mid, msg.qos)
+                _Inbound(
+                    self._generation, msg.topic, bytes(msg.payload), msg.mid, msg.qos,
+                    bool(msg.retain),
+                )
             )
         except Exception:
             log.exception("error queueing a message on %s", getattr(msg, "topic", "?"))
+
+    def _subscriptions(self) -> list[tuple[str, Any]]:
+        """Model (first), updates and statuses, QoS 1.
+
+        The model topic is read for its retained message (delivered with the retain flag on
+        each subscribe): a newer one of our epoch means the state was restored from an older
+        copy; our own live publishes arrive without the flag and are ignored (not noLocal:
+        Mosquitto then withholds the retained model our client id left). With MQTT 5 updates
+        are subscribed retain-as-published, so an update a device published with the retain
+        flag is refused also when delivered live, not only on a resubscribe (MQTT 3.1.1 has
+        no such option: there only the resubscribe deliveries carry the flag).
+        """
+        topics = (self.topics.model, self.topics.update_wildcard, self.topics.status_wildcard)
+        if self._settings.protocol != "5":
+            return [(t, 1) for t in topics]
+        return [
+            (self.topics.model, mqtt.SubscribeOptions(1)),
+            (self.topics.update_wildcard, mqtt.SubscribeOptions(1, retainAsPublished=True)),
+            (self.topics.status_wildcard, mqtt.SubscribeOptions(1)),
+        ]
 
     # -- main thread -----------------------------------------------------------------------
     def _publish(self, items: list[Outgoing]) -> None:
@@ -165,21 +198,87 @@ class AggregatorService:
         kind = item.topic.rsplit("/", 2)[-2] if item.topic.count("/") >= 2 else ""
         now = time.time()
         try:
-            if device is not None and kind == "update":
-                ack = self.engine.handle_update(device, item.payload, now)
-                out = self.engine.ack_outgoing(ack)
-                self._publish([out] if out else [])
+            if device is not None and kind == "update" and item.retain and not item.payload:
+                log.debug("%s cleared its retained update", device)  # the fix, not an update
+            elif device is not None and kind == "update":
+                if not self._handle_update(item, device, now):
+                    return  # not journaled: no PUBACK
                 if self._ticking:
-                    self._publish(self.engine.tick(now))
+                    self._tick(now)
             elif device is not None and kind == "status":
-                self.engine.on_status(device, item.payload, now)
+                self._publish(self.engine.on_status(device, item.payload, now))
+            elif item.topic == self.topics.model:
+                if item.retain:
+                    self._publish(self.engine.on_model(item.payload, now))
             else:
                 log.debug("ignoring a message on %s", item.topic)
         except StateError:
-            raise  # the journal is not writable: stop without acknowledging
+            raise  # the state is not writable: stop without acknowledging
         except Exception:
             log.exception("error handling a message on %s (acknowledged, dropped)", item.topic)
         self._ack(item)
+
+    def _handle_update(self, item: _Inbound, device: str, now: float) -> bool:
+        """Journal (or reject) one update and publish its ack; False when it could not be
+        journaled on a full disk (parked: not acknowledged, retried by :meth:`_tick`)."""
+        try:
+            ack = self.engine.handle_update(device, item.payload, now, retained=item.retain)
+        except StorageFullError as exc:
+            if item not in self._parked:
+                log.error(
+                    "state directory %s is full: update %s of %s not acknowledged, will be "
+                    "redelivered", exc.directory, exc.update_id or "?", exc.device or device,
+                )
+                self._parked.append(item)
+            return False
+        except (sqlite3.Error, OSError) as exc:  # never acknowledge what may not be journaled
+            raise StateError(f"update on {item.topic} not journaled: {exc}") from exc
+        out = self.engine.ack_outgoing(ack)
+        self._publish([out] if out else [])
+        return True
+
+    def _retry_parked(self, now: float) -> bool:
+        """Retry the updates a full disk kept from the journal; True once none is left."""
+        parked, self._parked = self._parked, []
+        done = 0
+        for i, item in enumerate(parked):
+            if item.generation != self._generation:
+                continue  # its connection is gone: the broker redelivers it
+            device = self.topics.device_of(item.topic) or ""
+            try:
+                ack = self.engine.handle_update(device, item.payload, now, retained=item.retain)
+            except StorageFullError as exc:
+                log.debug("still full: %s", exc)
+                self._parked = parked[i:]
+                return False
+            out = self.engine.ack_outgoing(ack)
+            self._publish([out] if out else [])
+            self._ack(item)
+            done += 1
+        if done:
+            log.info("state directory has space again: %d waiting update(s) handled", done)
+        return True
+
+    def _tick(self, now: float) -> None:
+        """Retry parked updates first; then open/close/abandon rounds, unless the disk is full."""
+        if self._parked and not self._retry_parked(now):
+            return
+        try:
+            out = self.engine.tick(now)
+        except StorageFullError as exc:
+            if self._full is None:
+                log.error(
+                    "%s: the round stays as it is, retrying every %gs",
+                    exc, self.config.tick_interval,
+                )
+            else:
+                log.debug("still full: %s", exc)
+            self._full = exc
+            return
+        if self._full is not None:
+            log.info("state directory %s has space again", self._full.directory)
+            self._full = None
+        self._publish(out)
 
     def _ack(self, item: _Inbound) -> None:
         if item.qos == 0:
@@ -208,7 +307,9 @@ class AggregatorService:
     def run(self, stop_event: threading.Event | None = None) -> int:
         """Serve until ``stop_event`` is set, the configured rounds are done, or a fatal error.
 
-        Returns 0 on a clean stop, 1 when the state could not be written.
+        Always connects and republishes the retained model (and round, or clears it) first,
+        also when all rounds were done before the start. Returns 0 on a clean stop, 1 when
+        the state could not be written.
         """
         stop = stop_event or threading.Event()
         cfg = self.config
@@ -220,7 +321,7 @@ class AggregatorService:
         code = 0
         next_tick = float("inf")  # first tick once connected and the backlog had a moment
         try:
-            while not stop.is_set() and not self.engine.done:
+            while not stop.is_set():
                 try:
                     item = self._inbox.get(timeout=cfg.tick_interval)
                 except queue.Empty:
@@ -234,9 +335,11 @@ class AggregatorService:
                 if time.monotonic() >= next_tick:
                     self._ticking = True
                     next_tick = time.monotonic() + cfg.tick_interval
-                    self._publish(self.engine.tick(time.time()))
+                    self._tick(time.time())
                 self._report()
-            if self.engine.done:
+                if self.engine.done and self._ticking and not self._parked:
+                    break  # connected, republished, the kept backlog answered
+            if self.engine.done and not stop.is_set():
                 self._drain()
                 log.info("all %d round(s) done", cfg.rounds)
         except StateError as exc:

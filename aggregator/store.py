@@ -9,10 +9,17 @@ Crash safety (SIGKILL at any point): a model file is complete before the transac
 names it commits, and a version exists only once that transaction committed; an accepted
 update is committed (fsynced) to the journal before the caller acknowledges it. Orphan model
 files from an interrupted close are overwritten when the round closes again.
+
+A full filesystem (ENOSPC from a model file, SQLITE_FULL from SQLite) raises
+:class:`~fedmq.errors.StorageFullError` after the transaction rolled back: nothing of the
+failed operation is stored and the caller may retry it once space is freed. The directory
+is 0700 and ``state.db`` (so its -wal/-shm/-journal files, which SQLite creates with the
+database's mode) and the model files are 0600: the journal holds raw device updates.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import io
 import json
@@ -26,7 +33,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from fedmq.errors import StateError
+from fedmq.errors import StateError, StorageFullError
 from fedmq.fsutil import atomic_write
 
 __all__ = ["JournalEntry", "RoundRecord", "Store", "StoredModel"]
@@ -72,6 +79,7 @@ CREATE TABLE IF NOT EXISTS contributions (
     bytes INTEGER NOT NULL,
     PRIMARY KEY (round_id, device)
 );
+CREATE INDEX IF NOT EXISTS contributions_update ON contributions (update_id);
 CREATE TABLE IF NOT EXISTS rejects (
     round_id INTEGER NOT NULL,
     code TEXT NOT NULL,
@@ -128,6 +136,20 @@ def _add_journal_weight(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE journal ADD COLUMN weight REAL")
 
 
+_FILE_MODE = 0o600
+_DIR_MODE = 0o700
+_DB_FILES = ("state.db", "state.db-wal", "state.db-shm", "state.db-journal")
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _is_full(err: BaseException) -> bool:
+    """True for "no space left" from the OS or SQLite (SQLITE_FULL, also as extended code)."""
+    if isinstance(err, OSError):
+        return err.errno in _FULL_ERRNOS
+    code = getattr(err, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_FULL
+
+
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
@@ -153,12 +175,15 @@ class Store:
         self.models_dir = self.root / "models"
         self.read_only = read_only
         self._reject_buf: dict[tuple[int, str], int] = {}
+        self._rejects_in_tx: dict[tuple[int, str], int] = {}
         self._lock: BinaryIO | None = None
         if read_only:
             self._db = self._connect_read_only()
             return
         try:
-            self.models_dir.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+            self.models_dir.mkdir(mode=_DIR_MODE, exist_ok=True)
+            self._private_db_files()
             self._lock = open(self.root / "lock", "a+b")  # noqa: SIM115 - held while open
         except OSError as exc:
             raise StateError(f"cannot open state directory {self.root}: {exc}") from exc
@@ -181,6 +206,15 @@ class Store:
             raise StateError(f"cannot open state database in {self.root}: {exc}") from exc
         for tmp in self.models_dir.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
+
+    def _private_db_files(self) -> None:
+        """Create ``state.db`` 0600 before SQLite opens it (SQLite gives its -wal, -shm and
+        -journal files the database's mode); tighten files an older version left 0644."""
+        os.close(os.open(self.root / "state.db", os.O_CREAT | os.O_RDWR, _FILE_MODE))
+        for name in _DB_FILES:
+            path = self.root / name
+            if path.exists() and path.stat().st_mode & 0o777 != _FILE_MODE:
+                os.chmod(path, _FILE_MODE)
 
     def _connect_read_only(self) -> sqlite3.Connection:
         path = self.root / "state.db"
@@ -214,7 +248,8 @@ class Store:
 
     # -- helpers ---------------------------------------------------------------------------
     def _tx(self) -> _Transaction:
-        return _Transaction(self._db, self._write_rejects)
+        self._rejects_in_tx = {}
+        return _Transaction(self._db, str(self.root), self._write_rejects, self._unwrite_rejects)
 
     def _one(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
         return self._db.execute(sql, args).fetchone()
@@ -263,7 +298,14 @@ class Store:
 
     def _write_model_file(self, version: int, weights: Mapping[str, np.ndarray]) -> str:
         rel = f"models/v{version}.npz"
-        atomic_write(self.root / rel, _npz_bytes(weights))
+        try:
+            atomic_write(self.root / rel, _npz_bytes(weights), mode=_FILE_MODE)
+        except OSError as exc:
+            if _is_full(exc):
+                raise StorageFullError(
+                    str(self.root), f"model file {rel} not written: {exc}"
+                ) from exc
+            raise StateError(f"cannot write model file {self.root / rel}: {exc}") from exc
         return rel
 
     def save_initial_model(
@@ -460,6 +502,18 @@ class Store:
                     float(row[5]), None if row[6] is None else float(row[6]),
                 )
 
+    def folded_update(self, update_id: str) -> tuple[int, str] | None:
+        """(round, device) an update id was folded in: the open round's journal or the
+        contributions of a closed round (abandoned rounds' updates are not kept)."""
+        row = self._one("SELECT round_id, device FROM journal WHERE update_id = ?", (update_id,))
+        if row is None:
+            row = self._one(
+                "SELECT round_id, device FROM contributions WHERE update_id = ? "
+                "ORDER BY round_id LIMIT 1",
+                (update_id,),
+            )
+        return None if row is None else (int(row[0]), str(row[1]))
+
     # -- rejects and server state ----------------------------------------------------------
     def add_reject(self, round_id: int, code: str) -> None:
         """Count a reject. Buffered: written with the next transaction (no fsync of its own,
@@ -469,12 +523,19 @@ class Store:
 
     def _write_rejects(self, db: sqlite3.Connection) -> None:
         buf, self._reject_buf = self._reject_buf, {}
+        self._rejects_in_tx = dict(buf)
         for (round_id, code), n in buf.items():
             db.execute(
                 "INSERT INTO rejects (round_id, code, count) VALUES (?, ?, ?) "
                 "ON CONFLICT (round_id, code) DO UPDATE SET count = count + excluded.count",
                 (round_id, code, n),
             )
+
+    def _unwrite_rejects(self) -> None:
+        """The transaction that carried the buffered rejects rolled back: buffer them again."""
+        buf, self._rejects_in_tx = self._rejects_in_tx, {}
+        for key, n in buf.items():
+            self._reject_buf[key] = self._reject_buf.get(key, 0) + n
 
     def _flush_rejects(self) -> None:
         if self._reject_buf:
@@ -496,20 +557,35 @@ class Store:
         return {} if row is None else _npz_load(bytes(row[0]))
 
 
+def _nothing() -> None:
+    return None
+
+
 class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error); sqlite errors -> StateError."""
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error).
+
+    Every sqlite error becomes a :class:`StateError` (:class:`StorageFullError` when the disk
+    is full), also when SQLite already rolled the transaction back itself (as it does on a
+    failed COMMIT): then there is nothing left to roll back and no second error.
+    """
 
     def __init__(
-        self, db: sqlite3.Connection, before_commit: Callable[[sqlite3.Connection], None]
+        self,
+        db: sqlite3.Connection,
+        root: str,
+        before_commit: Callable[[sqlite3.Connection], None],
+        on_rollback: Callable[[], None],
     ) -> None:
         self._db = db
+        self._root = root
         self._before_commit = before_commit
+        self._on_rollback = on_rollback
 
     def __enter__(self) -> sqlite3.Connection:
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise StateError(f"cannot start a transaction: {exc}") from exc
+            raise self._error("cannot start a transaction", exc) from exc
         return self._db
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -517,10 +593,26 @@ class _Transaction:
             try:
                 self._before_commit(self._db)
                 self._db.execute("COMMIT")
+                self._on_rollback = _nothing  # committed: nothing to undo
+                return
             except sqlite3.Error as err:
-                self._db.execute("ROLLBACK")
-                raise StateError(f"commit failed: {err}") from err
-        else:
+                self._rollback()
+                raise self._error("commit failed", err) from err
+        self._rollback()
+        if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
+            raise self._error("state database error", exc) from exc
+
+    def _rollback(self) -> None:
+        self._on_rollback()
+        self._on_rollback = _nothing
+        if not self._db.in_transaction:
+            return  # SQLite rolled back already (e.g. SQLITE_FULL at COMMIT)
+        try:
             self._db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
-                raise StateError(f"state database error: {exc}") from exc
+        except sqlite3.Error as err:
+            log.warning("rollback in %s failed: %s", self._root, err)
+
+    def _error(self, what: str, err: sqlite3.Error) -> StateError:
+        if _is_full(err):
+            return StorageFullError(self._root, f"{what}: {err}")
+        return StateError(f"{what}: {err}")

@@ -10,6 +10,7 @@ __all__ = [
     "RejectReason",
     "SecurityError",
     "StateError",
+    "StorageFullError",
     "WireError",
 ]
 
@@ -32,6 +33,22 @@ class ModelError(FedmqError):
 
 class StateError(FedmqError):
     """Persistent state is missing or inconsistent."""
+
+
+class StorageFullError(StateError):
+    """The filesystem of a state directory is full (ENOSPC, SQLite's SQLITE_FULL).
+
+    Whatever the failed write was for did not happen (the transaction rolled back); the
+    caller keeps its state and may retry once space is freed. ``update_id`` and ``device``
+    name the update that was not journaled, when it was one.
+    """
+
+    def __init__(self, directory: str, detail: str, update_id: str = "", device: str = "") -> None:
+        super().__init__(f"state directory {directory} is full: {detail}")
+        self.directory = directory
+        self.detail = detail
+        self.update_id = update_id
+        self.device = device
 
 
 class SecurityError(FedmqError):
@@ -58,6 +75,7 @@ class RejectReason:
     UNSIGNED = "unsigned"
     BAD_SIGNATURE = "bad_signature"
     NORM_BOUND = "norm_bound"
+    RETAINED = "retained"
     ALL = (
         MALFORMED,
         TOO_LARGE,
@@ -76,6 +94,7 @@ class RejectReason:
         UNSIGNED,
         BAD_SIGNATURE,
         NORM_BOUND,
+        RETAINED,
     )
 
 

@@ -89,8 +89,8 @@ def test_rejects_then_round_completes(
         ack = acks.wait("good1")
         assert ack.accepted and ack.code == "ok" and ack.update_id == "good1-u"
         _mosquitto_pub(broker, topics.update("good1"), first, tmp_path / "good1.bin")
-        ack = acks.wait("good1")
-        assert (ack.accepted, ack.code) == (False, RejectReason.DUPLICATE)
+        ack = acks.wait("good1")  # the same update again: already folded, not folded twice
+        assert (ack.accepted, ack.code) == (True, RejectReason.DUPLICATE)
 
         second_delta = exact_delta(shapes, 2)
         second = upd("good2", second_delta, n=3)
@@ -106,7 +106,8 @@ def test_rejects_then_round_completes(
         assert agg.wait(60) == 0  # --rounds 1: exits once the round is published
         log = agg.log()
         assert "round 1 closed: 2 participants" in log
-        assert log.count("rejected update") == 6
+        assert log.count("rejected update") == 5
+        assert log.count("update good1-u from good1 was already folded in round 1") == 1
     except BaseException:
         print(agg.log()[-20000:])
         raise

@@ -21,6 +21,7 @@ from fedmq.wire import (
     decode_ack,
     decode_model,
     decode_round,
+    decode_update,
     encode,
 )
 from tests.fakes import exact_delta, make_update, model_weights, raw_update
@@ -132,9 +133,10 @@ def test_rejects_carry_the_right_codes(tmp_path: Path, bundle: ModelBundle) -> N
             ack = h.send("m", payload)
             assert (ack.accepted, ack.code) == (False, code), (code, ack.reason)
             assert ack.reason and ack.device == "m"
-    dup = h.update("a", good, 5, uid="ua")
-    assert (dup.code, dup.update_id) == (RejectReason.DUPLICATE, "ua")
-    assert h.update("a", good, 5, uid="ua2").code == RejectReason.DUPLICATE  # same device
+    dup = h.update("a", good, 5, uid="ua")  # a redelivery: it is folded, and not again
+    assert (dup.accepted, dup.code, dup.update_id) == (True, RejectReason.DUPLICATE, "ua")
+    same_device = h.update("a", good, 5, uid="ua2")
+    assert (same_device.accepted, same_device.code) == (False, RejectReason.DUPLICATE)
     ack = h.engine.handle_update("bad device", b"x", T0)
     assert ack.code == RejectReason.MALFORMED and h.engine.ack_outgoing(ack) is None
     garbage_ack = h.engine.ack_outgoing(h.send("m", b"\x01\x02"))
@@ -142,9 +144,10 @@ def test_rejects_carry_the_right_codes(tmp_path: Path, bundle: ModelBundle) -> N
     assert decode_ack(garbage_ack.payload).code == RejectReason.MALFORMED
     assert h.engine.metrics.value(
         "fedmq_updates_rejected_total", {"reason": RejectReason.DUPLICATE}
-    ) == 2
+    ) == 1
+    assert h.engine.metrics.value("fedmq_updates_duplicate_total") == 1
     counts = h.engine.store.reject_counts(1)
-    assert counts[RejectReason.MALFORMED] == 4 and counts[RejectReason.DUPLICATE] == 2
+    assert counts[RejectReason.MALFORMED] == 4 and counts[RejectReason.DUPLICATE] == 1
     assert h.engine.round is not None and h.engine.round.count == 1  # nothing poisoned
     h.close()
 
@@ -158,6 +161,47 @@ def test_stale_round_after_close(tmp_path: Path, bundle: ModelBundle) -> None:
     assert ack.code == RejectReason.WRONG_ROUND and ack.round_id == 1
     assert h.update("b", d, 1, round_id=2, base=0).code == RejectReason.WRONG_BASE
     assert h.update("b", d, 1, round_id=2, base=1).accepted
+    h.close()
+
+
+def test_redelivered_folded_update_is_duplicate_with_its_round(
+    tmp_path: Path, bundle: ModelBundle
+) -> None:
+    """Folded in round 1, redelivered while round 2 is open (also after a restart): accepted
+    duplicate naming round 1, never wrong_round, never folded again."""
+    cfg = _config(tmp_path, min_updates=1, clients_per_round=1)
+    h = Harness(cfg, bundle)
+    d = exact_delta(h.shapes, 1)
+    payload = make_update("f", 1, 0, "a", d, 2, "float32", "ua")
+    assert h.send("a", payload).code == "ok"
+    assert [r.round_id for r in _rounds(h.engine.tick(T0 + 2))] == [2]
+    ack = h.send("a", payload)
+    assert (ack.accepted, ack.code, ack.round_id) == (True, RejectReason.DUPLICATE, 1)
+    assert ack.reason == "update ua was already folded in round 1"
+    assert h.engine.round is not None and h.engine.round.count == 0
+    assert h.engine.store.reject_counts() == {}
+    other = h.send("b", make_update("f", 1, 0, "b", d, 2, "float32", "ua"))  # not its update
+    assert (other.accepted, other.code) == (False, RejectReason.WRONG_ROUND)
+    h.close()
+    h2 = Harness(cfg, bundle)
+    ack = h2.send("a", payload)
+    assert (ack.accepted, ack.code, ack.round_id) == (True, RejectReason.DUPLICATE, 1)
+    assert h2.engine.round is not None and h2.engine.round.count == 0
+    h2.close()
+
+
+def test_retained_update_is_rejected_not_folded(tmp_path: Path, bundle: ModelBundle) -> None:
+    h = Harness(_config(tmp_path), bundle)
+    payload = make_update("f", 1, 0, "a", exact_delta(h.shapes, 1), 2, "float32", "ua")
+    ack = h.engine.handle_update("a", payload, T0 + 1, retained=True)
+    assert (ack.accepted, ack.code, ack.update_id) == (False, RejectReason.RETAINED, "ua")
+    assert "must not be retained" in ack.reason
+    assert h.engine.round is not None and h.engine.round.count == 0
+    assert h.engine.store.reject_counts(1) == {RejectReason.RETAINED: 1}
+    assert h.engine.metrics.value(
+        "fedmq_updates_rejected_total", {"reason": RejectReason.RETAINED}
+    ) == 1
+    assert h.send("a", payload).code == "ok"  # the same update, published normally
     h.close()
 
 
@@ -238,7 +282,7 @@ def test_rounds_limit_evaluator_and_fedavgm_state(tmp_path: Path, bundle: ModelB
     out = h.engine.tick(T0 + 1)
     assert _models(out)[0].metrics["accuracy"] == pytest.approx(0.7)
     assert h.engine.metrics.value("fedmq_global_accuracy") == pytest.approx(0.7)
-    assert h.update("a", exact_delta(h.shapes, 1), 1, round_id=2, base=1).accepted
+    assert h.update("a", exact_delta(h.shapes, 1), 1, round_id=2, base=1, uid="a2").accepted
     out = h.engine.tick(T0 + 2)
     assert h.engine.done and [m.version for m in _models(out)] == [2]
     assert [o.payload for o in out if o.topic.endswith("/round")] == [b""]  # cleared
@@ -277,3 +321,72 @@ def test_config_precedence_and_validation(tmp_path: Path) -> None:
                 {"password": "x"}, {"tls_cert": "c"}):
         with pytest.raises(ConfigError):
             load_aggregator_config(overrides=bad, environ={})
+
+
+def test_epoch_is_made_once_and_carried_by_models_rounds_and_checked_on_updates(
+    tmp_path: Path, bundle: ModelBundle
+) -> None:
+    cfg = _config(tmp_path)
+    h = Harness(cfg, bundle)
+    epoch = h.engine.epoch
+    assert len(epoch) == 16 and int(epoch, 16) >= 0
+    assert [m.epoch for m in _models(h.out)] == [epoch]
+    assert [r.epoch for r in _rounds(h.out)] == [epoch]
+    d = exact_delta(h.shapes, 1)
+
+    def upd(device: str, ep: str) -> bytes:
+        msg = decode_update(make_update("f", 1, 0, device, d, 1, "float32", f"u-{device}"))
+        return encode(dataclasses.replace(msg, epoch=ep))
+
+    other = h.send("a", upd("a", "0000000000000000"))
+    assert (other.accepted, other.code) == (False, RejectReason.WRONG_ROUND)
+    assert other.reason == (
+        "update is for epoch '0000000000000000' (round 1), the aggregator is in epoch "
+        f"'{epoch}' (round 1 is open)"
+    )
+    assert h.send("a", upd("a", epoch)).code == "ok"
+    assert h.send("b", upd("b", "")).code == "ok"  # a device from before epochs
+    h.close()
+    h2 = Harness(cfg, bundle)  # the epoch is kept in the state
+    assert h2.engine.epoch == epoch and [r.epoch for r in _rounds(h2.out)] == [epoch]
+    h2.close()
+
+
+def test_state_behind_its_own_epoch_rotates_to_a_new_one(
+    tmp_path: Path, bundle: ModelBundle, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A retained model or a device status of this epoch beyond the state (a restored older
+    copy): new persisted epoch, one WARNING line, model and open round republished with it."""
+    cfg = _config(tmp_path)
+    h = Harness(cfg, bundle)
+    epoch = h.engine.epoch
+    [v0] = _models(h.out)
+    # our own model, another epoch's newer model, a status not ahead: nothing happens
+    assert h.engine.on_model(encode(v0), T0) == []
+    newer_elsewhere = dataclasses.replace(v0, version=9, epoch="ffffffffffffffff")
+    assert h.engine.on_model(encode(newer_elsewhere), T0) == []
+    level = StatusMessage("f", "a", "idle", round_id=1, epoch=epoch, model_version=0)
+    assert h.engine.on_status("a", encode(level), T0) == []
+    assert h.engine.epoch == epoch
+    caplog.set_level("WARNING", logger="aggregator.coordinator")
+    ahead = StatusMessage("f", "a", "idle", round_id=5, epoch=epoch, model_version=4)
+    out = h.engine.on_status("a", encode(ahead), T0)
+    new = h.engine.epoch
+    assert new != epoch and len(new) == 16
+    assert [(m.version, m.epoch) for m in _models(out)] == [(0, new)]
+    assert [(r.round_id, r.epoch) for r in _rounds(out)] == [(1, new)]
+    [line] = [
+        r.getMessage() for r in caplog.records
+        if r.levelname == "WARNING" and r.name == "aggregator.coordinator"
+    ]
+    assert line.startswith(
+        f"the status of a shows model version 4, round 5 of epoch {epoch}, but the state in "
+    ) and f"holds version 0, round 1: it was restored from an older copy; new epoch {new}" in line
+    old = decode_update(make_update("f", 1, 0, "a", exact_delta(h.shapes, 1), 1, "float32", "u"))
+    ack = h.send("a", encode(dataclasses.replace(old, epoch=epoch)))
+    assert (ack.accepted, ack.code) == (False, RejectReason.WRONG_ROUND)
+    assert h.send("a", encode(dataclasses.replace(old, epoch=new, update_id="u2"))).accepted
+    h.close()
+    h2 = Harness(cfg, bundle)
+    assert h2.engine.epoch == new and [r.epoch for r in _rounds(h2.out)] == [new]
+    h2.close()

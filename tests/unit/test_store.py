@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 
 from aggregator.store import Store
-from fedmq.errors import StateError
+from fedmq.errors import StateError, StorageFullError
+from tests.smallfs import fill, small_tmpfs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -162,3 +164,78 @@ def test_sigkill_at_any_point_leaves_consistent_state(tmp_path: Path, delay: flo
                 assert s.model(r.result_version or -1).round_id == r.round_id
         assert not list((state / "models").glob(".*.tmp"))
         json.dumps([r.plan for r in s.history()])
+
+
+def test_full_database_raises_storage_full_and_keeps_nothing(tmp_path: Path) -> None:
+    """SQLITE_FULL (here from max_page_count) rolls back cleanly and is a StorageFullError;
+    the buffered reject counts of the failed transaction are kept for the next one."""
+    with Store(tmp_path) as s:
+        s.save_initial_model(_w(0.0), {}, 0.0)
+        s.create_round(1, 0, {}, 0.0)
+        pages = int(s._db.execute("PRAGMA page_count").fetchone()[0])
+        s._db.execute(f"PRAGMA max_page_count = {pages}")
+        s.add_reject(1, "malformed")
+        with pytest.raises(StorageFullError, match=f"state directory {tmp_path} is full"):
+            s.append_update("u1", 1, "d1", 3, b"x" * 200_000, 1.0)
+        assert not s._db.in_transaction and list(s.journal(1)) == []
+        assert s.folded_update("u1") is None
+        s._db.execute("PRAGMA max_page_count = 1073741823")
+        s.append_update("u1", 1, "d1", 3, b"x" * 200_000, 2.0)
+        assert [e.update_id for e in s.journal(1)] == ["u1"]
+        assert s.reject_counts(1) == {"malformed": 1}
+
+
+def test_full_disk_at_close_keeps_the_round_open(tmp_path: Path) -> None:
+    """A real full filesystem (tmpfs): the close fails with StorageFullError, the round stays
+    open with its journal, no version is added; after freeing space the close works."""
+    with small_tmpfs(tmp_path / "mnt", "1m") as mnt, Store(mnt / "state") as s:
+        s.save_initial_model(_w(0.0), {}, 0.0)
+        s.create_round(1, 0, {}, 0.0)
+        s.append_update("u1", 1, "d1", 3, b"p", 1.0)
+        filler = fill(mnt)
+        big = {"a": np.ones((256, 256), np.float32)}
+        with pytest.raises(StorageFullError, match=f"state directory {mnt / 'state'} is full"):
+            s.close_round(1, big, {}, {}, 2.0)
+        assert s.open_round() is not None and s.current_model().version == 0  # type: ignore[union-attr]
+        assert [e.update_id for e in s.journal(1)] == ["u1"]
+        assert not list((mnt / "state" / "models").glob(".*.tmp"))
+        filler.unlink()
+        assert s.close_round(1, big, {}, {}, 3.0).version == 1
+        assert s.contributions(1) == [("d1", "u1", 3, 1)]
+
+
+def test_state_files_are_private(tmp_path: Path) -> None:
+    """state.db and its -wal/-shm files and the model files hold raw updates: 0600, dir 0700."""
+    old = os.umask(0o022)
+    try:
+        root = tmp_path / "state"
+        with Store(root) as s:
+            s.save_initial_model(_w(0.0), {}, 0.0)
+            s.create_round(1, 0, {}, 0.0)
+            s.append_update("u1", 1, "d1", 3, b"raw update", 1.0)
+            s.close_round(1, _w(1.0), {}, {}, 2.0)
+            names = ["state.db", "state.db-wal", "state.db-shm", "models/v0.npz", "models/v1.npz"]
+            modes = {n: (root / n).stat().st_mode & 0o777 for n in names}
+            assert modes == dict.fromkeys(names, 0o600)
+            assert (root.stat().st_mode & 0o777, (root / "models").stat().st_mode & 0o777) == (
+                0o700, 0o700
+            )
+        (root / "state.db").chmod(0o644)  # left by an older version: tightened on open
+        with Store(root):
+            assert (root / "state.db").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_folded_update_ids_are_found_in_any_round(tmp_path: Path) -> None:
+    with Store(tmp_path) as s:
+        s.save_initial_model(_w(0.0), {}, 0.0)
+        s.create_round(1, 0, {}, 0.0)
+        s.append_update("u1", 1, "d1", 3, b"p", 1.0)
+        assert s.folded_update("u1") == (1, "d1")
+        s.close_round(1, _w(1.0), {}, {}, 2.0)
+        s.create_round(2, 1, {}, 3.0)
+        s.append_update("u2", 2, "d1", 3, b"p", 4.0)
+        assert (s.folded_update("u1"), s.folded_update("u2")) == ((1, "d1"), (2, "d1"))
+        s.abandon_round(2, 5.0)
+        assert s.folded_update("u2") is None and s.folded_update("nope") is None

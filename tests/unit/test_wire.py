@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import msgpack
@@ -337,3 +338,28 @@ def test_training_config_has_one_serialisation() -> None:
     ]:
         with pytest.raises(ValueError):
             TrainingConfig.from_dict(bad)
+
+
+def test_epoch_round_trips_is_optional_and_bounded() -> None:
+    t = Tensor.from_array("w", np.ones(2, np.float32))
+    cfg = TrainingConfig(codec="float32")
+    model = ModelMessage("f", 3, 2, "m", (t,), epoch="0123456789abcdef")
+    ann = RoundAnnouncement("f", 4, 3, 10.0, cfg, epoch="0123456789abcdef")
+    upd = UpdateMessage("f", 4, 3, "d", "u", 1, "float32", (t,), epoch="0123456789abcdef")
+    status = StatusMessage("f", "d", "idle", round_id=4, epoch="e1", model_version=3)
+    assert wire.decode_model(wire.encode(model)) == model
+    assert wire.decode_round(wire.encode(ann)) == ann
+    assert wire.decode_update(wire.encode(upd)) == upd
+    assert wire.decode_status(wire.encode(status)) == status
+    # absent = "" (and None for the status' model_version); "" is not encoded at all, so an
+    # update without an epoch signs the same bytes as before epochs existed
+    plain = dataclasses.replace(upd, epoch="")
+    assert "epoch" not in msgpack.unpackb(wire.encode(plain))
+    assert wire.decode_update(wire.encode(plain)).epoch == ""
+    bare = wire.decode_status(wire.encode(StatusMessage("f", "d", "idle")))
+    assert (bare.epoch, bare.model_version) == ("", None)
+    for bad in ("x" * 65, "bad\nepoch", 7):
+        obj = msgpack.unpackb(wire.encode(upd))
+        obj["epoch"] = bad
+        with pytest.raises(WireError, match="epoch"):
+            wire.decode_update(msgpack.packb(obj))
