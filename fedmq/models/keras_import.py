@@ -20,8 +20,11 @@ Every supported layer is re-written with the zoo's builtin-op building blocks (s
   layer is selected; the moving statistics are always constants and never travel;
 - LSTM (tanh / sigmoid, gates i,f,c,o) and GRU (``reset_after=True``, gates z,r,h) unrolled
   by hand, ``return_sequences`` either way; recurrent dropout is off like Dropout;
-- Embedding: ``one_hot(ids) @ embeddings`` (a gather's gradient is a sparse scatter); the
-  bundle's input is float32, ids are cast to int32; ``mask_zero`` is not supported;
+- Embedding: GATHER; its gradient's sparse rows are summed into a dense table gradient with
+  UNSORTED_SEGMENT_SUM (both builtins; a one-hot matmul also converts but costs a
+  ``[tokens, vocab]`` matrix). The bundle's input is float32: ids are cast to int32 (exact
+  up to 2**24); an id outside ``[0, input_dim)`` makes LiteRT's GATHER fail, as Keras does;
+  ``mask_zero`` is not supported;
 - Concatenate, Add, Subtract, Multiply, Average (functional models);
 - activations relu (``maximum(x, 0)``), sigmoid, tanh, linear; a softmax on the model's
   output layer is folded into the loss: ``infer`` returns the logits before it.
@@ -208,7 +211,10 @@ def _layer_activation(layer: Any) -> str:
 
 
 def _layers(model: Any) -> list[Any]:
-    return [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
+    """Every operation of the model in graph order (keras.ops calls of a functional model
+    included, so that the check sees them), without the InputLayer."""
+    ops = getattr(model, "operations", None) or model.layers
+    return [op for op in ops if type(op).__name__ != "InputLayer"]
 
 
 def _output_layer(model: Any) -> Any:
@@ -283,14 +289,26 @@ def check_keras_model(model: Any) -> None:
 
     if not isinstance(model, keras.Model):
         raise ModelError(f"expected a keras.Model, got {type(model).__name__}")
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):
+        inputs = outputs = None
+    if not inputs or not outputs:
+        raise ModelError(f"model {model.name!r} is not built: start it with keras.Input(shape)")
+    if len(inputs) != 1 or len(outputs) != 1:
         raise ModelError(
-            f"model {model.name!r} has {len(model.inputs)} inputs and "
-            f"{len(model.outputs)} outputs; exactly one of each is supported"
+            f"model {model.name!r} has {len(inputs)} inputs and "
+            f"{len(outputs)} outputs; exactly one of each is supported"
         )
     out_layer = _output_layer(model)
     for layer in _layers(model):
         kind = _class_name(layer)
+        if not isinstance(layer, keras.layers.Layer):
+            raise UnsupportedLayerError(
+                f"operation {layer.name!r} (keras.ops {type(layer).__name__}) is not supported "
+                "for on-device training; use the layer form instead (keras.layers.Add, "
+                "Concatenate, Multiply, Reshape, Activation ...)"
+            )
         if kind not in SUPPORTED_LAYERS:
             base = kind.rsplit(".", 1)[-1]
             if isinstance(layer, keras.Model):
@@ -559,10 +577,9 @@ def _gru(tf_: Any, layer: Any, p: Mapping[str, tf.Tensor], x: tf.Tensor) -> tf.T
 
 
 def _embedding(tf_: Any, p: Mapping[str, tf.Tensor], x: tf.Tensor) -> tf.Tensor:
-    table = p["embeddings"]
-    vocab = int(table.shape[0])
-    ids = tf_.cast(x, tf_.int32)
-    return _dense_last_axis(tf_, tf_.one_hot(ids, vocab, dtype=tf_.float32), table)
+    """GATHER rows of the table; the gradient (sparse rows) is made dense with
+    UNSORTED_SEGMENT_SUM, a builtin: no one-hot ``[tokens, vocab]`` matrix."""
+    return tf_.gather(p["embeddings"], tf_.cast(x, tf_.int32))
 
 
 def _apply(
@@ -700,7 +717,8 @@ def build_keras_module(plan: KerasImport) -> Any:
                 loss = weighted_cross_entropy(logits, y, w, spec.num_classes)
             grads = tape.gradient(loss, train_vars)
             for var, grad in zip(train_vars, grads, strict=True):
-                var.assign_sub(lr * grad)
+                # an Embedding's gradient is IndexedSlices: densify (UNSORTED_SEGMENT_SUM)
+                var.assign_sub(lr * tf_.convert_to_tensor(grad))
             return {"loss": loss}
 
         def _infer(self, x: tf.Tensor) -> Any:
