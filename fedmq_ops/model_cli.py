@@ -116,7 +116,7 @@ def _export_keras(args: argparse.Namespace) -> int:
         given.append("--head-only")
     if given:
         raise ConfigError(
-            f"{', '.join(given)} apply to --preset only; a Keras model brings its own "
+            f"{', '.join(given)}: only for --preset; a Keras model brings its own "
             "architecture and weights (use --trainable-from/--train-layers to freeze layers)"
         )
     from fedmq.models.keras_import import export_keras
@@ -183,6 +183,9 @@ def _format(info: dict[str, Any]) -> str:
     for name, shape in info["weights"].items():
         mark = "" if name in trainable else "  (frozen)"
         lines.append(f"    {name:<28} {tuple(shape)}{mark}")
+    frozen_layers = info["extra"].get("frozen_layers")
+    if frozen_layers:
+        lines.append(f"  constants    layers {', '.join(frozen_layers)} (frozen, not federated)")
     bad = info["non_builtin_ops"]
     check = "OK, builtin only" if not bad else f"NEEDS NON-BUILTIN {bad}"
     lines.append(f"  ops          {len(info['ops'])} kinds: {check}")

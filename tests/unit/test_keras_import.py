@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedmq.errors import ModelError
+from fedmq.errors import ConfigError, ModelError
 from fedmq.models import ModelBundle, load_bundle
 from fedmq.models.keras_import import (
     UnsupportedLayerError,
@@ -365,13 +365,18 @@ def test_cli_export_keras(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     argv = ["model", "export", "--keras", str(path), "--out", str(tmp_path / "b")]
     args = parser.parse_args([*argv, "--trainable-from", "dense_b", "--train-batch", "2"])
     assert args.func(args) == 0
-    assert "builtin only" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "builtin only" in out
+    assert "constants    layers dense_a, bn (frozen, not federated)" in out
     spec = TFLiteModel(tmp_path / "b").spec
     assert spec.name == "mlp"
     assert spec.trainable == ("dense_b_kernel", "dense_b_bias", "head_kernel", "head_bias")
     assert spec.train_batch == 2
     with pytest.raises(SystemExit):
         parser.parse_args([*argv, "--preset", "digits-mlp"])
+    args = parser.parse_args([*argv, "--hidden", "8", "--head-only"])
+    with pytest.raises(ConfigError, match=r"^--hidden, --head-only: only for --preset"):
+        args.func(args)
 
 
 def test_cli_unsupported_layer_one_line(tmp_path: Path) -> None:
