@@ -5,9 +5,10 @@ Every supported layer is re-written with the zoo's builtin-op building blocks (s
 :mod:`fedmq.models.zoo`), so the ``train`` step converts to TFLite *builtins* only:
 
 - Dense: one :func:`~fedmq.models.zoo.matmul` (rank-3 BATCH_MATMUL, forward and gradients);
-- Conv1D / Conv2D (stride 1, dilation 1, groups 1; padding 'valid', 'same', and 'causal' for
-  Conv1D; any kernel size): im2col from ``tf.slice`` views concatenated on channels, then
-  one matmul with the kernel (Keras HWIO layout, so its weights are used as they are);
+- Conv1D / Conv2D (any kernel size and strides; dilation 1, groups 1; padding 'valid',
+  'same', and 'causal' for Conv1D): im2col from ``tf.slice`` views concatenated on
+  channels (every stride-th patch kept, by reshape and slice), then one matmul with the
+  kernel (Keras HWIO layout, so its weights are used as they are);
 - Max/AveragePooling1D/2D (strides = pool size; 'valid', or 'same' when the size divides):
   reshape to rank 3 and ``reduce_max`` / ``reduce_mean`` (whose gradients are builtins; a
   max tie shares the gradient where Keras gives it to one element);
@@ -239,8 +240,6 @@ def _why_not(layer: Any, *, is_output: bool) -> str | None:
     if cfg.get("data_format", "channels_last") != "channels_last":
         return "data_format channels_first (use channels_last)"
     if kind in ("Conv1D", "Conv2D"):
-        if any(s != 1 for s in cfg["strides"]):
-            return f"strides {tuple(cfg['strides'])} (use strides 1 and a pooling layer)"
         if any(d != 1 for d in cfg["dilation_rate"]):
             return f"dilation_rate {tuple(cfg['dilation_rate'])} (use 1)"
         if cfg.get("groups", 1) != 1:
@@ -463,32 +462,64 @@ def _dense_last_axis(tf_: Any, x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
     return tf_.reshape(y, [*shape[:-1], n]) if len(shape) != 2 else y
 
 
-def _same_pads(k: int) -> tuple[int, int]:
-    return (k - 1) // 2, k - 1 - (k - 1) // 2
+def _conv_pads(size: int, k: int, stride: int, padding: str) -> tuple[int, int, int]:
+    """(before, after, outputs) of one spatial axis, as TensorFlow pads; ``after`` also
+    holds the extra zeros that make the stride-1 patch count a multiple of ``stride``."""
+    if padding == "same":
+        out = -(-size // stride)
+        total = max((out - 1) * stride + k - size, 0)
+        before, after = total // 2, total - total // 2
+    elif padding == "causal":
+        before, after = k - 1, 0
+    else:
+        before = after = 0
+    out = (size + before + after - k) // stride + 1
+    after += max(0, out * stride - (size + before + after - k + 1))
+    return before, after, out
+
+
+def _subsample(tf_: Any, t: tf.Tensor, strides: list[int], outs: list[int]) -> tf.Tensor:
+    """Every ``stride``-th position of each spatial axis (from 0), with rank-3 reshapes and
+    ``tf.slice`` (whose gradient is PAD; a strided slice's would be Flex)."""
+    shape = [int(d) for d in t.shape]
+    b, c = shape[0], shape[-1]
+    crop = [o * s for o, s in zip(outs, strides, strict=True)]
+    if crop != shape[1:-1]:
+        t = tf_.slice(t, [0] * len(shape), [b, *crop, c])
+    rows = b
+    for axis, (o, s) in enumerate(zip(outs, strides, strict=True)):
+        inner = math.prod(crop[axis + 1 :]) * c
+        if s > 1:
+            t = tf_.slice(tf_.reshape(t, [rows * o, s, inner]), [0, 0, 0], [rows * o, 1, inner])
+        rows *= o
+        crop[axis] = o
+    return tf_.reshape(t, [b, *outs, c])
 
 
 def _conv(tf_: Any, layer: Any, p: Mapping[str, tf.Tensor], x: tf.Tensor) -> tf.Tensor:
-    """im2col convolution, stride 1: shifted slices concatenated on channels, one matmul."""
+    """im2col convolution: shifted slices concatenated on channels (subsampled for
+    strides > 1), one matmul with the kernel."""
     kernel = p["kernel"]
     ksize = [int(d) for d in kernel.shape[:-2]]
     cin, cout = int(kernel.shape[-2]), int(kernel.shape[-1])
-    padding = layer.get_config()["padding"]
-    if padding == "same":
-        pads = [_same_pads(k) for k in ksize]
-    elif padding == "causal":
-        pads = [(ksize[0] - 1, 0)]
-    else:
-        pads = [(0, 0) for _ in ksize]
-    if any(a or b for a, b in pads):
-        x = tf_.pad(x, [[0, 0], *[list(pd) for pd in pads], [0, 0]])
+    cfg = layer.get_config()
+    strides = [int(s) for s in cfg["strides"]]
+    plan = [
+        _conv_pads(int(size), k, s, cfg["padding"])
+        for size, k, s in zip(x.shape[1:-1], ksize, strides, strict=True)
+    ]
+    if any(before or after for before, after, _ in plan):
+        x = tf_.pad(x, [[0, 0], *[[before, after] for before, after, _ in plan], [0, 0]])
     b = int(x.shape[0])
     spatial = [int(d) for d in x.shape[1:-1]]
-    out = [s - k + 1 for s, k in zip(spatial, ksize, strict=True)]
+    full = [n - k + 1 for n, k in zip(spatial, ksize, strict=True)]
     offsets: list[tuple[int, ...]] = [()]
     for k in ksize:
         offsets = [(*o, d) for o in offsets for d in range(k)]
-    views = [tf_.slice(x, [0, *o, 0], [b, *out, cin]) for o in offsets]
+    views = [tf_.slice(x, [0, *o, 0], [b, *full, cin]) for o in offsets]
     patches = views[0] if len(views) == 1 else tf_.concat(views, axis=len(ksize) + 1)
+    if any(s > 1 for s in strides):
+        patches = _subsample(tf_, patches, strides, [out for _, _, out in plan])
     y = _dense_last_axis(tf_, patches, tf_.reshape(kernel, [len(offsets) * cin, cout]))
     return y + p["bias"] if "bias" in p else y
 

@@ -36,13 +36,14 @@ TRAIN_BATCH, INFER_BATCH = 4, 3
 
 
 def sensor_model() -> Any:
-    """Conv1D + pooling + GlobalAveragePooling sensor classifier with a softmax output."""
+    """Conv1D (same, causal, strided) + pooling + GlobalAveragePooling sensor classifier
+    with a softmax output."""
     inp = keras.Input((12, 3))
     x = layers.Conv1D(4, 3, padding="same", activation="relu", name="conv_a")(inp)
     x = layers.MaxPooling1D(2, name="pool_a")(x)
     x = layers.Conv1D(5, 2, padding="causal", activation="tanh", name="conv_b")(x)
     x = layers.AveragePooling1D(2, name="pool_b")(x)
-    x = layers.Conv1D(4, 2, padding="valid", name="conv_c")(x)
+    x = layers.Conv1D(4, 2, strides=2, padding="valid", name="conv_c")(x)
     x = layers.GlobalAveragePooling1D(name="gap")(x)
     out = layers.Dense(3, activation="softmax", name="head")(x)
     return keras.Model(inp, out, name="sensor")
@@ -91,13 +92,14 @@ def branches_model() -> Any:
 
 
 def image_model() -> Any:
-    """Reshape + Conv2D (same and valid) + pooling 2D + Flatten."""
+    """Reshape + Conv2D (same, strided same, valid) + pooling 2D + global max pooling."""
     return keras.Sequential(
         [
             keras.Input((72,)),
             layers.Reshape((6, 6, 2), name="img"),
             layers.Conv2D(3, 3, padding="same", activation="relu", name="conv_a"),
             layers.MaxPooling2D(2, name="pool_a"),
+            layers.Conv2D(4, 2, strides=2, padding="same", name="conv_s"),
             layers.Conv2D(4, 2, padding="valid", name="conv_b"),
             layers.Activation("tanh", name="act"),
             layers.GlobalMaxPooling2D(name="gmp"),
@@ -313,8 +315,8 @@ def test_selection_errors(tmp_path: Path) -> None:
             "use BatchNormalization (frozen statistics) instead",
         ),
         (
-            layers.Conv1D(2, 3, strides=2, name="c"),
-            "layer 'c' (Conv1D) has unsupported strides (2,) (use strides 1 and a pooling layer)",
+            layers.Conv1D(2, 3, dilation_rate=2, name="c"),
+            "layer 'c' (Conv1D) has unsupported dilation_rate (2,) (use 1)",
         ),
         (
             layers.Dense(4, activation="gelu", name="g"),
