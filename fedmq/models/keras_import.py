@@ -8,7 +8,9 @@ Every supported layer is re-written with the zoo's builtin-op building blocks (s
 - Conv1D / Conv2D (any kernel size and strides; dilation 1, groups 1; padding 'valid',
   'same', and 'causal' for Conv1D): im2col from ``tf.slice`` views concatenated on
   channels (every stride-th patch kept, by reshape and slice), then one matmul with the
-  kernel (Keras HWIO layout, so its weights are used as they are);
+  kernel (Keras HWIO layout, so its weights are used as they are); DepthwiseConv1D/2D the
+  same patches times the kernel summed over the window (MUL + SUM), SeparableConv1D/2D
+  that followed by the pointwise matmul;
 - Max/AveragePooling1D/2D (strides = pool size; 'valid', or 'same' when the size divides):
   reshape to rank 3 and ``reduce_max`` / ``reduce_mean`` (whose gradients are builtins; a
   max tie shares the gradient where Keras gives it to one element);
@@ -76,6 +78,10 @@ SUPPORTED_LAYERS: tuple[str, ...] = (
     "Dense",
     "Conv1D",
     "Conv2D",
+    "DepthwiseConv1D",
+    "DepthwiseConv2D",
+    "SeparableConv1D",
+    "SeparableConv2D",
     "MaxPooling1D",
     "MaxPooling2D",
     "AveragePooling1D",
@@ -105,9 +111,6 @@ SUPPORTED_LAYERS: tuple[str, ...] = (
 
 # What to use instead of a layer class that is not supported.
 ALTERNATIVES: dict[str, str] = {
-    "DepthwiseConv2D": "Conv2D",
-    "SeparableConv1D": "Conv1D",
-    "SeparableConv2D": "Conv2D",
     "Conv3D": "Conv2D",
     "Conv1DTranspose": "Conv1D",
     "Conv2DTranspose": "Conv2D",
@@ -142,7 +145,15 @@ ALTERNATIVES: dict[str, str] = {
 
 _ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh", "softmax")
 _MERGES = ("Concatenate", "Add", "Subtract", "Multiply", "Average")
-_ACT_LAYERS = ("Dense", "Conv1D", "Conv2D", "Activation")
+_CONVS = (
+    "Conv1D",
+    "Conv2D",
+    "DepthwiseConv1D",
+    "DepthwiseConv2D",
+    "SeparableConv1D",
+    "SeparableConv2D",
+)
+_ACT_LAYERS = ("Dense", *_CONVS, "Activation")
 _IDENTITY = ("InputLayer", "Dropout", "SpatialDropout1D", "SpatialDropout2D")
 _TENSOR_CHARS = re.compile(r"[^a-z0-9_]+")
 
@@ -239,7 +250,7 @@ def _why_not(layer: Any, *, is_output: bool) -> str | None:
         return "softmax before the output layer (only a final softmax is supported)"
     if cfg.get("data_format", "channels_last") != "channels_last":
         return "data_format channels_first (use channels_last)"
-    if kind in ("Conv1D", "Conv2D"):
+    if kind in _CONVS:
         if any(d != 1 for d in cfg["dilation_rate"]):
             return f"dilation_rate {tuple(cfg['dilation_rate'])} (use 1)"
         if cfg.get("groups", 1) != 1:
@@ -496,14 +507,12 @@ def _subsample(tf_: Any, t: tf.Tensor, strides: list[int], outs: list[int]) -> t
     return tf_.reshape(t, [b, *outs, c])
 
 
-def _conv(tf_: Any, layer: Any, p: Mapping[str, tf.Tensor], x: tf.Tensor) -> tf.Tensor:
-    """im2col convolution: shifted slices concatenated on channels (subsampled for
-    strides > 1), one matmul with the kernel."""
-    kernel = p["kernel"]
-    ksize = [int(d) for d in kernel.shape[:-2]]
-    cin, cout = int(kernel.shape[-2]), int(kernel.shape[-1])
+def _patches(tf_: Any, layer: Any, x: tf.Tensor, ksize: list[int]) -> tf.Tensor:
+    """im2col patches ``[B, *out, K*C]`` (offset-major, channel-minor: the row order of a
+    Keras kernel reshaped to ``[K*C, ...]``), every stride-th one for strides > 1."""
     cfg = layer.get_config()
     strides = [int(s) for s in cfg["strides"]]
+    cin = int(x.shape[-1])
     plan = [
         _conv_pads(int(size), k, s, cfg["padding"])
         for size, k, s in zip(x.shape[1:-1], ksize, strides, strict=True)
@@ -520,8 +529,30 @@ def _conv(tf_: Any, layer: Any, p: Mapping[str, tf.Tensor], x: tf.Tensor) -> tf.
     patches = views[0] if len(views) == 1 else tf_.concat(views, axis=len(ksize) + 1)
     if any(s > 1 for s in strides):
         patches = _subsample(tf_, patches, strides, [out for _, _, out in plan])
-    y = _dense_last_axis(tf_, patches, tf_.reshape(kernel, [len(offsets) * cin, cout]))
+    return patches
+
+
+def _conv(tf_: Any, layer: Any, p: Mapping[str, tf.Tensor], x: tf.Tensor) -> tf.Tensor:
+    """im2col convolution: the patches times the kernel, one matmul."""
+    kernel = p["kernel"]
+    ksize = [int(d) for d in kernel.shape[:-2]]
+    cin, cout = int(kernel.shape[-2]), int(kernel.shape[-1])
+    patches = _patches(tf_, layer, x, ksize)
+    y = _dense_last_axis(tf_, patches, tf_.reshape(kernel, [math.prod(ksize) * cin, cout]))
     return y + p["bias"] if "bias" in p else y
+
+
+def _depthwise(tf_: Any, layer: Any, kernel: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+    """Depthwise convolution: per channel, the patches times the kernel summed over the
+    window (MUL + SUM); output channel ``c * multiplier + m`` like TensorFlow's."""
+    ksize = [int(d) for d in kernel.shape[:-2]]
+    cin, mult = int(kernel.shape[-2]), int(kernel.shape[-1])
+    patches = _patches(tf_, layer, x, ksize)
+    lead = [int(d) for d in patches.shape[:-1]]
+    window = math.prod(ksize)
+    p4 = tf_.reshape(patches, [math.prod(lead), window, cin, 1])
+    y = tf_.reduce_sum(p4 * tf_.reshape(kernel, [1, window, cin, mult]), axis=1)
+    return tf_.reshape(y, [*lead, cin * mult])
 
 
 def _pool(tf_: Any, layer: Any, x: tf.Tensor, reduce: Callable[..., tf.Tensor]) -> tf.Tensor:
@@ -637,6 +668,14 @@ def _apply(
         y = y + p["bias"] if "bias" in p else y
     elif kind in ("Conv1D", "Conv2D"):
         y = _conv(tf_, layer, p, x)
+    elif kind in ("DepthwiseConv1D", "DepthwiseConv2D"):
+        y = _depthwise(tf_, layer, p["kernel"], x)
+        y = y + p["bias"] if "bias" in p else y
+    elif kind in ("SeparableConv1D", "SeparableConv2D"):
+        y = _depthwise(tf_, layer, p["depthwise_kernel"], x)
+        pointwise = p["pointwise_kernel"]
+        y = _dense_last_axis(tf_, y, tf_.reshape(pointwise, [int(d) for d in pointwise.shape[-2:]]))
+        y = y + p["bias"] if "bias" in p else y
     elif kind in ("MaxPooling1D", "MaxPooling2D"):
         y = _pool(tf_, layer, x, tf_.reduce_max)
     elif kind in ("AveragePooling1D", "AveragePooling2D"):

@@ -36,11 +36,12 @@ TRAIN_BATCH, INFER_BATCH = 4, 3
 
 
 def sensor_model() -> Any:
-    """Conv1D (same, causal, strided) + pooling + GlobalAveragePooling sensor classifier
-    with a softmax output."""
+    """Conv1D (same, causal, strided), DepthwiseConv1D, pooling and GlobalAveragePooling:
+    a sensor classifier with a softmax output."""
     inp = keras.Input((12, 3))
     x = layers.Conv1D(4, 3, padding="same", activation="relu", name="conv_a")(inp)
     x = layers.MaxPooling1D(2, name="pool_a")(x)
+    x = layers.DepthwiseConv1D(3, padding="same", name="dw")(x)
     x = layers.Conv1D(5, 2, padding="causal", activation="tanh", name="conv_b")(x)
     x = layers.AveragePooling1D(2, name="pool_b")(x)
     x = layers.Conv1D(4, 2, strides=2, padding="valid", name="conv_c")(x)
@@ -92,14 +93,17 @@ def branches_model() -> Any:
 
 
 def image_model() -> Any:
-    """Reshape + Conv2D (same, strided same, valid) + pooling 2D + global max pooling."""
+    """Reshape, Conv2D (same, strided same, valid), DepthwiseConv2D, SeparableConv2D,
+    pooling 2D, global max pooling."""
     return keras.Sequential(
         [
             keras.Input((72,)),
             layers.Reshape((6, 6, 2), name="img"),
             layers.Conv2D(3, 3, padding="same", activation="relu", name="conv_a"),
+            layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", name="dw"),
             layers.MaxPooling2D(2, name="pool_a"),
             layers.Conv2D(4, 2, strides=2, padding="same", name="conv_s"),
+            layers.SeparableConv2D(4, 2, padding="same", activation="relu", name="sep"),
             layers.Conv2D(4, 2, padding="valid", name="conv_b"),
             layers.Activation("tanh", name="act"),
             layers.GlobalMaxPooling2D(name="gmp"),
@@ -268,7 +272,12 @@ def test_train_steps_match_tensorflow(case: str, exported: Callable[[str], Model
             assert rel_err(got[name], new_ref[name]) < 1e-5, (step, name)
             delta_ref = new_ref[name] - before[name]
             assert np.linalg.norm(delta_ref) > 0, name
-            assert rel_err(got[name] - before[name], delta_ref) < 1e-4, (step, name)
+            # the step itself, up to float32 rounding of the weights it was added to
+            err = float(np.linalg.norm(got[name] - before[name] - delta_ref))
+            tol = 1e-4 * float(np.linalg.norm(delta_ref)) + 1e-6 * float(
+                np.linalg.norm(before[name])
+            )
+            assert err < tol, (step, name)
             variables[name].assign(new_ref[name])
     # frozen layers are constants: the model still predicts like Keras with the new weights
     x, _ = inputs(kind, 5, seed=40)
