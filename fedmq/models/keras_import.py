@@ -190,11 +190,11 @@ class KerasImport:
 # -- loading and checking ---------------------------------------------------------------------
 def load_keras_model(path: str | os.PathLike[str]) -> Any:
     """``keras.saving.load_model(path, compile=False)``; any failure is a ModelError."""
-    import keras
-
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"Keras model file {p} does not exist")
+    import keras
+
     try:
         return keras.saving.load_model(p, compile=False)
     except Exception as exc:  # keras raises ValueError, TypeError, OSError ... for bad files
