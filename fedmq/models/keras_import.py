@@ -199,6 +199,8 @@ def load_keras_model(path: str | os.PathLike[str]) -> Any:
         return keras.saving.load_model(p, compile=False)
     except Exception as exc:  # keras raises ValueError, TypeError, OSError ... for bad files
         detail = " ".join(str(exc).split())[:500]
+        if "Lambda" in detail:
+            detail += " (fedmq never loads unsafely: replace the Lambda with built-in layers)"
         raise ModelError(f"cannot load Keras model {p}: {detail}") from None
 
 

@@ -364,6 +364,33 @@ def test_keras_ops_and_nested_models_are_named() -> None:
         check_keras_model(keras.Sequential([layers.Dense(2)]))
 
 
+def test_lambda_and_custom_layers_refused(tmp_path: Path) -> None:
+    from fedmq.models.keras_import import load_keras_model
+
+    lam = keras.Sequential(
+        [keras.Input((4,)), layers.Lambda(lambda t: t * 2.0, name="dbl"), layers.Dense(2)]
+    )
+    with pytest.raises(UnsupportedLayerError, match=r"layer 'dbl' \(Lambda\) is not supported"):
+        check_keras_model(lam)
+    lam.save(tmp_path / "lam.keras")
+    with pytest.raises(ModelError, match=r"cannot load Keras model .*replace the Lambda"):
+        load_keras_model(tmp_path / "lam.keras")  # its code is never run
+    with pytest.raises(ModelError, match=r"Keras model file .*nope.keras does not exist"):
+        load_keras_model(tmp_path / "nope.keras")
+
+    class Doubler(layers.Layer):
+        def call(self, x: Any) -> Any:
+            return x * 2.0
+
+    custom = keras.Sequential([keras.Input((4,)), Doubler(name="mine"), layers.Dense(2)])
+    with pytest.raises(
+        UnsupportedLayerError,
+        match=r"layer 'mine' \(tests.unit.test_keras_import.Doubler\) is not supported for "
+        r"on-device training; supported layers: Dense, Conv1D",
+    ):
+        check_keras_model(custom)
+
+
 def test_cli_export_keras(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
