@@ -12,6 +12,7 @@ import json
 import sys
 from typing import Any
 
+from fedmq.errors import ConfigError
 from fedmq.models.spec import ModelBundle, load_bundle, prebuilt_bundle_path, prebuilt_names
 from fedmq.models.zoo import PRESETS
 
@@ -26,11 +27,30 @@ def add_model_subcommands(subparsers: Any) -> argparse.ArgumentParser:
 
     exp = sub.add_parser(
         "export",
-        help="export a zoo model as a bundle (model.tflite, spec.json, initial.npz); needs TF",
+        help="export a zoo preset or your own Keras model as a bundle "
+        "(model.tflite, spec.json, initial.npz); needs TF",
     )
-    exp.add_argument("--preset", required=True, choices=sorted(PRESETS), help="zoo preset")
+    source = exp.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=sorted(PRESETS), help="zoo preset")
+    source.add_argument(
+        "--keras",
+        metavar="MODEL.keras",
+        help="your own Sequential or functional Keras model (see docs/models.md)",
+    )
     exp.add_argument("--out", required=True, help="output bundle directory")
-    exp.add_argument("--name", help="model name in spec.json (default: the preset's)")
+    exp.add_argument("--name", help="model name in spec.json (default: the preset's / model's)")
+    select = exp.add_mutually_exclusive_group()
+    select.add_argument(
+        "--trainable-from",
+        metavar="LAYER",
+        help="--keras: train and federate this layer and the ones after it; "
+        "earlier layers become constants",
+    )
+    select.add_argument(
+        "--train-layers",
+        metavar="A,B",
+        help="--keras: train and federate only these layers (comma-separated names)",
+    )
     exp.add_argument("--seed", type=int, help="initial-weights seed (default 0)")
     exp.add_argument(
         "--head-only",
@@ -63,7 +83,14 @@ def add_model_subcommands(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+_PRESET_ONLY = ("seed", "hidden", "channels", "classes", "init_weights")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.keras:
+        return _export_keras(args)
+    if args.trainable_from or args.train_layers:
+        raise ConfigError("--trainable-from/--train-layers apply to --keras; use --head-only")
     from fedmq.models.export import export_model
     from fedmq.models.zoo import preset
 
@@ -79,6 +106,33 @@ def cmd_export(args: argparse.Namespace) -> int:
         infer_batch=args.infer_batch,
     )
     bundle = export_model(cfg, args.out, initial_weights=args.init_weights)
+    print(_format(describe_bundle(bundle, load=False)))
+    return 0
+
+
+def _export_keras(args: argparse.Namespace) -> int:
+    given = [f"--{k.replace('_', '-')}" for k in _PRESET_ONLY if getattr(args, k) is not None]
+    if args.head_only:
+        given.append("--head-only")
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)}: only for --preset; a Keras model brings its own "
+            "architecture and weights (use --trainable-from/--train-layers to freeze layers)"
+        )
+    from fedmq.models.keras_import import export_keras
+
+    train_layers = None
+    if args.train_layers is not None:
+        train_layers = [n.strip() for n in args.train_layers.split(",") if n.strip()]
+    bundle = export_keras(
+        args.keras,
+        args.out,
+        name=args.name,
+        trainable_from=args.trainable_from,
+        train_layers=train_layers,
+        train_batch=args.train_batch or 32,
+        infer_batch=args.infer_batch or 128,
+    )
     print(_format(describe_bundle(bundle, load=False)))
     return 0
 
@@ -129,6 +183,9 @@ def _format(info: dict[str, Any]) -> str:
     for name, shape in info["weights"].items():
         mark = "" if name in trainable else "  (frozen)"
         lines.append(f"    {name:<28} {tuple(shape)}{mark}")
+    frozen_layers = info["extra"].get("frozen_layers")
+    if frozen_layers:
+        lines.append(f"  constants    layers {', '.join(frozen_layers)} (frozen, not federated)")
     bad = info["non_builtin_ops"]
     check = "OK, builtin only" if not bad else f"NEEDS NON-BUILTIN {bad}"
     lines.append(f"  ops          {len(info['ops'])} kinds: {check}")

@@ -21,7 +21,7 @@ from fedmq.errors import ModelError
 from fedmq.models.spec import ModelBundle, ModelSpec, check_weights, save_bundle
 from fedmq.models.zoo import ModelConfig, build_module, init_weights, preset
 
-__all__ = ["SIGNATURES", "convert_module", "export_model", "resolve_config"]
+__all__ = ["SIGNATURES", "check_tflite_ops", "convert_module", "export_model", "resolve_config"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def convert_module(module: Any, *, saved_model_dir: str | os.PathLike[str] | Non
     return tflite
 
 
-def _check_tflite(tflite: bytes, spec: ModelSpec) -> list[str]:
+def check_tflite_ops(tflite: bytes, spec: ModelSpec) -> list[str]:
+    """The op names of ``tflite``; raises ModelError if any is not a builtin."""
     from fedmq.models.litert import flex_ops, tflite_op_names
 
     ops = tflite_op_names(tflite)
@@ -108,7 +109,7 @@ def export_model(
         weights.update(check_weights(spec, given, partial=True))
     module = build_module(cfg, weights)
     tflite = convert_module(module, saved_model_dir=saved_model_dir)
-    ops = _check_tflite(tflite, spec)
+    ops = check_tflite_ops(tflite, spec)
     spec = ModelSpec.from_json(
         {
             **spec.to_json(),

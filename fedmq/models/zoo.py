@@ -10,7 +10,7 @@ gradients need TensorFlow kernels (see DESIGN.md, "On-device training with LiteR
   gradient, the patches come from a CONV_2D with a constant one-hot filter (XNNPACK-fast);
 - 2x2 average pooling is ``avg_pool2d`` with a custom gradient (nearest-neighbour upsampling
   divided by 4; ``AvgPoolGrad`` is Flex);
-- every matmul and its gradients are rank-3 BATCH_MATMULs (:func:`_matmul`): the
+- every matmul and its gradients are rank-3 BATCH_MATMULs (:func:`matmul`): the
   FULLY_CONNECTED the converter otherwise emits has variable weights, which LiteRT's XNNPACK
   delegate does not take, and the training step runs ~1.5x slower;
 - recurrent layers are unrolled by hand; per-step tensors come from ``tf.unstack`` /
@@ -51,8 +51,10 @@ __all__ = [
     "head_names",
     "init_weights",
     "loss_fn",
+    "matmul",
     "preset",
     "weight_layout",
+    "weighted_cross_entropy",
 ]
 
 log = logging.getLogger(__name__)
@@ -272,7 +274,7 @@ def _relu(tf_: Any, x: tf.Tensor) -> tf.Tensor:
     return tf_.maximum(x, 0.0)
 
 
-def _matmul(tf_: Any, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+def matmul(tf_: Any, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
     """``a @ b`` for 2-D tensors whose gradients are rank-3 batch matmuls.
 
     Autodiff writes ``grad @ b.T`` as a MatMul with ``transpose_b``, and the converter turns
@@ -282,7 +284,7 @@ def _matmul(tf_: Any, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
     """
 
     @tf_.custom_gradient  # type: ignore[misc,unused-ignore]
-    def matmul(x: tf.Tensor, w: tf.Tensor) -> tuple[tf.Tensor, Any]:
+    def _mm(x: tf.Tensor, w: tf.Tensor) -> tuple[tf.Tensor, Any]:
         m, k = (int(d) for d in x.shape)
         n = int(w.shape[1])
 
@@ -295,14 +297,14 @@ def _matmul(tf_: Any, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
         y = tf_.matmul(tf_.reshape(x, [1, m, k]), tf_.reshape(w, [1, k, n]))
         return tf_.reshape(y, [m, n]), grad
 
-    return matmul(a, b)
+    return _mm(a, b)
 
 
 def _dense_stack(tf_: Any, cfg: ModelConfig, p: Mapping[str, tf.Tensor], x: tf.Tensor) -> tf.Tensor:
     if cfg.kind in ("mlp", "cnn"):
         for i in range(1, len(cfg.hidden) + 1):
-            x = _relu(tf_, _matmul(tf_, x, p[f"dense{i}_kernel"]) + p[f"dense{i}_bias"])
-    return _matmul(tf_, x, p["out_kernel"]) + p["out_bias"]
+            x = _relu(tf_, matmul(tf_, x, p[f"dense{i}_kernel"]) + p[f"dense{i}_bias"])
+    return matmul(tf_, x, p["out_kernel"]) + p["out_bias"]
 
 
 def _im2col_onehot(cin: int) -> np.ndarray:
@@ -336,7 +338,7 @@ def _conv3x3_same(
         ]
         patches = tf_.concat(views, axis=3)
     patches = tf_.reshape(patches, [b * h * w, 9 * cin])
-    y = _matmul(tf_, patches, tf_.reshape(kernel, [9 * cin, cout])) + bias
+    y = matmul(tf_, patches, tf_.reshape(kernel, [9 * cin, cout])) + bias
     return tf_.reshape(y, [b, h, w, cout])
 
 
@@ -361,12 +363,12 @@ def _lstm(tf_: Any, cfg: ModelConfig, p: Mapping[str, tf.Tensor], x: tf.Tensor) 
     b, steps, feats = (int(d) for d in x.shape)
     units = cfg.hidden[0]
     proj = tf_.reshape(
-        _matmul(tf_, tf_.reshape(x, [b * steps, feats]), p["lstm_kernel"]) + p["lstm_bias"],
+        matmul(tf_, tf_.reshape(x, [b * steps, feats]), p["lstm_kernel"]) + p["lstm_bias"],
         [b, steps, 4 * units],
     )
     h = c = None
     for z_x in tf_.unstack(proj, axis=1):
-        z = z_x if h is None else z_x + _matmul(tf_, h, p["lstm_recurrent_kernel"])
+        z = z_x if h is None else z_x + matmul(tf_, h, p["lstm_recurrent_kernel"])
         i, f, g, o = tf_.split(z, 4, axis=1)
         i, f, g, o = tf_.sigmoid(i), tf_.sigmoid(f), tf_.tanh(g), tf_.sigmoid(o)
         c = i * g if c is None else f * c + i * g
@@ -380,7 +382,7 @@ def _gru(tf_: Any, cfg: ModelConfig, p: Mapping[str, tf.Tensor], x: tf.Tensor) -
     units = cfg.hidden[0]
     in_bias, rec_bias = tf_.unstack(p["gru_bias"], axis=0)
     proj = tf_.reshape(
-        _matmul(tf_, tf_.reshape(x, [b * steps, feats]), p["gru_kernel"]) + in_bias,
+        matmul(tf_, tf_.reshape(x, [b * steps, feats]), p["gru_kernel"]) + in_bias,
         [b, steps, 3 * units],
     )
     h = None
@@ -389,7 +391,7 @@ def _gru(tf_: Any, cfg: ModelConfig, p: Mapping[str, tf.Tensor], x: tf.Tensor) -
         if h is None:
             hz, hr, hh = tf_.split(tf_.broadcast_to(rec_bias, [b, 3 * units]), 3, axis=1)
         else:
-            hz, hr, hh = tf_.split(_matmul(tf_, h, p["gru_recurrent_kernel"]) + rec_bias, 3, axis=1)
+            hz, hr, hh = tf_.split(matmul(tf_, h, p["gru_recurrent_kernel"]) + rec_bias, 3, axis=1)
         z = tf_.sigmoid(xz + hz)
         r = tf_.sigmoid(xr + hr)
         cand = tf_.tanh(xh + r * hh)
@@ -421,10 +423,16 @@ def forward(cfg: ModelConfig, params: Mapping[str, Any], x: Any) -> tf.Tensor:
 
 def loss_fn(cfg: ModelConfig, logits: Any, y: Any, w: Any) -> tf.Tensor:
     """Weighted mean cross-entropy: ``sum(w * ce) / max(sum(w), 1)``."""
+    return weighted_cross_entropy(logits, y, w, cfg.num_classes)
+
+
+def weighted_cross_entropy(logits: Any, y: Any, w: Any, num_classes: int) -> tf.Tensor:
+    """``sum(w * -sum(one_hot(y) * log_softmax(logits))) / max(sum(w), 1)`` (builtin ops
+    only, forward and gradient)."""
     import tensorflow as tf_
 
     logp = tf_.nn.log_softmax(logits)
-    ce = -tf_.reduce_sum(tf_.one_hot(y, cfg.num_classes, dtype=logp.dtype) * logp, axis=1)
+    ce = -tf_.reduce_sum(tf_.one_hot(y, num_classes, dtype=logp.dtype) * logp, axis=1)
     return tf_.reduce_sum(w * ce) / tf_.maximum(tf_.reduce_sum(w), 1.0)
 
 
