@@ -53,5 +53,7 @@ def test_add_a_strategy_example_runs() -> None:
     assert "median" not in strategy_names()
 
 
-def test_the_round_policy_heading_is_there() -> None:
-    assert "## Add a round policy" in DOC.read_text()
+def test_the_round_policy_example_is_run_by_the_policy_tests() -> None:
+    # tests/unit/test_round_policy.py executes that block and drives the coordinator with it.
+    assert "### Add a round policy" in DOC.read_text()
+    assert "_doc_example" in (Path(__file__).parent / "test_round_policy.py").read_text()

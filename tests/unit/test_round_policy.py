@@ -7,6 +7,7 @@ and driving the real coordinator and ingest over a real state directory.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -117,39 +118,27 @@ def test_unknown_round_policy_is_a_config_error_naming_the_valid_ones(tmp_path: 
         unregister_round_policy("sync")
 
 
-# -- worked example: a second policy ---------------------------------------------------------
-class EveryK:
-    """Close a round as soon as K updates are in (K = ``clients_per_round``), never on time.
+# -- worked example: a second policy, as written in docs/architecture.md ----------------------
+DOC = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
 
-    Rounds open at once (no ``min_devices`` wait) and let any device contribute. The plan
-    still carries a deadline because devices skip announcements past it; this policy never
-    closes or abandons a round because of it.
-    """
 
-    def __init__(self, config: AggregatorConfig) -> None:
-        self.k = config.clients_per_round
-        self.announce_for = config.round_timeout
-
-    def plan(self, ctx: RoundContext) -> RoundPlan:
-        deadline = ctx.now + self.announce_for
-        return RoundPlan(
-            round_id=ctx.round_id, base_version=ctx.base_version, selected=(),
-            target=self.k, min_updates=self.k, opened_at=ctx.now, deadline=deadline,
-            abandon_at=deadline, config=ctx.training,
-        )
-
-    def is_ready(self, state: RoundState, now: float) -> bool:
-        return state.count >= self.k
-
-    def is_abandoned(self, state: RoundState, now: float) -> bool:
-        return False
+def _doc_example() -> dict[str, Any]:
+    """Run docs/architecture.md's "Add a round policy" block; its namespace."""
+    text = DOC.read_text()
+    start = text.index("### Add a round policy")
+    [block] = re.findall(r"```python\n(.*?)```", text[start:text.find("\n## ", start)], re.S)
+    namespace: dict[str, Any] = {"__name__": "architecture_round_policy_example"}
+    exec(compile(block, f"{DOC}:Add a round policy", "exec"), namespace)
+    return namespace
 
 
 @pytest.fixture
-def every_k() -> Iterator[str]:
-    register_round_policy("every-k", EveryK)
-    yield "every-k"
+def every_k() -> Iterator[type]:
+    """The doc's EveryK, registered by the doc's own code as "every-k"."""
+    example = _doc_example()
+    yield example["EveryK"]
     unregister_round_policy("every-k")
+    assert "every-k" not in round_policy_names()
 
 
 @pytest.fixture(scope="module")
@@ -165,12 +154,12 @@ def _services(cfg: AggregatorConfig, store: Store, bundle: ModelBundle) -> Coord
 
 
 def test_a_registered_policy_drives_coordinator_and_ingest(
-    tmp_path: Path, bundle: ModelBundle, every_k: str
+    tmp_path: Path, bundle: ModelBundle, every_k: type
 ) -> None:
-    cfg = _config(tmp_path, round_policy=every_k, clients_per_round=2, min_updates=1)
+    cfg = _config(tmp_path, round_policy="every-k", clients_per_round=2, min_updates=1)
     store = Store(cfg.state_dir)
     coord = _services(cfg, store, bundle)
-    assert isinstance(coord.policy, EveryK)
+    assert isinstance(coord.policy, every_k)
     out = coord.start(T0)
     w0 = model_weights(decode_model(out[0].payload))
     [ann] = [decode_round(o.payload) for o in out if o.topic == "fl/f/round"]
