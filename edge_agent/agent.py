@@ -35,7 +35,7 @@ from fedmq.data.sampling import sample_size
 from fedmq.errors import FedmqError, ModelError, RejectReason, WireError
 from fedmq.memory import peak_rss_mb
 from fedmq.models.spec import check_weights, load_bundle, prebuilt_bundle_path
-from fedmq.net.mqtt import connect, make_client
+from fedmq.net.mqtt import ConnectionWatch, connect, make_client
 from fedmq.signing import load_or_create_key, sign_update
 from fedmq.update.codecs import CODECS, decode_tensor, encode_delta
 from fedmq.wire import (
@@ -141,11 +141,15 @@ class EdgeAgent:
     # ------------------------------------------------------------------ MQTT client
     def _make_client(self) -> mqtt.Client:
         will = (self.topics.status(self.device_id), self._status_payload("offline"), 1, True)
-        client = make_client(self.config.mqtt_settings(self.device_id), will=will)
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        settings = self.config.mqtt_settings(self.device_id)
+        client = make_client(settings, will=will)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        self._watch = ConnectionWatch(  # connection trouble: one clear line; fatal: stop
+            client, settings, on_fatal=self.stop,
+            on_publish_failure=lambda _topic, _reason: self.store.bump("publish_failures"),
+        )
         return client
 
     def _on_connect(
@@ -156,7 +160,7 @@ class EdgeAgent:
             return
         log.info(
             "connected to %s:%d as %s (session present: %s)",
-            self.config.host, self.config.port, self.device_id, flags.session_present,
+            self.config.mqtt.host, self.config.mqtt.port, self.device_id, flags.session_present,
         )
         self.connected.set()
         client.subscribe(
@@ -241,6 +245,7 @@ class EdgeAgent:
             notifier.stopping()
             self._shutdown()
             restore()
+        self._watch.raise_if_failed()  # bad credentials / TLS at start-up: exit 1, one line
 
     def _install_signal_handlers(self) -> Any:
         if threading.current_thread() is not threading.main_thread():

@@ -13,7 +13,7 @@ Layout of ``DIR`` (see docs/broker.md)::
     certs/ca.crt                   the fleet CA certificate (give it to every client)
     certs/server.crt, server.key   the broker's certificate and key                 key 0600
     private/ca.key                 CA signing key: NOT for the broker, keep offline 0600
-    credentials/NAME.env           FEDMQ_AGENT_* / FEDMQ_AGGREGATOR_* login         0600
+    credentials/NAME.env           FEDMQ_AGENT_MQTT_* / FEDMQ_AGGREGATOR_MQTT_* login 0600
     clients/NAME.crt, NAME.key     optional client certificates (--cert)            key 0600
     broker.json                    settings and the device -> fleet map (no secrets)
 
@@ -679,11 +679,11 @@ def _credentials_text(state: _State, name: str, password: str) -> str:
     s = state.settings
     extra: list[str] = []
     if name == AGGREGATOR_USER:
-        prefix, fleets = "FEDMQ_AGGREGATOR_", ", ".join(s.fleets)
+        prefix, fleets = "FEDMQ_AGGREGATOR_MQTT_", ", ".join(s.fleets)
     elif name == MONITOR_USER:
         prefix, fleets = "FEDMQ_MONITOR_", ", ".join(s.fleets)
     else:
-        prefix, fleets = "FEDMQ_AGENT_", state.devices[name]
+        prefix, fleets = "FEDMQ_AGENT_MQTT_", state.devices[name]
         extra.append(f"FEDMQ_AGENT_DEVICE_ID={name}")
     lines = [
         f"# MQTT login of {name!r} (fleet {fleets}) for the fedmq broker:",

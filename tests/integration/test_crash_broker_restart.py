@@ -156,7 +156,7 @@ def test_broker_restart_and_kill_mid_round(
     fresh_broker: LocalBroker, topic_prefix: str, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("FEDMQ_AGGREGATOR_RECONNECT_MAX", "1")  # reconnect every second
+    monkeypatch.setenv("FEDMQ_AGGREGATOR_MQTT_RECONNECT_MAX", "1")  # reconnect every second
     topics = Topics(FLEET, topic_prefix)
     state = tmp_path / "state"
     spy = _Spy(fresh_broker, topics)
