@@ -390,6 +390,7 @@ class ConnectionWatch:
         self._failure: str | None = None
         self._ever_connected = False
         self._up = False
+        self._refused = False
         self._lost_at: float | None = None
         self._attempts = 0
         self._connect_log = _Repeat(repeat_every)
@@ -424,6 +425,8 @@ class ConnectionWatch:
             cause = f"the broker refused the connection: {reason}"
             if why is not None:
                 cause += " (check mqtt.username, mqtt.password and the broker's ACL)"
+            with self._lock:
+                self._refused = True  # paho reports the closed socket next: said already
             self._failed(cause, fatal=why is not None)
             return
         with self._lock:
@@ -443,10 +446,18 @@ class ConnectionWatch:
     ) -> None:
         with self._lock:
             was_up, self._up = self._up, False
+            refused, self._refused = self._refused, False
             if was_up:
                 self._lost_at = self._clock()
-        if was_up and self._shell_disconnect is not None:
-            self._shell_disconnect(client, userdata, flags, reason, props)
+        if was_up:
+            if self._shell_disconnect is not None:
+                self._shell_disconnect(client, userdata, flags, reason, props)
+        elif not refused:
+            # The socket opened but closed before any CONNACK: e.g. plain MQTT sent to a TLS
+            # listener, which drops it without a word.
+            hint = "" if self.settings.tls else " (is this a TLS listener? then set mqtt.tls_ca)"
+            self._failed(f"the connection closed before the broker answered{hint}",
+                         fatal=False)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         exc = getattr(client, "last_error", None)
@@ -466,7 +477,11 @@ class ConnectionWatch:
             else:
                 stop = False
                 quiet = self._lost_at is not None and now - self._lost_at < self.repeat_every
-                due, held = self._connect_log.due(cause, now)
+                if quiet:
+                    self._connect_log.suppressed += 1  # counted in the first report
+                    due, held = False, 0
+                else:
+                    due, held = self._connect_log.due(cause, now)
         if stop:
             try:
                 self.client.disconnect()  # no more attempts; the shell stops and says why
