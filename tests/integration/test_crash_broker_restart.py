@@ -108,7 +108,7 @@ class _AgentProcess:
             "--topic-prefix", prefix, "--state-dir", str(self.state_dir),
             "--model", "digits-mlp", "--source", "digits", "--partition", "iid",
             "--num-clients", str(len(DEVICES)), "--client-index", str(index),
-            "--backoff-min", "1", "--backoff-max", "1", "--ack-timeout", "4",
+            "--reconnect-min", "1", "--reconnect-max", "1", "--ack-timeout", "4",
         ]
         env = {**os.environ, "PYTHONPATH": str(_ROOT)}
         with open(self.log_path, "ab") as logf:
