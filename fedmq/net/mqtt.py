@@ -80,7 +80,7 @@ class MqttSettings:
     # A persistent session (clean_start false) kept this long by the broker after a disconnect.
     session_expiry: int = 7 * 24 * 3600
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None

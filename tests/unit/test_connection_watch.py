@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
+from fedmq.errors import ConfigError
 from fedmq.net.mqtt import ConnectError, ConnectionWatch, MqttSettings, make_client
 
 SETTINGS = MqttSettings(host="broker.example", port=8883)
@@ -169,3 +171,51 @@ def test_paho_noise_goes_to_debug(caplog: pytest.LogCaptureFixture) -> None:
     levels = [(r.levelno, r.getMessage()) for r in caplog.records]
     assert levels == [(logging.DEBUG, "paho: Client is not connected. Socket: None)."),
                       (logging.ERROR, "paho: Caught exception in on_connect: boom")]
+
+
+# ------------------------------------------------------------------------ TLS files
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A CA and two device certificates written by ``fedmq broker`` (real PEM files)."""
+    from fedmq_ops.broker_tools import BrokerLayout, BrokerSettings, add_device, init_broker
+
+    root = tmp_path_factory.mktemp("pki")
+    init_broker(root, BrokerSettings(fleets=("f",)))
+    for dev in ("dev-a", "dev-b"):
+        add_device(root, dev, client_cert=True)
+    return BrokerLayout(root)
+
+
+def test_tls_files_are_checked_with_one_line_each(pki: Any, tmp_path: Path) -> None:
+    ca, crt, key = str(pki.ca_crt), str(pki.client_crt("dev-a")), str(pki.client_key("dev-a"))
+    MqttSettings(tls_ca=ca, tls_cert=crt, tls_key=key).check_files()  # a good set passes
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_bytes(b"\x30\x82\x01\x0a")
+    fake_pem = tmp_path / "fake.pem"
+    fake_pem.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    cases = [
+        (dict(tls_ca=str(tmp_path / "none.crt")), f"mqtt.tls_ca {tmp_path / 'none.crt'}: no "
+         "such file"),
+        (dict(tls_ca=str(tmp_path)), f"mqtt.tls_ca {tmp_path}: not a file"),
+        (dict(tls_ca=str(not_pem)), f"mqtt.tls_ca {not_pem}: not a PEM file"),
+        (dict(tls_ca=str(fake_pem)), f"mqtt.tls_ca {fake_pem}: not a PEM CA certificate"),
+        (dict(tls_ca=ca, tls_cert=str(tmp_path / "c.crt"), tls_key=key),
+         f"mqtt.tls_cert {tmp_path / 'c.crt'}: no such file"),
+        (dict(tls_ca=ca, tls_cert=crt, tls_key=str(tmp_path)), f"mqtt.tls_key {tmp_path}: "
+         "not a file"),
+        (dict(tls_ca=ca, tls_cert=crt, tls_key=str(pki.client_key("dev-b"))),
+         f"mqtt.tls_cert {crt} / mqtt.tls_key {pki.client_key('dev-b')}: not a PEM "
+         "certificate and its unencrypted private key"),
+    ]
+    for kwargs, message in cases:
+        settings = MqttSettings(**kwargs)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError) as err:
+            settings.check_files()
+        assert str(err.value).startswith(message), (kwargs, str(err.value))
+        with pytest.raises(ConfigError):
+            make_client(settings)  # the factory checks too: never a traceback from paho
+
+
+def test_password_is_not_in_repr_or_redacted() -> None:
+    s = MqttSettings(username="u", password="hunter2")
+    assert "hunter2" not in repr(s) and s.redacted()["password"] == "***"
