@@ -82,7 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", metavar="FILE", help="TOML file with an [aggregator] and an [mqtt] table"
     )
     for flag, dest, kind, help_text in _OPTIONS:
-        parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
+        parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_text,
+                            metavar=flag[2:].upper().replace("-", "_"))
     parser.add_argument(
         "--require-signatures", dest="require_signatures",
         action=argparse.BooleanOptionalAction, default=None,
