@@ -20,17 +20,19 @@ __all__ = ["add_arguments", "add_parser", "command", "main"]
 _DESCRIPTION = (
     "Run the federated-learning aggregator: collect device updates over MQTT, fold them into "
     "a running weighted mean, apply the server strategy, evaluate, persist and publish the "
-    "next global model. Settings come from defaults < --config FILE ([aggregator] table) < "
-    f"environment ({ENV_PREFIX}<SETTING>, e.g. {ENV_PREFIX}FLEET) < these flags."
+    "next global model. Settings come from defaults < --config FILE ([aggregator] table, "
+    f"broker in [mqtt]) < environment ({ENV_PREFIX}<SETTING>, e.g. {ENV_PREFIX}FLEET; "
+    f"{ENV_PREFIX}MQTT_<KEY>, e.g. {ENV_PREFIX}MQTT_PASSWORD) < these flags."
 )
 
-# (flag, dest, type, help); every dest is a field of AggregatorConfig.
+# (flag, dest, type, help); every dest is a field of AggregatorConfig ("mqtt.<key>": [mqtt]).
 _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--fleet", "fleet", str, "fleet (federation) name (default: default)"),
-    ("--host", "host", str, "MQTT broker host (default: 127.0.0.1)"),
-    ("--port", "port", int, "MQTT broker port (default: 1883)"),
+    ("--host", "mqtt.host", str, "MQTT broker host (default: 127.0.0.1)"),
+    ("--port", "mqtt.port", int, "MQTT broker port (default: 1883)"),
     ("--topic-prefix", "topic_prefix", str, "prefix before fl/<fleet>/... (default: none)"),
-    ("--client-id", "client_id", str, "fixed MQTT client id (default: fedmq-aggregator-<fleet>)"),
+    ("--client-id", "mqtt.client_id", str,
+     "fixed MQTT client id (default: fedmq-aggregator-<fleet>)"),
     ("--state-dir", "state_dir", str, "state directory: SQLite + model files"),
     ("--model", "model", str, "model bundle directory or prebuilt name (default: digits-mlp)"),
     ("--eval-dataset", "eval_dataset", str,
@@ -56,29 +58,43 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--max-update-bytes", "max_update_bytes", int, "largest update payload accepted"),
     ("--max-examples-per-update", "max_examples_per_update", int,
      "largest num_examples (weight) one update may claim"),
-    ("--keepalive", "keepalive", int, "MQTT keepalive seconds"),
-    ("--session-expiry", "session_expiry", int, "seconds the broker keeps our session"),
-    ("--username", "username", str, "MQTT username"),
-    ("--password", "password", str, f"MQTT password (prefer {ENV_PREFIX}PASSWORD)"),
-    ("--tls-ca", "tls_ca", str, "CA file: enables TLS"),
-    ("--tls-cert", "tls_cert", str, "client certificate (with --tls-key)"),
-    ("--tls-key", "tls_key", str, "client key"),
+    ("--protocol", "mqtt.protocol", str, "MQTT protocol: 5, or 3.1.1 for brokers without v5"),
+    ("--keepalive", "mqtt.keepalive", int, "MQTT keepalive seconds"),
+    ("--session-expiry", "mqtt.session_expiry", int, "seconds the broker keeps our session"),
+    ("--reconnect-min", "mqtt.reconnect_min", float,
+     "first reconnect delay in seconds (doubles up to --reconnect-max)"),
+    ("--reconnect-max", "mqtt.reconnect_max", float, "longest reconnect delay in seconds"),
+    ("--username", "mqtt.username", str, "MQTT username"),
+    ("--password", "mqtt.password", str, f"MQTT password (prefer {ENV_PREFIX}MQTT_PASSWORD)"),
+    ("--tls-ca", "mqtt.tls_ca", str, "CA file: enables TLS"),
+    ("--tls-cert", "mqtt.tls_cert", str, "client certificate (with --tls-key)"),
+    ("--tls-key", "mqtt.tls_key", str, "client key"),
     ("--registry", "registry", str,
      "JSON registry of enrolled device keys (`fedmq enroll`): updates must be signed"),
     ("--metrics-port", "metrics_port", int, "Prometheus exporter port (0 = off)"),
+    ("--metrics-host", "metrics_host", str,
+     "address the Prometheus exporter binds (default: 127.0.0.1; 0.0.0.0 = all)"),
     ("--log-every", "log_every", int, "log a progress line every N rounds"),
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="TOML file with an [aggregator] table")
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML file with an [aggregator] and an [mqtt] table"
+    )
     for flag, dest, kind, help_text in _OPTIONS:
-        parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
+        parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_text,
+                            metavar=flag[2:].upper().replace("-", "_"))
     parser.add_argument(
         "--require-signatures", dest="require_signatures",
         action=argparse.BooleanOptionalAction, default=None,
         help="reject unsigned updates and unknown devices (default: on when --registry is "
         "set; --no-require-signatures only verifies signed updates of enrolled devices)",
+    )
+    parser.add_argument(
+        "--retry-forever", dest="mqtt.retry_forever", action=argparse.BooleanOptionalAction,
+        default=None, help="keep retrying when the broker refuses the credentials or TLS "
+        "fails at start-up (default: exit with code 1)",
     )
 
 
@@ -99,8 +115,10 @@ def command(args: argparse.Namespace) -> int:
     from aggregator.service import run
 
     overrides = {dest: getattr(args, dest, None) for _, dest, _, _ in _OPTIONS}
-    overrides["require_signatures"] = getattr(args, "require_signatures", None)
+    for dest in ("require_signatures", "mqtt.retry_forever"):
+        overrides[dest] = getattr(args, dest, None)
     config = load_aggregator_config(args.config, overrides=overrides)
+    config.mqtt.check_files()  # a bad TLS file: one line before anything starts
     return run(config)
 
 

@@ -1,14 +1,15 @@
 """The aggregator's configuration: one frozen, validated object per process.
 
-Sources, lowest to highest precedence: defaults < TOML file (``[aggregator]`` table) <
-environment (``FEDMQ_AGGREGATOR_<FIELD>``, e.g. ``FEDMQ_AGGREGATOR_FLEET``) < flags.
+Sources, lowest to highest precedence: defaults < TOML file (``[aggregator]`` table, the
+broker connection in ``[mqtt]``) < environment (``FEDMQ_AGGREGATOR_<FIELD>``, e.g.
+``FEDMQ_AGGREGATOR_FLEET``; ``FEDMQ_AGGREGATOR_MQTT_<KEY>`` for ``[mqtt]``) < flags.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from fedmq.wire import TrainingConfig
 __all__ = [
     "ENV_PREFIX",
     "EVAL_DATASETS",
+    "MOVED",
     "SELECTIONS",
     "TOML_SECTION",
     "AggregatorConfig",
@@ -35,6 +37,14 @@ ENV_PREFIX = "FEDMQ_AGGREGATOR_"
 TOML_SECTION = "aggregator"
 EVAL_DATASETS = ("digits", "fashion-mnist", "fashion-mnist-seq", "none")
 SELECTIONS = ("sample", "any")
+#: Flat keys of older configs and where they live now (refused with this hint).
+MOVED = {
+    name: f"mqtt.{name}"
+    for name in ("host", "port", "client_id", "protocol", "keepalive", "session_expiry",
+                 "reconnect_min", "reconnect_max", "username", "password", "tls_ca",
+                 "tls_cert", "tls_key")
+} | {"backoff_min": "mqtt.reconnect_min", "backoff_max": "mqtt.reconnect_max",
+     "mqtt.backoff_min": "mqtt.reconnect_min", "mqtt.backoff_max": "mqtt.reconnect_max"}
 
 
 @dataclass(frozen=True)
@@ -48,11 +58,9 @@ class AggregatorConfig:
     """
 
     fleet: str = "default"
-    host: str = "127.0.0.1"
-    port: int = 1883
+    # The broker connection ([mqtt]); client_id empty = fedmq-aggregator-<fleet>.
+    mqtt: MqttSettings = field(default_factory=lambda: MqttSettings(reconnect_max=30.0))
     topic_prefix: str = ""
-    client_id: str = ""
-    protocol: str = "5"
     state_dir: Path = Path("fedmq-aggregator-state")
     # a bundle directory or the name of a bundle shipped with fedmq
     model: str = "digits-mlp"
@@ -79,21 +87,15 @@ class AggregatorConfig:
     seed: int = 0
     max_update_bytes: int = 16 * 1024 * 1024
     max_examples_per_update: int = 10_000_000
-    keepalive: int = 30
-    session_expiry: int = 7 * 24 * 3600
-    reconnect_min: float = 1.0
-    reconnect_max: float = 30.0
-    username: str | None = None
-    password: str | None = None
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
     # Enrolled devices' public keys (JSON written by `fedmq enroll`); see docs/protocol.md.
     registry: str | None = None
     # None = required exactly when a registry is set. False with a registry: signatures
     # are checked when present for enrolled devices, unsigned updates pass (migration).
     require_signatures: bool | None = None
+    # Prometheus exporter: off by default; loopback unless an operator opens it (the
+    # container image sets 0.0.0.0, see docs/deployment.md).
     metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     log_every: int = 1
     tick_interval: float = 0.2
     # -- ingest bounds and the model-publication guard (docs/protocol.md, "Ingest bounds") --
@@ -112,11 +114,9 @@ class AggregatorConfig:
 
     def __post_init__(self) -> None:
         validate_name(self.fleet, "fleet")
-        if self.client_id:
-            validate_name(self.client_id, "client_id")
+        if not isinstance(self.mqtt, MqttSettings):
+            raise ConfigError("mqtt must be an MqttSettings")
         Topics(self.fleet, self.topic_prefix)  # validates the prefix
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"port {self.port} is out of range")
         if not self.model:
             raise ConfigError("model must name a bundle directory or a prebuilt bundle")
         if not self.eval_dataset:
@@ -159,18 +159,17 @@ class AggregatorConfig:
         _at_least(self.metrics_port, 0, "metrics_port")
         if self.metrics_port > 65535:
             raise ConfigError(f"metrics_port {self.metrics_port} is out of range")
+        if not self.metrics_host.strip():
+            raise ConfigError("metrics_host must be an address to bind (e.g. 127.0.0.1)")
         _at_least(self.log_every, 1, "log_every")
         if self.registry is not None and not self.registry.strip():
             raise ConfigError("registry must be a path (or unset)")
         if self.require_signatures and self.registry is None:
             raise ConfigError("require_signatures needs a registry of enrolled devices")
-        if (self.username is None) and self.password is not None:
-            raise ConfigError("password given without username")
         if not (math.isfinite(self.max_model_weight) and self.max_model_weight > 0):
             raise ConfigError(f"max_model_weight must be > 0, got {self.max_model_weight}")
         try:
             self.training_config()
-            self.mqtt_settings()
             self.bounds_config()
         except (ValueError, FedmqError) as exc:
             raise ConfigError(str(exc)) from exc
@@ -179,7 +178,7 @@ class AggregatorConfig:
     @property
     def effective_client_id(self) -> str:
         """A fixed client id (persistent session): ``fedmq-aggregator-<fleet>`` by default."""
-        return self.client_id or f"fedmq-aggregator-{self.fleet}"
+        return self.mqtt.client_id or f"fedmq-aggregator-{self.fleet}"
 
     @property
     def signatures_required(self) -> bool:
@@ -212,22 +211,8 @@ class AggregatorConfig:
         )
 
     def mqtt_settings(self) -> MqttSettings:
-        return MqttSettings(
-            host=self.host,
-            port=self.port,
-            client_id=self.effective_client_id,
-            protocol=self.protocol,
-            keepalive=self.keepalive,
-            session_expiry=self.session_expiry,
-            clean_start=False,
-            username=self.username,
-            password=self.password,
-            tls_ca=self.tls_ca,
-            tls_cert=self.tls_cert,
-            tls_key=self.tls_key,
-            reconnect_min=self.reconnect_min,
-            reconnect_max=self.reconnect_max,
-        )
+        """``[mqtt]`` with the effective client id and a persistent session."""
+        return replace(self.mqtt, client_id=self.effective_client_id, clean_start=False)
 
 
 def _at_least(value: int, low: int, name: str) -> None:
@@ -240,7 +225,8 @@ def load_aggregator_config(
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> AggregatorConfig:
-    """Defaults < TOML ``[aggregator]`` < ``FEDMQ_AGGREGATOR_*`` < ``overrides``."""
+    """Defaults < TOML ``[aggregator]``/``[mqtt]`` < ``FEDMQ_AGGREGATOR_*`` < ``overrides``
+    (field names, ``mqtt.<key>`` for the connection)."""
     return load_config(
         AggregatorConfig,
         toml_path,
@@ -248,4 +234,5 @@ def load_aggregator_config(
         env_prefix=ENV_PREFIX,
         overrides=overrides,
         environ=environ,
+        moved=MOVED,
     )

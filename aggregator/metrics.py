@@ -84,11 +84,17 @@ class AggregatorMetrics:
         self.loss = Gauge("fedmq_global_loss", "Held-out loss", registry=r)
         self.current_round = Gauge("fedmq_current_round", "Id of the open round", registry=r)
         self.model_version = Gauge("fedmq_model_version", "Current model version", registry=r)
+        self.publish_failures = Counter(
+            "fedmq_publish_failures",
+            "Messages the broker did not accept (PUBACK reason >= 0x80), by reason",
+            ["reason"],
+            registry=r,
+        )
         self.online_devices = Gauge(
             "fedmq_online_devices", "Devices whose status is online", registry=r
         )
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         """Start the HTTP exporter (a daemon thread)."""
         try:
             start_http_server(port, addr=addr, registry=self.registry)

@@ -36,7 +36,7 @@ from aggregator.evaluate import Evaluator, TFLiteEvaluator, load_eval_set
 from aggregator.metrics import AggregatorMetrics
 from aggregator.store import Store
 from fedmq.errors import StateError, StorageFullError
-from fedmq.net.mqtt import connect, make_client
+from fedmq.net.mqtt import ConnectionWatch, connect, make_client
 
 __all__ = ["AggregatorService", "build_engine", "run"]
 
@@ -106,6 +106,11 @@ class AggregatorService:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self._watch = ConnectionWatch(  # connection trouble: one clear line; fatal: stop
+            self.client, self._settings,
+            on_publish_failure=lambda _topic, reason: self.engine.metrics.publish_failures
+            .labels(reason=reason).inc(),
+        )
 
     # -- paho callbacks (network thread): only queue, never raise ---------------------------
     def _on_connect(
@@ -312,9 +317,10 @@ class AggregatorService:
         the state could not be written.
         """
         stop = stop_event or threading.Event()
+        self._watch.on_fatal = stop.set
         cfg = self.config
         if cfg.metrics_port:
-            self.engine.metrics.serve(cfg.metrics_port)
+            self.engine.metrics.serve(cfg.metrics_port, cfg.metrics_host)
         self._publish(self.engine.start(time.time(), tick=False))
         connect(self.client, self._settings, asynchronous=True)
         self.client.loop_start()
@@ -347,6 +353,7 @@ class AggregatorService:
             code = 1
         finally:
             self._shutdown()
+        self._watch.raise_if_failed()  # bad credentials / TLS at start-up: exit 1, one line
         return code
 
     def _drain(self) -> None:

@@ -347,7 +347,7 @@ main() {
         cat <<EOF
 ==> done. Next:
     1. edit $CONFIG_DIR/agent.toml (broker host, data source) and $CONFIG_DIR/agent.env
-       (FEDMQ_AGENT_PASSWORD); put the broker's CA at $CONFIG_DIR/tls/ca.crt
+       (FEDMQ_AGENT_MQTT_PASSWORD); put the broker's CA at $CONFIG_DIR/tls/ca.crt
     2. enrol the device (docs/deployment.md), then: systemctl enable --now ${UNIT_NAME%.service}
 EOF
     fi

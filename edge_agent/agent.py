@@ -28,7 +28,7 @@ from edge_agent.trainer import LiteRTTrainer, Trainer
 from fedmq.data.local import LocalData
 from fedmq.errors import ModelError
 from fedmq.models.spec import load_bundle, prebuilt_bundle_path
-from fedmq.net.mqtt import connect, make_client
+from fedmq.net.mqtt import ConnectionWatch, connect, make_client
 from fedmq.signing import load_or_create_key
 from fedmq.wire import RoundAnnouncement
 
@@ -118,11 +118,15 @@ class EdgeAgent:
             1,
             True,
         )
-        client = make_client(self.config.mqtt_settings(self.device_id), will=will)
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        settings = self.config.mqtt_settings(self.device_id)
+        client = make_client(settings, will=will)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        self._watch = ConnectionWatch(  # connection trouble: one clear line; fatal: stop
+            client, settings, on_fatal=self.stop,
+            on_publish_failure=lambda _topic, _reason: self.store.bump("publish_failures"),
+        )
         return client
 
     def _on_connect(
@@ -133,7 +137,7 @@ class EdgeAgent:
             return
         log.info(
             "connected to %s:%d as %s (session present: %s)",
-            self.config.host, self.config.port, self.device_id, flags.session_present,
+            self.config.mqtt.host, self.config.mqtt.port, self.device_id, flags.session_present,
         )
         self.connected.set()
         client.subscribe(
@@ -190,6 +194,7 @@ class EdgeAgent:
             notifier.stopping()
             self._shutdown()
             restore()
+        self._watch.raise_if_failed()  # bad credentials / TLS at start-up: exit 1, one line
 
     def _install_signal_handlers(self) -> Any:
         if threading.current_thread() is not threading.main_thread():

@@ -1,7 +1,8 @@
 """Command line of the edge agent: ``fedmq agent ...`` and ``python -m edge_agent ...``.
 
-Every setting of :class:`~edge_agent.config.AgentConfig` is a flag; flags override the
-environment (``FEDMQ_AGENT_*``), which overrides the ``[agent]`` table of ``--config``.
+Every setting of :class:`~edge_agent.config.AgentConfig` is a flag (those of its ``[mqtt]``
+table without a prefix: ``--host``, ``--tls-ca``); flags override the environment
+(``FEDMQ_AGENT_*``), which overrides the ``[agent]`` and ``[mqtt]`` tables of ``--config``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from edge_agent.config import ENV_PREFIX, AgentConfig, load_agent_config
+from fedmq.net.mqtt import MqttSettings
 
 __all__ = ["add_parser", "build_parser", "main", "run_command"]
 
@@ -39,20 +41,28 @@ _HELP: dict[str, str] = {
     "augment": "augmentation spec (e.g. shift=2,noise=0.05)",
     "num_threads": "LiteRT interpreter threads (TensorFlow intra-op threads for keras)",
     "backend": "training backend: litert (no TensorFlow needed) or keras (needs TensorFlow)",
+    "ack_timeout": "seconds to wait for an ack before re-sending an update",
+    "max_resends": "re-sends of one update before waiting for the round to close",
+    "signing_key": "Ed25519 device key file for signing updates (created if missing; "
+    "see `fedmq keygen`)",
+}
+# [mqtt] settings; the agent's client id is its device id, so no --client-id.
+_MQTT_HELP: dict[str, str] = {
+    "host": "broker host",
+    "port": "broker port",
     "protocol": "MQTT protocol: 5, or 3.1.1 for brokers without v5",
     "keepalive": "MQTT keepalive in seconds",
     "session_expiry": "seconds the broker keeps this device's session (and its acks) offline",
-    "backoff_min": "first reconnect delay in seconds (doubles up to --backoff-max)",
-    "backoff_max": "longest reconnect delay in seconds",
-    "ack_timeout": "seconds to wait for an ack before re-sending an update",
-    "max_resends": "re-sends of one update before waiting for the round to close",
     "username": "MQTT user name",
-    "password": "MQTT password (prefer the FEDMQ_AGENT_PASSWORD environment variable)",
+    "password": "MQTT password (prefer the FEDMQ_AGENT_MQTT_PASSWORD environment variable)",
     "tls_ca": "CA certificate file: enables TLS",
     "tls_cert": "client certificate file (mutual TLS)",
     "tls_key": "client private key file (mutual TLS)",
-    "signing_key": "Ed25519 device key file for signing updates (created if missing; "
-    "see `fedmq keygen`)",
+    "tls_insecure": "do not check that the broker's certificate names the host (tests only)",
+    "reconnect_min": "first reconnect delay in seconds (doubles up to --reconnect-max)",
+    "reconnect_max": "longest reconnect delay in seconds",
+    "retry_forever": "keep retrying when the broker refuses the credentials or TLS fails at "
+    "start-up (default: exit with code 1)",
 }
 
 
@@ -64,27 +74,45 @@ def _metavar(tp: Any) -> str:
     return "VALUE"
 
 
+def _settings() -> list[tuple[str, str, Any, Any, str]]:
+    """(flag, dest, type, default, help) of every setting: AgentConfig's fields, and for
+    ``mqtt`` the keys of :class:`MqttSettings` (dest ``mqtt.<key>``)."""
+    out: list[tuple[str, str, Any, Any, str]] = []
+    hints = typing.get_type_hints(AgentConfig)
+    mqtt_hints = typing.get_type_hints(MqttSettings)
+    for field in dataclasses.fields(AgentConfig):
+        if field.name == "mqtt":
+            for sub in dataclasses.fields(MqttSettings):
+                if sub.name in _MQTT_HELP:
+                    out.append((sub.name, f"mqtt.{sub.name}", mqtt_hints[sub.name],
+                                sub.default, _MQTT_HELP[sub.name]))
+            continue
+        out.append((field.name, field.name, hints[field.name], field.default,
+                    _HELP.get(field.name, field.name)))
+    return out
+
+
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", metavar="FILE", help="TOML file; settings from its [agent] table"
+        "--config", metavar="FILE", help="TOML file; settings from its [agent] and [mqtt] tables"
     )
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved settings and exit"
     )
-    hints = typing.get_type_hints(AgentConfig)
-    group = parser.add_argument_group("settings (also TOML [agent] keys and "
-                                      f"{ENV_PREFIX}<NAME> variables)")
-    for field in dataclasses.fields(AgentConfig):
-        flag = "--" + field.name.replace("_", "-")
-        help_text = _HELP.get(field.name, field.name)
-        if field.default is not dataclasses.MISSING and field.default not in (None, ""):
-            help_text += f" (default: {field.default})"
-        if hints[field.name] is bool:
-            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+    group = parser.add_argument_group(
+        f"settings (also TOML [agent] keys and {ENV_PREFIX}<NAME> variables; the broker "
+        f"settings are [mqtt] keys and {ENV_PREFIX}MQTT_<NAME> variables)"
+    )
+    for name, dest, tp, default, help_text in _settings():
+        flag = "--" + name.replace("_", "-")
+        if default is not dataclasses.MISSING and default not in (None, "", False):
+            help_text += f" (default: {default})"
+        if tp is bool:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                                default=None, help=help_text)
         else:
-            group.add_argument(flag, dest=field.name, default=None,
-                               metavar=_metavar(hints[field.name]), help=help_text)
+            group.add_argument(flag, dest=dest, default=None, metavar=_metavar(tp),
+                               help=help_text)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -103,9 +131,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
     overrides = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(AgentConfig)
-        if getattr(args, f.name, None) is not None
+        dest: getattr(args, dest)
+        for _, dest, _, _, _ in _settings()
+        if getattr(args, dest, None) is not None
     }
     return load_agent_config(args.config, overrides)
 
@@ -116,6 +144,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(config.redacted(), indent=2, default=str))
         return 0
+    config.mqtt.check_files()  # a bad TLS file: one line before anything starts
     from edge_agent.agent import EdgeAgent  # LiteRT and paho load only when running
 
     EdgeAgent(config).run()

@@ -126,9 +126,14 @@ def _toml_value(v: Any) -> str:
 
 
 def _write_toml(path: Path, section: str, values: dict[str, Any]) -> None:
-    lines = [f"[{section}]"] + [
-        f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None
-    ]
+    """``values`` as a service config: keys ``mqtt.<key>`` go to the ``[mqtt]`` table."""
+    tables: dict[str, list[str]] = {section: [], "mqtt": []}
+    for key, value in values.items():
+        if value is None:
+            continue
+        table, _, name = key.rpartition(".")
+        tables[table or section].append(f"{name} = {_toml_value(value)}")
+    lines = [line for name, body in tables.items() for line in (f"[{name}]", *body)]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -216,9 +221,9 @@ def run_federation(
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         common = {
             "fleet": spec.fleet,
-            "host": host,
-            "port": port,
-            "protocol": protocol,
+            "mqtt.host": host,
+            "mqtt.port": port,
+            "mqtt.protocol": protocol,
             "model": spec.model,
         }
         agg_cfg = {

@@ -18,7 +18,7 @@ Layout of ``DIR`` (see docs/broker.md)::
     certs/ca.crt                   the fleet CA certificate (give it to every client)
     certs/server.crt, server.key   the broker's certificate and key                 key 0600
     private/ca.key                 CA signing key: NOT for the broker, keep offline 0600
-    credentials/NAME.env           FEDMQ_AGENT_* / FEDMQ_AGGREGATOR_* login         0600
+    credentials/NAME.env           FEDMQ_AGENT_MQTT_* / FEDMQ_AGGREGATOR_MQTT_* login 0600
     clients/NAME.crt, NAME.key     optional client certificates (--cert)            key 0600
     broker.json                    settings and the device -> fleet map (no secrets)
 

@@ -46,11 +46,11 @@ def _credentials_text(state: BrokerState, name: str, password: str) -> str:
     s = state.settings
     extra: list[str] = []
     if name == AGGREGATOR_USER:
-        prefix, fleets = "FEDMQ_AGGREGATOR_", ", ".join(s.fleets)
+        prefix, fleets = "FEDMQ_AGGREGATOR_MQTT_", ", ".join(s.fleets)
     elif name == MONITOR_USER:
         prefix, fleets = "FEDMQ_MONITOR_", ", ".join(s.fleets)
     else:
-        prefix, fleets = "FEDMQ_AGENT_", state.devices[name]
+        prefix, fleets = "FEDMQ_AGENT_MQTT_", state.devices[name]
         extra.append(f"FEDMQ_AGENT_DEVICE_ID={name}")
     lines = [
         f"# MQTT login of {name!r} (fleet {fleets}) for the fedmq broker:",

@@ -27,6 +27,7 @@ from edge_agent.trainer import EvalMetrics, LiteRTTrainer, TrainMetrics
 from fedmq.data.local import LocalData
 from fedmq.models.spec import ModelSpec, load_bundle, prebuilt_bundle_path
 from fedmq.net.localbroker import LocalBroker
+from fedmq.net.mqtt import MqttSettings
 from fedmq.net.procs import stop_process
 from fedmq.topics import Topics
 from fedmq.update.codecs import decode_tensors
@@ -164,9 +165,10 @@ def wait_for(cond: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> N
 
 def agent_config(broker: LocalBroker, prefix: str, state_dir: Path) -> AgentConfig:
     return AgentConfig(
-        device_id=DEVICE, fleet=FLEET, host=broker.host, port=broker.port, topic_prefix=prefix,
+        device_id=DEVICE, fleet=FLEET, topic_prefix=prefix,
         state_dir=state_dir, model="digits-mlp", source="digits", partition="iid",
-        num_clients=4, client_index=0, seed=0, backoff_min=1, backoff_max=1, ack_timeout=30,
+        num_clients=4, client_index=0, seed=0, ack_timeout=30,
+        mqtt=MqttSettings(host=broker.host, port=broker.port, reconnect_min=1, reconnect_max=1),
     )
 
 
@@ -414,9 +416,9 @@ def test_cli_agent_waits_for_a_broker_that_is_down_and_stops_on_sigterm(
     fresh_broker.stop()
     toml = tmp_path / "agent.toml"
     toml.write_text(
-        f'[agent]\ndevice_id = "{DEVICE}"\nfleet = "{FLEET}"\nport = {fresh_broker.port}\n'
+        f'[agent]\ndevice_id = "{DEVICE}"\nfleet = "{FLEET}"\n'
         f'topic_prefix = "{topic_prefix}"\nstate_dir = "{tmp_path / "state"}"\n'
-        'backoff_min = 1\nbackoff_max = 1\n'
+        f'[mqtt]\nport = {fresh_broker.port}\nreconnect_min = 1\nreconnect_max = 1\n'
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge_agent", "--config", str(toml)],

@@ -435,7 +435,7 @@ def test_local_broker_run_as_its_owner_keeps_queued_messages_over_a_restart(
     assert settings.run_as == "mosquitto"
     device_pw = add_device(root, "dev-a", owner=owner)
     assert device_pw is not None
-    agg_pw = _env_file(layout.credentials("aggregator"))["FEDMQ_AGGREGATOR_PASSWORD"]
+    agg_pw = _env_file(layout.credentials("aggregator"))["FEDMQ_AGGREGATOR_MQTT_PASSWORD"]
     broker = SecuredBroker(layout, settings)
     _track(request, broker)
     broker.start()

@@ -108,7 +108,7 @@ class _AgentProcess:
             "--topic-prefix", prefix, "--state-dir", str(self.state_dir),
             "--model", "digits-mlp", "--source", "digits", "--partition", "iid",
             "--num-clients", str(len(DEVICES)), "--client-index", str(index),
-            "--backoff-min", "1", "--backoff-max", "1", "--ack-timeout", "4",
+            "--reconnect-min", "1", "--reconnect-max", "1", "--ack-timeout", "4",
         ]
         env = {**os.environ, "PYTHONPATH": str(_ROOT)}
         with open(self.log_path, "ab") as logf:
@@ -149,7 +149,7 @@ def test_broker_restart_and_kill_mid_round(
     fresh_broker: LocalBroker, topic_prefix: str, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("FEDMQ_AGGREGATOR_RECONNECT_MAX", "1")  # reconnect every second
+    monkeypatch.setenv("FEDMQ_AGGREGATOR_MQTT_RECONNECT_MAX", "1")  # reconnect every second
     topics = Topics(FLEET, topic_prefix)
     state = tmp_path / "state"
     spy = _Spy(fresh_broker, topics)

@@ -163,8 +163,8 @@ class Fleet:
 
     def mqtt(self, name: str) -> MqttSettings:
         cred = self.credentials(name)
-        prefix = "FEDMQ_AGENT_" if name not in ("aggregator", "monitor") else (
-            f"FEDMQ_{name.upper()}_")
+        prefix = {"aggregator": "FEDMQ_AGGREGATOR_MQTT_", "monitor": "FEDMQ_MONITOR_"}.get(
+            name, "FEDMQ_AGENT_MQTT_")
         return MqttSettings(
             host="127.0.0.1", port=self.settings.tls_port, client_id=name, protocol="5",
             clean_start=True, session_expiry=0, username=cred[f"{prefix}USERNAME"],
@@ -254,7 +254,7 @@ def test_signed_round_over_tls_and_what_a_device_identity_cannot_do(
     _enroll(f, tmp_path)
     state_dir = tmp_path / "aggregator-state"
     agg_env = f.credentials("aggregator")
-    assert set(agg_env) == {"FEDMQ_AGGREGATOR_USERNAME", "FEDMQ_AGGREGATOR_PASSWORD"}
+    assert set(agg_env) == {"FEDMQ_AGGREGATOR_MQTT_USERNAME", "FEDMQ_AGGREGATOR_MQTT_PASSWORD"}
     f.process("aggregator", [
         sys.executable, "-m", "aggregator", "-v", "--host", "127.0.0.1",
         "--port", str(f.settings.tls_port), "--tls-ca", str(f.layout.ca_crt),

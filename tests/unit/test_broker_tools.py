@@ -265,9 +265,9 @@ def test_init_layout_and_modes(broker_dir: Path) -> None:
         if not line.startswith("#")
     )
     # identity only: host/port/fleet in the env would override the TOML config
-    assert set(creds) == {"FEDMQ_AGGREGATOR_USERNAME", "FEDMQ_AGGREGATOR_PASSWORD"}
-    assert creds["FEDMQ_AGGREGATOR_USERNAME"] == "aggregator"
-    assert verify_password(entries["aggregator"], creds["FEDMQ_AGGREGATOR_PASSWORD"])
+    assert set(creds) == {"FEDMQ_AGGREGATOR_MQTT_USERNAME", "FEDMQ_AGGREGATOR_MQTT_PASSWORD"}
+    assert creds["FEDMQ_AGGREGATOR_MQTT_USERNAME"] == "aggregator"
+    assert verify_password(entries["aggregator"], creds["FEDMQ_AGGREGATOR_MQTT_PASSWORD"])
     assert lay.conf.read_text() == render_mosquitto_conf(
         BrokerSettings(fleets=("f1", "f2"), hostnames=("mqtt.example.com", "10.0.0.5"))
     )
@@ -364,9 +364,9 @@ def test_add_device(broker_dir: Path) -> None:
     cred = lay.credentials("dev-a")
     assert _mode(cred) == 0o600
     text = cred.read_text()
-    assert f"FEDMQ_AGENT_PASSWORD={pw}\n" in text
+    assert f"FEDMQ_AGENT_MQTT_PASSWORD={pw}\n" in text
     assert "FEDMQ_AGENT_DEVICE_ID=dev-a\n" in text
-    assert "FEDMQ_AGENT_USERNAME=dev-a\n" in text
+    assert "FEDMQ_AGENT_MQTT_USERNAME=dev-a\n" in text
     assert "(fleet f2)" in text
 
 

@@ -213,7 +213,10 @@ def test_unit_sandbox_exposure_is_low(tmp_path: Path) -> None:
 def test_agent_toml_example_documents_every_setting_and_loads(tmp_path: Path) -> None:
     agent_config = pytest.importorskip("edge_agent.config")
     text = AGENT_TOML.read_text()
-    names = {f.name for f in dataclasses.fields(agent_config.AgentConfig)}
+    mqtt = pytest.importorskip("fedmq.net.mqtt")
+    names = {f.name for f in dataclasses.fields(agent_config.AgentConfig)} - {"mqtt"}
+    names |= {f.name for f in dataclasses.fields(mqtt.MqttSettings)
+              if f.metadata.get("setting", True)} - {"client_id"}  # agent: the device id
     undocumented = {n for n in names if not re.search(rf"^#?{n} = ", text, re.MULTILINE)}
     assert not undocumented, f"settings missing from {AGENT_TOML.name}: {sorted(undocumented)}"
     cfg = agent_config.load_agent_config(AGENT_TOML, environ={})
@@ -223,21 +226,20 @@ def test_agent_toml_example_documents_every_setting_and_loads(tmp_path: Path) ->
     path = tmp_path / "agent.toml"
     path.write_text(uncommented)
     full = agent_config.load_agent_config(path, environ={})
-    assert full.username == "pi-0001" and full.tls_cert is not None
+    assert full.mqtt.username == "pi-0001" and full.mqtt.tls_cert is not None
 
 
 def test_agent_env_example_names_real_settings() -> None:
     agent_config = pytest.importorskip("edge_agent.config")
-    names = {f.name for f in dataclasses.fields(agent_config.AgentConfig)}
     keys = re.findall(r"^#?(FEDMQ_AGENT_\w+)=", AGENT_ENV.read_text(), re.MULTILINE)
-    assert "FEDMQ_AGENT_PASSWORD" in keys
-    for key in keys:
-        assert key.removeprefix(agent_config.ENV_PREFIX).lower() in names, key
-    env = {k: "" for k in keys} | {"FEDMQ_AGENT_PASSWORD": "x", "FEDMQ_AGENT_USERNAME": "pi"}
+    assert "FEDMQ_AGENT_MQTT_PASSWORD" in keys
+    # Every name is a real setting: loading refuses unknown FEDMQ_AGENT_* variables.
+    env = {k: "" for k in keys} | {"FEDMQ_AGENT_MQTT_PASSWORD": "x",
+                                   "FEDMQ_AGENT_MQTT_USERNAME": "pi"}
     env["FEDMQ_AGENT_DEVICE_ID"] = "pi-0001"
     env["FEDMQ_AGENT_SOURCE"] = "npz:/var/lib/fedmq-agent/data/local.npz"
     cfg = agent_config.load_agent_config(AGENT_TOML, environ=env)
-    assert cfg.password == "x" and cfg.signing_key is None
+    assert cfg.mqtt.password == "x" and cfg.signing_key is None
 
 
 # ---------------------------------------------------------------------------- aggregator configs
@@ -258,11 +260,13 @@ def test_aggregator_config_loads(where: str, tmp_path: Path) -> None:
     # The image's environment (Dockerfile ENV) on top, as in the container.
     env = {"FEDMQ_AGGREGATOR_STATE_DIR": STATE_DIR,
            "FEDMQ_AGGREGATOR_METRICS_PORT": str(METRICS_PORT),
-           "FEDMQ_AGGREGATOR_USERNAME": "aggregator", "FEDMQ_AGGREGATOR_PASSWORD": "x"}
+           "FEDMQ_AGGREGATOR_METRICS_HOST": "0.0.0.0",
+           "FEDMQ_AGGREGATOR_MQTT_USERNAME": "aggregator",
+           "FEDMQ_AGGREGATOR_MQTT_PASSWORD": "x"}
     cfg = agg_config.load_aggregator_config(path, environ=env)
     assert str(cfg.state_dir) == STATE_DIR
-    assert cfg.metrics_port == METRICS_PORT
-    assert cfg.tls_ca == "/etc/fedmq/tls/ca.crt" and cfg.port == 8883
+    assert cfg.metrics_port == METRICS_PORT and cfg.metrics_host == "0.0.0.0"
+    assert cfg.mqtt.tls_ca == "/etc/fedmq/tls/ca.crt" and cfg.mqtt.port == 8883
     plain = agg_config.load_aggregator_config(path, environ={})
     assert str(plain.state_dir) == STATE_DIR and plain.metrics_port == METRICS_PORT
 
@@ -288,6 +292,8 @@ def test_dockerfile_shape() -> None:
     env = " ".join(a for i, a in instrs if i == "ENV")
     assert f"FEDMQ_AGGREGATOR_STATE_DIR={STATE_DIR}" in env
     assert f"FEDMQ_AGGREGATOR_METRICS_PORT={METRICS_PORT}" in env
+    # The aggregator's own default is loopback; in the container it must be reachable.
+    assert "FEDMQ_AGGREGATOR_METRICS_HOST=0.0.0.0" in env
 
 
 def test_dockerfile_installs_aggregator_extra_without_tensorflow() -> None:
@@ -340,7 +346,8 @@ def test_compose_services_volumes_and_mounts() -> None:
     assert "127.0.0.1:9108:9108" in agg["ports"] and "8883:8883" in mosq["ports"]
     assert agg["read_only"] is True and agg["cap_drop"] == ["ALL"]
     # Secrets come from .env, never from the file.
-    assert "${FEDMQ_AGGREGATOR_PASSWORD:?" in agg["environment"]["FEDMQ_AGGREGATOR_PASSWORD"]
+    assert "${FEDMQ_AGGREGATOR_MQTT_PASSWORD:?" in (
+        agg["environment"]["FEDMQ_AGGREGATOR_MQTT_PASSWORD"])
 
     def mounts(svc: dict[str, Any]) -> dict[str, str]:
         out = {}
@@ -394,13 +401,14 @@ def test_compose_bind_mounts_exist_or_are_documented() -> None:
 def test_aggregator_client_id_is_its_username_and_the_health_listener_matches() -> None:
     compose_toml = tomllib.loads((DEPLOY / "compose" / "aggregator.toml").read_text())
     agg = compose_toml["aggregator"]
-    assert agg["client_id"] == agg["username"] == "aggregator"
+    assert compose_toml["mqtt"]["client_id"] == compose_toml["mqtt"]["username"] == "aggregator"
     assert agg["registry"].startswith(STATE_DIR + "/")
     sts = next(doc for _, doc in k8s_objects() if doc["kind"] == "StatefulSet")
     [container] = [c for c in sts["spec"]["template"]["spec"]["containers"]
-                   if any(e["name"] == "FEDMQ_AGGREGATOR_USERNAME" for e in c.get("env", []))]
+                   if any(e["name"] == "FEDMQ_AGGREGATOR_MQTT_USERNAME"
+                          for e in c.get("env", []))]
     env = {e["name"]: e.get("valueFrom") for e in container["env"]}
-    assert env["FEDMQ_AGGREGATOR_CLIENT_ID"] == env["FEDMQ_AGGREGATOR_USERNAME"]
+    assert env["FEDMQ_AGGREGATOR_MQTT_CLIENT_ID"] == env["FEDMQ_AGGREGATOR_MQTT_USERNAME"]
     broker = pytest.importorskip("fedmq_ops.broker")
     conf = broker.render_mosquitto_conf(broker.BrokerSettings())
     assert "listener 1883 127.0.0.1" in conf  # what the compose health check dials

@@ -310,15 +310,17 @@ def test_config_precedence_and_validation(tmp_path: Path) -> None:
     toml = tmp_path / "agg.toml"
     toml.write_text('[aggregator]\nfleet = "lab"\nrounds = 5\nmin_updates = 2\ncodec = "float16"\n')
     env = {"FEDMQ_AGGREGATOR_ROUNDS": "7", "FEDMQ_AGGREGATOR_SERVER_LR": "0.5"}
-    cfg = load_aggregator_config(toml, overrides={"codec": "int8", "port": None}, environ=env)
+    cfg = load_aggregator_config(toml, overrides={"codec": "int8", "mqtt.port": None},
+                                 environ=env)
     assert (cfg.fleet, cfg.rounds, cfg.min_updates, cfg.codec, cfg.server_lr) == (
         "lab", 7, 2, "int8", 0.5
     )
-    assert cfg.effective_client_id == "fedmq-aggregator-lab" and cfg.port == 1883
+    assert cfg.effective_client_id == "fedmq-aggregator-lab" and cfg.mqtt.port == 1883
+    assert cfg.mqtt_settings().client_id == "fedmq-aggregator-lab"
     assert cfg.topics.update("d") == "fl/lab/update/d"
     for bad in ({"min_updates": 5, "clients_per_round": 2}, {"codec": "zip"},
                 {"strategy": "krum"}, {"fleet": "a/b"}, {"round_timeout": 0},
-                {"password": "x"}, {"tls_cert": "c"}):
+                {"mqtt.password": "x"}, {"mqtt.tls_cert": "c"}, {"port": 1}):
         with pytest.raises(ConfigError):
             load_aggregator_config(overrides=bad, environ={})
 
