@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from edge_agent.textfile import check_textfile_path
 from fedmq.config import load_config
 from fedmq.data.local import LocalDataConfig
 from fedmq.errors import ConfigError, FedmqError
@@ -65,6 +66,9 @@ class AgentConfig:
     ack_timeout: float = 60.0
     max_resends: int = 5
     signing_key: Path | None = None
+    # Prometheus textfile for node_exporter's textfile collector (NAME.prom), rewritten
+    # after every round (docs/monitoring.md); None = none.
+    metrics_textfile: Path | None = None
 
     def __post_init__(self) -> None:
         if self.device_id:
@@ -95,6 +99,8 @@ class AgentConfig:
         _positive("ack_timeout", self.ack_timeout)
         if self.max_resends < 0:
             raise ConfigError(f"max_resends must be >= 0, got {self.max_resends}")
+        if self.metrics_textfile is not None:
+            check_textfile_path(self.metrics_textfile)
 
     @property
     def topics(self) -> Topics:

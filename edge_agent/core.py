@@ -27,12 +27,14 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from edge_agent.decide import SkipReason, decide
 from edge_agent.outbox import Outbox, OutboxEntry
 from edge_agent.state import ACCEPTED, EXPIRED, StateStore, rejected
+from edge_agent.textfile import check_textfile_path, write_textfile
 from edge_agent.trainer import Trainer
 from fedmq.data.local import LocalData, PluginData
 from fedmq.data.plugin import InputSpec, PluginDataError
@@ -109,8 +111,12 @@ class CoreSettings:
     max_resends: int = 5
     seed: int = 0
     num_threads: int = 1
+    # node_exporter textfile (NAME.prom) rewritten after every round; None = none
+    metrics_textfile: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.metrics_textfile is not None:
+            check_textfile_path(self.metrics_textfile)
         if not (math.isfinite(self.ack_timeout) and self.ack_timeout > 0):
             raise ValueError(f"ack_timeout must be > 0, got {self.ack_timeout}")
         if self.max_resends < 0:
@@ -432,7 +438,39 @@ class EdgeCore:
 
     # ------------------------------------------------------------------ training
     def train(self, job: TrainJob, now: float) -> list[Action]:
-        """Train for ``job``'s round, store the update durably, and send it."""
+        """Train for ``job``'s round, store the update durably, and send it; then refresh
+        the metrics textfile (when configured) whatever the outcome."""
+        actions = self._train(job, now)
+        self._export_textfile(job.announcement.round_id, now)
+        return actions
+
+    def _export_textfile(self, round_id: int, now: float) -> None:
+        path = self.settings.metrics_textfile
+        if path is None:
+            return
+        m = self._status.metrics
+        values: dict[str, float] = {
+            "fedmq_agent_last_round": round_id,
+            "fedmq_agent_last_round_timestamp_seconds": now,
+            "fedmq_agent_model_version": self.model_version or 0,
+            "fedmq_agent_outbox_pending": len(self.outbox),
+            "fedmq_agent_updates_accepted_total": self.store.counter("updates_accepted"),
+            "fedmq_agent_updates_rejected_total": self.store.counter("updates_rejected"),
+            "fedmq_agent_updates_resent_total": self.store.counter("updates_resent"),
+            "fedmq_agent_train_failures_total": self.store.counter("train_failures"),
+        }
+        for key, name, scale in (
+            ("loss", "fedmq_agent_train_loss", 1.0),
+            ("train_seconds", "fedmq_agent_train_seconds", 1.0),
+            ("examples", "fedmq_agent_train_examples", 1.0),
+            ("update_bytes", "fedmq_agent_update_bytes", 1.0),
+            ("peak_rss_mb", "fedmq_agent_peak_rss_bytes", 1024.0 * 1024.0),
+        ):
+            if key in m:
+                values[name] = m[key] * scale
+        write_textfile(path, values, {"device": self.device_id, "fleet": self.settings.fleet})
+
+    def _train(self, job: TrainJob, now: float) -> list[Action]:
         ann = job.announcement
         r = ann.round_id
         if self._global is None or self._round is None or self._round.round_id != r:
@@ -454,6 +492,7 @@ class EdgeCore:
             log.error("round %d: training failed: %s", r, exc)
             return self._status_out("idle", now, r)
         m = self._status.metrics
+        m["update_bytes"] = float(len(entry.payload))
         log.info(
             "round %d: trained %d epoch(s): loss %.4f, %d examples in %.2fs; update %s "
             "(%s, %d bytes)",

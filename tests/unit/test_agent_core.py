@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent.config import AgentConfig
 from edge_agent.core import CoreSettings, EdgeCore, Publish, TrainJob, carry_out
@@ -79,6 +80,7 @@ class Device:
     ack_timeout: float = 10.0
     max_resends: int = 2
     key: DeviceKey | None = None
+    metrics_textfile: Path | None = None
     published: list[Publish] = field(default_factory=list)
     now: float = 1000.0
 
@@ -88,7 +90,7 @@ class Device:
     def restart(self) -> EdgeCore:
         self.core = EdgeCore(
             CoreSettings(FLEET, DEVICE, TOPICS, ack_timeout=self.ack_timeout,
-                         max_resends=self.max_resends),
+                         max_resends=self.max_resends, metrics_textfile=self.metrics_textfile),
             StateStore(self.state_dir, DEVICE), Outbox(self.state_dir / "outbox"),
             LiteRTTrainer(BUNDLE), self.data, self.key,
         )
@@ -152,6 +154,39 @@ def test_a_round_trains_stores_then_publishes_and_one_ack_clears_it(
     assert device.counter("updates_accepted") == 1 and device.counter("updates_rejected") == 0
     # The same round again (retained redelivery) does not train twice.
     assert updates(device.round(round_msg(1, 0))) == []
+
+
+def test_every_round_rewrites_the_metrics_textfile(
+    tmp_path: Path, data: LocalData, weights: dict[str, np.ndarray]
+) -> None:
+    prom = tmp_path / "textfile" / "fedmq_agent.prom"
+    prom.parent.mkdir()
+    d = Device(tmp_path / "agent", data, metrics_textfile=prom)
+    d.connect()
+    d.model(model_msg(weights, 0))
+    [update] = updates(d.round(round_msg(1, 0)))
+    [payload] = [p.payload for p in d.published if p.topic == TOPICS.update(DEVICE)]
+    d.ack(ack_msg(update))
+
+    def samples() -> dict[str, float]:
+        families = text_string_to_metric_families(prom.read_text())
+        out = {}
+        for family in families:
+            for sample in family.samples:
+                assert sample.labels == {"device": DEVICE, "fleet": FLEET}
+                out[sample.name] = sample.value
+        return out
+
+    first = samples()
+    assert first["fedmq_agent_last_round"] == 1
+    assert first["fedmq_agent_update_bytes"] == len(payload)
+    assert first["fedmq_agent_train_examples"] == len(data)
+    assert first["fedmq_agent_outbox_pending"] == 1  # written before the ack arrived
+    d.model(model_msg(weights, 1))
+    updates(d.round(round_msg(2, 1)))
+    second = samples()
+    assert second["fedmq_agent_last_round"] == 2
+    assert second["fedmq_agent_updates_accepted_total"] == 1  # round 1's ack
 
 
 def test_updates_are_signed_over_what_is_stored_and_sent(
