@@ -57,7 +57,7 @@ def _file(tmp_path: Path, text: str) -> Path:
         (load_agent_config, '[agent]\n[mqtt]\npasword = "x"\n',
          "unknown key 'pasword' in [mqtt] (did you mean password?)"),
         (load_agent_config, '[agent]\nkeepalive = 9\n', "'keepalive' moved to [mqtt] keepalive"),
-        (load_agent_config, '[agent]\nmetrics_port = 9\n', "unknown key 'metrics_port' in [agent]"),
+        (load_agent_config, '[agent]\nquantum_flux = 9\n', "unknown key 'quantum_flux' in [agent]"),
         (load_aggregator_config, '[aggregator]\n[aggregator.mqtt]\nhost = "h"\n',
          "[aggregator.mqtt] is not a table of this file: use [mqtt]"),
     ],
