@@ -46,6 +46,9 @@ OnRound = Callable[[RoundResult], None]
 # After the first connection, updates the broker kept for us are handled before any round
 # is closed, abandoned or opened.
 _BACKLOG_GRACE = 0.5
+# A finished federation waits this long for its final model to reach the broker (a broker
+# restart at the very end) before it exits; the next start republishes it anyway.
+_FINAL_DELIVERY_WAIT = 30.0
 
 
 @dataclass(frozen=True)
@@ -326,6 +329,7 @@ class AggregatorService:
         self.client.loop_start()
         code = 0
         next_tick = float("inf")  # first tick once connected and the backlog had a moment
+        done_since = 0.0
         try:
             while not stop.is_set():
                 try:
@@ -344,7 +348,15 @@ class AggregatorService:
                     self._tick(time.time())
                 self._report()
                 if self.engine.done and self._ticking and not self._parked:
-                    break  # connected, republished, the kept backlog answered
+                    done_since = done_since or time.monotonic()
+                    if self._retained_delivered():
+                        break  # connected, republished and delivered, the backlog answered
+                    if time.monotonic() - done_since > _FINAL_DELIVERY_WAIT:
+                        log.warning(
+                            "all rounds done, but the final model did not reach the broker "
+                            "within %.0fs: the next start republishes it", _FINAL_DELIVERY_WAIT,
+                        )
+                        break
             if self.engine.done and not stop.is_set():
                 self._drain()
                 log.info("all %d round(s) done", cfg.rounds)
@@ -355,6 +367,13 @@ class AggregatorService:
             self._shutdown()
         self._watch.raise_if_failed()  # bad credentials / TLS at start-up: exit 1, one line
         return code
+
+    def _retained_delivered(self) -> bool:
+        """Connected, nothing waiting to be published, every retained publish acknowledged
+        by the broker (QoS 1 PUBACK)."""
+        if not self._connected or self._pending:
+            return False
+        return all(info.is_published() for info in self._last_infos)
 
     def _drain(self) -> None:
         """Answer what already arrived (late updates get a definitive ack) before leaving."""

@@ -48,8 +48,10 @@ def _mean(base: dict[str, np.ndarray], parts: list[tuple[int, dict[str, np.ndarr
 
 
 def test_full_disk_mid_round_loses_nothing(
-    broker: LocalBroker, topic_prefix: str, tmp_path: Path
+    broker: LocalBroker, topic_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Exact weighted means of the claimed counts: no relative weight cap in this test.
+    monkeypatch.setenv("FEDMQ_AGGREGATOR_WEIGHT_CAP_MULTIPLIER", "0")
     topics = Topics("f1", topic_prefix)
     with small_tmpfs(tmp_path / "state", "2m") as state:
         acks = AckLog(broker, topics)

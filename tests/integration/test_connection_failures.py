@@ -144,7 +144,7 @@ def _secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
         run_as="root" if os.geteuid() == 0 else "mosquitto",
     )
     result = init_broker(root, settings)
-    (root / "data").mkdir()
+    (root / "data").mkdir(exist_ok=True)
     passwords = dict(result.passwords)
     pw = add_device(root, "dev-a")
     assert pw is not None
