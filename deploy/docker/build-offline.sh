@@ -8,6 +8,7 @@
 #
 #   deploy/docker/build-offline.sh aggregator [TAG]   # default TAG localhost/fedmq-aggregator:0.1.0
 #   deploy/docker/build-offline.sh agent [TAG]        # default TAG localhost/fedmq-agent:0.1.0
+#   deploy/docker/build-offline.sh mosquitto [TAG]    # default TAG localhost/fedmq-mosquitto:2
 #   deploy/docker/build-offline.sh base               # only the base image
 #
 # Cached under FEDMQ_CONTAINER_CACHE (default: .cache/containers in the repository):
@@ -103,7 +104,7 @@ ensure_wheels() {
     say "downloading the wheels of fedmq[$extra] with $PYTHON -m pip"
     rm -rf "$dir.$$"
     "$PYTHON" -m pip download --quiet --disable-pip-version-check --dest "$dir.$$" \
-      "$ROOT[$extra]" "setuptools>=77" wheel >&2
+      "${ROOT}[${extra}]" "setuptools>=77" wheel >&2
     mv -T "$dir.$$" "$dir"
   fi
   printf '%s\n' "$dir"
@@ -121,8 +122,17 @@ build() {
     -f "$dockerfile" -t "$tag" "$ROOT"
 }
 
+# Mosquitto from the base's apt, laid out like eclipse-mosquitto:2 (compose.podman.yaml).
+build_mosquitto() {
+  local tag=$1
+  ensure_base
+  say "building $tag from deploy/docker/Dockerfile.mosquitto on $BASE_IMAGE"
+  pm build --format docker --network host "${ULIMITS[@]}" --build-arg BASE_IMAGE="$BASE_IMAGE" \
+    -f "$ROOT/deploy/docker/Dockerfile.mosquitto" -t "$tag" "$ROOT/deploy/docker"
+}
+
 main() {
-  [[ $# -ge 1 ]] || die "usage: $0 aggregator|agent|base [TAG]"
+  [[ $# -ge 1 ]] || die "usage: $0 aggregator|agent|mosquitto|base [TAG]"
   command -v podman >/dev/null || die "podman is not installed (apt-get install podman runc)"
   mkdir -p "$CACHE"
   # One build at a time per cache (several checkouts may share it).
@@ -134,7 +144,8 @@ main() {
       "${2:-localhost/fedmq-aggregator:0.1.0}" ;;
     agent) build "$ROOT/deploy/docker/Dockerfile.agent" edge \
       "${2:-localhost/fedmq-agent:0.1.0}" ;;
-    *) die "unknown target ${1@Q}: aggregator, agent or base" ;;
+    mosquitto) build_mosquitto "${2:-localhost/fedmq-mosquitto:2}" ;;
+    *) die "unknown target ${1@Q}: aggregator, agent, mosquitto or base" ;;
   esac
 }
 

@@ -7,6 +7,10 @@
   rounds of two real agents running on the host; it is then SIGKILLed (``podman kill``),
   removed, and a new container on the same volume carries on with model version 3.
 - The agent container completes a round with a host aggregator.
+- ``deploy/compose/compose.yaml`` comes up with podman-compose (with ``compose.podman.yaml``:
+  local images, ulimits) on broker files made by ``fedmq broker init``: the aggregator logs
+  in over TLS by the service name, both health checks pass, and a host client reads the
+  retained model through the published TLS port. It publishes the fixed ports 8883 and 9108.
 
 Podman's flags are the ones this machine kind needs (docs/deployment.md): runc with cgroupfs
 and explicit ulimits. The base image and the wheels are cached in ``.cache/containers/``.
@@ -16,7 +20,9 @@ The tests are skipped only when podman cannot run a container here at all.
 from __future__ import annotations
 
 import os
+import queue
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -26,13 +32,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 
 from fedmq.data.local import load_source
 from fedmq.net.localbroker import LocalBroker, free_port
 from fedmq.net.procs import stop_processes
 from fedmq.topics import Topics
-from tests.fakes import AckCollector, AggregatorProcess, Watcher
+from fedmq.wire import decode_model
+from tests.fakes import AckCollector, AggregatorProcess, Watcher, fedmq_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -41,6 +49,7 @@ BUILD = ROOT / "deploy" / "docker" / "build-offline.sh"
 BASE_IMAGE = "localhost/debian:bookworm"
 AGGREGATOR_IMAGE = "localhost/fedmq-aggregator:test"
 AGENT_IMAGE = "localhost/fedmq-agent:test"
+MOSQUITTO_IMAGE = "localhost/fedmq-mosquitto:test"
 PODMAN = ("podman", "--runtime", "/usr/sbin/runc", "--cgroup-manager=cgroupfs")
 RUN_FLAGS = ("--network", "host", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024")
 UID = "10001"
@@ -93,6 +102,12 @@ def aggregator_image(base_image: str, tmp_path_factory: pytest.TempPathFactory) 
 def agent_image(base_image: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     build("agent", AGENT_IMAGE, tmp_path_factory.mktemp("build") / "agent.log")
     return AGENT_IMAGE
+
+
+@pytest.fixture(scope="session")
+def mosquitto_image(base_image: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    build("mosquitto", MOSQUITTO_IMAGE, tmp_path_factory.mktemp("build") / "mosquitto.log")
+    return MOSQUITTO_IMAGE
 
 
 class Containers:
@@ -311,3 +326,99 @@ def test_agent_container_completes_a_round(
         agg.stop()
         acks.close()
         watcher.close()
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait_for_log(name: str, text: str, timeout: float) -> str:
+    end = time.monotonic() + timeout
+    while True:
+        done = podman("logs", name, check=False)
+        log = done.stdout + done.stderr
+        if text in log or time.monotonic() > end:
+            return log
+        time.sleep(0.5)
+
+
+def _retained_model_over_tls(ca: Path, password: str) -> int:
+    """Log in as `monitor` on 127.0.0.1:8883 (TLS) and read the retained model's version."""
+    got: queue.Queue[int] = queue.Queue()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="monitor",
+                    protocol=mqtt.MQTTv5)
+    c.tls_set(ca_certs=str(ca))
+    c.username_pw_set("monitor", password)
+    c.on_connect = lambda cl, *_a: cl.subscribe(Topics("default").model, qos=1)
+    c.on_message = lambda _c, _u, msg: got.put(decode_model(bytes(msg.payload)).version)
+    c.connect("127.0.0.1", 8883)
+    c.loop_start()
+    try:
+        return got.get(timeout=60)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def test_compose_comes_up_with_podman_compose(
+    aggregator_image: str, mosquitto_image: str, tmp_path: Path
+) -> None:
+    compose = shutil.which("podman-compose")
+    if compose is None:
+        pytest.fail("podman-compose is not installed: `make test` installs it (apt-get)")
+    busy = [p for p in (8883, 9108) if _port_in_use(p)]
+    assert not busy, f"compose.yaml publishes 127.0.0.1 ports {busy}, which are in use here"
+    # The repository's compose files, beside broker files made by the broker tooling (at
+    # ../../broker, where compose.yaml mounts them), in a scratch tree.
+    here = tmp_path / "deploy" / "compose"
+    here.mkdir(parents=True)
+    for name in ("compose.yaml", "compose.podman.yaml", "aggregator.toml"):
+        shutil.copy(ROOT / "deploy" / "compose" / name, here / name)
+    broker_dir = tmp_path / "broker"
+    init = fedmq_cli("broker", "init", "--dir", str(broker_dir), "--hostname", "mosquitto",
+                     "--monitor", "--owner", "1883:1883")
+    assert init.returncode == 0, init.stderr
+    secrets = {}
+    for who in ("aggregator", "monitor"):
+        for line in (broker_dir / "credentials" / f"{who}.env").read_text().splitlines():
+            if line.startswith("FEDMQ_"):
+                key, _, value = line.partition("=")
+                secrets[key] = value
+    (here / ".env").write_text("".join(f"{k}={v}\n" for k, v in secrets.items()))
+    project = f"fedmq-test-{uuid.uuid4().hex[:8]}"
+    cmd = [compose, "--podman-args", " ".join(PODMAN[1:]), "-p", project,
+           "-f", "compose.yaml", "-f", "compose.podman.yaml"]
+    env = {**os.environ, "FEDMQ_AGGREGATOR_IMAGE": aggregator_image,
+           "FEDMQ_MOSQUITTO_IMAGE": mosquitto_image}
+
+    def compose_run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cmd, *args], cwd=here, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    try:
+        up = compose_run("up", "-d", "--no-build")
+        assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-4000:]
+        broker_name, agg_name = f"{project}_mosquitto_1", f"{project}_aggregator_1"
+        log = _wait_for_log(agg_name, "connected to mosquitto:8883 as aggregator", 120)
+        assert "connected to mosquitto:8883 as aggregator" in log, log[-6000:]
+        running = podman("ps", "--filter", f"label=io.podman.compose.project={project}",
+                         "--format", "{{.Names}}").stdout.split()
+        assert sorted(running) == sorted([broker_name, agg_name])
+        # Both compose health checks (monitor login on the broker's loopback listener;
+        # GET /metrics in the aggregator) pass when run by hand.
+        for name in (broker_name, agg_name):
+            check = podman("healthcheck", "run", name, check=False)
+            assert check.returncode == 0, (name, check.stdout, check.stderr)
+        assert _retained_model_over_tls(broker_dir / "certs" / "ca.crt",
+                                        secrets["FEDMQ_MONITOR_PASSWORD"]) == 0
+        assert metrics(9108)["fedmq_model_version"] == 0
+        # The aggregator runs read-only as uid 10001 with every capability dropped.
+        info = podman("inspect", "--format",
+                      "{{.Config.User}} {{.HostConfig.ReadonlyRootfs}} {{.EffectiveCaps}}",
+                      agg_name).stdout
+        assert info.split() == ["10001:10001", "true", "[]"], info
+    finally:
+        down = compose_run("down", "-v")
+        podman("network", "rm", "-f", f"{project}_default", check=False)
+        assert down.returncode == 0, down.stderr[-4000:]
