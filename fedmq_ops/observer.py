@@ -103,7 +103,8 @@ class FleetObserver:
         t, view = self.topics, self.view
         try:
             if topic == t.round:
-                rnd = wire.decode_round(payload)
+                # An empty retained round: the aggregator cleared it (the federation is done).
+                rnd = wire.decode_round(payload) if payload else None
                 with view.lock:
                     view.round, view.round_bytes = rnd, len(payload)
                     view.changed.notify_all()

@@ -34,8 +34,10 @@ TOTAL = CONNECTIONS * PER_CONNECTION
 
 
 def test_thousand_updates_at_once_none_lost(
-    broker: LocalBroker, topic_prefix: str, tmp_path: Path
+    broker: LocalBroker, topic_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The expected model is the plain example-weighted mean: no relative weight cap here.
+    monkeypatch.setenv("FEDMQ_AGGREGATOR_WEIGHT_CAP_MULTIPLIER", "0")
     topics = Topics(FLEET, topic_prefix)
     state = tmp_path / "state"
     acks = AckLog(broker, topics)

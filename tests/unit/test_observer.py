@@ -56,6 +56,9 @@ def test_round_status_and_bad_messages(caplog: pytest.LogCaptureFixture) -> None
     assert [r.getMessage() for r in caplog.records if "undecodable" in r.getMessage()] == [
         f"ignoring an undecodable message on {T.status('junk')}: {why.value}"
     ]
+    obs.apply(T.round, b"")  # the aggregator cleared the retained round: no round, no warning
+    assert view.round is None and view.bad_messages == 1
+    assert len([r for r in caplog.records if "undecodable" in r.getMessage()]) == 1
 
 
 def test_wait_for_version_returns_or_names_what_is_missing() -> None:
