@@ -14,7 +14,7 @@ import pytest
 
 from aggregator.config import AggregatorConfig, load_aggregator_config
 from aggregator.engine import resolve_bundle
-from fedmq.errors import ConfigError, RejectReason, WireError
+from fedmq.errors import ConfigError, RejectReason, StateError, WireError
 from fedmq.models.spec import ModelBundle
 from fedmq.update import codecs
 from fedmq.update.accumulate import Accumulated, BufferedUpdates, WeightedDelta, WeightedSum
@@ -275,3 +275,19 @@ def test_engine_with_median_ignores_a_scaled_update_and_bounds_its_buffer(
         hi = w0[name] + _stack(honest, name).max(0)
         assert (got[name] >= lo).all() and (got[name] <= hi).all()
     h.close()
+
+
+def test_restart_with_a_smaller_buffer_than_the_journal_stops_with_the_reason(
+    tmp_path: Path, bundle: ModelBundle
+) -> None:
+    cfg = _engine_config(tmp_path, robust_buffer=5)
+    h = Harness(cfg, bundle)
+    for i in range(3):
+        assert h.update(f"h{i}", exact_delta(h.shapes, 70 + i), 10).accepted
+    h.close()  # the process stops with 3 journaled updates in the open round
+    smaller = _engine_config(tmp_path, robust_buffer=2, min_updates=2)
+    with pytest.raises(StateError, match=r"buffer is full \(2 updates\)"):
+        Harness(smaller, bundle)
+    h2 = Harness(cfg, bundle)  # back to the old bound: the round and its 3 updates are there
+    assert h2.engine.round is not None and h2.engine.round.count == 3
+    h2.close()
