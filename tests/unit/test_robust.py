@@ -16,6 +16,7 @@ from aggregator.config import AggregatorConfig, load_aggregator_config
 from aggregator.engine import resolve_bundle
 from fedmq.errors import ConfigError, RejectReason, StateError, WireError
 from fedmq.models.spec import ModelBundle
+from fedmq.signing import DeviceKey, Registry
 from fedmq.update import codecs
 from fedmq.update.accumulate import Accumulated, BufferedUpdates, WeightedDelta, WeightedSum
 from fedmq.update.robust import (
@@ -29,7 +30,7 @@ from fedmq.update.robust import (
     weighted_mean,
 )
 from fedmq.update.strategies import FedAvg, StrategyOptions, make_strategy
-from tests.fakes import exact_delta, model_weights
+from tests.fakes import exact_delta, make_update, model_weights
 from tests.unit.test_engine import T0, Harness, _models
 
 SHAPES = {"w": (5, 4), "b": (4,)}
@@ -252,15 +253,25 @@ def _engine_config(tmp_path: Path, **kw: Any) -> AggregatorConfig:
 def test_engine_with_median_ignores_a_scaled_update_and_bounds_its_buffer(
     tmp_path: Path, bundle: ModelBundle, caplog: pytest.LogCaptureFixture
 ) -> None:
-    h = Harness(_engine_config(tmp_path, robust_buffer=5), bundle)
+    registry = Registry(tmp_path / "devices.json")
+    keys = {dev: DeviceKey.generate() for dev in ("h0", "h1", "h2", "h3", "evil", "late")}
+    for dev, key in keys.items():  # every device enrolled, the attacker too
+        registry.enroll(dev, key.public_hex)
+    cfg = _engine_config(tmp_path, robust_buffer=5, registry=str(tmp_path / "devices.json"))
+    assert cfg.signatures_required
+    h = Harness(cfg, bundle)
     w0 = model_weights(_models(h.out)[0])
     honest = [exact_delta(h.shapes, 50 + i) for i in range(4)]
     attacker = _scaled(honest[0], 1e3)
+
+    def send(dev: str, delta: Mapping[str, np.ndarray]) -> Any:
+        return h.send(dev, make_update("f", 1, 0, dev, delta, 10, key=keys[dev]))
+
     for i, d in enumerate(honest):
-        assert h.update(f"h{i}", d, 10).accepted
-    assert h.update("evil", attacker, 10).accepted
+        assert send(f"h{i}", d).accepted
+    assert send("evil", attacker).accepted
     with caplog.at_level(logging.WARNING, logger="aggregator.ingest"):
-        late = h.update("late", honest[1], 10)  # the 6th: beyond robust_buffer = 5
+        late = send("late", honest[1])  # the 6th: beyond robust_buffer = 5
     assert not late.accepted and late.code == RejectReason.ROUND_CLOSED
     assert "buffer is full (5 updates)" in late.reason
     assert sum("buffer is full" in r.getMessage() for r in caplog.records) == 1
