@@ -8,9 +8,12 @@ weights (:meth:`~Strategy.aggregate`) and keeps its server state (``state``/``lo
 A :class:`StrategyWrapper` delegates all of it to an inner strategy and overrides what it
 changes (DP noise, norm bounding): :class:`ClipMeanDelta` is the worked example.
 
-FedAvg adds the mean delta (server learning rate 1), FedAvgM adds server momentum, FedAdam
-uses Adam on the server. :func:`make_strategy` reads the registry
-(:func:`register_strategy`, :func:`strategy_names`).
+FedAvg adds the mean delta (server learning rate 1), FedAvgM adds server momentum, FedAdam,
+FedYogi and FedAdagrad are Reddi et al.'s adaptive servers (:class:`AdaptiveServer`). The
+robust aggregators and wrappers (median, trimmed mean, Multi-Krum, norm bounding, outlier
+zeroing) are in :mod:`fedmq.update.robust`. :func:`make_strategy` reads the registry
+(:func:`register_strategy`, :func:`register_strategy_with_options`, :func:`strategy_names`)
+and applies the wrappers :class:`StrategyOptions` asks for; docs/strategies.md lists them.
 """
 
 from __future__ import annotations
