@@ -19,8 +19,9 @@ from fedmq.config import load_config
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.net.mqtt import MqttSettings
 from fedmq.topics import Topics, validate_name
+from fedmq.update.accumulate import BufferedUpdates
 from fedmq.update.codecs import codec_names
-from fedmq.update.strategies import strategy_names
+from fedmq.update.strategies import StrategyOptions, make_strategy, strategy_names
 from fedmq.wire import TrainingConfig
 
 __all__ = [
@@ -84,6 +85,19 @@ class AggregatorConfig:
     strategy: str = "fedavg"
     server_lr: float | None = None
     server_momentum: float = 0.9
+    # -- strategy options (docs/strategies.md): adaptive servers, robust aggregation ---------
+    server_beta1: float = 0.9  # fedadam/fedyogi/fedadagrad (Reddi et al. 2021)
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    bias_correction: bool = False  # Algorithm 2 has none
+    robust_buffer: int = 64  # updates kept per round by median/trimmed_mean/krum/wrappers
+    trim: float = 0.1  # trimmed_mean: fraction dropped each side
+    krum_f: int = 1  # krum: Byzantine devices assumed (rounds need >= 2 krum_f + 3 updates)
+    krum_m: int = 0  # krum: updates averaged, 0 = n - krum_f
+    clip_updates: str = "off"  # server-side norm bounding: "off", "fixed", "adaptive"
+    clip_norm: float = 0.0  # "fixed": the L2 bound of each update
+    clip_multiplier: float = 1.0  # "adaptive": bound = this x the round's median norm
+    zero_outliers_k: float = 0.0  # zero values > k MADs from the median; 0 = off
     seed: int = 0
     max_update_bytes: int = 16 * 1024 * 1024
     max_examples_per_update: int = 10_000_000
@@ -154,6 +168,7 @@ class AggregatorConfig:
             raise ConfigError(f"server_lr must be > 0, got {self.server_lr}")
         if not 0 <= self.server_momentum < 1:
             raise ConfigError(f"server_momentum must be in [0, 1), got {self.server_momentum}")
+        self._check_strategy_options()
         _at_least(self.max_update_bytes, 1024, "max_update_bytes")
         _at_least(self.max_examples_per_update, 1, "max_examples_per_update")
         _at_least(self.metrics_port, 0, "metrics_port")
@@ -174,7 +189,49 @@ class AggregatorConfig:
         except (ValueError, FedmqError) as exc:
             raise ConfigError(str(exc)) from exc
 
+    def _check_strategy_options(self) -> None:
+        options = self.strategy_options()
+        needed = options.min_updates_needed(self.strategy)
+        if self.min_updates < needed:
+            raise ConfigError(
+                f"strategy {self.strategy!r} with krum_f={self.krum_f} needs min_updates >= "
+                f"{needed}, got {self.min_updates}"
+            )
+        if self.strategy == "krum" and self.krum_m > self.min_updates:
+            raise ConfigError(
+                f"krum_m ({self.krum_m}) exceeds min_updates ({self.min_updates}): a round "
+                "of min_updates updates could not select that many"
+            )
+        if self.strategy_buffers() and self.robust_buffer < self.min_updates:
+            raise ConfigError(
+                f"robust_buffer ({self.robust_buffer}) is below min_updates "
+                f"({self.min_updates}): the round could never close"
+            )
+
     # -- derived ---------------------------------------------------------------------------
+    def strategy_options(self) -> StrategyOptions:
+        return StrategyOptions(
+            server_lr=self.server_lr,
+            momentum=self.server_momentum,
+            beta1=self.server_beta1,
+            beta2=self.server_beta2,
+            tau=self.server_tau,
+            bias_correction=self.bias_correction,
+            robust_buffer=self.robust_buffer,
+            trim=self.trim,
+            krum_f=self.krum_f,
+            krum_m=self.krum_m,
+            clip_updates=self.clip_updates,
+            clip_norm=self.clip_norm,
+            clip_multiplier=self.clip_multiplier,
+            zero_outliers_k=self.zero_outliers_k,
+        )
+
+    def strategy_buffers(self) -> bool:
+        """Whether the configured strategy keeps each update (a bounded buffer)."""
+        strategy = make_strategy(self.strategy, options=self.strategy_options())
+        return isinstance(strategy.new_accumulator({"probe": (1,)}), BufferedUpdates)
+
     @property
     def effective_client_id(self) -> str:
         """A fixed client id (persistent session): ``fedmq-aggregator-<fleet>`` by default."""

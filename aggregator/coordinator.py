@@ -93,7 +93,7 @@ class Coordinator:
         self.model_id = model_id_of(bundle)
         self.template = {t.name: t.shape for t in bundle.spec.trainable_specs}
         self.strategy: Strategy = make_strategy(
-            config.strategy, config.server_lr, config.server_momentum
+            config.strategy, options=config.strategy_options()
         )
         self.policy: RoundPolicy = policy or make_round_policy(config)
         self.online: set[str] = set()

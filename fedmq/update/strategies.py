@@ -8,9 +8,12 @@ weights (:meth:`~Strategy.aggregate`) and keeps its server state (``state``/``lo
 A :class:`StrategyWrapper` delegates all of it to an inner strategy and overrides what it
 changes (DP noise, norm bounding): :class:`ClipMeanDelta` is the worked example.
 
-FedAvg adds the mean delta (server learning rate 1), FedAvgM adds server momentum, FedAdam
-uses Adam on the server. :func:`make_strategy` reads the registry
-(:func:`register_strategy`, :func:`strategy_names`).
+FedAvg adds the mean delta (server learning rate 1), FedAvgM adds server momentum, FedAdam,
+FedYogi and FedAdagrad are Reddi et al.'s adaptive servers (:class:`AdaptiveServer`). The
+robust aggregators and wrappers (median, trimmed mean, Multi-Krum, norm bounding, outlier
+zeroing) are in :mod:`fedmq.update.robust`. :func:`make_strategy` reads the registry
+(:func:`register_strategy`, :func:`register_strategy_with_options`, :func:`strategy_names`)
+and applies the wrappers :class:`StrategyOptions` asks for; docs/strategies.md lists them.
 """
 
 from __future__ import annotations
@@ -27,16 +30,22 @@ from fedmq.update.accumulate import Accumulated, Accumulator, WeightedSum, Weigh
 from fedmq.wire import TrainingConfig
 
 __all__ = [
+    "CLIP_MODES",
+    "AdaptiveServer",
     "ClipMeanDelta",
+    "FedAdagrad",
     "FedAdam",
     "FedAvg",
     "FedAvgM",
+    "FedYogi",
     "MeanDeltaStrategy",
     "Strategy",
     "StrategyFactory",
+    "StrategyOptions",
     "StrategyWrapper",
     "make_strategy",
     "register_strategy",
+    "register_strategy_with_options",
     "strategy_names",
     "unregister_strategy",
 ]
@@ -135,27 +144,60 @@ class FedAvgM(MeanDeltaStrategy):
         }
 
 
-@dataclass
-class FedAdam(MeanDeltaStrategy):
-    """Adaptive server optimiser (Reddi et al. 2021), the mean delta as pseudo-gradient."""
+class AdaptiveServer(MeanDeltaStrategy):
+    """Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2: the weighted mean
+    delta is the pseudo-gradient ``d``; ``m <- beta1 m + (1 - beta1) d``, ``v`` by the
+    subclass's rule, ``w <- w + server_lr * m / (sqrt(v) + tau)``.
 
-    server_lr: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
-    name: str = "fedadam"
+    Algorithm 2 has no bias correction; ``bias_correction=True`` (off by default) divides
+    ``m`` by ``1 - beta1^t`` and, for Adam and Yogi whose ``v`` is an exponential average,
+    ``v`` by ``1 - beta2^t`` (``t``: rounds aggregated, kept in the state as ``step``).
+    """
 
-    def __post_init__(self) -> None:
+    name = "adaptive"
+    server_lr: float
+    beta1: float
+    beta2: float
+    tau: float
+    bias_correction: bool
+    #: v before the first round (Algorithm 2 asks v_-1 >= tau^2); FedAdam keeps its 0.
+    _v_initial_is_tau_squared = True
+    #: whether ``v`` is an exponential average (bias-corrected by ``1 - beta2^t``).
+    _v_is_average = True
+
+    def _validate(self) -> None:
+        for key in ("server_lr", "tau"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{self.name}: {key} must be > 0, got {value}")
+        for key in ("beta1", "beta2"):
+            value = getattr(self, key)
+            if not 0 <= value < 1:
+                raise ConfigError(f"{self.name}: {key} must be in [0, 1), got {value}")
         self._m: Weights = {}
         self._v: Weights = {}
+        self._step = 0
+
+    def _second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _initial_v(self, d: np.ndarray) -> np.ndarray:
+        if self._v_initial_is_tau_squared:
+            return np.full_like(d, np.float32(self.tau) * np.float32(self.tau))
+        return np.zeros_like(d)
 
     def apply(self, global_weights: Mapping[str, np.ndarray], mean_delta: Weights) -> Weights:
         out: Weights = {}
-        b1, b2 = np.float32(self.beta1), np.float32(self.beta2)
+        b1 = np.float32(self.beta1)
+        self._step += 1
         for n, d in mean_delta.items():
             m = b1 * self._m.get(n, np.zeros_like(d)) + (1 - b1) * d
-            v = b2 * self._v.get(n, np.zeros_like(d)) + (1 - b2) * d * d
+            v = self._second_moment(self._v[n] if n in self._v else self._initial_v(d), d)
             self._m[n], self._v[n] = m, v
+            if self.bias_correction:
+                m = m / np.float32(1 - self.beta1**self._step)
+                if self._v_is_average:
+                    v = v / np.float32(1 - self.beta2**self._step)
             step = np.float32(self.server_lr) * m / (np.sqrt(v) + np.float32(self.tau))
             out[n] = (global_weights[n] + step).astype(np.float32)
         return out
@@ -164,11 +206,73 @@ class FedAdam(MeanDeltaStrategy):
         return {
             **{f"m/{n}": v for n, v in self._m.items()},
             **{f"v/{n}": v for n, v in self._v.items()},
+            "step": np.array([self._step], np.int64),
         }
 
     def load_state(self, state: Mapping[str, np.ndarray]) -> None:
         self._m = {k[2:]: np.asarray(v, np.float32) for k, v in state.items() if k.startswith("m/")}
         self._v = {k[2:]: np.asarray(v, np.float32) for k, v in state.items() if k.startswith("v/")}
+        step = state.get("step")
+        self._step = 0 if step is None else int(np.asarray(step).reshape(-1)[0])
+
+
+@dataclass
+class FedAdam(AdaptiveServer):
+    """Adam on the server: ``v <- beta2 v + (1 - beta2) d^2`` from ``v = 0`` (as before
+    FedYogi/FedAdagrad existed; Algorithm 2's ``v_-1 >= tau^2`` is used by those two)."""
+
+    server_lr: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    bias_correction: bool = False
+    name: str = "fedadam"
+    _v_initial_is_tau_squared = False
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    def _second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
+        b2 = np.float32(self.beta2)
+        return b2 * v + (1 - b2) * d * d
+
+
+@dataclass
+class FedYogi(AdaptiveServer):
+    """Yogi on the server: ``v <- v - (1 - beta2) d^2 sign(v - d^2)`` from ``v = tau^2``."""
+
+    server_lr: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    bias_correction: bool = False
+    name: str = "fedyogi"
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    def _second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
+        d2 = d * d
+        return v - (1 - np.float32(self.beta2)) * d2 * np.sign(v - d2)
+
+
+@dataclass
+class FedAdagrad(AdaptiveServer):
+    """Adagrad on the server: ``v <- v + d^2`` from ``v = tau^2`` (``beta2`` unused)."""
+
+    server_lr: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    bias_correction: bool = False
+    name: str = "fedadagrad"
+    _v_is_average = False
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    def _second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
+        return v + d * d
 
 
 class StrategyWrapper:
@@ -232,11 +336,88 @@ class StrategyFactory(Protocol):
     def __call__(self, *, server_lr: float | None, momentum: float) -> Strategy: ...
 
 
-_STRATEGIES: dict[str, StrategyFactory] = {}
+CLIP_MODES = ("off", "fixed", "adaptive")
+
+
+@dataclass(frozen=True)
+class StrategyOptions:
+    """Every strategy setting the aggregator reads (docs/strategies.md lists them).
+
+    ``server_lr`` None = the strategy's default. Adaptive servers: ``beta1``, ``beta2``,
+    ``tau``, ``bias_correction``. Robust ones: ``robust_buffer`` (updates kept per round),
+    ``trim`` (fraction trimmed each side), ``krum_f`` (Byzantine devices assumed), ``krum_m``
+    (updates averaged; 0 = n - f). Wrappers: ``clip_updates`` (``off``/``fixed``/
+    ``adaptive``) with ``clip_norm`` or ``clip_multiplier``; ``zero_outliers_k`` (0 = off).
+    """
+
+    server_lr: float | None = None
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    bias_correction: bool = False
+    robust_buffer: int = 64
+    trim: float = 0.1
+    krum_f: int = 1
+    krum_m: int = 0
+    clip_updates: str = "off"
+    clip_norm: float = 0.0
+    clip_multiplier: float = 1.0
+    zero_outliers_k: float = 0.0
+
+    def __post_init__(self) -> None:
+        lr = self.server_lr
+        if lr is not None and not (math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"server_lr must be > 0, got {lr}")
+        for key in ("momentum", "beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be in [0, 1), got {getattr(self, key)}")
+        if not (math.isfinite(self.tau) and self.tau > 0):
+            raise ConfigError(f"tau must be > 0, got {self.tau}")
+        _integer(self.robust_buffer, 1, "robust_buffer")
+        _integer(self.krum_f, 0, "krum_f")
+        _integer(self.krum_m, 0, "krum_m")
+        if not 0 <= self.trim < 0.5:
+            raise ConfigError(f"trim must be in [0, 0.5), got {self.trim}")
+        if self.clip_updates not in CLIP_MODES:
+            raise ConfigError(
+                f"clip_updates must be one of {CLIP_MODES}, got {self.clip_updates!r}"
+            )
+        if self.clip_updates == "fixed" and not (
+            math.isfinite(self.clip_norm) and self.clip_norm > 0
+        ):
+            raise ConfigError(f'clip_updates = "fixed" needs clip_norm > 0, got {self.clip_norm}')
+        if not (math.isfinite(self.clip_multiplier) and self.clip_multiplier > 0):
+            raise ConfigError(f"clip_multiplier must be > 0, got {self.clip_multiplier}")
+        if not (math.isfinite(self.zero_outliers_k) and self.zero_outliers_k >= 0):
+            raise ConfigError(f"zero_outliers_k must be >= 0, got {self.zero_outliers_k}")
+
+    def min_updates_needed(self, strategy: str) -> int:
+        """The fewest updates a round of ``strategy`` must aggregate (Krum: 2f + 3)."""
+        return 2 * self.krum_f + 3 if strategy == "krum" else 1
+
+
+def _integer(value: int, low: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+_STRATEGIES: dict[str, Callable[[StrategyOptions], Strategy]] = {}
 
 
 def register_strategy(name: str, factory: StrategyFactory, *, replace: bool = False) -> None:
     """Make a strategy known to :func:`make_strategy` and the aggregator's config."""
+    register_strategy_with_options(
+        name,
+        lambda o: factory(server_lr=o.server_lr, momentum=o.momentum),
+        replace=replace,
+    )
+
+
+def register_strategy_with_options(
+    name: str, factory: Callable[[StrategyOptions], Strategy], *, replace: bool = False
+) -> None:
+    """Like :func:`register_strategy` for a factory that reads every :class:`StrategyOptions`."""
     if not name or not name.isidentifier():
         raise ValueError(f"a strategy name is an identifier, got {name!r}")
     if name in _STRATEGIES and not replace:
@@ -253,16 +434,46 @@ def strategy_names() -> tuple[str, ...]:
     return tuple(_STRATEGIES)
 
 
-def make_strategy(name: str, server_lr: float | None = None, momentum: float = 0.9) -> Strategy:
-    """Strategy by registered name: ``fedavg``, ``fedavgm``, ``fedadam`` and any added."""
+def make_strategy(
+    name: str,
+    server_lr: float | None = None,
+    momentum: float = 0.9,
+    *,
+    options: StrategyOptions | None = None,
+) -> Strategy:
+    """Strategy by registered name (``fedavg``, ``fedavgm``, ``fedadam``, ``fedyogi``,
+    ``fedadagrad``, ``median``, ``trimmed_mean``, ``krum`` and any added), wrapped as
+    ``options`` asks (outermost first: outlier zeroing, then norm bounding).
+    ``options`` replaces ``server_lr`` and ``momentum`` when given."""
     factory = _STRATEGIES.get(name)
     if factory is None:
         raise ConfigError(f"unknown strategy {name!r} ({', '.join(_STRATEGIES)})")
-    return factory(server_lr=server_lr, momentum=momentum)
+    opts = options or StrategyOptions(server_lr=server_lr, momentum=momentum)
+    strategy = factory(opts)
+    if opts.clip_updates != "off":
+        strategy = _robust.NormBound(
+            strategy,
+            fixed=opts.clip_norm if opts.clip_updates == "fixed" else None,
+            multiplier=opts.clip_multiplier,
+            capacity=opts.robust_buffer,
+        )
+    if opts.zero_outliers_k > 0:
+        strategy = _robust.ZeroOutliers(strategy, opts.zero_outliers_k, opts.robust_buffer)
+    return strategy
 
 
 def _default(lr: float | None, default: float) -> float:
     return default if lr is None else lr
+
+
+def _adaptive(cls: type[AdaptiveServer]) -> Callable[[StrategyOptions], Strategy]:
+    def build(o: StrategyOptions) -> Strategy:
+        return cls(  # type: ignore[call-arg]
+            server_lr=_default(o.server_lr, 0.01), beta1=o.beta1, beta2=o.beta2, tau=o.tau,
+            bias_correction=o.bias_correction,
+        )
+
+    return build
 
 
 _builtin: dict[str, Callable[..., Strategy]] = {
@@ -270,7 +481,12 @@ _builtin: dict[str, Callable[..., Strategy]] = {
     "fedavgm": lambda *, server_lr, momentum: FedAvgM(
         server_lr=_default(server_lr, 1.0), momentum=momentum
     ),
-    "fedadam": lambda *, server_lr, momentum: FedAdam(server_lr=_default(server_lr, 0.01)),
 }
 for _name, _factory in _builtin.items():
     register_strategy(_name, _factory)
+for _key, _cls in (("fedadam", FedAdam), ("fedyogi", FedYogi), ("fedadagrad", FedAdagrad)):
+    register_strategy_with_options(_key, _adaptive(_cls))
+
+# The robust strategies (median, trimmed_mean, krum) register themselves; they build on the
+# seams above, hence this import after them.
+from fedmq.update import robust as _robust  # noqa: E402

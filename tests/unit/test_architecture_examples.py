@@ -44,13 +44,13 @@ def test_add_a_codec_example_runs() -> None:
 def test_add_a_strategy_example_runs() -> None:
     try:
         ns = _run("Add a strategy (and a wrapper)")
-        assert "median" in strategy_names()
-        assert ns["strategy"].name == "prox(median)"
+        assert "my_median" in strategy_names()
+        assert ns["strategy"].name == "prox(my_median)"
         np.testing.assert_array_equal(ns["new_weights"]["w"], [2.0, 0.5, 0.0])
         assert ns["config"].params == {"mu": 0.01}
     finally:
-        unregister_strategy("median")
-    assert "median" not in strategy_names()
+        unregister_strategy("my_median")
+    assert "my_median" not in strategy_names()
 
 
 def test_the_round_policy_example_is_run_by_the_policy_tests() -> None:
