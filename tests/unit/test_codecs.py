@@ -42,7 +42,7 @@ def test_float32_is_exact_and_sizes_shrink() -> None:
     assert sizes["float32"] == raw
     assert sizes["float16"] * 2 == raw
     assert sizes["int8"] * 4 == raw
-    assert sizes["int4"] == raw // 8 + 4 * (64 * 32 // 256 + 1)  # nibbles + a scale per block
+    assert sizes["int4"] == raw // 8 + 4 * (64 * 32 // 64 + 1)  # nibbles + a scale per block
 
 
 def test_int8_error_bounded_by_one_step() -> None:

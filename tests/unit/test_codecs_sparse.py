@@ -227,7 +227,7 @@ def test_residual_policies_over_skipped_rounds() -> None:
     assert carried(ResidualPolicy("decay", 0.5), 2**33 + 6) == same
     assert carried(ResidualPolicy("decay", 0.5), 2**33 + 8) == {"w": [0.25, -0.5, 1.0]}
     assert carried(ResidualPolicy("off"), 2**33 + 6) == {}
-    assert ResidualPolicy.from_params({}) == ResidualPolicy("keep", 0.5)
+    assert ResidualPolicy.from_params({}) == ResidualPolicy("decay", 0.5)
     for bad in ({"residual_policy": "forget"}, {"residual_policy": 1},
                 {"residual_decay": 1.5}, {"residual_decay": "x"}):
         with pytest.raises(ValueError, match="residual_"):

@@ -20,7 +20,7 @@ from fedmq.update.codecs.lowbit import INT4_LEVELS, pack_nibbles, unpack_nibbles
 
 __all__ = ["DEFAULT_BLOCK", "Int4"]
 
-DEFAULT_BLOCK = 256
+DEFAULT_BLOCK = 64
 _MAX_BLOCK = 1 << 31
 _MAX_SCALE = 1e30
 _F32_MAX = float(np.finfo(np.float32).max)

@@ -4,8 +4,9 @@ A device that is not selected (or offline) for some rounds comes back to a globa
 that moved on; the residual it kept was measured against an older model. The round's
 ``params`` choose the policy (:class:`ResidualPolicy`):
 
-- ``keep`` (the default): add it to the next delta unchanged;
-- ``decay``: multiply it by ``residual_decay`` once per skipped round;
+- ``keep``: add it to the next delta unchanged;
+- ``decay`` (the default, with ``residual_decay`` 0.5): multiply it by ``residual_decay``
+  once per skipped round (a device selected every round keeps it whole);
 - ``reset``: drop it when any round was skipped;
 - ``off``: no error feedback at all (no residual is kept; for measurements).
 
@@ -46,7 +47,7 @@ _MAX_ROUND = 1 << 40
 
 @dataclass(frozen=True)
 class ResidualPolicy:
-    policy: str = "keep"
+    policy: str = "decay"
     decay: float = 0.5
 
     def __post_init__(self) -> None:
@@ -60,7 +61,7 @@ class ResidualPolicy:
 
     @classmethod
     def from_params(cls, params: Mapping[str, object]) -> ResidualPolicy:
-        policy = params.get(POLICY_PARAM, "keep")
+        policy = params.get(POLICY_PARAM, "decay")
         decay = params.get(DECAY_PARAM, 0.5)
         if not isinstance(policy, str):
             raise ValueError(f"{POLICY_PARAM} must be a string, got {policy!r}")
