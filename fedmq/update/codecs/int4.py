@@ -100,33 +100,34 @@ class Int4(Codec):
         return out.reshape(tensor.shape)
 
     def _write(self, out: np.ndarray, tensor: Tensor, coef: float = 1.0) -> None:
-        """``out[:] = coef * decode(tensor)`` (flat float32 ``out``)."""
+        """``out[:] = coef * decode(tensor)`` (flat float32 ``out``), one pass per block row."""
         n = tensor.size
         if n == 0:
             return
         block, scales = self._scales(tensor)
-        out[:] = unpack_nibbles(tensor.data, n, tensor.name)
-        full = n // block
+        q = unpack_nibbles(tensor.data, n, tensor.name)
         factors = scales * np.float32(coef)
+        full = n // block
         if full:
-            out[: full * block].reshape(full, block)[...] *= factors[:full, None]
+            np.multiply(q[: full * block].reshape(full, block), factors[:full, None],
+                        out=out[: full * block].reshape(full, block))
         if full * block < n:
-            out[full * block:] *= factors[full]
+            np.multiply(q[full * block:], factors[full], out=out[full * block:])
 
     def bound(self, tensor: Tensor) -> float:
         _, scales = self._scales(tensor)
         return _Q_PEAK * float(scales.max()) if scales.size else 0.0
 
     def squared_norm(self, tensor: Tensor) -> float:
+        """``sum_b scale_b^2 * q_b.q_b`` from the nibbles (exact integer sums per block)."""
         n = tensor.size
         if n == 0:
             return 0.0
         block, scales = self._scales(tensor)
-        q = unpack_nibbles(tensor.data, n, tensor.name).astype(np.float64)
-        pad = (-n) % block
-        sq = np.concatenate([q * q, np.zeros(pad)]).reshape(-1, block).sum(axis=1)
+        q = unpack_nibbles(tensor.data, n, tensor.name).astype(np.int32)
+        sq = np.add.reduceat(q * q, np.arange(0, n, block), dtype=np.int64)
         s = scales.astype(np.float64)
-        return float(np.dot(sq, s * s))
+        return float(np.dot(sq.astype(np.float64), s * s))
 
     def add_into(
         self, acc: np.ndarray, tensor: Tensor, coef: float, scratch: np.ndarray | None = None
