@@ -234,6 +234,18 @@ def test_residual_policies_over_skipped_rounds() -> None:
             ResidualPolicy.from_params(bad)
 
 
+def test_a_residual_that_no_longer_fits_is_dropped_with_one_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    impl = _topk("topk-f16", 0.5)
+    old = {"w": np.ones(3, np.float32)}
+    with caplog.at_level("WARNING", logger="fedmq.update.codecs.topk"):
+        enc = impl.encode({"w": np.array([0.0, 2.0], np.float32)}, RNG(0), old)
+    assert enc.state["w"].tolist() == [0.0, 0.0]
+    assert [r.getMessage() for r in caplog.records] == [
+        "residual of 'w' has 3 values, the delta 2: dropped (the model changed)"]
+
+
 def test_the_device_carries_the_residual_by_the_rounds_params() -> None:
     delta = {"w": np.array([0.5, -3.0, 0.25, 1.0], np.float32)}
     params: Mapping[str, object] = {"topk_fraction": 0.25}

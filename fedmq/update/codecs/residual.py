@@ -18,6 +18,7 @@ docs/codecs.md has the measurements behind the default.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ __all__ = [
     "skipped_rounds",
     "stamp",
 ]
+
+log = logging.getLogger(__name__)
 
 POLICY_PARAM = "residual_policy"
 DECAY_PARAM = "residual_decay"
@@ -110,6 +113,9 @@ def encode_round(
     the new state is stamped with the round (empty for stateless codecs and policy off)."""
     impl = get_codec(codec).configure(params)
     if not impl.stateful:
+        if state and any(k != ROUND_KEY for k in state):
+            log.info("codec %s keeps no residual: the residual of an earlier codec is dropped",
+                     codec)
         return impl.encode(delta, rng)
     policy = ResidualPolicy.from_params(params)
     encoded = impl.encode(delta, rng, policy.carry(state, round_id) or None)

@@ -28,6 +28,7 @@ reads k from each tensor and checks it against the model.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from typing import ClassVar
@@ -50,6 +51,8 @@ __all__ = [
     "TopKInt8",
     "topk_count",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FRACTION = 0.01
 FRACTION_PARAM = "topk_fraction"
@@ -97,6 +100,9 @@ class TopK(Codec):
             old = state.get(name)
             if old is not None and old.size == x.size:
                 x = x + old.reshape(-1)
+            elif old is not None:
+                log.warning("residual of %r has %d values, the delta %d: dropped (the model "
+                            "changed)", name, old.size, x.size)
             k = topk_count(x.size, self.fraction)
             idx = np.sort(np.argpartition(np.abs(x), x.size - k)[x.size - k:]) if k else (
                 np.zeros(0, np.int64))
