@@ -4,7 +4,9 @@ Prints a table and writes bench/results/codecs_fold.json. The fold figure is wha
 aggregator does per update on one core: strict decode of the msgpack payload (size check,
 structure, finite floats) plus the accumulator's one check against the model and the add
 into the running weighted sum. All codecs are measured side by side in one run; the memory
-figure shows that folding N updates keeps memory flat (O(model)).
+figure shows that folding N updates keeps memory flat (O(model)). Sparse codecs are named
+``codec@fraction`` (the round's ``topk_fraction``); their MB/s is of their (few) wire bytes,
+so compare them by updates/s.
 
 ``--against DIR`` compares with another checkout (e.g. ``git worktree add /tmp/old 0026a15``):
 worker processes run the same measurement with ``PYTHONPATH`` set to either tree,
@@ -34,6 +36,10 @@ from machine import machine_info
 
 SHAPES = {"dense1/w": (784, 1152), "dense1/b": (1152,), "dense2/w": (1152, 84), "dense2/b": (84,)}
 BUILTIN = ("float32", "float16", "int8")
+# Codecs of the sparse/low-bit work (not in older trees: not compared with --against).
+LOW_BIT = (
+    "int4", "topk-f16@0.01", "topk-int8@0.01", "topk-int4@0.01", "stc@0.01", "topk-int8@0.1",
+)
 SIGNED = "signed-int8"  # a worker name: int8 updates in the signed path
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,10 +56,15 @@ def bench_codec(codec: str, n_updates: int, repeats: int) -> dict[str, float]:
 
     rng = np.random.default_rng(0)
     payloads = []
+    codec, _, fraction = codec.partition("@")
     t0 = time.perf_counter()
     for i in range(8):
         d = make_delta(rng)
-        tensors = codecs.encode_delta(d, codec, rng)
+        if fraction:  # a sparse codec (this tree has configure)
+            impl = codecs.get_codec(codec).configure({"topk_fraction": float(fraction)})
+            tensors = impl.encode(d, rng).tensors
+        else:
+            tensors = codecs.encode_delta(d, codec, rng)
         msg = wire.UpdateMessage("bench", 1, 0, f"dev{i}", f"u{i}", 100, codec, tensors)
         payloads.append(wire.encode(msg))
     encode_s = (time.perf_counter() - t0) / 8
@@ -195,15 +206,15 @@ def main() -> None:
              "machine": machine_info(("numpy", "msgpack")), **report}, indent=2))
         print(f"wrote {out}")
         return
-    results = {c: bench_codec(c, args.updates, args.repeats) for c in BUILTIN}
+    results = {c: bench_codec(c, args.updates, args.repeats) for c in (*BUILTIN, *LOW_BIT)}
     f32 = results["float32"]["encoded_bytes"]
     print(
-        f"{'codec':8} {'bytes/update':>13} {'vs f32':>7} {'encode ms':>10} "
+        f"{'codec':14} {'bytes/update':>13} {'vs f32':>7} {'encode ms':>10} "
         f"{'fold MB/s':>10} {'updates/s':>10} {'peak MB (N/4, N)':>17}"
     )
     for c, r in results.items():
         print(
-            f"{c:8} {r['encoded_bytes']:>13,} {f32 / r['encoded_bytes']:>6.2f}x "
+            f"{c:14} {r['encoded_bytes']:>13,} {f32 / r['encoded_bytes']:>6.2f}x "
             f"{r['encode_ms']:>10.1f} {r['fold_mb_per_s']:>10.0f} {r['fold_updates_per_s']:>10.0f} "
             f"{r['peak_mb_folding_quarter']:>8.1f} {r['peak_mb_folding_all']:>8.1f}"
         )

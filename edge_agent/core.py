@@ -44,7 +44,8 @@ from fedmq.memory import peak_rss_mb
 from fedmq.models.spec import check_weights
 from fedmq.signing import DeviceKey, sign_update
 from fedmq.topics import Topics
-from fedmq.update.codecs import codec_names, decode_tensor, get_codec, pack_state, unpack_state
+from fedmq.update.codecs import codec_names, decode_tensor, pack_state, unpack_state
+from fedmq.update.codecs.residual import encode_round
 from fedmq.wire import (
     ModelMessage,
     RoundAnnouncement,
@@ -137,17 +138,18 @@ def max_update_age(ack_timeout: float, max_resends: int) -> float:
 
 
 def encode_with_state(
-    delta: Mapping[str, np.ndarray], codec: str, rng: np.random.Generator, state: bytes
+    delta: Mapping[str, np.ndarray], codec: str, rng: np.random.Generator, state: bytes,
+    params: Mapping[str, object] | None = None, round_id: int = 0,
 ) -> tuple[tuple[Tensor, ...], bytes]:
-    """Encode ``delta`` with ``codec`` from the device's committed codec ``state`` (bytes
-    of :func:`~fedmq.update.codecs.base.pack_state`, empty for none yet); the tensors and
-    the state this update leaves, stored with it in the outbox. Stateless codecs leave an
-    empty state."""
-    impl = get_codec(codec)
-    if not impl.stateful:
-        return impl.encode(delta, rng).tensors, b""
-    encoded = impl.encode(delta, rng, unpack_state(state) if state else None)
-    return encoded.tensors, pack_state(encoded.state)
+    """Encode ``delta`` with ``codec`` (set up by the round's ``params``) from the device's
+    committed codec ``state`` (bytes of :func:`~fedmq.update.codecs.base.pack_state`, empty
+    for none yet); the tensors and the state this update leaves, stored with it in the
+    outbox. Stateless codecs leave an empty state; the residual policy in ``params`` says
+    what a residual does over skipped rounds (:mod:`fedmq.update.codecs.residual`)."""
+    encoded = encode_round(
+        codec, delta, rng, unpack_state(state) if state else None, params or {}, round_id
+    )
+    return encoded.tensors, pack_state(encoded.state) if encoded.state else b""
 
 
 def seal_update(msg: UpdateMessage, key: DeviceKey | None) -> bytes:
@@ -518,7 +520,7 @@ class EdgeCore:
         local = self.trainer.get_weights()
         delta = {n: local[n] - global_weights[n] for n in self.trainer.spec.trainable}
         tensors, codec_state = encode_with_state(
-            delta, cfg.codec, rng, self.outbox.codec_state.blob
+            delta, cfg.codec, rng, self.outbox.codec_state.blob, cfg.params, r
         )
         self._status.metrics = {
             "loss": float(metrics.loss) if math.isfinite(metrics.loss) else 0.0,

@@ -6,7 +6,10 @@ a value of the wrong type or an absurd one (every field, including the tensors' 
 shape, params and data), NaN/Inf floats, huge or negative dimensions, wrong dtypes, msgpack
 extension types, deeply nested maps, oversized strings, duplicate tensor names, a device id
 that differs from the topic's, a wrong fleet/round/base version, int8 with an absurd scale,
-and signed envelopes (a valid or mutated body, damaged envelope fields, nested envelopes).
+signed envelopes (a valid or mutated body, damaged envelope fields, nested envelopes), and
+damaged sparse and 4-bit tensors (:func:`sparse_damage`: positions out of range, duplicated,
+k larger than the tensor, wrong counts, bad or trailing varints, bitmap padding, packed int4
+counts and padding nibbles, NaN or negative scales).
 
 Driven by a :class:`random.Random`, so hypothesis (``st.randoms()``) and a seeded generator
 for the broker path share the same mutations.
@@ -23,9 +26,18 @@ import msgpack
 import numpy as np
 
 from fedmq.update import codecs
+from fedmq.update.codecs.lowbit import pack_nibbles
+from fedmq.update.codecs.positions import bitmap_bytes, varint_encode
 from fedmq.wire import UpdateMessage, encode
 
-__all__ = ["KINDS", "fuzz_payload", "valid_update_map"]
+__all__ = [
+    "KINDS",
+    "LOW_BIT_CODECS",
+    "SPARSE_DAMAGE",
+    "fuzz_payload",
+    "sparse_damage",
+    "valid_update_map",
+]
 
 Obj = dict[str, Any]
 
@@ -53,12 +65,20 @@ def valid_update_map(
     msg = UpdateMessage(
         fleet=fleet, round_id=round_id, base_version=base_version, device=device,
         update_id=f"{rng.getrandbits(64):016x}", num_examples=rng.randint(1, 500), codec=codec,
-        tensors=codecs.encode_delta(delta, codec, nrng), metrics={"loss": 0.5},
+        tensors=_encode(codec, delta, rng, nrng), metrics={"loss": 0.5},
         created_at=1.7e9,
     )
     obj = msgpack.unpackb(encode(msg), raw=False)
     assert isinstance(obj, dict)
     return obj
+
+
+def _encode(
+    codec: str, delta: Mapping[str, np.ndarray], rng: random.Random, nrng: np.random.Generator
+) -> Any:
+    """Any registered codec (sparse ones at a random fraction, so both position fields)."""
+    impl = codecs.get_codec(codec).configure({"topk_fraction": rng.choice([0.05, 0.3, 1.0])})
+    return impl.encode(delta, nrng).tensors
 
 
 def _pack(obj: Any) -> bytes:
@@ -237,8 +257,9 @@ def _semantic_mutation(rng: random.Random, obj: Obj) -> None:
         obj["codec"] = "float32"
         obj["num_examples"] = rng.choice([2, 1000, 2**40])
         for t in obj["tensors"]:
-            n = len(t["data"]) // {"float32": 4, "float16": 2, "int8": 1}[t["dtype"]]
+            n = _elements(t)
             t["dtype"], t["params"] = "float32", {}
+            t.pop("extra", None)
             t["data"] = np.full(n, rng.choice([3e38, -3e38, 1e30]), "<f4").tobytes()
 
 
@@ -271,7 +292,100 @@ def _signed_mutation(rng: random.Random, base: Obj) -> bytes:
     return _byte_mutation(rng, payload) if op == "bytes" else payload
 
 
-KINDS = ("bytes", "field", "delete", "tensor", "semantic", "extra", "deep", "big", "signed")
+# ------------------------------------------------------------------------- sparse, int4
+
+LOW_BIT_CODECS = ("int4", "topk-f16", "topk-int8", "topk-int4", "stc")
+SPARSE_DAMAGE = (
+    "pos_range", "pos_dup", "k_too_big", "k_count", "k_fraction", "varint_dangling",
+    "varint_long", "varint_overlong", "varint_trailing", "bitmap_len", "bitmap_pad",
+    "both_fields", "no_positions", "values_count", "pad_bits", "neg_scale",
+    "int4_scales_nan", "int4_scales_len", "int4_block", "int4_data",
+)
+
+
+def _stored(codec: str, k: int) -> bytes:
+    """``k`` valid stored values of a sparse codec."""
+    if codec == "topk-f16":
+        return np.ones(k, "<f2").tobytes()
+    if codec == "topk-int8":
+        return np.ones(k, np.int8).tobytes()
+    if codec == "topk-int4":
+        return pack_nibbles(np.ones(k))
+    return bytes((k + 7) // 8)
+
+
+def _set_positions(t: Obj, codec: str, gaps: bytes, k: int) -> None:
+    t["extra"] = {"gaps": gaps}
+    t["params"]["k"] = float(k)
+    t["data"] = _stored(codec, k)
+
+
+def sparse_damage(rng: random.Random, obj: Obj, op: str) -> None:
+    """Damage one tensor of a valid ``obj`` of a :data:`LOW_BIT_CODECS` codec with ``op``
+    (one of :data:`SPARSE_DAMAGE`; an op that does not fit the codec picks one that does).
+    The result must be refused with ``bad_codec`` or ``shape_mismatch``."""
+    codec = obj["codec"]
+    t = rng.choice([x for x in obj["tensors"] if x["shape"] and _elements(x) > 0])
+    n = _elements(t)
+    if codec == "int4":
+        if not op.startswith("int4_"):
+            op = rng.choice([o for o in SPARSE_DAMAGE if o.startswith("int4_")])
+        if op == "int4_scales_nan":
+            scales = np.frombuffer(t["extra"]["scales"], "<f4").copy()
+            scales[rng.randrange(scales.size)] = rng.choice([np.nan, np.inf, -1.0, 1e31])
+            t["extra"]["scales"] = scales.tobytes()
+        elif op == "int4_scales_len":
+            t["extra"]["scales"] += b"\0" * rng.choice([1, 4])
+        elif op == "int4_block":
+            t["params"]["block"] = rng.choice([0.0, 1.5, -4.0, 2.0**31])
+        else:
+            t["data"] = t["data"][:-1] if rng.random() < 0.5 else t["data"] + b"\x88"
+        return
+    if op.startswith("int4_"):
+        op = rng.choice([o for o in SPARSE_DAMAGE if not o.startswith("int4_")])
+    k = int(t["params"]["k"])
+    if op == "pos_range":
+        _set_positions(t, codec, varint_encode(np.array([n + rng.randrange(3)])), 1)
+    elif op == "pos_dup" and n >= 2:
+        _set_positions(t, codec, varint_encode(np.array([rng.randrange(n), 0])), 2)
+    elif op == "k_too_big":
+        _set_positions(t, codec, varint_encode(np.array([0] + [1] * n)), n + 1)
+    elif op == "k_count":
+        t["params"]["k"] = float(k + rng.choice([-1, 1]) if k else 1)
+    elif op == "k_fraction":
+        t["params"]["k"] = rng.choice([0.5, -1.0, k + 0.25])
+    elif op == "varint_dangling":
+        _set_positions(t, codec, b"\x80", 1)
+    elif op == "varint_long":
+        _set_positions(t, codec, b"\xff" * 5 + b"\x01", 1)
+    elif op == "varint_overlong":
+        _set_positions(t, codec, b"\x80\x00", 1)
+    elif op == "varint_trailing":
+        _set_positions(t, codec, varint_encode(np.array([0])) + rng.choice([b"\x80", b"\x01"]), 1)
+    elif op == "bitmap_len":
+        t["extra"] = {"bitmap": bitmap_bytes(np.arange(k), n) + b"\0"}
+    elif op == "bitmap_pad" and n % 8:
+        bitmap = bytearray(bitmap_bytes(np.arange(k), n))
+        bitmap[-1] |= 0x80
+        t["extra"] = {"bitmap": bytes(bitmap)}
+    elif op == "both_fields":
+        t["extra"] = {"bitmap": bitmap_bytes(np.arange(k), n),
+                      "gaps": varint_encode(np.array([0] + [1] * (k - 1))[:k])}
+    elif op == "no_positions":
+        t["extra"] = {} if rng.random() < 0.5 else {"index": b"\0\0\0\0"}
+    elif op == "pad_bits" and codec in ("topk-int4", "stc"):
+        _set_positions(t, codec, varint_encode(np.array([0])), 1)
+        t["data"] = b"\xf0" if codec == "topk-int4" else b"\x03"
+    elif op == "neg_scale" and codec != "topk-f16":
+        t["params"]["scale"] = rng.choice([-1.0, 1e31])
+    else:  # values_count (and ops that do not fit this tensor)
+        t["data"] = t["data"] + bytes(rng.choice([1, 2, 4])) if rng.random() < 0.5 or not (
+            t["data"]) else t["data"][:-1]
+
+
+KINDS = (
+    "bytes", "field", "delete", "tensor", "semantic", "extra", "deep", "big", "signed", "sparse",
+)
 
 
 def fuzz_payload(rng: random.Random, base: Obj, kind: str | None = None) -> tuple[str, bytes]:
@@ -294,6 +408,14 @@ def fuzz_payload(rng: random.Random, base: Obj, kind: str | None = None) -> tupl
         _tensor_mutation(rng, obj)
     elif kind == "semantic":
         _semantic_mutation(rng, obj)
+    elif kind == "sparse":
+        codec = rng.choice(LOW_BIT_CODECS)
+        nrng = np.random.default_rng(rng.getrandbits(32))
+        delta = {t["name"]: nrng.normal(0, 0.05, t["shape"]).astype(np.float32)
+                 for t in obj["tensors"]}
+        obj["codec"] = codec
+        obj["tensors"] = [t.to_map() for t in _encode(codec, delta, rng, nrng)]
+        sparse_damage(rng, obj, rng.choice(SPARSE_DAMAGE))
     elif kind == "extra":
         obj[rng.choice(["x", "pickle", "__class__", ""])] = _generic_value(rng)
         if rng.random() < 0.5:

@@ -34,7 +34,14 @@ from fedmq.wire import (
     decode_update,
     message_type,
 )
-from tests.fuzz_payloads import KINDS, fuzz_payload, valid_update_map
+from tests.fuzz_payloads import (
+    KINDS,
+    LOW_BIT_CODECS,
+    SPARSE_DAMAGE,
+    fuzz_payload,
+    sparse_damage,
+    valid_update_map,
+)
 
 FLEET = "f1"
 DEVICE = "dev-1"
@@ -68,7 +75,7 @@ class _Tally:
         )
 
 
-def _outcome(payload: bytes) -> str:
+def _outcome(payload: bytes, plan: RoundPlan = PLAN) -> str:
     """Decode + the aggregator's pure checks + fold; the reject code or 'accepted'."""
     for decode in _OTHER_DECODERS:
         with contextlib.suppress(WireError):
@@ -84,7 +91,7 @@ def _outcome(payload: bytes) -> str:
         assert values.size == t.count and len(t.data) == t.count * values.itemsize
         if t.dtype in ("float32", "float16"):
             assert np.isfinite(values).all()
-    state = RoundState(FLEET, PLAN, MAX_EXAMPLES_PER_UPDATE)
+    state = RoundState(FLEET, plan, MAX_EXAMPLES_PER_UPDATE)
     fold = WeightedSum(TEMPLATE)
     weight = float(msg.num_examples)
     checked: list[CheckedUpdate] = []
@@ -199,3 +206,42 @@ def test_every_mutation_kind_is_exercised_by_a_seeded_run() -> None:
     tally.report("seeded sweep")
     assert set(tally.kinds) == set(KINDS)
     assert len(tally.outcomes) >= 8  # many distinct reject reasons, not one catch-all
+
+
+def _plan(codec: str) -> RoundPlan:
+    return RoundPlan(
+        round_id=3, base_version=2, selected=(), target=10, min_updates=1, opened_at=0.0,
+        deadline=100.0, abandon_at=200.0, config=TrainingConfig(codec=codec),
+    )
+
+
+@pytest.mark.parametrize("codec", LOW_BIT_CODECS)
+def test_damaged_sparse_and_int4_tensors_are_refused_with_a_reason(codec: str) -> None:
+    """Each damage of a sparse or 4-bit tensor, in a round that asked for that codec (so the
+    codec's own check is what refuses it), ends as bad_codec or shape_mismatch; the same
+    update undamaged is accepted; other mutations of these payloads raise only WireError."""
+    plan = _plan(codec)
+    rng = random.Random(99)
+    tally = _Tally()
+    for op in SPARSE_DAMAGE:
+        for _ in range(10):
+            base = valid_update_map(rng, TEMPLATE, fleet=FLEET, round_id=3, base_version=2,
+                                    device=DEVICE, codec=codec)
+            assert _outcome(msgpack.packb(base, use_bin_type=True), plan) == "accepted"
+            sparse_damage(rng, base, op)
+            _run_plan(tally, op, msgpack.packb(base, use_bin_type=True), plan)
+    tally.report(f"damaged {codec}")
+    assert set(tally.outcomes) <= {"bad_codec", "shape_mismatch"}, tally.outcomes
+    assert tally.outcomes["bad_codec"] and tally.outcomes["shape_mismatch"]
+    other = _Tally()
+    for _ in range(300):
+        base = valid_update_map(rng, TEMPLATE, fleet=FLEET, round_id=3, base_version=2,
+                                device=DEVICE, codec=codec)
+        _run_plan(other, *fuzz_payload(rng, base), plan)
+    other.report(f"mutated {codec}")
+
+
+def _run_plan(tally: _Tally, kind: str, payload: bytes, plan: RoundPlan) -> None:
+    tally.n += 1
+    tally.kinds[kind] += 1
+    tally.outcomes[_outcome(payload, plan)] += 1

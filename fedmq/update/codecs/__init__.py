@@ -6,6 +6,10 @@ the registry (:func:`register`, :func:`get_codec`, :func:`codec_names`). Built i
 - ``float32`` (:mod:`.float32`): raw values.
 - ``float16`` (:mod:`.float16`): half precision (values beyond float16's range are refused).
 - ``int8`` (:mod:`.int8`): symmetric per-tensor quantisation with unbiased stochastic rounding.
+- ``int4`` (:mod:`.int4`): 4-bit, per-block scales, unbiased stochastic rounding.
+- ``topk-f16``, ``topk-int8``, ``topk-int4``, ``stc`` (:mod:`.topk`): sparse top-k with an
+  error-feedback residual kept on the device (:mod:`.residual`: what it does while the
+  device skips rounds). See docs/codecs.md.
 
 The helpers below look the codec up by name; use ``get_codec(name).encode(delta, rng,
 state)`` for codecs that keep device state.
@@ -28,8 +32,10 @@ from fedmq.update.codecs.base import (
 )
 from fedmq.update.codecs.float16 import Float16
 from fedmq.update.codecs.float32 import Float32
+from fedmq.update.codecs.int4 import Int4
 from fedmq.update.codecs.int8 import Int8
 from fedmq.update.codecs.registry import codec_names, get_codec, register, unregister
+from fedmq.update.codecs.topk import Stc, TopKF16, TopKInt4, TopKInt8
 
 __all__ = [
     "Codec",
@@ -50,7 +56,10 @@ __all__ = [
     "unregister",
 ]
 
-for _builtin in (Float32(), Float16(), Int8()):
+_BUILTINS: tuple[Codec, ...] = (
+    Float32(), Float16(), Int8(), Int4(), TopKF16(), TopKInt8(), TopKInt4(), Stc()
+)
+for _builtin in _BUILTINS:
     register(_builtin, replace=True)
 
 

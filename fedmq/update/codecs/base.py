@@ -70,6 +70,12 @@ class Codec(ABC):
         """Encode every tensor of ``delta`` (in its order); stateless codecs ignore state."""
         return Encoded(tuple(self.encode_tensor(n, v, rng) for n, v in delta.items()))
 
+    def configure(self, params: Mapping[str, object]) -> Codec:
+        """This codec set up for a round's ``TrainingConfig.params`` (the device calls it
+        before :meth:`encode`); raises ``ValueError`` on a bad setting. Codecs without
+        settings return ``self``; others ignore params they do not know."""
+        return self
+
     def encode_tensor(self, name: str, values: np.ndarray, rng: np.random.Generator) -> Tensor:
         """Encode one float tensor (stateless codecs; stateful ones override :meth:`encode`)."""
         raise NotImplementedError(f"codec {self.name} encodes whole deltas with a state")
