@@ -19,7 +19,7 @@ devices seen last: an attacker moves the median by one entry at most, and a flee
 honest norms all grow (a higher ``lr``, more ``epochs``) moves it within a round or two instead
 of being locked out. Warm-up: a median bound applies only once ``bounds_warmup`` devices
 have a value (the pool survives restarts in the state directory); before that only the fixed
-ceiling, the registry caps and ``max_examples_per_update`` apply.
+ceiling, the registry caps and ``max_claimed_examples`` apply.
 """
 
 from __future__ import annotations

@@ -45,7 +45,10 @@ MOVED = {
                  "reconnect_min", "reconnect_max", "username", "password", "tls_ca",
                  "tls_cert", "tls_key")
 } | {"backoff_min": "mqtt.reconnect_min", "backoff_max": "mqtt.reconnect_max",
-     "mqtt.backoff_min": "mqtt.reconnect_min", "mqtt.backoff_max": "mqtt.reconnect_max"}
+     "mqtt.backoff_min": "mqtt.reconnect_min", "mqtt.backoff_max": "mqtt.reconnect_max",
+     # one name per concept: the cap on a device's claimed num_examples, the evaluation size
+     "max_examples_per_update": "max_claimed_examples",
+     "eval_max_examples": "eval_examples"}
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class AggregatorConfig:
     model: str = "digits-mlp"
     # "digits", "fashion-mnist", "fashion-mnist-seq", "none" or a path to an .npz (x, y)
     eval_dataset: str = "digits"
-    eval_max_examples: int = 2000  # 0 = the whole test split
+    eval_examples: int = 2000  # 0 = the whole test split
     rounds: int = 0
     clients_per_round: int = 10
     min_updates: int = 1
@@ -100,7 +103,7 @@ class AggregatorConfig:
     zero_outliers_k: float = 0.0  # zero values > k MADs from the median; 0 = off
     seed: int = 0
     max_update_bytes: int = 16 * 1024 * 1024
-    max_examples_per_update: int = 10_000_000
+    max_claimed_examples: int = 10_000_000
     # Enrolled devices' public keys (JSON written by `fedmq enroll`); see docs/protocol.md.
     registry: str | None = None
     # None = required exactly when a registry is set. False with a registry: signatures
@@ -118,7 +121,7 @@ class AggregatorConfig:
     norm_bound: str = "adaptive"
     max_update_norm: float = 0.0  # a fixed ceiling on the L2 norm; 0 = none
     norm_multiplier: float = 3.0
-    # Fold weight = min(num_examples, the registry's max_examples for the device,
+    # Fold weight = min(num_examples, the registry's max_weight for the device,
     # weight_cap_multiplier x the median of recent claims); 0 = no relative cap.
     weight_cap_multiplier: float = 2.0
     bounds_window: int = 100  # medians over the latest value of this many recent devices
@@ -135,7 +138,7 @@ class AggregatorConfig:
             raise ConfigError("model must name a bundle directory or a prebuilt bundle")
         if not self.eval_dataset:
             raise ConfigError("eval_dataset must not be empty (use 'none' to skip evaluation)")
-        _at_least(self.eval_max_examples, 0, "eval_max_examples")
+        _at_least(self.eval_examples, 0, "eval_examples")
         _at_least(self.rounds, 0, "rounds")
         _at_least(self.clients_per_round, 1, "clients_per_round")
         _at_least(self.min_updates, 1, "min_updates")
@@ -170,7 +173,7 @@ class AggregatorConfig:
             raise ConfigError(f"server_momentum must be in [0, 1), got {self.server_momentum}")
         self._check_strategy_options()
         _at_least(self.max_update_bytes, 1024, "max_update_bytes")
-        _at_least(self.max_examples_per_update, 1, "max_examples_per_update")
+        _at_least(self.max_claimed_examples, 1, "max_claimed_examples")
         _at_least(self.metrics_port, 0, "metrics_port")
         if self.metrics_port > 65535:
             raise ConfigError(f"metrics_port {self.metrics_port} is out of range")

@@ -289,7 +289,7 @@ class Coordinator:
 
     # -- transitions -----------------------------------------------------------------------
     def _begin(self, plan: RoundPlan) -> None:
-        self.round = RoundState(self.config.fleet, plan, self.config.max_examples_per_update)
+        self.round = RoundState(self.config.fleet, plan, self.config.max_claimed_examples)
         self.traffic.reset()
         self.ingest.begin(self.round, self.strategy.new_accumulator(self.template))
         self.metrics.current_round.set(plan.round_id)

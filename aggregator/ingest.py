@@ -291,7 +291,7 @@ class Ingest:
         if self.registry is None:
             return None
         try:
-            return self.registry.max_examples(device)
+            return self.registry.max_weight(device)
         except SecurityError as exc:  # unreadable at start-up was caught by check_registry()
             log.error("device registry: %s", exc)
             return None

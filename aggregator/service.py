@@ -72,7 +72,7 @@ def build_engine(config: AggregatorConfig, metrics: AggregatorMetrics | None = N
     bundle = resolve_bundle(config.model)
     evaluator: Evaluator | None = None
     if config.eval_dataset != "none":
-        x, y = load_eval_set(config.eval_dataset, config.eval_max_examples, config.seed)
+        x, y = load_eval_set(config.eval_dataset, config.eval_examples, config.seed)
         evaluator = TFLiteEvaluator(bundle, x, y)
     store = Store(config.state_dir)
     try:

@@ -11,7 +11,7 @@ device or altered; a replay of the same update id is a duplicate and a replay in
 round fails the round check.
 
 The registry is a JSON file ``{"devices": {device_id: {"public_key": hex, "enrolled_at": t}}}``
-written atomically (an entry may add ``"max_examples": n``, the most its updates weigh in a
+written atomically (an entry may add ``"max_weight": n``, the most its updates weigh in a
 fold); private keys are raw 32-byte Ed25519 seeds in files readable only by
 their owner.
 """
@@ -226,14 +226,14 @@ class Registry:
                 )
         return devices
 
-    def _max_examples(self, device: str, entry: Mapping[str, object]) -> int | None:
-        """An enrolment's optional ``max_examples``: a positive integer (or absent/null)."""
-        value = entry.get("max_examples")
+    def _max_weight(self, device: str, entry: Mapping[str, object]) -> int | None:
+        """An enrolment's optional ``max_weight``: a positive integer (or absent/null)."""
+        value = entry.get("max_weight")
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SecurityError(
-                f"registry {self.path} is malformed: device {device!r} has max_examples "
+                f"registry {self.path} is malformed: device {device!r} has max_weight "
                 f"{value!r}, expected an integer >= 1"
             )
         return value
@@ -253,7 +253,7 @@ class Registry:
         try:
             devices = self._read()
             parsed = {str(k): str(v["public_key"]) for k, v in devices.items()}
-            caps = {str(k): self._max_examples(k, v) for k, v in devices.items()}
+            caps = {str(k): self._max_weight(k, v) for k, v in devices.items()}
         except SecurityError as exc:
             if self._mtime is None:
                 raise
@@ -274,8 +274,9 @@ class Registry:
         self._load()
         return self._devices.get(device)
 
-    def max_examples(self, device: str) -> int | None:
-        """The device's optional ``max_examples`` (its enrolment's cap on the fold weight)."""
+    def max_weight(self, device: str) -> int | None:
+        """The device's optional ``max_weight``: its enrolment's cap on the fold weight (the
+        most examples its updates count for, whatever they claim)."""
         self._load()
         return self._caps.get(device)
 

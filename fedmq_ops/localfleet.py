@@ -52,7 +52,7 @@ class FederationSpec:
     min_updates: int = 0  # 0 = clients_per_round (or all agents)
     round_timeout: float = 120.0
     eval_dataset: str = ""  # "" = the dataset's test split
-    eval_max_examples: int = 0
+    eval_examples: int = 0
     max_examples: int = 0
     broker: str = "auto"  # auto | mosquitto | amqtt | HOST:PORT
     workdir: Path | None = None
@@ -230,7 +230,7 @@ def run_federation(
             **common,
             "state_dir": str(workdir / "aggregator"),
             "eval_dataset": spec.eval_dataset or spec.dataset,
-            "eval_max_examples": spec.eval_max_examples,
+            "eval_examples": spec.eval_examples,
             "rounds": spec.rounds,
             "clients_per_round": per_round,
             "min_updates": spec.min_updates or per_round,

@@ -48,7 +48,7 @@ TO_SEND = 3000
 PUBLISHERS = 10
 MAX_UPDATE_BYTES = 64 * 1024
 MAX_SENT_BYTES = 256 * 1024  # bigger payloads are generated but not sent (broker time)
-MAX_EXAMPLES_PER_UPDATE = 10_000_000  # the aggregator's default
+MAX_CLAIMED_EXAMPLES = 10_000_000  # the aggregator's default
 GOOD_COUNTS = (1, 3)  # num_examples of the two valid updates: the mean is exact in float32
 
 
@@ -68,7 +68,7 @@ class _Oracle:
         try:
             msg = decode_update(payload, self.limits)
             fold = WeightedSum(self.template)
-            RoundState(FLEET, self.plan, MAX_EXAMPLES_PER_UPDATE).check(
+            RoundState(FLEET, self.plan, MAX_CLAIMED_EXAMPLES).check(
                 msg, topic_device,
                 lambda m: fold.check(m.tensors, m.codec, float(m.num_examples)),
             )

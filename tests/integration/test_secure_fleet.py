@@ -260,7 +260,7 @@ def test_signed_round_over_tls_and_what_a_device_identity_cannot_do(
         "--port", str(f.settings.tls_port), "--tls-ca", str(f.layout.ca_crt),
         "--client-id", "aggregator", "--fleet", FLEET, "--state-dir", str(state_dir),
         "--registry", str(f.registry), "--model", "digits-mlp", "--eval-dataset", "digits",
-        "--eval-max-examples", "300", "--selection", "any", "--clients-per-round", "2",
+        "--eval-examples", "300", "--selection", "any", "--clients-per-round", "2",
         "--min-updates", "2", "--round-timeout", "60", "--train-max-examples", "300",
         "--codec", "int8",
     ], agg_env)

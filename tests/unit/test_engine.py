@@ -108,7 +108,7 @@ def test_fold_gives_exact_weighted_mean(tmp_path: Path, bundle: ModelBundle) -> 
 
 
 def test_rejects_carry_the_right_codes(tmp_path: Path, bundle: ModelBundle) -> None:
-    h = Harness(_config(tmp_path, max_examples_per_update=100), bundle)
+    h = Harness(_config(tmp_path, max_claimed_examples=100), bundle)
     good = exact_delta(h.shapes, 0)
     assert h.update("a", good, 5, uid="ua").accepted
     nan = {k: v.copy() for k, v in good.items()}

@@ -47,7 +47,7 @@ FLEET = "f1"
 DEVICE = "dev-1"
 TEMPLATE = {"w": (4, 3), "b": (3,)}
 LIMITS = Limits(max_bytes=256 * 1024)
-MAX_EXAMPLES_PER_UPDATE = 10_000_000
+MAX_CLAIMED_EXAMPLES = 10_000_000
 PLAN = RoundPlan(
     round_id=3, base_version=2, selected=(), target=10, min_updates=1, opened_at=0.0,
     deadline=100.0, abandon_at=200.0, config=TrainingConfig(),
@@ -91,7 +91,7 @@ def _outcome(payload: bytes, plan: RoundPlan = PLAN) -> str:
         assert values.size == t.count and len(t.data) == t.count * values.itemsize
         if t.dtype in ("float32", "float16"):
             assert np.isfinite(values).all()
-    state = RoundState(FLEET, plan, MAX_EXAMPLES_PER_UPDATE)
+    state = RoundState(FLEET, plan, MAX_CLAIMED_EXAMPLES)
     fold = WeightedSum(TEMPLATE)
     weight = float(msg.num_examples)
     checked: list[CheckedUpdate] = []

@@ -123,20 +123,20 @@ def test_fixed_norm_bound_claims_window_and_config_checks() -> None:
             load_aggregator_config(overrides=bad, environ={})
 
 
-def test_registry_max_examples(tmp_path: Path) -> None:
+def test_registry_max_weight(tmp_path: Path) -> None:
     path = tmp_path / "devices.json"
     reg = Registry(path)
     key = DeviceKey.generate().public_hex
     reg.enroll("a", key)
     reg.enroll("b", key)
     data = json.loads(path.read_text())
-    data["devices"]["a"]["max_examples"] = 500
+    data["devices"]["a"]["max_weight"] = 500
     path.write_text(json.dumps(data))
     fresh = Registry(path)
-    assert (fresh.max_examples("a"), fresh.max_examples("b")) == (500, None)
-    data["devices"]["b"]["max_examples"] = "lots"
+    assert (fresh.max_weight("a"), fresh.max_weight("b")) == (500, None)
+    data["devices"]["b"]["max_weight"] = "lots"
     path.write_text(json.dumps(data))
-    expected = "device 'b' has max_examples 'lots', expected an integer >= 1"
+    expected = "device 'b' has max_weight 'lots', expected an integer >= 1"
     with pytest.raises(SecurityError, match=re.escape(expected)):
         Registry(path).devices()
 
@@ -209,7 +209,7 @@ def test_registry_caps_the_fold_weight(tmp_path: Path, bundle: ModelBundle) -> N
     for dev in ("a", "b"):
         reg.enroll(dev, DeviceKey.generate().public_hex)
     data = json.loads(path.read_text())
-    data["devices"]["a"]["max_examples"] = 3
+    data["devices"]["a"]["max_weight"] = 3
     path.write_text(json.dumps(data))
     cfg = _config(tmp_path, registry=str(path), require_signatures=False, min_updates=2,
                   clients_per_round=2)
