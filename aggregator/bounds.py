@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedmq.errors import RejectReason, StateError, WireError
+from fedmq.errors import Rejected, RejectReason, StateError
 from fedmq.update.codecs import get_codec
 from fedmq.wire import Tensor
 
@@ -179,7 +179,7 @@ class FleetBounds:
         if math.isfinite(norm):
             self._norms.put(device, norm)
         if limit is not None and not norm <= limit[0]:
-            raise WireError(
+            raise Rejected(
                 f"update L2 norm {norm:.4g} exceeds the bound {limit[0]:.4g} ({limit[1]})",
                 RejectReason.NORM_BOUND,
             )

@@ -24,6 +24,7 @@ from aggregator.round_state import RoundState, check_route
 from aggregator.store import Store
 from fedmq.errors import (
     ConfigError,
+    Rejected,
     RejectReason,
     SecurityError,
     StateError,
@@ -123,7 +124,7 @@ class Ingest:
             try:
                 msg = decode_update(entry.payload, self.limits)
                 self.fold.fold(msg.tensors, msg.codec, weight)
-            except (WireError, ValueError) as exc:
+            except (Rejected, ValueError) as exc:
                 raise StateError(
                     f"journaled update {entry.update_id!r} is unreadable: {exc}"
                 ) from exc
@@ -193,7 +194,7 @@ class Ingest:
         except ConfigError as exc:
             return self._reject(topic_device, payload, WireError(str(exc)), now)
         if retained:
-            err = WireError(
+            err = Rejected(
                 "updates must not be retained: clear it with an empty retained message on "
                 f"{self.topics.update(topic_device)}",
                 RejectReason.RETAINED,
@@ -215,7 +216,7 @@ class Ingest:
             checked = self._check(msg, topic_device, weight)
             norm = update_norm(checked.tensors, msg.codec)  # the one norm of this update
             self.bounds.check_norm(msg.device, norm)
-        except WireError as exc:
+        except Rejected as exc:
             return self._reject(topic_device, payload, exc, now, msg)
         assert self.round is not None and self.fold is not None
         try:
@@ -283,7 +284,7 @@ class Ingest:
             verify_update(received, public_key)
         except SecurityError as exc:  # an enrolled key that is not a valid Ed25519 key
             log.error("registry key of %s is unusable: %s", msg.device, exc)
-            raise WireError(
+            raise Rejected(
                 f"device {msg.device!r} has no usable enrolled key", RejectReason.UNKNOWN_DEVICE
             ) from exc
 
@@ -322,7 +323,7 @@ class Ingest:
     def _check(self, msg: UpdateMessage, topic_device: str, weight: float) -> CheckedUpdate:
         if self.round is None or self.fold is None:
             check_route(msg, topic_device, self.config.fleet, last_round=self.last_round_id)
-            raise WireError(f"round {msg.round_id} is not open", RejectReason.WRONG_ROUND)
+            raise Rejected(f"round {msg.round_id} is not open", RejectReason.WRONG_ROUND)
         fold = self.fold
         checked: list[CheckedUpdate] = []
 
@@ -336,7 +337,7 @@ class Ingest:
         self,
         device: str,
         payload: bytes,
-        err: WireError,
+        err: Rejected,
         now: float,
         msg: UpdateMessage | None = None,
     ) -> AckMessage:

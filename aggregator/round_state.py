@@ -2,7 +2,7 @@
 
 No I/O and no clock: callers pass ``now``. :func:`check_route` is the one fleet/device/round
 check of an :class:`~fedmq.wire.UpdateMessage`; :class:`RoundState` checks the rest against
-the plan (in the order of docs/protocol.md). Both raise :class:`~fedmq.errors.WireError` with
+the plan (in the order of docs/protocol.md). Both raise :class:`~fedmq.errors.Rejected` with
 a :class:`~fedmq.errors.RejectReason` code. When a round is ready or abandoned is for the
 round policy to say (``aggregator.policies``).
 """
@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedmq.errors import RejectReason, StateError, WireError
+from fedmq.errors import Rejected, RejectReason, StateError
 from fedmq.wire import RoundAnnouncement, TrainingConfig, UpdateMessage
 
 __all__ = ["RoundPlan", "RoundState", "check_route", "select_devices"]
@@ -140,7 +140,7 @@ class RoundState:
         topic_device: str | None = None,
         check_tensors: Callable[[UpdateMessage], None] | None = None,
     ) -> None:
-        """Raise :class:`WireError` unless ``msg`` may be folded into this round.
+        """Raise :class:`Rejected` unless ``msg`` may be folded into this round.
 
         The update's codec must be the one the round asked for (``bad_codec``).
         ``check_tensors`` validates shapes and codec against the model (it runs after the
@@ -149,27 +149,27 @@ class RoundState:
         p = self.plan
         check_route(msg, topic_device, self.fleet, open_round=p.round_id, epoch=p.epoch)
         if msg.base_version != p.base_version:
-            raise WireError(
+            raise Rejected(
                 f"base version {msg.base_version}: round {p.round_id} trains on "
                 f"version {p.base_version}",
                 RejectReason.WRONG_BASE,
             )
         if self._selected and msg.device not in self._selected:
-            raise WireError(
+            raise Rejected(
                 f"device {msg.device!r} is not selected for round {p.round_id}",
                 RejectReason.NOT_SELECTED,
             )
         if msg.update_id in self._update_ids:
-            raise WireError(
+            raise Rejected(
                 f"update {msg.update_id!r} was already accepted", RejectReason.DUPLICATE
             )
         if msg.device in self._devices:
-            raise WireError(
+            raise Rejected(
                 f"device {msg.device!r} already contributed to round {p.round_id}",
                 RejectReason.DUPLICATE,
             )
         if msg.codec != p.config.codec:
-            raise WireError(
+            raise Rejected(
                 f"update codec {msg.codec} differs from round {p.round_id}'s codec "
                 f"{p.config.codec}",
                 RejectReason.BAD_CODEC,
@@ -177,7 +177,7 @@ class RoundState:
         if check_tensors is not None:
             check_tensors(msg)
         if self.max_examples is not None and msg.num_examples > self.max_examples:
-            raise WireError(
+            raise Rejected(
                 f"num_examples {msg.num_examples} exceeds the cap of {self.max_examples}",
                 RejectReason.MALFORMED,
             )
@@ -205,7 +205,7 @@ def check_route(
     last_round: int | None = None,
     epoch: str | None = None,
 ) -> None:
-    """The fleet/device/round check, in the order of docs/protocol.md; raise :class:`WireError`.
+    """The fleet/device/round check, in the order of docs/protocol.md; raise :class:`Rejected`.
 
     Only what is given is checked, in this order: ``fleet`` (``wrong_fleet``), then the
     payload device against the broker-authenticated ``topic_device`` (``device_mismatch``),
@@ -216,16 +216,16 @@ def check_route(
     (round ids restart in a new epoch); an update without an epoch is checked by round id.
     """
     if fleet is not None and msg.fleet != fleet:
-        raise WireError(
+        raise Rejected(
             f"update is for fleet {msg.fleet!r}, this is {fleet!r}", RejectReason.WRONG_FLEET
         )
     if topic_device is not None and msg.device != topic_device:
-        raise WireError(
+        raise Rejected(
             f"payload device {msg.device!r} differs from topic device {topic_device!r}",
             RejectReason.DEVICE_MISMATCH,
         )
     if epoch is not None and msg.epoch and msg.epoch != epoch:
-        raise WireError(
+        raise Rejected(
             f"update is for epoch {msg.epoch!r} (round {msg.round_id}), the aggregator is in "
             f"epoch {epoch!r}" + ("" if open_round is None else f" (round {open_round} is open)"),
             RejectReason.WRONG_ROUND,
@@ -233,14 +233,14 @@ def check_route(
     if open_round is not None:
         if msg.round_id != open_round:
             when = "stale" if msg.round_id < open_round else "future"
-            raise WireError(
+            raise Rejected(
                 f"{when} round {msg.round_id}: round {open_round} is open",
                 RejectReason.WRONG_ROUND,
             )
     elif last_round is not None:
         if msg.round_id <= last_round:
-            raise WireError(f"round {msg.round_id} is closed", RejectReason.ROUND_CLOSED)
-        raise WireError(f"round {msg.round_id} is not open", RejectReason.WRONG_ROUND)
+            raise Rejected(f"round {msg.round_id} is closed", RejectReason.ROUND_CLOSED)
+        raise Rejected(f"round {msg.round_id} is not open", RejectReason.WRONG_ROUND)
 
 
 def select_devices(online: Iterable[str], k: int, seed: int, round_id: int) -> tuple[str, ...]:

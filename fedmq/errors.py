@@ -8,6 +8,7 @@ __all__ = [
     "FedmqError",
     "ModelError",
     "RejectReason",
+    "Rejected",
     "SecurityError",
     "StateError",
     "StorageFullError",
@@ -98,10 +99,17 @@ class RejectReason:
     )
 
 
-class WireError(FedmqError):
-    """A message that cannot be accepted; ``code`` is one of :class:`RejectReason`."""
+class Rejected(FedmqError):
+    """A message that is not accepted (an update refused by the ingest, a signature that
+    does not verify, a round that does not match); ``code`` is one of
+    :class:`RejectReason`, sent back on the ack topic with ``reason``."""
 
     def __init__(self, reason: str, code: str = RejectReason.MALFORMED) -> None:
         super().__init__(reason)
         self.reason = reason
         self.code = code
+
+
+class WireError(Rejected):
+    """A rejection for the message's bytes themselves: not msgpack, a missing or mistyped
+    field, a size or dtype outside the format's bounds, non-finite values."""

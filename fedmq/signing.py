@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedmq.errors import RejectReason, SecurityError, WireError
+from fedmq.errors import Rejected, RejectReason, SecurityError
 from fedmq.fsutil import atomic_write
 from fedmq.topics import validate_name
 from fedmq.wire import ReceivedUpdate, SignedUpdate, UpdateMessage, encode
@@ -160,17 +160,17 @@ def _public_key(hex_key: str) -> Ed25519PublicKey:
 
 
 def verify_update(received: ReceivedUpdate, public_key_hex: str | None) -> None:
-    """Raise WireError (unknown_device / unsigned / bad_signature) unless the envelope's
+    """Raise Rejected (unknown_device / unsigned / bad_signature) unless the envelope's
     signature holds over the exact body bytes received."""
     device = received.message.device
     if public_key_hex is None:
-        raise WireError(f"device {device!r} is not enrolled", RejectReason.UNKNOWN_DEVICE)
+        raise Rejected(f"device {device!r} is not enrolled", RejectReason.UNKNOWN_DEVICE)
     if not received.signature:
-        raise WireError("update is not signed", RejectReason.UNSIGNED)
+        raise Rejected("update is not signed", RejectReason.UNSIGNED)
     try:
         _public_key(public_key_hex).verify(received.signature, received.body)
     except InvalidSignature as exc:
-        raise WireError(
+        raise Rejected(
             f"signature does not verify for device {device!r}", RejectReason.BAD_SIGNATURE
         ) from exc
 

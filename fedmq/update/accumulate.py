@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import msgpack
 import numpy as np
 
-from fedmq.errors import RejectReason, WireError
+from fedmq.errors import Rejected, RejectReason, WireError
 from fedmq.tensor import Tensor, tensor_from_map
 from fedmq.update.codecs import Codec, get_codec
 
@@ -133,7 +133,7 @@ class _ModelChecked(ABC):
         return self._total_weight
 
     def check(self, tensors: Iterable[Tensor], codec: str, weight: float) -> CheckedUpdate:
-        """Raise :class:`WireError` unless ``tensors`` encode the model exactly with ``codec``
+        """Raise :class:`Rejected` unless ``tensors`` encode the model exactly with ``codec``
         and, added with ``weight``, cannot overflow the float32 sum; the checked update."""
         if not (math.isfinite(weight) and weight > 0):
             raise ValueError(f"weight must be positive and finite, got {weight}")
@@ -142,14 +142,14 @@ class _ModelChecked(ABC):
         for t in tensors:
             shape = self._shapes.get(t.name)
             if shape is None:
-                raise WireError(f"unknown tensor {t.name!r}", RejectReason.SHAPE)
+                raise Rejected(f"unknown tensor {t.name!r}", RejectReason.SHAPE)
             if t.name in by_name:
-                raise WireError(f"tensor {t.name!r} appears twice", RejectReason.SHAPE)
+                raise Rejected(f"tensor {t.name!r} appears twice", RejectReason.SHAPE)
             c.validate(t, shape)
             by_name[t.name] = t
         missing = set(self._shapes) - set(by_name)
         if missing:
-            raise WireError(f"missing tensors {sorted(missing)}", RejectReason.SHAPE)
+            raise Rejected(f"missing tensors {sorted(missing)}", RejectReason.SHAPE)
         ordered = tuple(by_name[n] for n in self._shapes)
         magnitudes = tuple(float(weight) * c.bound(t) for t in ordered)
         self._check_range(magnitudes, weight)
@@ -159,7 +159,7 @@ class _ModelChecked(ABC):
     def _check_range(self, magnitudes: Iterable[float], weight: float) -> None:
         for name, m in zip(self._shapes, magnitudes, strict=True):
             if not self._bound[name] + m <= _F32_MAX:  # also false for inf and nan
-                raise WireError(
+                raise Rejected(
                     f"tensor {name!r} with weight {weight:g} could overflow the float32 sum",
                     RejectReason.NON_FINITE,
                 )
@@ -193,7 +193,7 @@ class _ModelChecked(ABC):
             raise ValueError("only accumulators of the same kind and model merge")
         for name in self._shapes:
             if not self._bound[name] + other._bound[name] <= _F32_MAX:
-                raise WireError(
+                raise Rejected(
                     f"tensor {name!r}: merged sums could overflow float32",
                     RejectReason.NON_FINITE,
                 )
@@ -351,7 +351,7 @@ class BufferedUpdates(_ModelChecked):
 
     def _check_room(self) -> None:
         if self._count >= self.capacity:
-            raise WireError(
+            raise Rejected(
                 f"the round's update buffer is full ({self.capacity} updates)",
                 RejectReason.ROUND_CLOSED,
             )
@@ -380,7 +380,7 @@ class BufferedUpdates(_ModelChecked):
         this one's updates, then the other's."""
         self._merge_common(other)
         if self._count + other._count > self.capacity:
-            raise WireError(
+            raise Rejected(
                 f"merged buffers hold {self._count + other._count} updates, more than "
                 f"{self.capacity}",
                 RejectReason.ROUND_CLOSED,
@@ -427,5 +427,10 @@ class BufferedUpdates(_ModelChecked):
             weight = _nonneg_float(item.get("weight"), "weight")
             if weight <= 0:
                 raise WireError("serialised buffer: weights must be > 0")
-            acc.fold([tensor_from_map(t, max_bytes) for t in tensors], item["codec"], weight)
+            try:
+                acc.fold([tensor_from_map(t, max_bytes) for t in tensors], item["codec"], weight)
+            except WireError:
+                raise
+            except Rejected as exc:  # an update that does not fit the model: damaged bytes
+                raise WireError(f"serialised buffer: {exc.reason}", exc.code) from exc
         return acc

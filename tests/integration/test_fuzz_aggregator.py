@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.round_state import RoundPlan, RoundState
 from aggregator.store import Store
-from fedmq.errors import WireError
+from fedmq.errors import Rejected
 from fedmq.net.localbroker import LocalBroker, free_port
 from fedmq.topics import Topics
 from fedmq.update.accumulate import WeightedSum
@@ -72,7 +72,7 @@ class _Oracle:
                 msg, topic_device,
                 lambda m: fold.check(m.tensors, m.codec, float(m.num_examples)),
             )
-        except WireError as exc:
+        except Rejected as exc:
             return exc.code
         return "accepted"
 

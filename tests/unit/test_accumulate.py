@@ -6,7 +6,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from fedmq.errors import ConfigError, RejectReason, WireError
+from fedmq.errors import ConfigError, Rejected, RejectReason, WireError
 from fedmq.update import codecs
 from fedmq.update.accumulate import Accumulator, BufferedUpdates, WeightedSum
 from fedmq.update.strategies import FedAdam, FedAvg, FedAvgM, make_strategy
@@ -62,7 +62,7 @@ def test_bad_updates_leave_the_sum_untouched() -> None:
         (unknown, "float32", RejectReason.SHAPE),
         (wrong_dtype, "float32", RejectReason.BAD_CODEC),
     ]:
-        with pytest.raises(WireError) as e:
+        with pytest.raises(Rejected) as e:
             acc.fold(bad, codec, 1.0)
         assert e.value.code == code
     assert acc.count == 1
@@ -129,7 +129,7 @@ def test_merge_refuses_sums_that_could_overflow() -> None:
     huge = [Tensor.from_array("a", np.full(2, 2e38, np.float32))]
     a.fold(huge, "float32", 1.0)
     b.fold(huge, "float32", 1.0)
-    with pytest.raises(WireError) as e:
+    with pytest.raises(Rejected) as e:
         a.merge(b)
     assert e.value.code == RejectReason.NON_FINITE
     assert a.count == 1
@@ -191,7 +191,7 @@ def test_buffer_bound_is_enforced_with_a_clear_error() -> None:
     buf = BufferedUpdates(SHAPES, 2)
     _feed(buf, range(2))
     tensors = codecs.encode_delta(_exact(9), "float32", np.random.default_rng(0))
-    with pytest.raises(WireError) as e:
+    with pytest.raises(Rejected) as e:
         buf.check(tensors, "float32", 1.0)
     assert e.value.code == RejectReason.ROUND_CLOSED and "full (2 updates)" in e.value.reason
     assert buf.count == 2
@@ -243,7 +243,7 @@ def test_check_then_add_re_tests_only_the_bound() -> None:
     t = [Tensor.from_array("a", np.full(1, 3e38, np.float32))]
     first, second = acc.check(t, "float32", 1.0), acc.check(t, "float32", 1.0)
     acc.add(first)
-    with pytest.raises(WireError) as e:
+    with pytest.raises(Rejected) as e:
         acc.add(second)
     assert e.value.code == RejectReason.NON_FINITE and acc.count == 1
 
@@ -263,7 +263,7 @@ def test_codec_checks_dense_counts_params_and_extra_fields() -> None:
         (negative_scale, "int8", RejectReason.BAD_CODEC),
         (Tensor("w", "float32", (2, 3), b"\x00" * 24), "zip", RejectReason.BAD_CODEC),
     ]:
-        with pytest.raises(WireError) as e:
+        with pytest.raises(Rejected) as e:
             acc.check([t], codec, 1.0)
         assert e.value.code == code, (t, e.value.reason)
     assert acc.count == 0

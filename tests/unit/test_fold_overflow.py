@@ -17,7 +17,7 @@ import pytest
 from aggregator.config import AggregatorConfig
 from aggregator.engine import Engine, resolve_bundle
 from aggregator.store import Store
-from fedmq.errors import RejectReason, WireError
+from fedmq.errors import Rejected, RejectReason
 from fedmq.update.accumulate import WeightedSum
 from fedmq.wire import Tensor, decode_model
 from tests.fakes import exact_delta, make_update, model_weights, raw_update
@@ -27,16 +27,16 @@ def test_weighted_sum_refuses_an_update_that_would_overflow() -> None:
     fold = WeightedSum({"a": (3,)})
     huge = [Tensor.from_array("a", np.full(3, 3e38, np.float32))]
     fold.check(huge, "float32", 1.0)  # shapes and codec are fine ...
-    with pytest.raises(WireError) as err:
+    with pytest.raises(Rejected) as err:
         fold.check(huge, "float32", 2.0)  # ... but 2 x 3e38 is not a float32
     assert err.value.code == RejectReason.NON_FINITE
-    with pytest.raises(WireError):
+    with pytest.raises(Rejected):
         fold.fold(huge, "float32", 2.0)
     fold.fold(huge, "float32", 1.0)  # fits once ...
-    with pytest.raises(WireError):
+    with pytest.raises(Rejected):
         fold.fold(huge, "float32", 1.0)  # ... not twice: the running sum would overflow
     absurd = [Tensor.from_array("a", np.full(3, 127, np.int8), {"scale": 1e29})]
-    with pytest.raises(WireError):
+    with pytest.raises(Rejected):
         fold.check(absurd, "int8", 1e7)
     np.testing.assert_array_equal(fold.mean()["a"], np.full(3, 3e38, np.float32))
 

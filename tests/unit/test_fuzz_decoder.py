@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aggregator.round_state import RoundPlan, RoundState
-from fedmq.errors import WireError
+from fedmq.errors import Rejected, WireError
 from fedmq.update.accumulate import CheckedUpdate, WeightedSum
 from fedmq.wire import (
     Limits,
@@ -82,7 +82,7 @@ def _outcome(payload: bytes, plan: RoundPlan = PLAN) -> str:
             decode(payload)
     try:
         msg = decode_update(payload, LIMITS)
-    except WireError as exc:
+    except Rejected as exc:
         assert exc.code and exc.reason
         return exc.code
     assert len(payload) <= LIMITS.max_bytes
@@ -97,14 +97,14 @@ def _outcome(payload: bytes, plan: RoundPlan = PLAN) -> str:
     checked: list[CheckedUpdate] = []
     try:
         state.check(msg, DEVICE, lambda m: checked.append(fold.check(m.tensors, m.codec, weight)))
-    except WireError as exc:
+    except Rejected as exc:
         return exc.code
     # Accepted: adding must work and keep the running sum (and so the model) finite, also
     # when the same update arrives again from another device (or is refused before adding).
     fold.add(checked[0])
     try:
         again = fold.check(msg.tensors, msg.codec, weight)
-    except WireError:
+    except Rejected:
         pass
     else:
         fold.add(again)

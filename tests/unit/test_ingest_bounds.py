@@ -17,7 +17,7 @@ from aggregator.bounds import BoundsConfig, FleetBounds, update_norm
 from aggregator.config import AggregatorConfig, load_aggregator_config
 from aggregator.engine import Engine, Outgoing, resolve_bundle
 from aggregator.store import Store
-from fedmq.errors import ConfigError, RejectReason, SecurityError, WireError
+from fedmq.errors import ConfigError, Rejected, RejectReason, SecurityError
 from fedmq.models.spec import ModelBundle
 from fedmq.signing import DeviceKey, Registry
 from fedmq.update import codecs
@@ -78,7 +78,7 @@ def test_adaptive_norm_bound_warm_up_attacker_and_fleet_wide_growth() -> None:
     b.check_norm("evil", 1000.0)  # still warming up: accepted (documented)
     b.check_norm("c", 1.0)
     assert b.norm_limit() == (3.0, "3 x median 1 of 4 device(s)")
-    with pytest.raises(WireError) as err:
+    with pytest.raises(Rejected) as err:
         b.check_norm("evil", 1000.0)
     assert err.value.code == RejectReason.NORM_BOUND
     assert err.value.reason == (
@@ -86,11 +86,11 @@ def test_adaptive_norm_bound_warm_up_attacker_and_fleet_wide_growth() -> None:
     )
     # One entry per device: the attacker's rejected norms do not move the median ...
     for _ in range(5):
-        with pytest.raises(WireError):
+        with pytest.raises(Rejected):
             b.check_norm("evil", 1000.0)
     assert b.norm_limit() == (3.0, "3 x median 1 of 4 device(s)")
     # ... but when the honest fleet's norms all grow (a higher lr), it follows them.
-    with pytest.raises(WireError):
+    with pytest.raises(Rejected):
         b.check_norm("a", 5.0)  # a, b, c, evil at 5, 1, 1, 1000: median 3
     b.check_norm("b", 5.0)  # under 9: accepted
     assert b.norm_limit() == (15.0, "3 x median 5 of 4 device(s)")
@@ -101,7 +101,7 @@ def test_adaptive_norm_bound_warm_up_attacker_and_fleet_wide_growth() -> None:
 def test_fixed_norm_bound_claims_window_and_config_checks() -> None:
     fixed = FleetBounds(BoundsConfig(norm_bound="fixed", max_update_norm=2.0))
     fixed.check_norm("a", 2.0)
-    with pytest.raises(WireError, match=r"2\.5 exceeds the bound 2 \(max_update_norm\)"):
+    with pytest.raises(Rejected, match=r"2\.5 exceeds the bound 2 \(max_update_norm\)"):
         fixed.check_norm("a", 2.5)
     off = FleetBounds(BoundsConfig(norm_bound="off", bounds_warmup=1))
     off.check_norm("a", 1.0)

@@ -14,7 +14,7 @@ import pytest
 
 from aggregator.config import AggregatorConfig, load_aggregator_config
 from aggregator.engine import resolve_bundle
-from fedmq.errors import ConfigError, RejectReason, StateError, WireError
+from fedmq.errors import ConfigError, Rejected, RejectReason, StateError
 from fedmq.models.spec import ModelBundle
 from fedmq.signing import DeviceKey, Registry
 from fedmq.update import codecs
@@ -181,7 +181,7 @@ def test_a_full_buffer_refuses_with_round_closed() -> None:
     deltas = _honest(4)
     for d in deltas[:3]:
         acc.fold(codecs.encode_delta(d, "float32", np.random.default_rng(0)), "float32", 1.0)
-    with pytest.raises(WireError, match=r"buffer is full \(3 updates\)") as err:
+    with pytest.raises(Rejected, match=r"buffer is full \(3 updates\)") as err:
         acc.fold(codecs.encode_delta(deltas[3], "float32", np.random.default_rng(0)),
                  "float32", 1.0)
     assert err.value.code == RejectReason.ROUND_CLOSED and acc.count == 3

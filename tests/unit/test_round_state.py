@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.round_state import RoundPlan, RoundState, check_route, select_devices
-from fedmq.errors import RejectReason, StateError, WireError
+from fedmq.errors import Rejected, RejectReason, StateError, WireError
 from fedmq.wire import Tensor, TrainingConfig, UpdateMessage
 
 
@@ -33,7 +33,7 @@ def _msg(device: str = "d1", update_id: str = "u1", **kw: Any) -> UpdateMessage:
 
 
 def _code(state: RoundState, msg: UpdateMessage, topic: str | None = None) -> str:
-    with pytest.raises(WireError) as info:
+    with pytest.raises(Rejected) as info:
         state.check(msg, topic)
     assert info.value.reason
     return info.value.code
@@ -90,7 +90,7 @@ def test_check_route_order(kw: dict[str, Any], args: dict[str, Any], code: str |
     if code is None:
         check_route(msg, topic, **args)
         return
-    with pytest.raises(WireError) as info:
+    with pytest.raises(Rejected) as info:
         check_route(msg, topic, **args)
     assert info.value.code == code and info.value.reason
 
@@ -114,7 +114,7 @@ def test_examples_cap_and_tensor_check_order() -> None:
         raise WireError("bad shape", RejectReason.SHAPE)
 
     s = RoundState("f", _plan(), max_examples=5)
-    with pytest.raises(WireError) as info:
+    with pytest.raises(Rejected) as info:
         s.check(_msg(num_examples=6), "d1", check_tensors)
     assert info.value.code == RejectReason.SHAPE and calls == ["u1"]
     assert _code(s, _msg(num_examples=6), "d1") == RejectReason.MALFORMED

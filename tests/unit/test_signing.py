@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedmq import wire
-from fedmq.errors import RejectReason, SecurityError, WireError
+from fedmq.errors import Rejected, RejectReason, SecurityError
 from fedmq.signing import DeviceKey, Registry, load_or_create_key, sign_update, verify_update
 from fedmq.update import codecs
 
@@ -63,7 +63,7 @@ def test_any_change_breaks_the_signature(change: dict[str, object]) -> None:
     _, sig = _envelope(sign_update(_update(), key))
     tampered = wire.encode(replace(_update(), **change))  # type: ignore[arg-type]
     received = wire.receive_update(wire.encode(wire.SignedUpdate(tampered, sig)))
-    with pytest.raises(WireError) as e:
+    with pytest.raises(Rejected) as e:
         verify_update(received, key.public_hex)
     assert e.value.code == RejectReason.BAD_SIGNATURE
 
@@ -75,7 +75,7 @@ def test_tensor_bytes_are_covered() -> None:
     flipped = wire.Tensor(t.name, t.dtype, t.shape, bytes([t.data[0] ^ 1]) + t.data[1:], t.params)
     forged = wire.encode(replace(_update(), tensors=(flipped,)))
     assert len(forged) == len(body) and forged != body
-    with pytest.raises(WireError) as e:
+    with pytest.raises(Rejected) as e:
         verify_update(wire.receive_update(wire.encode(wire.SignedUpdate(forged, sig))),
                       key.public_hex)
     assert e.value.code == RejectReason.BAD_SIGNATURE
@@ -83,13 +83,13 @@ def test_tensor_bytes_are_covered() -> None:
 
 def test_unsigned_unknown_and_other_key() -> None:
     key, other = DeviceKey.generate(), DeviceKey.generate()
-    with pytest.raises(WireError) as e:
+    with pytest.raises(Rejected) as e:
         verify_update(wire.receive_update(wire.encode(_update())), key.public_hex)
     assert e.value.code == RejectReason.UNSIGNED
-    with pytest.raises(WireError) as e:
+    with pytest.raises(Rejected) as e:
         verify_update(wire.receive_update(sign_update(_update(), key)), None)
     assert e.value.code == RejectReason.UNKNOWN_DEVICE
-    with pytest.raises(WireError) as e:
+    with pytest.raises(Rejected) as e:
         verify_update(wire.receive_update(sign_update(_update(), other)), key.public_hex)
     assert e.value.code == RejectReason.BAD_SIGNATURE
 
