@@ -218,9 +218,12 @@ class Ingest:
         except WireError as exc:
             return self._reject(topic_device, payload, exc, now, msg)
         assert self.round is not None and self.fold is not None
+        # Journaled in the open round (a buffer also folds updates of earlier rounds), with
+        # the weight actually folded (capped, staleness-weighted): a restart re-folds it.
         try:
             self.store.append_update(
-                msg.update_id, msg.round_id, msg.device, msg.num_examples, payload, now, weight
+                msg.update_id, self.round.round_id, msg.device, msg.num_examples, payload, now,
+                checked.weight,
             )
         except StorageFullError as exc:
             raise StorageFullError(
@@ -230,7 +233,7 @@ class Ingest:
         self.round.record(msg.update_id, msg.device, msg.num_examples)
         self.bounds.observe_claim(msg.device, msg.num_examples)
         self.contributions.append(
-            Contribution(msg.update_id, msg.device, msg.num_examples, weight, norm)
+            Contribution(msg.update_id, msg.device, msg.num_examples, checked.weight, norm)
         )
         self.metrics.update_norm.observe(norm)
         if weight < msg.num_examples:
@@ -238,6 +241,14 @@ class Ingest:
             log.info(
                 "update %s from %s claims %d examples: folded with weight %.6g (capped)",
                 msg.update_id, msg.device, msg.num_examples, weight,
+            )
+        if msg.round_id != self.round.round_id or checked.weight != weight:
+            log.info(
+                "update %s from %s trained on version %d (round %d): staleness %d, folded "
+                "with weight %.6g into round %d",
+                msg.update_id, msg.device, msg.base_version, msg.round_id,
+                self.round.plan.base_version - msg.base_version, checked.weight,
+                self.round.round_id,
             )
         self.traffic.bytes_in += len(payload)
         self.metrics.updates_accepted.inc()
@@ -323,14 +334,21 @@ class Ingest:
         if self.round is None or self.fold is None:
             check_route(msg, topic_device, self.config.fleet, last_round=self.last_round_id)
             raise WireError(f"round {msg.round_id} is not open", RejectReason.WRONG_ROUND)
-        fold = self.fold
+        fold, state = self.fold, self.round
         checked: list[CheckedUpdate] = []
 
         def check_tensors(m: UpdateMessage) -> None:
-            checked.append(fold.check(m.tensors, m.codec, weight))
+            checked.append(fold.check(m.tensors, m.codec, weight * state.weight_factor(m)))
 
-        self.round.check(msg, topic_device, check_tensors)
+        state.check(msg, topic_device, check_tensors, base_of=self._round_base)
         return checked[0]
+
+    def _round_base(self, round_id: int) -> int | None:
+        """The base version round ``round_id`` was opened on (None: not in the state)."""
+        try:
+            return self.store.round(round_id).base_version
+        except StateError:
+            return None
 
     def _reject(
         self,

@@ -46,6 +46,7 @@ _HELP: dict[str, str] = {
     "backoff_max": "longest reconnect delay in seconds",
     "ack_timeout": "seconds to wait for an ack before re-sending an update",
     "max_resends": "re-sends of one update before waiting for the round to close",
+    "train_delay": "seconds to sleep before each training (simulates a slower device)",
     "username": "MQTT user name",
     "password": "MQTT password (prefer the FEDMQ_AGENT_PASSWORD environment variable)",
     "tls_ca": "CA certificate file: enables TLS",

@@ -61,6 +61,8 @@ class AgentConfig:
     backoff_max: float = 60.0
     ack_timeout: float = 60.0
     max_resends: int = 5
+    # seconds to wait before each training (simulates a slower device in tests/experiments)
+    train_delay: float = 0.0
     username: str | None = None
     password: str | None = None
     tls_ca: Path | None = None
@@ -105,6 +107,8 @@ class AgentConfig:
         _positive("ack_timeout", self.ack_timeout)
         if self.max_resends < 0:
             raise ConfigError(f"max_resends must be >= 0, got {self.max_resends}")
+        if not (math.isfinite(self.train_delay) and self.train_delay >= 0):
+            raise ConfigError(f"train_delay must be a finite number >= 0, got {self.train_delay}")
         if self.password is not None and self.username is None:
             raise ConfigError("password given without username")
         if (self.tls_cert is None) != (self.tls_key is None):

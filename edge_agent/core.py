@@ -109,10 +109,13 @@ class CoreSettings:
     max_resends: int = 5
     seed: int = 0
     num_threads: int = 1
+    train_delay: float = 0.0  # seconds slept before each training (a slower device)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.ack_timeout) and self.ack_timeout > 0):
             raise ValueError(f"ack_timeout must be > 0, got {self.ack_timeout}")
+        if not (math.isfinite(self.train_delay) and self.train_delay >= 0):
+            raise ValueError(f"train_delay must be >= 0, got {self.train_delay}")
         if self.max_resends < 0:
             raise ValueError(f"max_resends must be >= 0, got {self.max_resends}")
         if self.topics.fleet != self.fleet:
@@ -466,6 +469,8 @@ class EdgeCore:
         self, ann: RoundAnnouncement, global_weights: Mapping[str, np.ndarray], now: float
     ) -> OutboxEntry:
         r, cfg = ann.round_id, ann.config
+        if self.settings.train_delay:
+            time.sleep(self.settings.train_delay)
         x, y = self.data.round_batch(r)
         m = sample_size(len(x), cfg.sample_fraction, cfg.max_examples)
         x, y = x[:m], y[:m]  # round_batch is shuffled
