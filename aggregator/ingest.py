@@ -70,6 +70,19 @@ def _peek_ids(payload: bytes, max_bytes: int) -> tuple[int | None, str]:
     return round_id, update_id
 
 
+def _staleness_note(state: RoundState, msg: UpdateMessage, weight: float, folded: float) -> str:
+    """How a buffer weighted an update of an earlier base ("" for a fresh one): the ack's
+    reason and the log line, so a device (and a test) sees the exact weight folded."""
+    rule = state.plan.staleness
+    stale = state.plan.base_version - msg.base_version
+    if rule is None or (stale == 0 and msg.round_id == state.round_id):
+        return ""
+    return (
+        f"staleness {stale}: weight {weight!r} x (1 + {stale}) ** -{rule.exponent!r} = "
+        f"{folded!r}, folded into round {state.round_id}"
+    )
+
+
 class Ingest:
     """Checks, journals and folds updates into the open round; see the module docstring."""
 
@@ -242,13 +255,11 @@ class Ingest:
                 "update %s from %s claims %d examples: folded with weight %.6g (capped)",
                 msg.update_id, msg.device, msg.num_examples, weight,
             )
-        if msg.round_id != self.round.round_id or checked.weight != weight:
+        note = _staleness_note(self.round, msg, weight, checked.weight)
+        if note:
             log.info(
-                "update %s from %s trained on version %d (round %d): staleness %d, folded "
-                "with weight %.6g into round %d",
-                msg.update_id, msg.device, msg.base_version, msg.round_id,
-                self.round.plan.base_version - msg.base_version, checked.weight,
-                self.round.round_id,
+                "update %s from %s trained on version %d (round %d): %s",
+                msg.update_id, msg.device, msg.base_version, msg.round_id, note,
             )
         self.traffic.bytes_in += len(payload)
         self.metrics.updates_accepted.inc()
@@ -260,7 +271,7 @@ class Ingest:
         )
         return AckMessage(
             fleet=self.config.fleet, round_id=msg.round_id, device=topic_device,
-            update_id=msg.update_id, accepted=True, code="ok", reason="", created_at=now,
+            update_id=msg.update_id, accepted=True, code="ok", reason=note, created_at=now,
         )
 
     def ack_outgoing(self, ack: AckMessage) -> Outgoing | None:

@@ -162,8 +162,9 @@ def test_stale_updates_fold_with_their_weight_and_survive_a_restart(
     # Buffer 2 (version 1): c trained on version 0 (round 1): staleness 1, weight 2 x 1/2.
     ack = send("c", make_update("f", 1, 0, "c", d[2], 2, update_id="c1"), T0 + 5)
     assert (ack.accepted, ack.code, ack.round_id) == (True, "ok", 1)
-    assert ("update c1 from c trained on version 0 (round 1): staleness 1, folded with "
-            "weight 1 into round 2") in caplog.messages
+    note = "staleness 1: weight 2.0 x (1 + 1) ** -1.0 = 1.0, folded into round 2"
+    assert ack.reason == note
+    assert f"update c1 from c trained on version 0 (round 1): {note}" in caplog.messages
     assert [(e.update_id, e.round_id, e.weight) for e in store.journal(2)] == [("c1", 2, 1.0)]
     # A redelivery is a duplicate of buffer 2, not a second fold.
     dup = send("c", make_update("f", 1, 0, "c", d[2], 2, update_id="c1"), T0 + 6)
@@ -217,7 +218,11 @@ def test_default_exponent_weight_is_journaled_exactly(tmp_path: Path, bundle: Mo
     send = coord.ingest.handle_update
     assert send("a", make_update("f", 1, 0, "a", exact_delta(shapes, 1), 4), T0).accepted
     coord.tick(T0 + 1)  # version 1, buffer 2
-    assert send("b", make_update("f", 1, 0, "b", exact_delta(shapes, 2), 3, update_id="b1"),
-                T0 + 2).accepted
+    ack = send("b", make_update("f", 1, 0, "b", exact_delta(shapes, 2), 3, update_id="b1"),
+               T0 + 2)
     assert [e.weight for e in store.journal(2)] == [3 * 2**-0.5]
+    assert ack.reason == (
+        "staleness 1: weight 3.0 x (1 + 1) ** -0.5 = 2.121320343559643, folded into round 2"
+    )
+    assert float("2.121320343559643") == 3 * 2**-0.5
     store.close()
