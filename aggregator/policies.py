@@ -132,13 +132,13 @@ class FedBuffRounds:
     """Asynchronous buffered aggregation (FedBuff): one buffer always open, no waiting.
 
     Each round is one buffer on the current version, announced to any device (no
-    selection, no quorum wait). Updates of earlier rounds whose base is at most
-    ``max_staleness`` versions behind are folded too, their weight times
-    ``(1 + staleness) ** -staleness_exponent`` (:class:`StalenessRule`, checked by the
-    round state). Ready once ``buffer_size`` updates are in, or with ``flush_after`` > 0
-    once that many seconds passed with at least one update in; an empty buffer is dropped
-    at that time (and a new one opened on the same version). Without ``flush_after`` a
-    buffer never times out.
+    selection, no quorum wait, a deadline :data:`FEDBUFF_HORIZON` ahead). Updates of earlier
+    rounds whose base is at most ``max_staleness`` versions behind are folded too, their
+    weight times ``(1 + staleness) ** -staleness_exponent`` (:class:`StalenessRule`, checked
+    by the round state). Ready once ``buffer_size`` updates are in, or with ``flush_after``
+    > 0 once that many seconds passed since it opened with at least one update in. An empty
+    buffer stays open (dropped only at its horizon, so devices never see it past its
+    deadline).
     """
 
     def __init__(self, config: AggregatorConfig) -> None:
@@ -147,7 +147,7 @@ class FedBuffRounds:
         self.rule = StalenessRule(config.max_staleness, config.staleness_exponent)
 
     def plan(self, ctx: RoundContext) -> RoundPlan:
-        deadline = ctx.now + (self.flush_after or FEDBUFF_HORIZON)
+        deadline = ctx.now + FEDBUFF_HORIZON
         return RoundPlan(
             round_id=ctx.round_id,
             base_version=ctx.base_version,
@@ -162,7 +162,12 @@ class FedBuffRounds:
         )
 
     def is_ready(self, state: RoundState, now: float) -> bool:
-        return state.count >= state.plan.target or (state.count >= 1 and now >= state.plan.deadline)
+        if state.count >= state.plan.target:
+            return True
+        if state.count < 1:
+            return False
+        flush = self.flush_after > 0 and now >= state.plan.opened_at + self.flush_after
+        return flush or now >= state.plan.deadline
 
     def is_abandoned(self, state: RoundState, now: float) -> bool:
         return state.count == 0 and now >= state.plan.abandon_at

@@ -104,15 +104,17 @@ def test_ready_every_k_and_never_abandoned_with_updates(tmp_path: Path) -> None:
     assert policy.is_ready(state, 100.0)
 
 
-def test_flush_after_applies_a_partial_buffer_and_drops_an_empty_one(tmp_path: Path) -> None:
+def test_flush_after_applies_a_partial_buffer_and_keeps_an_empty_one(tmp_path: Path) -> None:
     policy = FedBuffRounds(_config(tmp_path, buffer_size=3, flush_after=30.0))
     empty = RoundState("f", policy.plan(_ctx()))
-    assert empty.plan.deadline == 130.0
-    assert not policy.is_ready(empty, 130.0) and policy.is_abandoned(empty, 130.0)
+    assert empty.plan.deadline == 100.0 + FEDBUFF_HORIZON  # devices never see it as past
+    assert not policy.is_ready(empty, 1e6) and not policy.is_abandoned(empty, 1e6)
+    empty.record("u1", "a", 1)  # the first update after 30 s: applied at the next tick
+    assert policy.is_ready(empty, 1e6)
     one = RoundState("f", policy.plan(_ctx()))
     one.record("u1", "a", 1)
     assert not policy.is_ready(one, 129.9) and policy.is_ready(one, 130.0)
-    assert not policy.is_abandoned(one, 1e9)
+    assert not policy.is_abandoned(one, 1e12)
 
 
 # -- coordinator + ingest --------------------------------------------------------------------
