@@ -158,6 +158,7 @@ class _Sent:
 
     last_sent: float
     attempts: int
+    moved_on_resent: bool = False  # re-sent once already because its round moved on
 
 
 @dataclass
@@ -550,7 +551,8 @@ class EdgeCore:
         """Send pending updates that need it.
 
         Never sent by this process (a restart, or it was offline): send. Sent: resend when
-        its interval passed, or at once when the round moved on past it (``moved_on``);
+        its interval passed, or at once when the round first moved on past it
+        (``moved_on``; once per update: rounds may move on every second, docs/rounds.md);
         after ``max_resends`` resends (or once older than the whole schedule,
         :func:`max_update_age`) and one more interval, give up (expired).
         """
@@ -566,7 +568,9 @@ class EdgeCore:
             if sent is None:
                 out += self._send(entry, now)
                 continue
-            stale = moved_on is not None and entry.round_id < moved_on
+            stale = (
+                moved_on is not None and entry.round_id < moved_on and not sent.moved_on_resent
+            )
             if not (stale or self._due(sent, now)):
                 continue
             if sent.attempts > self.settings.max_resends or now - entry.written_at > max_age:
@@ -574,6 +578,9 @@ class EdgeCore:
                     self._expire(entry)
                 continue
             out += self._send(entry, now)
+            after = self._sent.get(entry.update_id)
+            if after is not None:
+                after.moved_on_resent = sent.moved_on_resent or stale
         return out
 
     def _expire(self, entry: OutboxEntry) -> None:

@@ -443,3 +443,25 @@ def test_fedbuff_a_slow_device_sends_its_update_on_the_old_base_then_trains_on_t
     assert slept == [2.5, 2.5]
     with pytest.raises(ValueError, match="train_delay"):
         CoreSettings(FLEET, DEVICE, TOPICS, train_delay=-1.0)
+
+
+def test_an_unanswered_update_is_resent_once_when_rounds_move_on_not_once_per_round(
+    device: Device, weights: dict[str, np.ndarray]
+) -> None:
+    """Rounds may move on every second (the fedbuff policy, docs/rounds.md) while an ack is
+    on its way: one early resend asks for the definitive answer; more rounds moving on do
+    not resend it again (that grew into a resend storm: every round re-sent every
+    unanswered update, slowing the acks further). The backoff schedule still applies."""
+    device.model(model_msg(weights, 0))
+    [first] = updates(device.round(round_msg(1, 0)))
+    device.model(model_msg(weights, 1))
+    resent_first, second = updates(device.round(round_msg(2, 1)))
+    assert (resent_first.update_id, second.round_id) == (first.update_id, 2)
+    device.model(model_msg(weights, 2))
+    third = updates(device.round(round_msg(3, 2)))
+    # round 2's update is re-sent (its round's first move), round 1's is not again
+    assert [u.update_id for u in third][:1] == [second.update_id]
+    assert [u.round_id for u in third] == [2, 3]
+    # The backoff schedule still resends it when its interval passed.
+    resent = updates(device.tick(device.now + 2 * device.ack_timeout))
+    assert first.update_id in [u.update_id for u in resent]
