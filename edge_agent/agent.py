@@ -85,9 +85,9 @@ class EdgeAgent:
         self.core = EdgeCore(
             CoreSettings(
                 fleet=config.fleet, device_id=self.device_id, topics=self.topics,
+                train_delay=config.train_delay,
                 ack_timeout=config.ack_timeout, max_resends=config.max_resends,
                 seed=config.seed, num_threads=config.num_threads,
-                train_delay=config.train_delay,
             ),
             self.store, self.outbox, self.trainer, self.data, key,
         )

@@ -52,6 +52,8 @@ class AgentConfig:
     augment: str = ""
     # runtime
     num_threads: int = 1
+    # seconds to wait before each training (simulates a slower device in tests/experiments)
+    train_delay: float = 0.0
     backend: str = "litert"
     # MQTT session ("5", or "3.1.1" for brokers without MQTT v5)
     protocol: str = "5"
@@ -61,8 +63,6 @@ class AgentConfig:
     backoff_max: float = 60.0
     ack_timeout: float = 60.0
     max_resends: int = 5
-    # seconds to wait before each training (simulates a slower device in tests/experiments)
-    train_delay: float = 0.0
     username: str | None = None
     password: str | None = None
     tls_ca: Path | None = None
@@ -92,6 +92,8 @@ class AgentConfig:
         self.data_config()  # validates the data settings
         if not 1 <= self.num_threads <= 64:
             raise ConfigError(f"num_threads must be 1..64, got {self.num_threads}")
+        if not (math.isfinite(self.train_delay) and self.train_delay >= 0):
+            raise ConfigError(f"train_delay must be a finite number >= 0, got {self.train_delay}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.protocol not in PROTOCOLS:
@@ -107,8 +109,6 @@ class AgentConfig:
         _positive("ack_timeout", self.ack_timeout)
         if self.max_resends < 0:
             raise ConfigError(f"max_resends must be >= 0, got {self.max_resends}")
-        if not (math.isfinite(self.train_delay) and self.train_delay >= 0):
-            raise ConfigError(f"train_delay must be a finite number >= 0, got {self.train_delay}")
         if self.password is not None and self.username is None:
             raise ConfigError("password given without username")
         if (self.tls_cert is None) != (self.tls_key is None):

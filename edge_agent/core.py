@@ -108,16 +108,16 @@ class CoreSettings:
     ack_timeout: float = 60.0
     max_resends: int = 5
     seed: int = 0
-    num_threads: int = 1
     train_delay: float = 0.0  # seconds slept before each training (a slower device)
+    num_threads: int = 1
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.ack_timeout) and self.ack_timeout > 0):
             raise ValueError(f"ack_timeout must be > 0, got {self.ack_timeout}")
-        if not (math.isfinite(self.train_delay) and self.train_delay >= 0):
-            raise ValueError(f"train_delay must be >= 0, got {self.train_delay}")
         if self.max_resends < 0:
             raise ValueError(f"max_resends must be >= 0, got {self.max_resends}")
+        if not (math.isfinite(self.train_delay) and self.train_delay >= 0):
+            raise ValueError(f"train_delay must be >= 0, got {self.train_delay}")
         if self.topics.fleet != self.fleet:
             raise ValueError("topics are for another fleet")
 
