@@ -80,6 +80,11 @@ class AggregatorConfig:
     round_policy: str = DEFAULT_ROUND_POLICY
     round_timeout: float = 300.0
     abandon_after: float = 300.0
+    # -- round_policy = "fedbuff" (docs/rounds.md): asynchronous buffered aggregation --
+    buffer_size: int = 10  # a new model every this many accepted updates
+    max_staleness: int = 10  # updates trained on an older base are refused (reason says)
+    staleness_exponent: float = 0.5  # fold weight x (1 + staleness) ** -exponent
+    flush_after: float = 0.0  # seconds; > 0 = apply a partial buffer after this long
     epochs: int = 1
     lr: float = 0.05
     codec: str = "int8"
@@ -154,6 +159,12 @@ class AggregatorConfig:
             raise ConfigError(
                 f"round_policy must be one of {round_policy_names()}, got {self.round_policy!r}"
             )
+        _at_least(self.buffer_size, 1, "buffer_size")
+        _at_least(self.max_staleness, 0, "max_staleness")
+        for name in ("staleness_exponent", "flush_after"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
         for name in ("round_timeout", "abandon_after", "tick_interval"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):

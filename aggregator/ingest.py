@@ -71,6 +71,19 @@ def _peek_ids(payload: bytes, max_bytes: int) -> tuple[int | None, str]:
     return round_id, update_id
 
 
+def _staleness_note(state: RoundState, msg: UpdateMessage, weight: float, folded: float) -> str:
+    """How a buffer weighted an update of an earlier base ("" for a fresh one): the ack's
+    reason and the log line, so a device (and a test) sees the exact weight folded."""
+    rule = state.plan.staleness
+    stale = state.plan.base_version - msg.base_version
+    if rule is None or (stale == 0 and msg.round_id == state.round_id):
+        return ""
+    return (
+        f"staleness {stale}: weight {weight!r} x (1 + {stale}) ** -{rule.exponent!r} = "
+        f"{folded!r}, folded into round {state.round_id}"
+    )
+
+
 class Ingest:
     """Checks, journals and folds updates into the open round; see the module docstring."""
 
@@ -219,9 +232,12 @@ class Ingest:
         except Rejected as exc:
             return self._reject(topic_device, payload, exc, now, msg)
         assert self.round is not None and self.fold is not None
+        # Journaled in the open round (a buffer also folds updates of earlier rounds), with
+        # the weight actually folded (capped, staleness-weighted): a restart re-folds it.
         try:
             self.store.append_update(
-                msg.update_id, msg.round_id, msg.device, msg.num_examples, payload, now, weight
+                msg.update_id, self.round.round_id, msg.device, msg.num_examples, payload, now,
+                checked.weight,
             )
         except StorageFullError as exc:
             raise StorageFullError(
@@ -231,7 +247,7 @@ class Ingest:
         self.round.record(msg.update_id, msg.device, msg.num_examples)
         self.bounds.observe_claim(msg.device, msg.num_examples)
         self.contributions.append(
-            Contribution(msg.update_id, msg.device, msg.num_examples, weight, norm)
+            Contribution(msg.update_id, msg.device, msg.num_examples, checked.weight, norm)
         )
         self.metrics.update_norm.observe(norm)
         if weight < msg.num_examples:
@@ -239,6 +255,12 @@ class Ingest:
             log.info(
                 "update %s from %s claims %d examples: folded with weight %.6g (capped)",
                 msg.update_id, msg.device, msg.num_examples, weight,
+            )
+        note = _staleness_note(self.round, msg, weight, checked.weight)
+        if note:
+            log.info(
+                "update %s from %s trained on version %d (round %d): %s",
+                msg.update_id, msg.device, msg.base_version, msg.round_id, note,
             )
         self.traffic.bytes_in += len(payload)
         self.metrics.updates_accepted.inc()
@@ -250,7 +272,7 @@ class Ingest:
         )
         return AckMessage(
             fleet=self.config.fleet, round_id=msg.round_id, device=topic_device,
-            update_id=msg.update_id, accepted=True, code="ok", reason="", created_at=now,
+            update_id=msg.update_id, accepted=True, code="ok", reason=note, created_at=now,
         )
 
     def ack_outgoing(self, ack: AckMessage) -> Outgoing | None:
@@ -324,14 +346,21 @@ class Ingest:
         if self.round is None or self.fold is None:
             check_route(msg, topic_device, self.config.fleet, last_round=self.last_round_id)
             raise Rejected(f"round {msg.round_id} is not open", RejectReason.WRONG_ROUND)
-        fold = self.fold
+        fold, state = self.fold, self.round
         checked: list[CheckedUpdate] = []
 
         def check_tensors(m: UpdateMessage) -> None:
-            checked.append(fold.check(m.tensors, m.codec, weight))
+            checked.append(fold.check(m.tensors, m.codec, weight * state.weight_factor(m)))
 
-        self.round.check(msg, topic_device, check_tensors)
+        state.check(msg, topic_device, check_tensors, base_of=self._round_base)
         return checked[0]
+
+    def _round_base(self, round_id: int) -> int | None:
+        """The base version round ``round_id`` was opened on (None: not in the state)."""
+        try:
+            return self.store.round(round_id).base_version
+        except StateError:
+            return None
 
     def _reject(
         self,

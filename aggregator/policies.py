@@ -5,7 +5,8 @@ else: :meth:`RoundPolicy.plan` (open a round now? with which selection, target, 
 deadline), :meth:`RoundPolicy.is_ready` (close the open round now) and
 :meth:`RoundPolicy.is_abandoned` (drop it, no new model). Policies are pure (no I/O, the
 caller passes ``now``) and registered by name; the config key ``round_policy`` picks one.
-``"sync"`` (:class:`SyncRounds`) is the synchronous round of docs/protocol.md.
+``"sync"`` (:class:`SyncRounds`) is the synchronous round of docs/protocol.md;
+``"fedbuff"`` (:class:`FedBuffRounds`) is asynchronous buffered aggregation (docs/rounds.md).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from aggregator.round_state import RoundPlan, RoundState, select_devices
+from aggregator.staleness import StalenessRule
 from fedmq.errors import ConfigError
 from fedmq.wire import TrainingConfig
 
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_ROUND_POLICY",
+    "FEDBUFF_HORIZON",
+    "FedBuffRounds",
     "RoundContext",
     "RoundPolicy",
     "RoundPolicyFactory",
@@ -34,6 +38,9 @@ __all__ = [
 ]
 
 DEFAULT_ROUND_POLICY = "sync"
+#: The announced deadline of a ``fedbuff`` buffer without ``flush_after``: it never waits
+#: for a device, so its deadline is only far enough that no device skips it as past.
+FEDBUFF_HORIZON = 365 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,55 @@ class SyncRounds:
         return state.count < state.plan.min_updates and now >= state.plan.abandon_at
 
 
-_REGISTRY: dict[str, RoundPolicyFactory] = {DEFAULT_ROUND_POLICY: SyncRounds}
+class FedBuffRounds:
+    """Asynchronous buffered aggregation (FedBuff): one buffer always open, no waiting.
+
+    Each round is one buffer on the current version, announced to any device (no
+    selection, no quorum wait, a deadline :data:`FEDBUFF_HORIZON` ahead). Updates of earlier
+    rounds whose base is at most ``max_staleness`` versions behind are folded too, their
+    weight times ``(1 + staleness) ** -staleness_exponent`` (:class:`StalenessRule`, checked
+    by the round state). Ready once ``buffer_size`` updates are in, or with ``flush_after``
+    > 0 once that many seconds passed since it opened with at least one update in. An empty
+    buffer stays open (dropped only at its horizon, so devices never see it past its
+    deadline).
+    """
+
+    def __init__(self, config: AggregatorConfig) -> None:
+        self.buffer_size = config.buffer_size
+        self.flush_after = config.flush_after
+        self.rule = StalenessRule(config.max_staleness, config.staleness_exponent)
+
+    def plan(self, ctx: RoundContext) -> RoundPlan:
+        deadline = ctx.now + FEDBUFF_HORIZON
+        return RoundPlan(
+            round_id=ctx.round_id,
+            base_version=ctx.base_version,
+            selected=(),
+            target=self.buffer_size,
+            min_updates=1,
+            opened_at=ctx.now,
+            deadline=deadline,
+            abandon_at=deadline,
+            config=ctx.training,
+            staleness=self.rule,
+        )
+
+    def is_ready(self, state: RoundState, now: float) -> bool:
+        if state.count >= state.plan.target:
+            return True
+        if state.count < 1:
+            return False
+        flush = self.flush_after > 0 and now >= state.plan.opened_at + self.flush_after
+        return flush or now >= state.plan.deadline
+
+    def is_abandoned(self, state: RoundState, now: float) -> bool:
+        return state.count == 0 and now >= state.plan.abandon_at
+
+
+_REGISTRY: dict[str, RoundPolicyFactory] = {
+    DEFAULT_ROUND_POLICY: SyncRounds,
+    "fedbuff": FedBuffRounds,
+}
 
 
 def register_round_policy(name: str, factory: RoundPolicyFactory) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from aggregator.staleness import StalenessRule
 from fedmq.errors import Rejected, RejectReason, StateError
 from fedmq.wire import RoundAnnouncement, TrainingConfig, UpdateMessage
 
@@ -27,7 +28,9 @@ class RoundPlan:
 
     ``target`` and ``min_updates`` (the quorum), ``deadline`` and ``abandon_at`` are read by
     the round policy that made the plan (the synchronous rule is in
-    :class:`aggregator.policies.SyncRounds`).
+    :class:`aggregator.policies.SyncRounds`). ``staleness`` set (the ``fedbuff`` policy):
+    the round is a buffer that also takes updates of earlier rounds, trained on a base up to
+    ``staleness.max_staleness`` versions behind ``base_version``, at a reduced weight.
     """
 
     round_id: int
@@ -40,6 +43,7 @@ class RoundPlan:
     abandon_at: float
     config: TrainingConfig
     epoch: str = ""  # the aggregator state's epoch the round belongs to
+    staleness: StalenessRule | None = None  # None: only updates of this round and base
 
     def __post_init__(self) -> None:
         if self.round_id < 0 or self.base_version < 0:
@@ -86,6 +90,7 @@ class RoundPlan:
             "abandon_at": self.abandon_at,
             "epoch": self.epoch,
             "config": self.config.to_dict(),
+            **({} if self.staleness is None else {"staleness": self.staleness.to_json()}),
         }
 
     @classmethod
@@ -102,6 +107,10 @@ class RoundPlan:
                 abandon_at=float(obj["abandon_at"]),
                 config=TrainingConfig.from_dict(obj["config"]),
                 epoch=str(obj.get("epoch", "")),
+                staleness=(
+                    None if obj.get("staleness") is None
+                    else StalenessRule.from_json(obj["staleness"])
+                ),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"stored round plan is invalid: {exc}") from exc
@@ -139,21 +148,27 @@ class RoundState:
         msg: UpdateMessage,
         topic_device: str | None = None,
         check_tensors: Callable[[UpdateMessage], None] | None = None,
+        base_of: Callable[[int], int | None] | None = None,
     ) -> None:
         """Raise :class:`Rejected` unless ``msg`` may be folded into this round.
 
         The update's codec must be the one the round asked for (``bad_codec``).
         ``check_tensors`` validates shapes and codec against the model (it runs after the
-        round checks and before the examples cap, as in docs/protocol.md).
+        round checks and before the examples cap, as in docs/protocol.md). With a
+        ``staleness`` rule, ``base_of(round_id)`` is the base version an earlier round was
+        opened on (None: no such round): an update of an earlier round must name it.
         """
         p = self.plan
-        check_route(msg, topic_device, self.fleet, open_round=p.round_id, epoch=p.epoch)
-        if msg.base_version != p.base_version:
-            raise Rejected(
-                f"base version {msg.base_version}: round {p.round_id} trains on "
-                f"version {p.base_version}",
-                RejectReason.WRONG_BASE,
-            )
+        if p.staleness is None:
+            check_route(msg, topic_device, self.fleet, open_round=p.round_id, epoch=p.epoch)
+            if msg.base_version != p.base_version:
+                raise Rejected(
+                    f"base version {msg.base_version}: round {p.round_id} trains on "
+                    f"version {p.base_version}",
+                    RejectReason.WRONG_BASE,
+                )
+        else:
+            self._check_stale(msg, topic_device, p.staleness, base_of)
         if self._selected and msg.device not in self._selected:
             raise Rejected(
                 f"device {msg.device!r} is not selected for round {p.round_id}",
@@ -164,6 +179,12 @@ class RoundState:
                 f"update {msg.update_id!r} was already accepted", RejectReason.DUPLICATE
             )
         if msg.device in self._devices:
+            if p.staleness is not None:  # another update id of an earlier round: not a copy
+                raise Rejected(
+                    f"device {msg.device!r} already has an update in the buffer of round "
+                    f"{p.round_id}: one update per device per buffer, train on the next model",
+                    RejectReason.WRONG_ROUND,
+                )
             raise Rejected(
                 f"device {msg.device!r} already contributed to round {p.round_id}",
                 RejectReason.DUPLICATE,
@@ -181,6 +202,45 @@ class RoundState:
                 f"num_examples {msg.num_examples} exceeds the cap of {self.max_examples}",
                 RejectReason.MALFORMED,
             )
+
+    def _check_stale(
+        self,
+        msg: UpdateMessage,
+        topic_device: str | None,
+        rule: StalenessRule,
+        base_of: Callable[[int], int | None] | None,
+    ) -> None:
+        """The round and base checks of a buffer: this round or an earlier one whose base is
+        at most ``rule.max_staleness`` versions behind (``wrong_base_version`` otherwise)."""
+        p = self.plan
+        check_route(msg, topic_device, self.fleet, epoch=p.epoch)
+        if msg.round_id > p.round_id:
+            raise Rejected(
+                f"future round {msg.round_id}: round {p.round_id} is open",
+                RejectReason.WRONG_ROUND,
+            )
+        rule.staleness(p.base_version, msg.base_version)
+        base = p.base_version if msg.round_id == p.round_id else (
+            None if base_of is None else base_of(msg.round_id)
+        )
+        if base is None:
+            raise Rejected(
+                f"round {msg.round_id} is unknown: round {p.round_id} is open",
+                RejectReason.WRONG_ROUND,
+            )
+        if msg.base_version != base:
+            raise Rejected(
+                f"base version {msg.base_version}: round {msg.round_id} trained on "
+                f"version {base}",
+                RejectReason.WRONG_BASE,
+            )
+
+    def weight_factor(self, msg: UpdateMessage) -> float:
+        """The staleness factor of a checked update's fold weight (1.0 without a rule)."""
+        rule = self.plan.staleness
+        if rule is None:
+            return 1.0
+        return rule.factor(self.plan.base_version - msg.base_version)
 
     def record(self, update_id: str, device: str, num_examples: int) -> None:
         """Count an accepted update (call after it was journaled and folded)."""

@@ -4,10 +4,15 @@ Threads: paho's network thread decodes nothing, it only queues what arrives; one
 thread feeds the core in order (messages, connection, timer), publishes what it returns and
 runs its training jobs; ``run()`` waits for a stop request, drives the timer and the systemd
 watchdog. Everything about rounds, training, the outbox and acks is in the core.
+
+The model and round topics hold the latest state (retained): of the messages that waited on
+one of them while the worker was busy (training), only the newest is fed to the core, so a
+slow device next trains on the newest model it received, not on each older one in turn.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import signal
@@ -80,6 +85,7 @@ class EdgeAgent:
         self.core = EdgeCore(
             CoreSettings(
                 fleet=config.fleet, device_id=self.device_id, topics=self.topics,
+                train_delay=config.train_delay,
                 ack_timeout=config.ack_timeout, max_resends=config.max_resends,
                 seed=config.seed, num_threads=config.num_threads,
                 metrics_textfile=config.metrics_textfile,
@@ -87,6 +93,10 @@ class EdgeAgent:
             self.store, self.outbox, self.trainer, self.data, key,
         )
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        # topic -> sequence number of its newest queued message (model and round topics)
+        self._newest: dict[str, int] = {}
+        self._seq = itertools.count()
+        self._newest_lock = threading.Lock()
         self._tick_pending = threading.Event()
         self._stop = threading.Event()
         self.connected = threading.Event()
@@ -156,7 +166,19 @@ class EdgeAgent:
             log.warning("disconnected from the broker (%s); reconnecting with backoff", rc)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self._events.put(("message", (msg.topic, bytes(msg.payload))))
+        seq: int | None = None
+        if msg.topic in (self.topics.model, self.topics.round):
+            with self._newest_lock:
+                seq = next(self._seq)
+                self._newest[msg.topic] = seq
+        self._events.put(("message", (msg.topic, bytes(msg.payload), seq)))
+
+    def _superseded(self, topic: str, seq: int | None) -> bool:
+        """True when a newer message of this (latest-state) topic is already queued."""
+        if seq is None:
+            return False
+        with self._newest_lock:
+            return self._newest.get(topic, seq) > seq
 
     def _publish(self, out: Publish) -> None:
         if not self.connected.is_set():
@@ -252,7 +274,10 @@ class EdgeAgent:
     def _feed(self, kind: str, value: Any) -> list[Action]:
         now = time.time()
         if kind == "message":
-            topic, payload = value
+            topic, payload, seq = value
+            if self._superseded(topic, seq):
+                log.debug("skipping a queued message on %s: a newer one is queued", topic)
+                return []
             return self.core.on_message(topic, payload, now)
         if kind == "connected":
             return self.core.on_connected(now) if self.connected.is_set() else []

@@ -40,6 +40,7 @@ _HELP: dict[str, str] = {
     "class_balanced": "sample each round's examples class-balanced",
     "augment": "augmentation spec (e.g. shift=2,noise=0.05)",
     "num_threads": "LiteRT interpreter threads (TensorFlow intra-op threads for keras)",
+    "train_delay": "seconds to sleep before each training (simulates a slower device)",
     "backend": "training backend: litert (no TensorFlow needed) or keras (needs TensorFlow)",
     "ack_timeout": "seconds to wait for an ack before re-sending an update",
     "max_resends": "re-sends of one update before waiting for the round to close",

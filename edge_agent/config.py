@@ -62,6 +62,8 @@ class AgentConfig:
     augment: str = ""
     # runtime
     num_threads: int = 1
+    # seconds to wait before each training (simulates a slower device in tests/experiments)
+    train_delay: float = 0.0
     backend: str = "litert"
     ack_timeout: float = 60.0
     max_resends: int = 5
@@ -94,6 +96,8 @@ class AgentConfig:
         self.data_config()  # validates the data settings
         if not 1 <= self.num_threads <= 64:
             raise ConfigError(f"num_threads must be 1..64, got {self.num_threads}")
+        if not (math.isfinite(self.train_delay) and self.train_delay >= 0):
+            raise ConfigError(f"train_delay must be a finite number >= 0, got {self.train_delay}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         _positive("ack_timeout", self.ack_timeout)

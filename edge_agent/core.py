@@ -111,6 +111,7 @@ class CoreSettings:
     ack_timeout: float = 60.0
     max_resends: int = 5
     seed: int = 0
+    train_delay: float = 0.0  # seconds slept before each training (a slower device)
     num_threads: int = 1
     # node_exporter textfile (NAME.prom) rewritten after every round; None = none
     metrics_textfile: Path | None = None
@@ -122,6 +123,8 @@ class CoreSettings:
             raise ValueError(f"ack_timeout must be > 0, got {self.ack_timeout}")
         if self.max_resends < 0:
             raise ValueError(f"max_resends must be >= 0, got {self.max_resends}")
+        if not (math.isfinite(self.train_delay) and self.train_delay >= 0):
+            raise ValueError(f"train_delay must be >= 0, got {self.train_delay}")
         if self.topics.fleet != self.fleet:
             raise ValueError("topics are for another fleet")
 
@@ -163,6 +166,7 @@ class _Sent:
 
     last_sent: float
     attempts: int
+    moved_on_resent: bool = False  # re-sent once already because its round moved on
 
 
 @dataclass
@@ -507,6 +511,8 @@ class EdgeCore:
         self, ann: RoundAnnouncement, global_weights: Mapping[str, np.ndarray], now: float
     ) -> OutboxEntry:
         r, cfg = ann.round_id, ann.config
+        if self.settings.train_delay:
+            time.sleep(self.settings.train_delay)
         x, y = self.data.round_batch(r)
         m = sample_size(len(x), cfg.sample_fraction, cfg.max_examples)
         x, y = x[:m], y[:m]  # round_batch is shuffled
@@ -586,7 +592,8 @@ class EdgeCore:
         """Send pending updates that need it.
 
         Never sent by this process (a restart, or it was offline): send. Sent: resend when
-        its interval passed, or at once when the round moved on past it (``moved_on``);
+        its interval passed, or at once when the round first moved on past it
+        (``moved_on``; once per update: rounds may move on every second, docs/rounds.md);
         after ``max_resends`` resends (or once older than the whole schedule,
         :func:`max_update_age`) and one more interval, give up (expired).
         """
@@ -602,7 +609,9 @@ class EdgeCore:
             if sent is None:
                 out += self._send(entry, now)
                 continue
-            stale = moved_on is not None and entry.round_id < moved_on
+            stale = (
+                moved_on is not None and entry.round_id < moved_on and not sent.moved_on_resent
+            )
             if not (stale or self._due(sent, now)):
                 continue
             if sent.attempts > self.settings.max_resends or now - entry.written_at > max_age:
@@ -610,6 +619,9 @@ class EdgeCore:
                     self._expire(entry)
                 continue
             out += self._send(entry, now)
+            after = self._sent.get(entry.update_id)
+            if after is not None:
+                after.moved_on_resent = sent.moved_on_resent or stale
         return out
 
     def _expire(self, entry: OutboxEntry) -> None:

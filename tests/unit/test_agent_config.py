@@ -39,6 +39,8 @@ def test_precedence_toml_env_flags(tmp_path: Path) -> None:
         {"source": "no-such-dataset"},
         {"augment": "bogus"},
         {"sample_fraction": 1.5},
+        {"train_delay": -1.0},
+        {"train_delay": float("nan")},
     ],
 )
 def test_invalid_settings_are_config_errors(bad: dict[str, object]) -> None:

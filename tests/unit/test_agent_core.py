@@ -451,3 +451,52 @@ def test_crash_between_adopting_an_epoch_and_dropping_its_old_updates(
     restarted = device.restart()
     assert restarted.epoch == "new-lineage" and len(restarted.outbox) == 0
     assert device.counter("updates_dropped") == 1
+
+
+def test_fedbuff_a_slow_device_sends_its_update_on_the_old_base_then_trains_on_the_new(
+    tmp_path: Path, data: LocalData, weights: dict[str, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the agent does under the fedbuff policy (docs/rounds.md): the announcement of
+    round 2 (model version 1) waits in the agent's queue while it trains round 1; its update
+    names round 1 and base 0 (the aggregator folds it with staleness 1); then it trains on
+    version 1. ``train_delay`` sleeps before each training."""
+    slept: list[float] = []
+    monkeypatch.setattr("edge_agent.core.time.sleep", slept.append)
+    d = Device(tmp_path / "agent", data)
+    d.core.settings = CoreSettings(FLEET, DEVICE, TOPICS, train_delay=2.5)
+    d.connect()
+    d.model(model_msg(weights, 0))
+    [first] = updates(d.round(round_msg(1, 0)))
+    assert (first.round_id, first.base_version) == (1, 0)
+    assert updates(d.model(model_msg(weights, 1))) == []  # round 1 is now stale: no retrain
+    # Its round-1 update is still unanswered when round 2 is read: re-sent at once for a
+    # definitive answer (the aggregator answers it duplicate), then round 2 is trained.
+    resent, second = updates(d.round(round_msg(2, 1)))
+    assert resent.update_id == first.update_id
+    assert (second.round_id, second.base_version) == (2, 1)
+    assert slept == [2.5, 2.5]
+    with pytest.raises(ValueError, match="train_delay"):
+        CoreSettings(FLEET, DEVICE, TOPICS, train_delay=-1.0)
+
+
+def test_an_unanswered_update_is_resent_once_when_rounds_move_on_not_once_per_round(
+    device: Device, weights: dict[str, np.ndarray]
+) -> None:
+    """Rounds may move on every second (the fedbuff policy, docs/rounds.md) while an ack is
+    on its way: one early resend asks for the definitive answer; more rounds moving on do
+    not resend it again (that grew into a resend storm: every round re-sent every
+    unanswered update, slowing the acks further). The backoff schedule still applies."""
+    device.model(model_msg(weights, 0))
+    [first] = updates(device.round(round_msg(1, 0)))
+    device.model(model_msg(weights, 1))
+    resent_first, second = updates(device.round(round_msg(2, 1)))
+    assert (resent_first.update_id, second.round_id) == (first.update_id, 2)
+    device.model(model_msg(weights, 2))
+    third = updates(device.round(round_msg(3, 2)))
+    # round 2's update is re-sent (its round's first move), round 1's is not again
+    assert [u.update_id for u in third][:1] == [second.update_id]
+    assert [u.round_id for u in third] == [2, 3]
+    # The backoff schedule still resends it when its interval passed.
+    resent = updates(device.tick(device.now + 2 * device.ack_timeout))
+    assert first.update_id in [u.update_id for u in resent]
