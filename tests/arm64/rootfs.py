@@ -261,11 +261,12 @@ def install_offline(
         shutil.copy2(w, host_dir / w.name)
     target = f"{inside}/{fedmq_wheel.name}"
     pip = [python, "-m", "pip", "--disable-pip-version-check", "-q"]
+    no_compile = ["--no-compile"]  # bytecode is compiled on first import, not under pip
     reused = marker.is_file() and marker.read_text() == key
     if reused:
         chroot_run(
             root,
-            [*pip, "install", "--no-index", "--no-deps", "--force-reinstall", target],
+            [*pip, "install", *no_compile, "--no-index", "--no-deps", "--force-reinstall", target],
             timeout=timeout,
         )
     else:
@@ -274,7 +275,15 @@ def install_offline(
         chroot_run(root, ["/usr/bin/python3", "-m", "venv", "--clear", venv], timeout=timeout)
         chroot_run(
             root,
-            [*pip, "install", "--no-index", "--find-links", str(inside), f"{target}[{extra}]"],
+            [
+                *pip,
+                "install",
+                *no_compile,
+                "--no-index",
+                "--find-links",
+                str(inside),
+                f"{target}[{extra}]",
+            ],
             timeout=timeout,
         )
         marker.write_text(key)

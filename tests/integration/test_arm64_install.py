@@ -261,7 +261,7 @@ def _data(model: str) -> dict[str, np.ndarray]:
     images, labels = (read_idx(f) for f in files)
     x = (images.astype(np.float32) / np.float32(255.0))[..., None]
     y = labels.astype(np.int32)
-    return {"x_train": x[:512], "y_train": y[:512], "x_eval": x[-256:], "y_eval": y[-256:]}
+    return {"x_train": x[:384], "y_train": y[:384], "x_eval": x[-192:], "y_eval": y[-192:]}
 
 
 # (extra installed, runtime forced with FEDMQ_TFLITE_RUNTIME, numpy major, probe flags)
