@@ -148,10 +148,16 @@ def containers() -> Iterator[Containers]:
     c.close()
 
 
+_MQTT_KEYS = frozenset({"host", "port", "client_id"})  # these go in the [mqtt] table
+
+
 def write_toml(path: Path, section: str, values: dict[str, object]) -> Path:
+    def line(key: str, value: object) -> str:
+        return f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value!r}"
+
     lines = [f"[{section}]"]
-    for key, value in values.items():
-        lines.append(f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"')
+    lines += [line(k, v) for k, v in values.items() if k not in _MQTT_KEYS]
+    lines += ["[mqtt]"] + [line(k, v) for k, v in values.items() if k in _MQTT_KEYS]
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o644)  # read by uid 10001 in the container
     return path
