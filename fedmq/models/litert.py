@@ -143,8 +143,27 @@ class _Runner:
         self.outputs = tuple(self._runner.get_output_details())
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = self._runner(**inputs)
-        return out
+        """Run the signature. The runtimes' own ``SignatureRunner.__call__`` resizes every
+        input to the array's shape first; ai-edge-litert's aarch64 build crashes (SIGSEGV,
+        ``memset`` of ``(size_t)-4`` bytes) when it resizes a 0-d input such as ``train``'s
+        ``lr``. Our inputs never change shape, so 0-d inputs are not resized; the rest is the
+        runner's own sequence (resize, allocate, set, invoke, get). A runtime without those
+        internals gets its public call."""
+        r = self._runner
+        wrapper = getattr(r, "_interpreter_wrapper", None)
+        if wrapper is None or not hasattr(r, "_inputs") or not hasattr(r, "_outputs"):
+            out: dict[str, np.ndarray] = r(**inputs)
+            return out
+        sub = getattr(r, "_subgraph_index", 0)
+        for name, value in inputs.items():
+            if np.ndim(value):
+                shape = np.array(np.shape(value), dtype=np.int32)
+                wrapper.ResizeInputTensor(r._inputs[name], shape, False, sub)
+        wrapper.AllocateTensors(sub)
+        for name, value in inputs.items():
+            wrapper.SetTensor(r._inputs[name], value, sub)
+        wrapper.Invoke(sub)
+        return {name: wrapper.GetTensor(index, sub) for name, index in r._outputs}
 
 
 class TFLiteModel:

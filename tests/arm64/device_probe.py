@@ -15,8 +15,8 @@ of the installed extra) and uses the device code:
   and after, and the training loss of each epoch.
 
 Usage: ``python -I device_probe.py update --out FILE`` or
-``python -I device_probe.py train --bundle NAME --data NPZ [--epochs N] [--lr LR]
-[--skip-scalar-resize]`` (the last: the ai-edge-litert workaround, :func:`skip_scalar_resize`).
+``python -I device_probe.py train --bundle NAME --data NPZ [--epochs N] [--lr LR]``
+(fedmq's own signature call never resizes a 0-d input: the ai-edge-litert aarch64 crash).
 """
 
 from __future__ import annotations
@@ -101,43 +101,13 @@ def cmd_update(out: Path) -> dict[str, Any]:
     return report
 
 
-def skip_scalar_resize() -> None:
-    """Work around ai-edge-litert's aarch64 crash (docs/deployment.md): its
-    ``SignatureRunner.__call__`` resizes every input to the array's shape first, and
-    ``ResizeInputTensor`` with an empty shape (a 0-d input: the ``lr`` of ``train``) does
-    ``memset(p, 0, (size_t)-4)`` in the aarch64 wheel. Our inputs never change shape, so the
-    signature is called without resizing 0-d inputs (the rest is the runner's own code)."""
-    import numpy as np
-
-    from fedmq.models import litert
-
-    def call(self: Any, **inputs: Any) -> dict[str, Any]:
-        runner = self._runner
-        wrapper, sub, index = runner._interpreter_wrapper, runner._subgraph_index, runner._inputs
-        for name, value in inputs.items():
-            if np.ndim(value):
-                shape = np.array(np.shape(value), dtype=np.int32)
-                wrapper.ResizeInputTensor(index[name], shape, False, sub)
-        wrapper.AllocateTensors(sub)
-        for name, value in inputs.items():
-            wrapper.SetTensor(index[name], value, sub)
-        wrapper.Invoke(sub)
-        return {name: wrapper.GetTensor(i, sub) for name, i in runner._outputs}
-
-    litert._Runner.__call__ = call  # type: ignore[method-assign]
-
-
-def cmd_train(
-    bundle_name: str, data: Path, epochs: int, lr: float, no_scalar_resize: bool
-) -> dict[str, Any]:
+def cmd_train(bundle_name: str, data: Path, epochs: int, lr: float) -> dict[str, Any]:
     import numpy as np
 
     from edge_agent.trainer import LiteRTTrainer
     from fedmq.models import litert
     from fedmq.models.spec import load_bundle, prebuilt_bundle_path
 
-    if no_scalar_resize:
-        skip_scalar_resize()
     arrays = np.load(data)
     bundle = load_bundle(prebuilt_bundle_path(bundle_name))
     trainer = LiteRTTrainer(bundle)
@@ -155,7 +125,6 @@ def cmd_train(
     report = _common()
     report.update(
         model=bundle.spec.name,
-        skip_scalar_resize=no_scalar_resize,
         runtime_name=trainer.runtime_name,
         runtime_version=litert.runtime_version(),
         num_threads=trainer.model.num_threads,
@@ -182,12 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--data", type=Path, required=True)
     tr.add_argument("--epochs", type=int, default=2)
     tr.add_argument("--lr", type=float, default=0.05)
-    tr.add_argument("--skip-scalar-resize", action="store_true", help=skip_scalar_resize.__doc__)
     args = ap.parse_args(argv)
     if args.cmd == "update":
         report = cmd_update(args.out)
     else:
-        report = cmd_train(args.bundle, args.data, args.epochs, args.lr, args.skip_scalar_resize)
+        report = cmd_train(args.bundle, args.data, args.epochs, args.lr)
     print(json.dumps(report))
     return 0
 
