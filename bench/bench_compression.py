@@ -1,6 +1,6 @@
 """Uplink bytes and final accuracy per update codec: float32 vs float16 vs int8, side by side.
 
-DESIGN.md target: "Uplink bytes per update: int8 = 1/4 of float32 at <= 0.5 point accuracy
+Target (docs/facts.md): "Uplink bytes per update: int8 = 1/4 of float32 at <= 0.5 point accuracy
 loss". Every run is a real local federation (`fedmq_ops.localfleet.run_federation`: broker,
 aggregator and agent processes); runs differ only in the codec. One run's final accuracy is
 noisy, so the digits comparison (digits-mlp, 8 agents, dirichlet:0.5, 2 local epochs, lr 0.2,

@@ -17,7 +17,7 @@ throughput (robust to other load on a shared machine).
 
     .venv/bin/python bench/bench_training.py [--examples 6000] [--epochs 2] [--rounds 1]
 
-Prints a table and writes bench/results/training.json. DESIGN.md target: LiteRT >= Keras
+Prints a table and writes bench/results/training.json. Target (docs/facts.md): LiteRT >= Keras
 examples/s with the agent at <= 150 MB RSS.
 """
 

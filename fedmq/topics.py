@@ -1,4 +1,4 @@
-"""MQTT topic layout (one fleet = one federation); see DESIGN.md."""
+"""MQTT topic layout (one fleet = one federation); see docs/protocol.md."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ PRESETS: dict[str, FederationSpec] = {
 }
 
 # Centralized training of the same model for the same number of sample passes (20 epochs),
-# measured on the development machine (DESIGN.md); drawn as the reference line in the plot.
+# measured on the development machine (docs/facts.md); drawn as the reference line in the plot.
 CENTRALIZED_ACCURACY: dict[str, float] = {"fmnist-cnn": 0.898}
 
 

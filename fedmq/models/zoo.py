@@ -1,7 +1,7 @@
 """Model zoo: compact classifiers written with ops that convert to TFLite *builtins*.
 
 The pip LiteRT runtimes have no Flex delegate, so the training step must avoid ops whose
-gradients need TensorFlow kernels (see DESIGN.md, "On-device training with LiteRT"):
+gradients need TensorFlow kernels (see docs/facts.md, "On-device training with LiteRT"):
 
 - relu is ``maximum(x, 0)`` (``ReluGrad`` is Flex);
 - a 3x3 'same' convolution is im2col: the nine ``tf.slice``-shifted views of the padded

@@ -58,7 +58,7 @@ class BrokerOptions:
 
     port: int = 0
     persistence: bool = False
-    # QoS 1 updates must not be dropped for a slow subscriber (DESIGN.md broker facts).
+    # QoS 1 updates must not be dropped for a slow subscriber (docs/facts.md, Mosquitto).
     max_queued_messages: int = 100_000
     max_inflight_messages: int = 100
     max_packet_size: int = 64 * 1024 * 1024

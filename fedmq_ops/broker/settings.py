@@ -84,7 +84,7 @@ class BrokerSettings:
             if not path.startswith("/") or any(c in path for c in "\n\r\t "):
                 raise ConfigError(f"{path!r} must be an absolute path without whitespace")
         if self.max_queued_messages < 1000:
-            raise ConfigError("max_queued_messages below 1000 drops QoS 1 updates (DESIGN.md)")
+            raise ConfigError("max_queued_messages below 1000 drops QoS 1 updates (docs/facts.md)")
         if self.max_queued_bytes < 0 or self.max_inflight_messages < 1:
             raise ConfigError("max_queued_bytes must be >= 0 and max_inflight_messages >= 1")
         if not 1024 <= self.max_message_bytes <= _MQTT_MAX_PACKET - PACKET_OVERHEAD:
