@@ -57,7 +57,7 @@ def run_one(spec: FederationSpec) -> dict[str, Any]:
     result: FederationResult = run_federation(spec)
     rows = result.rows
     updates = sum(r.participants for r in rows)
-    bytes_up = sum(r.bytes_up for r in rows)
+    bytes_in = sum(r.bytes_in for r in rows)
     tail = [r.accuracy for r in rows[-LAST_K:]]
     return {
         "seed": spec.seed,
@@ -66,8 +66,8 @@ def run_one(spec: FederationSpec) -> dict[str, Any]:
         "last5_accuracy": statistics.fmean(tail) if tail else float("nan"),
         "rounds": len(rows),
         "updates": updates,
-        "bytes_up": bytes_up,
-        "bytes_per_update": bytes_up / updates if updates else float("nan"),
+        "bytes_in": bytes_in,
+        "bytes_per_update": bytes_in / updates if updates else float("nan"),
         "tensor_data_bytes": tensor_data_bytes(spec.model, spec.codec),
         "wall_seconds": result.wall_seconds,
         "max_agent_peak_rss_mb": result.max_agent_rss_mb,

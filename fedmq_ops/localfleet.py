@@ -76,8 +76,11 @@ class RoundRow:
     participants: int
     accuracy: float
     loss: float
-    bytes_up: int
-    bytes_down: int
+    # The aggregator's own count of update bytes it received this round (devices' uplink).
+    bytes_in: int
+    # What the devices downloaded: model and round announcement, once per device (fan-out;
+    # the aggregator itself publishes each once, its bytes_out).
+    bytes_delivered: int
     seconds: float
     wall: float
 
@@ -106,8 +109,8 @@ class FederationResult:
             "rounds": [asdict(r) for r in self.rows],
             "final_accuracy": self.final_accuracy,
             "wall_seconds": self.wall_seconds,
-            "bytes_up": sum(r.bytes_up for r in self.rows),
-            "bytes_down": sum(r.bytes_down for r in self.rows),
+            "bytes_in": sum(r.bytes_in for r in self.rows),
+            "bytes_delivered": sum(r.bytes_delivered for r in self.rows),
             "broker": self.broker,
             "model_bytes": self.model_bytes,
             "agent_peak_rss_mb": self.agent_peak_rss_mb,
@@ -176,8 +179,8 @@ class _RoundRecorder:
                     participants=int(m.get("participants", 0)),
                     accuracy=float(m.get("accuracy", float("nan"))),
                     loss=float(m.get("loss", float("nan"))),
-                    bytes_up=int(m.get("bytes_in", 0)),
-                    bytes_down=down,
+                    bytes_in=int(m.get("bytes_in", 0)),
+                    bytes_delivered=down,
                     seconds=float(m.get("round_seconds", now - self._last)),
                     wall=now - self._t0,
                 )

@@ -30,7 +30,7 @@ def print_header(out: TextIO) -> None:
 def print_row(row: Any, out: TextIO) -> None:
     print(
         f"{row.round_id:>5} {row.participants:>7} {row.accuracy * 100:>8.2f}% {row.loss:>7.3f} "
-        f"{format_bytes(row.bytes_up):>9} {format_bytes(row.bytes_down):>9} "
+        f"{format_bytes(row.bytes_in):>9} {format_bytes(row.bytes_delivered):>9} "
         f"{row.seconds:>8.1f} {row.wall:>7.1f}s",
         file=out,
         flush=True,
@@ -39,8 +39,8 @@ def print_row(row: Any, out: TextIO) -> None:
 
 def print_summary(result: Any, out: TextIO) -> None:
     rows = result.rows
-    up = sum(r.bytes_up for r in rows)
-    down = sum(r.bytes_down for r in rows)
+    up = sum(r.bytes_in for r in rows)
+    down = sum(r.bytes_delivered for r in rows)
     print(
         f"final test accuracy {result.final_accuracy * 100:.2f}% after {len(rows)} rounds; "
         f"{result.wall_seconds:.1f}s wall; uploaded {format_bytes(up)}, "
@@ -84,7 +84,7 @@ def plot_curve(rows: Sequence[Any], path: Path, title: str, reference: float | N
     ax2 = ax.twinx()
     cum, total = [], 0
     for r in rows:
-        total += r.bytes_up
+        total += r.bytes_in
         cum.append(total / 1e6)
     ax2.plot(rounds, cum, c="tab:orange", alpha=0.6, label="uploaded (MB, cumulative)")
     ax2.set_ylabel("uploaded MB (cumulative)")

@@ -34,19 +34,19 @@ def test_five_agents_learn_digits(broker: LocalBroker, tmp_path: Path) -> None:
     for r in rows:
         print(
             f"round {r.round_id}: {r.participants} devices, accuracy {r.accuracy:.4f}, "
-            f"up {r.bytes_up} B"
+            f"up {r.bytes_in} B"
         )
     assert len(rows) == 10
     assert [r.version for r in rows] == list(range(1, 11))
     # Every round folded an int8 update from each of the 5 agents.
     assert all(r.participants == 5 for r in rows)
-    assert all(r.bytes_up > 0 for r in rows)
+    assert all(r.bytes_in > 0 for r in rows)
     # The global model learns: well above chance after round 1 and above 85 % at the end.
     assert rows[-1].accuracy > rows[0].accuracy
     assert rows[-1].accuracy > 0.85, [round(r.accuracy, 3) for r in rows]
     # int8 updates: about a quarter of the float32 model size per device and round.
     model_params = 64 * 64 + 64 + 64 * 10 + 10
-    per_update = rows[-1].bytes_up / 5
+    per_update = rows[-1].bytes_in / 5
     assert model_params <= per_update < model_params * 1.2
 
 
