@@ -85,7 +85,7 @@ def run(policy: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     common = ["--host", broker.host, "--port", str(broker.port), "--fleet", fleet]
     agg = [
         sys.executable, "-m", "aggregator", *common, "--state-dir", str(workdir / policy),
-        "--eval-dataset", "digits", "--eval-max-examples", str(args.eval_examples),
+        "--eval-dataset", "digits", "--eval-examples", str(args.eval_examples),
         "--epochs", "1", "--lr", str(args.lr), "--codec", "int8", "--seed", str(args.seed),
         "--round-policy", policy,
     ]

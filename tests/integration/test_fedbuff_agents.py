@@ -54,7 +54,7 @@ def test_slow_agents_updates_are_folded_stale_with_their_weight(
     watcher = Watcher(broker, topics)
     agg = AggregatorProcess(
         broker, topic_prefix, tmp_path / "state",
-        "--eval-dataset", "digits", "--eval-max-examples", "400", "--round-policy", "fedbuff",
+        "--eval-dataset", "digits", "--eval-examples", "400", "--round-policy", "fedbuff",
         "--buffer-size", "2", "--max-staleness", "1000", "--epochs", "1", "--lr", "0.2",
     ).start()
     agents = [
