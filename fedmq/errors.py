@@ -76,6 +76,7 @@ class RejectReason:
     BAD_SIGNATURE = "bad_signature"
     NORM_BOUND = "norm_bound"
     RETAINED = "retained"
+    BAD_CHUNK = "bad_chunk"
     ALL = (
         MALFORMED,
         TOO_LARGE,
@@ -95,6 +96,7 @@ class RejectReason:
         BAD_SIGNATURE,
         NORM_BOUND,
         RETAINED,
+        BAD_CHUNK,
     )
 
 
