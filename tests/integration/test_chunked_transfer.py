@@ -112,7 +112,8 @@ def _federate(broker: LocalBroker, workdir: Path, max_message_bytes: int) -> lis
     extra = {"max_message_bytes": max_message_bytes} if max_message_bytes else {}
     spec = FederationSpec(
         agents=3, rounds=3, dataset="digits", model="digits-mlp", partition="iid",
-        codec="float32", epochs=1, lr=0.1, seed=3, strategy="median", broker=f"{broker.host}:{broker.port}",
+        codec="float32", epochs=1, lr=0.1, seed=3, strategy="median",
+        broker=f"{broker.host}:{broker.port}",
         fleet=f"chunks-{uuid.uuid4().hex[:8]}", workdir=workdir, timeout=300,
         extra_agent=extra, extra_aggregator=extra,
     )
