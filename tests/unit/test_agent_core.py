@@ -451,3 +451,20 @@ def test_crash_between_adopting_an_epoch_and_dropping_its_old_updates(
     restarted = device.restart()
     assert restarted.epoch == "new-lineage" and len(restarted.outbox) == 0
     assert device.counter("updates_dropped") == 1
+
+
+def test_a_refused_chunk_is_logged_and_counted_and_leaves_the_update_waiting(
+    device: Device, weights: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    device.model(model_msg(weights, 0))
+    [update] = updates(device.round(round_msg(1, 0)))
+    refusal = AckMessage(FLEET, 0, DEVICE, "", False, "bad_chunk", "chunk 3 of transfer "
+                         "ab12, which expired")
+    with caplog.at_level(logging.WARNING, logger="edge_agent.core"):
+        device.ack(encode(refusal))
+    assert caplog.messages == [
+        "the aggregator rejected a chunk: bad_chunk: chunk 3 of transfer ab12, which expired"
+    ]
+    assert device.counter("chunks_rejected") == 1
+    assert device.counter("updates_rejected") == 0
+    assert [e.update_id for e in device.core.outbox.pending()] == [update.update_id]
