@@ -12,6 +12,10 @@ first); no round is closed, abandoned or opened while updates wait, and a close 
 the full disk leaves the round open and is retried the same way. On every start and
 reconnect, finished or not, the service connects and republishes its retained state; with
 all ``rounds`` done it then answers what the broker kept for it and exits.
+
+Payloads above ``max_message_bytes`` go out in chunks, and update chunks are held in
+``<state_dir>/chunks`` (:mod:`fedmq.chunks`): a chunk is acknowledged once on disk, the one
+that completes an update once the update is journaled (docs/protocol.md, "Chunked transfer").
 """
 
 from __future__ import annotations
@@ -285,7 +289,11 @@ class AggregatorService:
             self._reject_chunk(device, exc)
             return True
         except OSError as exc:  # never acknowledge a chunk that may not be on disk
-            raise StateError(f"chunk from {device} not stored: {exc}") from exc
+            log.error(
+                "chunk from %s not stored (%s): not acknowledged; the device sends its update "
+                "again when no ack comes", device, exc,
+            )
+            return False
         if whole is None:
             return True
         if not self._handle_update(replace(item, payload=whole), device, now):
@@ -322,6 +330,7 @@ class AggregatorService:
             out = self.engine.ack_outgoing(ack)
             self._publish([out] if out else [])
             self._ack(item)
+            self._chunks.finish(device, transfer_id(item.payload))  # if it came in chunks
             done += 1
         if done:
             log.info("state directory has space again: %d waiting update(s) handled", done)
