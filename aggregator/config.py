@@ -15,6 +15,7 @@ from typing import Any
 
 from aggregator.bounds import BoundsConfig
 from aggregator.policies import DEFAULT_ROUND_POLICY, round_policy_names
+from fedmq.chunks import MIN_MESSAGE_BYTES
 from fedmq.config import load_config
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.net.mqtt import MqttSettings
@@ -108,6 +109,11 @@ class AggregatorConfig:
     zero_outliers_k: float = 0.0  # zero values > k MADs from the median; 0 = off
     seed: int = 0
     max_update_bytes: int = 16 * 1024 * 1024
+    # Chunked transfer (docs/protocol.md): messages above this many bytes are split into
+    # chunks; 0 = never (set it to the broker's limit, e.g. 131072 for AWS IoT Core).
+    max_message_bytes: int = 0
+    chunk_timeout: float = 300.0  # an update's transfer without a new chunk this long expires
+    max_transfers_per_device: int = 2  # chunked transfers in progress per device
     max_claimed_examples: int = 10_000_000
     # Enrolled devices' public keys (JSON written by `fedmq enroll`); see docs/protocol.md.
     registry: str | None = None
@@ -184,6 +190,8 @@ class AggregatorConfig:
             raise ConfigError(f"server_momentum must be in [0, 1), got {self.server_momentum}")
         self._check_strategy_options()
         _at_least(self.max_update_bytes, 1024, "max_update_bytes")
+        _check_chunking(self.max_message_bytes, self.chunk_timeout)
+        _at_least(self.max_transfers_per_device, 1, "max_transfers_per_device")
         _at_least(self.max_claimed_examples, 1, "max_claimed_examples")
         _at_least(self.metrics_port, 0, "metrics_port")
         if self.metrics_port > 65535:
@@ -307,3 +315,13 @@ def load_aggregator_config(
         environ=environ,
         moved=MOVED,
     )
+
+
+def _check_chunking(max_message_bytes: int, chunk_timeout: float) -> None:
+    if max_message_bytes != 0 and max_message_bytes < MIN_MESSAGE_BYTES:
+        raise ConfigError(
+            f"max_message_bytes must be 0 (no chunking) or >= {MIN_MESSAGE_BYTES}, "
+            f"got {max_message_bytes}"
+        )
+    if not (math.isfinite(chunk_timeout) and chunk_timeout > 0):
+        raise ConfigError(f"chunk_timeout must be > 0 seconds, got {chunk_timeout}")

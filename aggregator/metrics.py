@@ -90,6 +90,11 @@ class AggregatorMetrics:
             ["reason"],
             registry=r,
         )
+        self.chunk_transfers_expired = Counter(
+            "fedmq_chunk_transfers_expired",
+            "Chunked update transfers dropped incomplete after chunk_timeout",
+            registry=r,
+        )
         self.online_devices = Gauge(
             "fedmq_online_devices", "Devices whose status is online", registry=r
         )

@@ -12,6 +12,10 @@ first); no round is closed, abandoned or opened while updates wait, and a close 
 the full disk leaves the round open and is retried the same way. On every start and
 reconnect, finished or not, the service connects and republishes its retained state; with
 all ``rounds`` done it then answers what the broker kept for it and exits.
+
+Payloads above ``max_message_bytes`` go out in chunks, and update chunks are held in
+``<state_dir>/chunks`` (:mod:`fedmq.chunks`): a chunk is acknowledged once on disk, the one
+that completes an update once the update is journaled (docs/protocol.md, "Chunked transfer").
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -35,8 +40,17 @@ from aggregator.engine import Engine, Outgoing, RoundResult, resolve_bundle
 from aggregator.evaluate import Evaluator, TFLiteEvaluator, load_eval_set
 from aggregator.metrics import AggregatorMetrics
 from aggregator.store import Store
-from fedmq.errors import StateError, StorageFullError
+from fedmq.chunks import (
+    DirChunkStore,
+    Reassembler,
+    ReassemblyLimits,
+    is_chunk,
+    publications,
+    transfer_id,
+)
+from fedmq.errors import RejectReason, StateError, StorageFullError, WireError
 from fedmq.net.mqtt import ConnectionWatch, connect, make_client
+from fedmq.wire import AckMessage
 
 __all__ = ["AggregatorService", "build_engine", "run"]
 
@@ -105,6 +119,15 @@ class AggregatorService:
         self._parked: list[_Inbound] = []  # updates not journaled: the state disk is full
         self._full: StorageFullError | None = None  # a round change failed on a full disk
         self._last_infos: list[mqtt.MQTTMessageInfo] = []
+        self._chunks = Reassembler(
+            ReassemblyLimits(
+                max_transfer_bytes=config.max_update_bytes,
+                max_transfers_per_sender=config.max_transfers_per_device,
+                timeout=config.chunk_timeout,
+            ),
+            DirChunkStore(Path(config.state_dir) / "chunks"),
+            now=time.time(),
+        )
         self.client = make_client(self._settings, manual_ack=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -180,10 +203,14 @@ class AggregatorService:
             if not self._connected:
                 self._pending.append(item)
                 continue
-            info = self.client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
-            if item.retain:
-                self._last_infos = [i for i in self._last_infos if not i.is_published()]
-                self._last_infos.append(info)
+            for pub in publications(
+                item.topic, item.payload, item.retain, self.config.max_message_bytes
+            ):
+                info = self.client.publish(pub.topic, pub.payload, qos=item.qos,
+                                           retain=pub.retain)
+                if item.retain:
+                    self._last_infos = [i for i in self._last_infos if not i.is_published()]
+                    self._last_infos.append(info)
 
     def _handle_connected(self, event: _Connected) -> None:
         if event.generation != self._generation:
@@ -208,6 +235,9 @@ class AggregatorService:
         try:
             if device is not None and kind == "update" and item.retain and not item.payload:
                 log.debug("%s cleared its retained update", device)  # the fix, not an update
+            elif device is not None and kind == "update" and is_chunk(item.payload):
+                if not self._handle_chunk(item, device, now):
+                    return  # completed but not journaled: no PUBACK
             elif device is not None and kind == "update":
                 if not self._handle_update(item, device, now):
                     return  # not journaled: no PUBACK
@@ -245,6 +275,44 @@ class AggregatorService:
         self._publish([out] if out else [])
         return True
 
+    def _handle_chunk(self, item: _Inbound, device: str, now: float) -> bool:
+        """Hold one chunk of an update durably (then it may be acknowledged) or reject it
+        with an ack that names the reason; the chunk that completes a transfer hands the whole
+        payload to :meth:`_handle_update`, acknowledged once journaled (docs/protocol.md)."""
+        if item.retain:
+            self._reject_chunk(device, WireError(
+                "a chunk published with the retain flag", RejectReason.RETAINED))
+            return True
+        try:
+            whole = self._chunks.feed(device, item.payload, now)
+        except WireError as exc:
+            self._reject_chunk(device, exc)
+            return True
+        except OSError as exc:  # never acknowledge a chunk that may not be on disk
+            log.error(
+                "chunk from %s not stored (%s): not acknowledged; the device sends its update "
+                "again when no ack comes", device, exc,
+            )
+            return False
+        if whole is None:
+            return True
+        if not self._handle_update(replace(item, payload=whole), device, now):
+            return False
+        self._chunks.finish(device, transfer_id(whole))
+        if self._ticking:
+            self._tick(now)
+        return True
+
+    def _reject_chunk(self, device: str, exc: WireError) -> None:
+        log.warning("rejected a chunk from %s: %s (%s)", device, exc.reason, exc.code)
+        self.engine.metrics.updates_rejected.labels(reason=exc.code).inc()
+        ack = AckMessage(
+            fleet=self.config.fleet, round_id=0, device=device, update_id="", accepted=False,
+            code=exc.code, reason=exc.reason, created_at=time.time(),
+        )
+        out = self.engine.ack_outgoing(ack)
+        self._publish([out] if out else [])
+
     def _retry_parked(self, now: float) -> bool:
         """Retry the updates a full disk kept from the journal; True once none is left."""
         parked, self._parked = self._parked, []
@@ -262,6 +330,7 @@ class AggregatorService:
             out = self.engine.ack_outgoing(ack)
             self._publish([out] if out else [])
             self._ack(item)
+            self._chunks.finish(device, transfer_id(item.payload))  # if it came in chunks
             done += 1
         if done:
             log.info("state directory has space again: %d waiting update(s) handled", done)
@@ -269,6 +338,9 @@ class AggregatorService:
 
     def _tick(self, now: float) -> None:
         """Retry parked updates first; then open/close/abandon rounds, unless the disk is full."""
+        expired = self._chunks.expire(now)
+        if expired:
+            self.engine.metrics.chunk_transfers_expired.inc(expired)
         if self._parked and not self._retry_parked(now):
             return
         try:

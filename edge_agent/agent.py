@@ -30,8 +30,17 @@ from edge_agent.outbox import Outbox
 from edge_agent.state import StateStore
 from edge_agent.systemd import SystemdNotifier
 from edge_agent.trainer import LiteRTTrainer, Trainer
+from fedmq.chunks import (
+    MemoryChunkStore,
+    Reassembler,
+    ReassemblyLimits,
+    chunk_wildcard,
+    is_manifest,
+    publications,
+    transfer_id,
+)
 from fedmq.data.local import LocalData
-from fedmq.errors import ModelError
+from fedmq.errors import ModelError, WireError
 from fedmq.models.spec import load_bundle, prebuilt_bundle_path
 from fedmq.net.mqtt import ConnectionWatch, connect, make_client
 from fedmq.signing import load_or_create_key
@@ -92,6 +101,12 @@ class EdgeAgent:
             ),
             self.store, self.outbox, self.trainer, self.data, key,
         )
+        # The model's retained chunks (worker thread only); kept across reconnects.
+        self._chunks = Reassembler(
+            ReassemblyLimits(timeout=config.chunk_timeout, remember_expired=0),
+            MemoryChunkStore(),
+        )
+        self._model_chunks = chunk_wildcard(self.topics.model)[: -len("+")]
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
         # topic -> sequence number of its newest queued message (model and round topics)
         self._newest: dict[str, int] = {}
@@ -151,9 +166,10 @@ class EdgeAgent:
             self.config.mqtt.host, self.config.mqtt.port, self.device_id, flags.session_present,
         )
         self.connected.set()
-        client.subscribe(
-            [(self.topics.model, 1), (self.topics.round, 1), (self.topics.ack(self.device_id), 1)]
-        )
+        client.subscribe([
+            (self.topics.model, 1), (chunk_wildcard(self.topics.model), 1),
+            (self.topics.round, 1), (self.topics.ack(self.device_id), 1),
+        ])
         self._events.put(("connected", None))
 
     def _on_disconnect(
@@ -183,7 +199,8 @@ class EdgeAgent:
     def _publish(self, out: Publish) -> None:
         if not self.connected.is_set():
             return  # the core sends it again (outbox) or republishes on connect (status)
-        self._client.publish(out.topic, out.payload, qos=out.qos, retain=out.retain)
+        for pub in publications(out.topic, out.payload, out.retain, self.config.max_message_bytes):
+            self._client.publish(pub.topic, pub.payload, qos=out.qos, retain=pub.retain)
 
     # ------------------------------------------------------------------ run / stop
     def run(self, stop_event: threading.Event | None = None) -> None:
@@ -278,7 +295,7 @@ class EdgeAgent:
             if self._superseded(topic, seq):
                 log.debug("skipping a queued message on %s: a newer one is queued", topic)
                 return []
-            return self.core.on_message(topic, payload, now)
+            return self._on_payload(topic, payload, now)
         if kind == "connected":
             return self.core.on_connected(now) if self.connected.is_set() else []
         if kind == "disconnected":
@@ -286,5 +303,30 @@ class EdgeAgent:
             return []
         if kind == "tick":
             self._tick_pending.clear()
+            expired = self._chunks.expire(now)
+            if expired:
+                self.store.bump("chunk_transfers_expired", expired)
             return self.core.tick(now)
         return []
+
+    def _on_payload(self, topic: str, payload: bytes, now: float) -> list[Action]:
+        """Reassemble the model's retained chunks (docs/protocol.md), then hand whole
+        payloads to the core; the model topic's manifest only says chunks are coming."""
+        if topic.startswith(self._model_chunks):
+            if not payload:
+                return []  # a retained chunk being cleared
+            try:
+                whole = self._chunks.feed("model", payload, now)
+            except WireError as exc:
+                self.store.bump("bad_messages")
+                log.warning("ignoring bad model chunk on %s: %s (%s)", topic, exc.reason,
+                            exc.code)
+                return []
+            if whole is None:
+                return []
+            self._chunks.finish("model", transfer_id(whole))
+            return self.core.on_message(self.topics.model, whole, now)
+        if topic == self.topics.model and is_manifest(payload):
+            log.debug("the model comes in chunks (manifest %d bytes)", len(payload))
+            return []
+        return self.core.on_message(topic, payload, now)

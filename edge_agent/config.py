@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.textfile import check_textfile_path
+from fedmq.chunks import MIN_MESSAGE_BYTES
 from fedmq.config import load_config
 from fedmq.data.local import LocalDataConfig
 from fedmq.errors import ConfigError, FedmqError
@@ -67,6 +68,10 @@ class AgentConfig:
     backend: str = "litert"
     ack_timeout: float = 60.0
     max_resends: int = 5
+    # Chunked transfer (docs/protocol.md): updates above this many bytes go in chunks;
+    # 0 = never. chunk_timeout: a model transfer without a new chunk this long expires.
+    max_message_bytes: int = 0
+    chunk_timeout: float = 300.0
     signing_key: Path | None = None
     # Prometheus textfile for node_exporter's textfile collector (NAME.prom), rewritten
     # after every round (docs/monitoring.md); None = none.
@@ -103,6 +108,12 @@ class AgentConfig:
         _positive("ack_timeout", self.ack_timeout)
         if self.max_resends < 0:
             raise ConfigError(f"max_resends must be >= 0, got {self.max_resends}")
+        if self.max_message_bytes != 0 and self.max_message_bytes < MIN_MESSAGE_BYTES:
+            raise ConfigError(
+                f"max_message_bytes must be 0 (no chunking) or >= {MIN_MESSAGE_BYTES}, "
+                f"got {self.max_message_bytes}"
+            )
+        _positive("chunk_timeout", self.chunk_timeout)
         if self.metrics_textfile is not None:
             check_textfile_path(self.metrics_textfile)
 

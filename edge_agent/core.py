@@ -644,6 +644,12 @@ class EdgeCore:
         # (aggregators before the duplicate-is-accepted change answered accepted=False).
         folded = ack.accepted or ack.code == RejectReason.DUPLICATE
         outcome = ACCEPTED if folded else rejected(ack.code)
+        if not ack.update_id and not ack.accepted:
+            # A chunk the aggregator refused (it carries no update id): the update is sent
+            # again, whole, when its ack does not come (docs/protocol.md, chunked transfer).
+            self.store.bump("chunks_rejected")
+            log.warning("the aggregator rejected a chunk: %s: %s", ack.code, ack.reason)
+            return []
         in_outbox = self.outbox.get(ack.update_id) is not None
         if not in_outbox and self.store.outcome(ack.update_id) is None:
             log.debug("ack for update %s that this device does not know", ack.update_id)

@@ -77,6 +77,7 @@ class RejectReason:
     BAD_SIGNATURE = "bad_signature"
     NORM_BOUND = "norm_bound"
     RETAINED = "retained"
+    BAD_CHUNK = "bad_chunk"
     ALL = (
         MALFORMED,
         TOO_LARGE,
@@ -96,6 +97,7 @@ class RejectReason:
         BAD_SIGNATURE,
         NORM_BOUND,
         RETAINED,
+        BAD_CHUNK,
     )
 
 

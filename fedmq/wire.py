@@ -30,8 +30,11 @@ from fedmq.update.codecs import codec_names
 __all__ = [
     "ALLOWED_DTYPES",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "MAX_CHUNKS",
     "SCHEMA_VERSION",
     "AckMessage",
+    "ChunkManifest",
+    "ChunkMessage",
     "Limits",
     "ModelMessage",
     "ReceivedUpdate",
@@ -41,7 +44,10 @@ __all__ = [
     "Tensor",
     "TrainingConfig",
     "UpdateMessage",
+    "chunk_layout",
     "decode_ack",
+    "decode_chunk",
+    "decode_manifest",
     "decode_model",
     "decode_round",
     "decode_status",
@@ -60,6 +66,9 @@ _MAX_EPOCH = 64
 _MAX_SIGNATURE = 512
 _MAX_CONFIG_PARAMS = 32
 _MAX_CONFIG_KEY = 64
+#: A chunked transfer has at most this many chunks (a 1 KB chunk size still carries 64 MiB).
+MAX_CHUNKS = 65536
+_HEX = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -277,8 +286,73 @@ class StatusMessage:
     model_version: int | None = None
 
 
+def chunk_layout(total_bytes: int, count: int) -> tuple[int, int]:
+    """(chunk size, last chunk's size) of ``total_bytes`` split into ``count`` chunks: every
+    chunk but the last holds ``ceil(total_bytes / count)`` bytes, the last the rest (> 0).
+    Raises :class:`WireError` when no such split exists."""
+    if not (1 <= count <= MAX_CHUNKS and total_bytes >= count):
+        raise WireError(
+            f"{total_bytes} bytes cannot be split into {count} chunk(s)", RejectReason.BAD_CHUNK
+        )
+    size = -(-total_bytes // count)
+    last = total_bytes - size * (count - 1)
+    if last <= 0:
+        raise WireError(
+            f"{total_bytes} bytes cannot be split into {count} chunks of {size}",
+            RejectReason.BAD_CHUNK,
+        )
+    return size, last
+
+
+def _check_transfer(transfer: str) -> None:
+    if not (isinstance(transfer, str) and len(transfer) == 64 and set(transfer) <= _HEX):
+        raise WireError("field 'transfer' must be a sha256 in 64 lowercase hex digits",
+                        RejectReason.BAD_CHUNK)
+
+
+@dataclass(frozen=True)
+class ChunkMessage:
+    """Chunk ``index`` of ``count`` of a payload of ``total_bytes`` whose sha256 (hex) is
+    ``transfer`` (fedmq.chunks splits and reassembles). The layout is fixed by
+    :func:`chunk_layout`, so every chunk's length is checked on its own."""
+
+    transfer: str
+    index: int
+    count: int
+    total_bytes: int
+    data: bytes
+
+    def __post_init__(self) -> None:
+        _check_transfer(self.transfer)
+        size, last = chunk_layout(self.total_bytes, self.count)
+        if not 0 <= self.index < self.count:
+            raise WireError(f"chunk index {self.index} is outside [0, {self.count})",
+                            RejectReason.BAD_CHUNK)
+        want = last if self.index == self.count - 1 else size
+        if not isinstance(self.data, bytes) or len(self.data) != want:
+            got = len(self.data) if isinstance(self.data, bytes) else "no"
+            raise WireError(
+                f"chunk {self.index} of {self.count} of a {self.total_bytes}-byte transfer "
+                f"must hold {want} bytes, got {got}", RejectReason.BAD_CHUNK,
+            )
+
+
+@dataclass(frozen=True)
+class ChunkManifest:
+    """What a retained topic holds when its payload travels in retained chunks."""
+
+    transfer: str
+    count: int
+    total_bytes: int
+
+    def __post_init__(self) -> None:
+        _check_transfer(self.transfer)
+        chunk_layout(self.total_bytes, self.count)
+
+
 Message = (
     ModelMessage | RoundAnnouncement | UpdateMessage | SignedUpdate | AckMessage | StatusMessage
+    | ChunkMessage | ChunkManifest
 )
 STATUS_STATES = ("online", "offline", "training", "idle")
 
@@ -361,6 +435,22 @@ def _to_map(msg: Message) -> dict[str, Any]:
         _put_epoch(body, msg.epoch)
         if msg.model_version is not None:
             body["model_version"] = msg.model_version
+    elif isinstance(msg, ChunkMessage):
+        body = {
+            "type": "chunk",
+            "transfer": msg.transfer,
+            "index": msg.index,
+            "count": msg.count,
+            "total_bytes": msg.total_bytes,
+            "data": msg.data,
+        }
+    elif isinstance(msg, ChunkManifest):
+        body = {
+            "type": "manifest",
+            "transfer": msg.transfer,
+            "count": msg.count,
+            "total_bytes": msg.total_bytes,
+        }
     else:  # pragma: no cover - typing makes this unreachable
         raise TypeError(f"not a fedmq message: {type(msg).__name__}")
     head.update(body)
@@ -663,4 +753,27 @@ def decode_status(payload: bytes, limits: Limits | None = None) -> StatusMessage
         created_at=_float(obj, "created_at") if _opt(obj, "created_at") else 0.0,
         epoch=_epoch(obj),
         model_version=_int(obj, "model_version") if _opt(obj, "model_version") else None,
+    )
+
+
+def decode_chunk(payload: bytes, limits: Limits | None = None) -> ChunkMessage:
+    """One chunk; its layout (index, length against ``total_bytes`` and ``count``) checked."""
+    obj = _unpack(payload, limits or Limits())
+    _expect_type(obj, "chunk")
+    return ChunkMessage(
+        transfer=_str(obj, "transfer", 64),
+        index=_int(obj, "index", 0, MAX_CHUNKS - 1),
+        count=_int(obj, "count", 1, MAX_CHUNKS),
+        total_bytes=_int(obj, "total_bytes", 1, 2**40),
+        data=_get(obj, "data", bytes, "bytes"),
+    )
+
+
+def decode_manifest(payload: bytes, limits: Limits | None = None) -> ChunkManifest:
+    obj = _unpack(payload, limits or Limits(max_bytes=64 * 1024))
+    _expect_type(obj, "manifest")
+    return ChunkManifest(
+        transfer=_str(obj, "transfer", 64),
+        count=_int(obj, "count", 1, MAX_CHUNKS),
+        total_bytes=_int(obj, "total_bytes", 1, 2**40),
     )

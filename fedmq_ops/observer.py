@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedmq import wire
+from fedmq.chunks import Reassembler, ReassemblyLimits, chunk_wildcard, is_manifest, transfer_id
 from fedmq.errors import FedmqError
 from fedmq.net.mqtt import MqttSettings, connect, make_client
 from fedmq.topics import Topics
@@ -69,6 +70,7 @@ class FleetObserver:
         self.view = FleetView()
         self._on_model = on_model
         self._on_status = on_status
+        self._chunks = Reassembler(ReassemblyLimits(remember_expired=0))  # the model's
         self.client = make_client(settings)
         self.client.on_connect = self._subscribe
         self.client.on_message = lambda _c, _u, msg: self.apply(msg.topic, bytes(msg.payload))
@@ -96,12 +98,22 @@ class FleetObserver:
 
     def _subscribe(self, client: Any, _u: Any, _f: Any, _rc: Any, _p: Any = None) -> None:
         t = self.topics
-        client.subscribe([(t.status_wildcard, 1), (t.round, 1), (t.model, 1)])
+        client.subscribe([
+            (t.status_wildcard, 1), (t.round, 1), (t.model, 1), (chunk_wildcard(t.model), 1),
+        ])
 
     def apply(self, topic: str, payload: bytes) -> None:
         """Take one message of the fleet's topics into the view (the MQTT callback)."""
         t, view = self.topics, self.view
         try:
+            if topic.startswith(chunk_wildcard(t.model)[:-1]):  # the model, in chunks
+                whole = self._chunks.feed("model", payload, time.time()) if payload else None
+                if whole is None:
+                    return
+                self._chunks.finish("model", transfer_id(whole))
+                topic, payload = t.model, whole
+            if topic == t.model and is_manifest(payload):
+                return  # its chunks carry the model
             if topic == t.round:
                 # An empty retained round: the aggregator cleared it (the federation is done).
                 rnd = wire.decode_round(payload) if payload else None

@@ -9,7 +9,11 @@ that differs from the topic's, a wrong fleet/round/base version, int8 with an ab
 signed envelopes (a valid or mutated body, damaged envelope fields, nested envelopes), and
 damaged sparse and 4-bit tensors (:func:`sparse_damage`: positions out of range, duplicated,
 k larger than the tensor, wrong counts, bad or trailing varints, bitmap padding, packed int4
-counts and padding nibbles, NaN or negative scales).
+counts and padding nibbles, NaN or negative scales). :func:`fuzz_chunks` damages the
+chunk stream of a chunked transfer (:data:`CHUNK_DAMAGE`: wrong index or count, a
+total_bytes that disagrees with the data or with the first chunk, oversize, a transfer id
+that is not the payload's hash, a late chunk of an expired transfer, fields of the wrong
+type, byte damage).
 
 Driven by a :class:`random.Random`, so hypothesis (``st.randoms()``) and a seeded generator
 for the broker path share the same mutations.
@@ -31,9 +35,11 @@ from fedmq.update.codecs.positions import bitmap_bytes, varint_encode
 from fedmq.wire import UpdateMessage, encode
 
 __all__ = [
+    "CHUNK_DAMAGE",
     "KINDS",
     "LOW_BIT_CODECS",
     "SPARSE_DAMAGE",
+    "fuzz_chunks",
     "fuzz_payload",
     "sparse_damage",
     "valid_update_map",
@@ -436,3 +442,62 @@ def fuzz_payload(rng: random.Random, base: Obj, kind: str | None = None) -> tupl
         return kind, _pack(obj)
     except (ValueError, OverflowError, TypeError):  # the packer refused: damage bytes instead
         return "bytes", _byte_mutation(rng, _pack(base))
+
+
+CHUNK_DAMAGE = (
+    "index", "count", "total_bytes", "header_change", "data_length", "transfer", "hash",
+    "oversize", "field", "delete", "bytes", "expired", "duplicate",
+)
+
+
+def fuzz_chunks(
+    rng: random.Random, payload: bytes, max_message_bytes: int, op: str | None = None
+) -> tuple[str, list[bytes]]:
+    """The chunk stream of ``payload`` (in a random order) with one chunk damaged by ``op``
+    (one of :data:`CHUNK_DAMAGE`); "expired" and "duplicate" keep the chunks valid (the
+    caller expires the transfer between chunks / expects one payload back)."""
+    from fedmq.chunks import split
+
+    op = op or rng.choice(CHUNK_DAMAGE)
+    chunks = split(payload, max_message_bytes)
+    maps: list[Obj] = [
+        {"v": 2, "type": "chunk", "transfer": c.transfer, "index": c.index, "count": c.count,
+         "total_bytes": c.total_bytes, "data": c.data}
+        for c in chunks
+    ]
+    order = list(range(len(maps)))
+    rng.shuffle(order)
+    i = rng.randrange(len(maps))
+    m = maps[i]
+    if op == "index":
+        m["index"] = rng.choice([-1, m["count"], m["count"] + 7, 2**40, 65536])
+    elif op == "count":
+        m["count"] = rng.choice([0, -1, m["count"] + 1, 65537, 2**33])
+    elif op == "total_bytes":
+        m["total_bytes"] = rng.choice([0, -5, m["total_bytes"] + 1, m["total_bytes"] - 1])
+    elif op == "header_change":  # consistent on its own, disagrees with the other chunks
+        total = m["total_bytes"] + rng.randint(1, 9)
+        size = -(-total // (m["count"] + 1))
+        m.update(count=m["count"] + 1, total_bytes=total, index=0, data=bytes(size))
+    elif op == "data_length":
+        m["data"] = m["data"] + b"\0" if rng.random() < 0.5 else m["data"][:-1]
+    elif op == "transfer":
+        m["transfer"] = rng.choice(["", "xyz", "A" * 64, "0" * 63, 7, None, "g" * 64])
+    elif op == "hash":  # every chunk names a transfer id that is not the payload's sha256
+        other = "f" * 64 if m["transfer"] != "f" * 64 else "e" * 64
+        for x in maps:
+            x["transfer"] = other
+    elif op == "oversize":
+        m.update(count=1, index=0, total_bytes=2**40, data=b"x")
+    elif op == "field":
+        key = rng.choice(["index", "count", "total_bytes", "data", "transfer", "v", "type"])
+        m[key] = rng.choice([None, "x", 1.5, [], {}, True, b"zz", -1])
+    elif op == "delete":
+        m.pop(rng.choice(["index", "count", "total_bytes", "data", "transfer", "v"]))
+    elif op == "duplicate":
+        order = order + order[: rng.randint(1, len(order))]
+    out = [_pack(maps[k]) for k in order]
+    if op == "bytes":
+        j = rng.randrange(len(out))
+        out[j] = _byte_mutation(rng, out[j])
+    return op, out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from fedmq.chunks import chunk_wildcard
 from fedmq.errors import ConfigError
 from fedmq.topics import Topics
 from fedmq_ops.broker.settings import AGGREGATOR_USER, MONITOR_USER, BrokerSettings
@@ -27,6 +28,7 @@ def render_acl(s: BrokerSettings, devices: Mapping[str, str]) -> str:
             f"topic read {t.update_wildcard}",
             f"topic read {t.status_wildcard}",
             f"topic readwrite {t.model}",
+            f"topic readwrite {chunk_wildcard(t.model)}",
             f"topic readwrite {t.round}",
             f"topic write {t.base}/ack/+",
         ]
@@ -37,6 +39,7 @@ def render_acl(s: BrokerSettings, devices: Mapping[str, str]) -> str:
             lines += [
                 f"topic read {t.status_wildcard}",
                 f"topic read {t.model}",
+                f"topic read {chunk_wildcard(t.model)}",
                 f"topic read {t.round}",
             ]
         lines.append("topic read $SYS/#")
@@ -51,6 +54,7 @@ def render_acl(s: BrokerSettings, devices: Mapping[str, str]) -> str:
             f"topic write {t.update(name)}",
             f"topic write {t.status(name)}",
             f"topic read {t.model}",
+            f"topic read {chunk_wildcard(t.model)}",
             f"topic read {t.round}",
             f"topic read {t.ack(name)}",
         ]

@@ -500,3 +500,20 @@ def test_an_unanswered_update_is_resent_once_when_rounds_move_on_not_once_per_ro
     # The backoff schedule still resends it when its interval passed.
     resent = updates(device.tick(device.now + 2 * device.ack_timeout))
     assert first.update_id in [u.update_id for u in resent]
+
+
+def test_a_refused_chunk_is_logged_and_counted_and_leaves_the_update_waiting(
+    device: Device, weights: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    device.model(model_msg(weights, 0))
+    [update] = updates(device.round(round_msg(1, 0)))
+    refusal = AckMessage(FLEET, 0, DEVICE, "", False, "bad_chunk", "chunk 3 of transfer "
+                         "ab12, which expired")
+    with caplog.at_level(logging.WARNING, logger="edge_agent.core"):
+        device.ack(encode(refusal))
+    assert caplog.messages == [
+        "the aggregator rejected a chunk: bad_chunk: chunk 3 of transfer ab12, which expired"
+    ]
+    assert device.counter("chunks_rejected") == 1
+    assert device.counter("updates_rejected") == 0
+    assert [e.update_id for e in device.core.outbox.pending()] == [update.update_id]

@@ -179,6 +179,7 @@ def test_acl_confines_each_identity() -> None:
         "topic write fl/f1/update/dev-a",
         "topic write fl/f1/status/dev-a",
         "topic read fl/f1/model",
+        "topic read fl/f1/model/chunk/+",
         "topic read fl/f1/round",
         "topic read fl/f1/ack/dev-a",
     ]
@@ -186,6 +187,7 @@ def test_acl_confines_each_identity() -> None:
         "topic read fl/f1/update/+",
         "topic read fl/f1/status/+",
         "topic readwrite fl/f1/model",
+        "topic readwrite fl/f1/model/chunk/+",
         "topic readwrite fl/f1/round",
         "topic write fl/f1/ack/+",
     ]
@@ -193,6 +195,10 @@ def test_acl_confines_each_identity() -> None:
     for user, lines in blocks.items():
         if user != "monitor":
             assert not any("#" in line for line in lines), user
+    # Chunked updates travel on the device's own update topic: no new write grant for devices.
+    assert [x for x in blocks["dev-b"] if x.startswith("topic write")] == [
+        "topic write fl/f1/update/dev-b", "topic write fl/f1/status/dev-b",
+    ]
 
 
 def test_acl_with_prefix_and_fleets() -> None:

@@ -22,12 +22,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aggregator.round_state import RoundPlan, RoundState
+from fedmq.chunks import Reassembler, ReassemblyLimits, transfer_id
 from fedmq.errors import Rejected, WireError
 from fedmq.update.accumulate import CheckedUpdate, WeightedSum
 from fedmq.wire import (
     Limits,
     TrainingConfig,
     decode_ack,
+    decode_chunk,
+    decode_manifest,
     decode_model,
     decode_round,
     decode_status,
@@ -35,9 +38,11 @@ from fedmq.wire import (
     message_type,
 )
 from tests.fuzz_payloads import (
+    CHUNK_DAMAGE,
     KINDS,
     LOW_BIT_CODECS,
     SPARSE_DAMAGE,
+    fuzz_chunks,
     fuzz_payload,
     sparse_damage,
     valid_update_map,
@@ -57,7 +62,8 @@ _SETTINGS = {
     "suppress_health_check": list(HealthCheck),  # a loaded CI machine is not a failure
 }
 _OTHER_DECODERS: tuple[Callable[[bytes], object], ...] = (
-    decode_model, decode_round, decode_ack, decode_status, message_type,
+    decode_model, decode_round, decode_ack, decode_status, message_type, decode_chunk,
+    decode_manifest,
 )
 
 
@@ -245,3 +251,50 @@ def _run_plan(tally: _Tally, kind: str, payload: bytes, plan: RoundPlan) -> None
     tally.n += 1
     tally.kinds[kind] += 1
     tally.outcomes[_outcome(payload, plan)] += 1
+
+
+@pytest.mark.timeout(120)
+def test_damaged_chunk_streams_are_rejected_with_a_reason() -> None:
+    """A chunk stream with one damaged chunk: only WireErrors (with a code and a reason), and
+    whatever comes out of the reassembler is exactly the payload that went in; an undamaged
+    stream with QoS 1 duplicates gives the payload once per complete pass."""
+    outcomes: Counter[str] = Counter()
+    ops: Counter[str] = Counter()
+
+    @settings(max_examples=1500, **_SETTINGS)  # type: ignore[arg-type]
+    @given(rng=st.randoms(use_true_random=False), op=st.sampled_from(CHUNK_DAMAGE))
+    def check(rng: random.Random, op: str) -> None:
+        base = valid_update_map(rng, TEMPLATE, fleet=FLEET, round_id=PLAN.round_id,
+                                base_version=PLAN.base_version, device=DEVICE)
+        payload = msgpack.packb(base, use_bin_type=True) + bytes(rng.randint(0, 3000))
+        op, stream = fuzz_chunks(rng, payload, 1024, op)
+        ops[op] += 1
+        asm = Reassembler(ReassemblyLimits(max_transfer_bytes=LIMITS.max_bytes, timeout=10.0))
+        got: list[bytes] = []
+        errors = 0
+        for k, chunk in enumerate(stream):
+            if op == "expired" and k == len(stream) // 2:
+                asm.expire(1000.0)
+            try:
+                whole = asm.feed(DEVICE, chunk, 1000.0 if k >= len(stream) // 2 else 0.0)
+            except WireError as exc:
+                assert exc.code and exc.reason
+                outcomes[exc.code] += 1
+                errors += 1
+                continue
+            if whole is not None:
+                got.append(whole)
+                asm.finish(DEVICE, transfer_id(whole))
+        assert all(g == payload for g in got)
+        if op == "duplicate":  # a stream sent again after completing completes again: the
+            # journal answers it "duplicate"; chunks redelivered within it change nothing
+            assert len(got) == 1 + (len(stream) == 2 * len(set(stream))) and errors == 0
+        elif op in ("hash", "oversize", "index", "count", "data_length", "transfer", "delete"):
+            assert errors >= 1 and not got
+        elif op == "header_change":  # the stream stays incomplete (and expires)
+            assert not got and (errors >= 1 or len(stream) == 1)
+        outcomes["completed"] += len(got)
+
+    check()
+    print(f"\nfuzz chunk streams: ops {dict(ops)}; outcomes {dict(outcomes)}")
+    assert set(ops) == set(CHUNK_DAMAGE)
