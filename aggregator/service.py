@@ -81,6 +81,15 @@ class _Connected:
     session_present: bool
 
 
+def _delivered(info: mqtt.MQTTMessageInfo) -> bool:
+    """The broker acknowledged this publish. paho raises (instead of answering False) for a
+    publish queued while disconnected that it then dropped: not delivered."""
+    try:
+        return bool(info.is_published())
+    except (RuntimeError, ValueError):
+        return False
+
+
 def build_engine(config: AggregatorConfig, metrics: AggregatorMetrics | None = None) -> Engine:
     """Bundle, evaluation set, state directory and metrics wired into an engine."""
     bundle = resolve_bundle(config.model)
@@ -209,7 +218,7 @@ class AggregatorService:
                 info = self.client.publish(pub.topic, pub.payload, qos=item.qos,
                                            retain=pub.retain)
                 if item.retain:
-                    self._last_infos = [i for i in self._last_infos if not i.is_published()]
+                    self._last_infos = [i for i in self._last_infos if not _delivered(i)]
                     self._last_infos.append(info)
 
     def _handle_connected(self, event: _Connected) -> None:
@@ -226,6 +235,7 @@ class AggregatorService:
         # stale retained round/model (devices would act on an old round until the next one).
         pending = [p for p in pending if not p.retain]
         pending = self.engine.current_messages(time.time()) + pending
+        self._last_infos = []  # the republished retained messages supersede earlier ones
         self._publish(pending)
 
     def _handle_inbound(self, item: _Inbound) -> None:
@@ -445,7 +455,7 @@ class AggregatorService:
         by the broker (QoS 1 PUBACK)."""
         if not self._connected or self._pending:
             return False
-        return all(info.is_published() for info in self._last_infos)
+        return all(_delivered(info) for info in self._last_infos)
 
     def _drain(self) -> None:
         """Answer what already arrived (late updates get a definitive ack) before leaving."""
@@ -462,7 +472,7 @@ class AggregatorService:
         if self._connected:
             deadline = time.monotonic() + 10.0
             for info in self._last_infos:
-                while not info.is_published() and time.monotonic() < deadline:
+                while not _delivered(info) and time.monotonic() < deadline:
                     time.sleep(0.02)
         with contextlib.suppress(Exception):  # already gone
             self.client.disconnect()
