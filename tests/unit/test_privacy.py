@@ -4,6 +4,7 @@ and the budget stop through the real engine."""
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from pathlib import Path
@@ -32,6 +33,9 @@ from fedmq.privacy.noise import AdaptiveClip
 from fedmq.update.codecs import encode_delta
 from fedmq.update.strategies import FedAdam, FedAvg
 from fedmq.wire import TrainingConfig, decode_model, decode_round
+from fedmq_ops.fleet_status import render
+from fedmq_ops.observer import FleetView
+from fedmq_ops.report import format_table, load_report, plot_report
 from tests.fakes import make_update, model_weights
 
 T0 = 1_000.0
@@ -265,6 +269,19 @@ def test_budget_stops_the_federation_before_it_is_exceeded(
     assert len(lines) == 1 and "round 3" in lines[0]
     assert engine.tick(now + 100) == [] and engine.round is None
     assert len([r for r in caplog.records if "privacy budget" in r.getMessage()]) == 1
+    # the epsilon reaches `fedmq report` (table and PNG) and `fedmq status` (model metrics)
+    report = load_report(cfg.state_dir)
+    assert [r.epsilon for r in report.closed] == [plan.epsilon(1), plan.epsilon(2)]
+    table = format_table(report).splitlines()
+    assert table[1].split()[-1] == "epsilon"
+    assert table[2].split()[-1] == f"{plan.epsilon(1):.4f}"
+    png = plot_report(report, tmp_path / "report.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    [model_out] = [o for o in engine.current_messages(now) if o.topic.endswith("/model")]
+    view = FleetView(model=decode_model(model_out.payload))
+    text = io.StringIO()
+    render(view, "f", text, now=now)
+    assert f"DP epsilon {plan.epsilon(2):.3f}" in text.getvalue()
     engine.store.close()
 
 
@@ -313,3 +330,22 @@ def test_dp_config_is_validated() -> None:
     with pytest.raises(ConfigError, match="PLD"):
         AggregatorConfig(dp=True, dp_population=100, dp_sampling="fixed", min_devices=100,
                          dp_accountant="pld")
+
+
+def test_privacy_plan_command_prints_the_calibrated_noise_and_curve(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from fedmq_ops.cli import main
+
+    args = ["privacy", "plan", "--devices", "1000", "--per-round", "50", "--rounds", "30",
+            "--epsilon", "2", "--delta", "1e-5"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    z = calibrate_noise_multiplier(PrivacyPlan(1000, 50, 0.0, 1e-5), 30, 2.0)
+    assert f"noise multiplier z = {z:.4f}" in out[1]
+    curve = [line.split() for line in out[out.index("round  epsilon") + 1:]]
+    assert [int(r) for r, _ in curve] == [10, 20, 30]
+    for r, eps in curve:
+        assert float(eps) == pytest.approx(_direct_poisson(0.05, z, int(r), 1e-5), abs=1e-4)
+    assert float(curve[-1][1]) <= 2.0
+    assert main([*args[:3], "10", *args[4:]]) == 1  # more per round than devices: one line
