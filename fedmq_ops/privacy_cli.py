@@ -19,7 +19,9 @@ __all__ = ["add_parser", "cmd_plan", "plan_lines"]
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     privacy = subparsers.add_parser("privacy", help="differential privacy planning")
-    sub = privacy.add_subparsers(dest="privacy_command", metavar="{plan}", required=True)
+    sub = privacy.add_subparsers(
+        dest="privacy_command", metavar="{plan,experiment}", required=True
+    )
     plan = sub.add_parser(
         "plan", help="calibrate the noise multiplier for a fleet and a target epsilon"
     )
@@ -38,6 +40,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     plan.add_argument("--every", type=int, default=10, help="curve step in rounds (10)")
     plan.set_defaults(func=cmd_plan)
+    from fedmq_ops.privacy_experiment import add_parser as add_experiment
+
+    add_experiment(sub)
     return plan
 
 

@@ -349,3 +349,16 @@ def test_privacy_plan_command_prints_the_calibrated_noise_and_curve(
         assert float(eps) == pytest.approx(_direct_poisson(0.05, z, int(r), 1e-5), abs=1e-4)
     assert float(curve[-1][1]) <= 2.0
     assert main([*args[:3], "10", *args[4:]]) == 1  # more per round than devices: one line
+
+
+def test_the_experiment_runs_private_and_non_private_on_the_same_draws() -> None:
+    from fedmq_ops.privacy_experiment import run_experiment
+
+    rows = run_experiment(
+        devices=60, per_round=10, rounds=3, noise=[1.0], clip=0.3, adaptive=False, epochs=1,
+        lr=0.1, server_lr=1.0, codec="int8", delta=1e-5, seed=0,
+    )
+    assert [r.label for r in rows] == ["non-private", "z=1"]
+    assert rows[0].epsilon is None
+    assert rows[1].epsilon == PrivacyPlan(60, 10, 1.0, 1e-5).epsilon(3)
+    assert all(0 <= r.accuracy <= 1 for r in rows)
