@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -100,7 +101,8 @@ class Coordinator:
         # DP-FedAvg wraps the configured strategy (docs/privacy.md); None without `dp`.
         self.private: DPFedAvg | None = None
         if dp is not None:
-            self.private = DPFedAvg(self.strategy, dp)
+            values = sum(math.prod(shape) for shape in self.template.values())
+            self.private = DPFedAvg(self.strategy, dataclasses.replace(dp, model_values=values))
             self.strategy = self.private
         self.budget_exhausted = False
         self.policy: RoundPolicy = policy or make_round_policy(config)
@@ -376,7 +378,8 @@ class Coordinator:
         }
         if self.private is not None:  # after aggregate(): this round is released
             metrics["dp_epsilon"] = self.private.epsilon()
-            metrics["dp_clip"] = float(self.private.clip)
+            metrics["dp_central_epsilon"] = self.private.central_epsilon()
+            metrics["dp_clip"] = float(self.private.released_clip or self.private.clip)
             local = self.private.local_epsilon()
             if local is not None:
                 metrics["dp_local_epsilon"] = local

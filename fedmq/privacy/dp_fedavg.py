@@ -44,7 +44,13 @@ from fedmq.update.codecs import get_codec
 from fedmq.update.strategies import AdaptiveServer, Strategy, StrategyWrapper
 from fedmq.wire import TrainingConfig
 
-__all__ = ["ClippedSum", "DPFedAvg", "DpOptions", "UNCLIPPED_METRIC"]
+__all__ = [
+    "ClippedSum",
+    "DPFedAvg",
+    "DpOptions",
+    "UNCLIPPED_METRIC",
+    "local_noise_allowance",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,7 @@ class DpOptions:
     local_noise: float = 0.0
     seed: int | None = None
     allow_adaptive: bool = False
+    model_values: int = 0  # trainable values of the model (needed with local noise)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
@@ -82,6 +89,14 @@ class DpOptions:
             raise ConfigError(f"dp_local_noise must be >= 0, got {self.local_noise}")
 
 
+
+def local_noise_allowance(local_noise: float, values: int) -> float:
+    """How far above C (in units of C) a clipped update with local noise ``N(0, (z_l C)^2)``
+    on ``values`` values may be: ``z_l (sqrt(values) + 6.5)``, exceeded by the noise's
+    norm with probability below 1e-9 (Gaussian norm concentration, Laurent-Massart)."""
+    return 0.0 if local_noise <= 0 else local_noise * (math.sqrt(values) + 6.5)
+
+
 class ClippedSum(WeightedSum):
     """A :class:`WeightedSum` of updates re-clipped to ``clip`` with weight 1 each (the
     weight ingest passes is ignored): the result's ``mean`` is the plain mean of the clipped
@@ -90,11 +105,17 @@ class ClippedSum(WeightedSum):
     kind = "clipped_sum"
 
     def __init__(
-        self, template: Mapping[str, tuple[int, ...]], clip: float, tolerance: float
+        self, template: Mapping[str, tuple[int, ...]], clip: float, tolerance: float,
+        local_noise: float = 0.0,
     ) -> None:
         super().__init__(template)
         self.clip = float(clip)
         self.tolerance = float(tolerance)
+        values = sum(math.prod(s) for s in self._shapes.values())
+        #: what one folded update's norm is bounded by (its sensitivity): C, plus with local
+        #: DP the norm of the device's noise (:func:`local_noise_allowance`).
+        self.bound = self.clip * (1 + local_noise_allowance(local_noise, values))
+        self._slack = self.clip * self.tolerance
         self.unclipped = 0
         self.reclipped = 0
 
@@ -105,14 +126,15 @@ class ClippedSum(WeightedSum):
         c = get_codec(codec)
         probe = super().check(tensors, codec, 1.0)  # model, codec and range checks first
         norm = l2_norm({t.name: c.decode(t) for t in probe.tensors})
-        limit = self.clip * (1 + self.tolerance)
+        limit = self.bound + self._slack
         if not norm <= limit:
+            what = "clip" if self.bound == self.clip else "clip plus local noise bound"
             raise WireError(
-                f"update L2 norm {norm:.6g} exceeds the DP clip {self.clip:.6g} (tolerance "
-                f"{self.tolerance:g}): the device did not clip its update",
+                f"update L2 norm {norm:.6g} exceeds the DP {what} {self.bound:.6g} "
+                f"(tolerance {self.tolerance:g} x C): the device did not clip its update",
                 RejectReason.NORM_BOUND,
             )
-        factor = clip_factor(norm, self.clip) * (1 - 1e-6 if norm > self.clip else 1.0)
+        factor = clip_factor(norm, self.bound) * (1 - 1e-6 if norm > self.bound else 1.0)
         return super().check(tensors, codec, factor)
 
     def _add(self, checked: CheckedUpdate) -> None:
@@ -150,6 +172,8 @@ class DPFedAvg(StrategyWrapper):
             raise ConfigError(
                 f"strategy {inner.name!r} needs every update; DP-FedAvg folds clipped sums only"
             )
+        if options.local_noise > 0 and options.model_values < 1:
+            raise ConfigError("local DP needs the model's number of values (model_values)")
         super().__init__(inner)
         self.options = options
         self.clip = options.clip
@@ -157,14 +181,33 @@ class DPFedAvg(StrategyWrapper):
         self._rng = np.random.default_rng(options.seed)
         self._fold: ClippedSum | None = None
         self.last_unclipped_fraction: float | None = None
+        self.released_clip: float | None = None  # C of the last aggregated round
 
     @property
     def name(self) -> str:
         return f"dpfedavg({self.inner.name})"
 
-    def epsilon(self, rounds: int | None = None) -> float:
+    def central_plan(self) -> PrivacyPlan:
+        """The plan the central accountant uses: with local noise, a folded update's norm is
+        bounded by ``C (1 + allowance)`` instead of C, so the central noise ``z C`` is worth
+        ``z / (1 + allowance)`` noise multipliers."""
+        allowance = local_noise_allowance(self.options.local_noise, self.options.model_values)
+        if allowance == 0:
+            return self.options.plan
+        z = self.options.noise_multiplier / (1 + allowance)
+        return dataclasses.replace(self.options.plan, noise_multiplier=z)
+
+    def central_epsilon(self, rounds: int | None = None) -> float:
         """Central epsilon at the plan's delta after ``rounds`` (default: those released)."""
-        return self.options.plan.epsilon(self.rounds if rounds is None else rounds)
+        return self.central_plan().epsilon(self.rounds if rounds is None else rounds)
+
+    def epsilon(self, rounds: int | None = None) -> float:
+        """The epsilon of the released models: the central figure, or with local DP the
+        smaller of central and local (both bound the same releases; the models are
+        post-processing of locally private updates)."""
+        central = self.central_epsilon(rounds)
+        local = self.local_epsilon(rounds)
+        return central if local is None else min(central, local)
 
     def local_epsilon(self, rounds: int | None = None) -> float | None:
         """Local-DP epsilon of one device that took part in every round (None: no local
@@ -184,7 +227,14 @@ class DPFedAvg(StrategyWrapper):
         return dataclasses.replace(cfg, params=params)
 
     def new_accumulator(self, shapes: Mapping[str, tuple[int, ...]]) -> ClippedSum:
-        self._fold = ClippedSum(shapes, self.clip, self.options.clip_tolerance)
+        values = sum(math.prod(s) for s in shapes.values())
+        if self.options.local_noise > 0 and values != self.options.model_values:
+            raise ValueError(
+                f"DpOptions.model_values is {self.options.model_values}, the model has {values}"
+            )
+        self._fold = ClippedSum(
+            shapes, self.clip, self.options.clip_tolerance, self.options.local_noise
+        )
         return self._fold
 
     def aggregate(
@@ -194,7 +244,7 @@ class DPFedAvg(StrategyWrapper):
         if fold is None or fold.count != result.count:
             raise ValueError("DPFedAvg aggregates only the ClippedSum it made for the round")
         expected = self.options.expected_participants
-        sd = self.options.noise_multiplier * fold.clip
+        sd = self.options.noise_multiplier * fold.clip  # z C (see central_plan with local DP)
         noised = add_gaussian_noise(fold.clipped_sum(), sd, self._rng)
         inv = np.float32(1.0 / expected)
         mean = {n: (s * inv).astype(np.float32) for n, s in noised.items()}
@@ -204,6 +254,7 @@ class DPFedAvg(StrategyWrapper):
                 fold.clip, fold.unclipped, expected, self._rng
             )
         self.rounds += 1
+        self.released_clip = fold.clip
         if fold.reclipped:
             log.info(
                 "DP round: %d of %d update(s) re-clipped to %.6g (within the quantisation "

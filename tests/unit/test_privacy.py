@@ -362,3 +362,62 @@ def test_the_experiment_runs_private_and_non_private_on_the_same_draws() -> None
     assert rows[0].epsilon is None
     assert rows[1].epsilon == PrivacyPlan(60, 10, 1.0, 1e-5).epsilon(3)
     assert all(0 <= r.accuracy <= 1 for r in rows)
+
+
+def test_local_dp_updates_pass_the_widened_bound_and_are_accounted_separately() -> None:
+    from fedmq.errors import WireError
+    from fedmq.privacy.dp_fedavg import local_noise_allowance
+
+    values = 40 * 25 + 25
+    z_local, clip = 0.05, 0.5
+    opts = _options(1.0, clip, 4, local_noise=z_local, model_values=values)
+    dp = DPFedAvg(FedAvg(), opts)
+    assert dp.configure(1, TrainingConfig()).params["dp_local_noise"] == z_local
+    acc = dp.new_accumulator(SHAPES)
+    for seed in range(5):
+        noised, _ = privatize_delta(
+            _delta(seed), {"dp_clip": clip, "dp_local_noise": z_local}, np.random.default_rng(seed)
+        )
+        assert l2_norm(noised) > clip * 1.1  # the local noise alone is far above C
+        acc.fold(encode_delta(noised, "int8", np.random.default_rng(seed)), "int8", 1.0)
+    assert acc.count == 5
+    too_noisy = {n: np.random.default_rng(9).normal(0, 3 * z_local * clip, s).astype(np.float32)
+                 for n, s in SHAPES.items()}
+    with pytest.raises(WireError, match="local noise bound"):
+        acc.fold(encode_delta(too_noisy, "float32", np.random.default_rng(0)), "float32", 1.0)
+    allowance = local_noise_allowance(z_local, values)
+    central = PrivacyPlan(1000, 4, 1.0 / (1 + allowance), 1e-5).epsilon(10)
+    assert dp.central_epsilon(10) == central
+    assert dp.local_epsilon(10) == local_epsilon(z_local, 10, 1e-5)
+    assert dp.epsilon(10) == min(central, local_epsilon(z_local, 10, 1e-5))
+
+
+def test_adaptive_clip_through_the_engine_reads_the_devices_bits(
+    tmp_path: Path, bundle: ModelBundle
+) -> None:
+    from fedmq.update.codecs import encode_delta as encode
+    from fedmq.wire import UpdateMessage
+    from fedmq.wire import encode as encode_msg
+
+    cfg = _config(tmp_path, dp_noise_multiplier=0.0, dp_clip_mode="adaptive",
+                  dp_clip_count_sd=1e-9, dp_clip_lr=0.2, dp_target_quantile=0.5)
+    engine = Engine(cfg, Store(cfg.state_dir), bundle)
+    engine.start(T0)
+    out = _online(engine, ["a", "b", "c", "d"], T0) + engine.tick(T0)
+    [ann] = [decode_round(o.payload) for o in out if o.topic.endswith("/round") and o.payload]
+    shapes = dict(engine.template)
+    for i, d in enumerate(ann.selected):
+        delta, _ = clip_to_norm(_delta_for(shapes, i), 0.1)
+        msg = UpdateMessage(
+            fleet="f", round_id=1, base_version=0, device=d, update_id=f"u{i}",
+            num_examples=5, codec="float32",
+            tensors=encode(delta, "float32", np.random.default_rng(0)),
+            metrics={"dp_unclipped": 1.0},
+        )
+        assert engine.handle_update(d, encode_msg(msg), T0).accepted
+    out = engine.tick(T0 + 1)
+    [ann2] = [decode_round(o.payload) for o in out if o.topic.endswith("/round") and o.payload]
+    # both devices were within C: b = 2/2 = 1, C <- 0.5 exp(-0.2 (1 - 0.5))
+    assert ann2.config.params["dp_clip"] == pytest.approx(0.5 * math.exp(-0.1), rel=1e-6)
+    assert engine.store.round(1).metrics["dp_clip"] == 0.5  # the C round 1 used
+    engine.store.close()
