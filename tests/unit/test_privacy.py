@@ -421,3 +421,24 @@ def test_adaptive_clip_through_the_engine_reads_the_devices_bits(
     assert ann2.config.params["dp_clip"] == pytest.approx(0.5 * math.exp(-0.1), rel=1e-6)
     assert engine.store.round(1).metrics["dp_clip"] == 0.5  # the C round 1 used
     engine.store.close()
+
+
+def test_sync_rounds_use_the_accountants_poisson_rate(tmp_path: Path) -> None:
+    from aggregator.policies import RoundContext, make_round_policy
+
+    online = frozenset(f"d{i:03d}" for i in range(200))
+    cfg = _config(tmp_path, dp_sampling="poisson", dp_population=400, clients_per_round=40,
+                  min_devices=0, min_updates=5, dp_seed=11)
+    policy = make_round_policy(cfg)
+    assert cfg.dp_options() is not None and cfg.dp_options().plan.rate == 0.1  # type: ignore[union-attr]
+    sizes = []
+    for r in range(1, 41):
+        ctx = RoundContext(round_id=r, base_version=0, online=online, now=T0,
+                           training=TrainingConfig())
+        plan = policy.plan(ctx)
+        assert plan is not None
+        assert plan.selected == poisson_sample(online, 0.1, 11, r)  # rate 40 / 400 per device
+        assert plan.target == len(plan.selected) and plan.min_updates <= len(plan.selected)
+        sizes.append(len(plan.selected))
+    # 200 online of 400: each drawn with q = 0.1, so ~20 per round (sd of the mean ~0.7)
+    assert abs(sum(sizes) / len(sizes) - 20) < 3.5
