@@ -19,6 +19,10 @@ from fedmq.chunks import MIN_MESSAGE_BYTES
 from fedmq.config import load_config
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.net.mqtt import MqttSettings
+from fedmq.privacy.accounting import SAMPLINGS as DP_SAMPLINGS
+from fedmq.privacy.accounting import PrivacyPlan
+from fedmq.privacy.dp_fedavg import DpOptions
+from fedmq.privacy.noise import AdaptiveClip
 from fedmq.topics import Topics, validate_name
 from fedmq.update.accumulate import BufferedUpdates
 from fedmq.update.codecs import codec_names
@@ -26,6 +30,7 @@ from fedmq.update.strategies import StrategyOptions, make_strategy, strategy_nam
 from fedmq.wire import TrainingConfig
 
 __all__ = [
+    "DP_CLIP_MODES",
     "ENV_PREFIX",
     "EVAL_DATASETS",
     "MOVED",
@@ -37,6 +42,7 @@ __all__ = [
 
 ENV_PREFIX = "FEDMQ_AGGREGATOR_"
 TOML_SECTION = "aggregator"
+DP_CLIP_MODES = ("fixed", "adaptive")
 EVAL_DATASETS = ("digits", "fashion-mnist", "fashion-mnist-seq", "none")
 SELECTIONS = ("sample", "any")
 #: Flat keys of older configs and where they live now (refused with this hint).
@@ -107,6 +113,23 @@ class AggregatorConfig:
     clip_norm: float = 0.0  # "fixed": the L2 bound of each update
     clip_multiplier: float = 1.0  # "adaptive": bound = this x the round's median norm
     zero_outliers_k: float = 0.0  # zero values > k MADs from the median; 0 = off
+    # -- differential privacy (docs/privacy.md): DP-FedAvg with an accountant -------------
+    dp: bool = False
+    dp_population: int = 0  # devices in the fleet (N); the sampling rate is clients/N
+    dp_sampling: str = "poisson"  # "poisson" (rate clients_per_round/N) or "fixed"
+    dp_noise_multiplier: float = 1.0  # z: noise sd = z * clip on the sum
+    dp_clip: float = 1.0  # C (adaptive: the initial C)
+    dp_clip_mode: str = "fixed"  # "fixed" or "adaptive" (Andrew et al. 2021)
+    dp_target_quantile: float = 0.5  # adaptive: the norm quantile C tracks
+    dp_clip_lr: float = 0.2  # adaptive: geometric learning rate of C
+    dp_clip_count_sd: float = 0.0  # adaptive: noise sd of the clipped count; 0 = clients/20
+    dp_clip_tolerance: float = 0.1  # re-clip up to C*(1+tol) (quantisation); reject above
+    dp_delta: float = 1e-5
+    dp_accountant: str = "rdp"  # "rdp" or "pld" (Poisson sampling only)
+    dp_epsilon_budget: float = 0.0  # no round opens that would exceed it; 0 = no budget
+    dp_local_noise: float = 0.0  # local DP: noise multiplier added on the device; 0 = off
+    dp_allow_adaptive: bool = False  # fedadam/fedyogi/fedadagrad under DP
+    dp_seed: int | None = None  # seed of the server's noise and sampling (tests only)
     seed: int = 0
     max_update_bytes: int = 16 * 1024 * 1024
     # Chunked transfer (docs/protocol.md): messages above this many bytes are split into
@@ -189,6 +212,7 @@ class AggregatorConfig:
         if not 0 <= self.server_momentum < 1:
             raise ConfigError(f"server_momentum must be in [0, 1), got {self.server_momentum}")
         self._check_strategy_options()
+        self._check_privacy()
         _at_least(self.max_update_bytes, 1024, "max_update_bytes")
         _check_chunking(self.max_message_bytes, self.chunk_timeout)
         _at_least(self.max_transfers_per_device, 1, "max_transfers_per_device")
@@ -230,7 +254,67 @@ class AggregatorConfig:
                 f"({self.min_updates}): the round could never close"
             )
 
+    def _check_privacy(self) -> None:
+        if not self.dp:
+            return
+        if self.dp_sampling not in DP_SAMPLINGS:
+            raise ConfigError(
+                f"dp_sampling must be one of {DP_SAMPLINGS}, got {self.dp_sampling!r}"
+            )
+        if self.dp_clip_mode not in DP_CLIP_MODES:
+            raise ConfigError(
+                f"dp_clip_mode must be one of {DP_CLIP_MODES}, got {self.dp_clip_mode!r}"
+            )
+        if self.dp_population < self.clients_per_round:
+            raise ConfigError(
+                f"dp needs dp_population (the fleet size, {self.dp_population}) >= "
+                f"clients_per_round ({self.clients_per_round})"
+            )
+        if self.selection != "sample":
+            raise ConfigError('dp needs selection = "sample": the accountant assumes sampling')
+        if self.dp_sampling == "fixed" and self.min_devices < self.dp_population:
+            raise ConfigError(
+                "dp_sampling = \"fixed\" is accounted as clients_per_round of dp_population "
+                f"without replacement: set min_devices >= dp_population ({self.dp_population})"
+            )
+        if not (math.isfinite(self.dp_epsilon_budget) and self.dp_epsilon_budget >= 0):
+            raise ConfigError(f"dp_epsilon_budget must be >= 0, got {self.dp_epsilon_budget}")
+        try:
+            self.dp_options()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+
     # -- derived ---------------------------------------------------------------------------
+    def dp_options(self) -> DpOptions | None:
+        """The DP-FedAvg settings (None when ``dp`` is off)."""
+        if not self.dp:
+            return None
+        adaptive = None
+        count_sd = None
+        if self.dp_clip_mode == "adaptive":
+            count_sd = self.dp_clip_count_sd or self.clients_per_round / 20
+            adaptive = AdaptiveClip(self.dp_target_quantile, self.dp_clip_lr, count_sd)
+        plan = PrivacyPlan(
+            population=self.dp_population,
+            per_round=self.clients_per_round,
+            noise_multiplier=self.dp_noise_multiplier,
+            delta=self.dp_delta,
+            sampling=self.dp_sampling,
+            accountant=self.dp_accountant,
+            clip_count_sd=count_sd,
+        )
+        return DpOptions(
+            noise_multiplier=self.dp_noise_multiplier,
+            clip=self.dp_clip,
+            expected_participants=self.clients_per_round,
+            plan=plan,
+            clip_tolerance=self.dp_clip_tolerance,
+            adaptive=adaptive,
+            local_noise=self.dp_local_noise,
+            seed=self.dp_seed,
+            allow_adaptive=self.dp_allow_adaptive,
+        )
+
     def strategy_options(self) -> StrategyOptions:
         return StrategyOptions(
             server_lr=self.server_lr,

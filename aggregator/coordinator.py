@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from aggregator.round_state import RoundPlan, RoundState
 from aggregator.store import Store
 from fedmq.errors import StateError, StorageFullError, WireError
 from fedmq.models.spec import ModelBundle
+from fedmq.privacy.dp_fedavg import DPFedAvg
 from fedmq.topics import Topics
 from fedmq.update.strategies import Strategy, make_strategy
 from fedmq.wire import ModelMessage, Tensor, decode_model, decode_status, encode
@@ -95,6 +97,14 @@ class Coordinator:
         self.strategy: Strategy = make_strategy(
             config.strategy, options=config.strategy_options()
         )
+        dp = config.dp_options()
+        # DP-FedAvg wraps the configured strategy (docs/privacy.md); None without `dp`.
+        self.private: DPFedAvg | None = None
+        if dp is not None:
+            values = sum(math.prod(shape) for shape in self.template.values())
+            self.private = DPFedAvg(self.strategy, dataclasses.replace(dp, model_values=values))
+            self.strategy = self.private
+        self.budget_exhausted = False
         self.policy: RoundPolicy = policy or make_round_policy(config)
         self.online: set[str] = set()
         self.version = -1
@@ -141,6 +151,7 @@ class Coordinator:
         self._check_weights(self.weights, f"model file {current.path}")
         self.model_metrics = dict(current.metrics)
         self.strategy.load_state(self.store.server_state())
+        self._set_epsilon_gauge()
         self.last_round_id = self.store.last_round_id() or 0
         self.ingest.last_round_id = self.last_round_id
         self.closed_rounds = self.store.closed_rounds()
@@ -271,10 +282,36 @@ class Coordinator:
             elif self.policy.is_abandoned(self.round, now):
                 with _storage_full_context(f"round {round_id} not abandoned"):
                     out += self._abandon(now)
-        if self.round is None and not self.done:
+        if self.round is None and not self.done and self._within_budget():
             with _storage_full_context(f"round {self.last_round_id + 1} not opened"):
                 out += self._open(now)
         return out
+
+    def _within_budget(self) -> bool:
+        """False (one ERROR line, once) when the next DP round would exceed the budget: no
+        round opens any more; the current model stays retained and served."""
+        budget = self.config.dp_epsilon_budget
+        if self.private is None or budget <= 0:
+            return True
+        if self.budget_exhausted:
+            return False
+        rounds = self.private.rounds
+        after = self.private.epsilon(rounds + 1)
+        if after <= budget:
+            return True
+        self.budget_exhausted = True
+        log.error(
+            "privacy budget reached: round %d would bring epsilon from %.4g to %.4g at delta "
+            "%g, above dp_epsilon_budget %g; no new round opens (model version %d stays "
+            "current)",
+            self.last_round_id + 1, self.private.epsilon(rounds), after,
+            self.config.dp_delta, budget, self.version,
+        )
+        return False
+
+    def _set_epsilon_gauge(self) -> None:
+        if self.private is not None:
+            self.metrics.dp_epsilon.set(self.private.epsilon())
 
     def current_messages(self, now: float) -> list[Outgoing]:
         """The retained state to republish on every (re)connect, finished or not: the model,
@@ -339,6 +376,13 @@ class Coordinator:
             "bytes_in": float(self.traffic.bytes_in),
             "round_seconds": seconds,
         }
+        if self.private is not None:  # after aggregate(): this round is released
+            metrics["dp_epsilon"] = self.private.epsilon()
+            metrics["dp_central_epsilon"] = self.private.central_epsilon()
+            metrics["dp_clip"] = float(self.private.released_clip or self.private.clip)
+            local = self.private.local_epsilon()
+            if local is not None:
+                metrics["dp_local_epsilon"] = local
         # Encoded before it is stored so the round's downlink (announcement, acks and this
         # model) is part of its persisted statistics; published only after the commit.
         model_payload = self._model_payload(
@@ -372,6 +416,7 @@ class Coordinator:
         self.metrics.round_seconds.observe(seconds)
         self.metrics.model_version.set(self.version)
         self._set_quality_gauges(quality)
+        self._set_epsilon_gauge()
         self._results.append(
             RoundResult(
                 round_id=state.round_id, status="closed", version=self.version,

@@ -31,6 +31,7 @@ from fedmq.errors import (
     StorageFullError,
     WireError,
 )
+from fedmq.privacy.dp_fedavg import ClippedSum
 from fedmq.signing import Registry, verify_update
 from fedmq.topics import Topics, validate_name
 from fedmq.update.accumulate import Accumulator, CheckedUpdate
@@ -137,6 +138,8 @@ class Ingest:
             try:
                 msg = decode_update(entry.payload, self.limits)
                 self.fold.fold(msg.tensors, msg.codec, weight)
+                if isinstance(self.fold, ClippedSum):
+                    self.fold.note_metrics(msg.metrics)
             except (Rejected, ValueError) as exc:
                 raise StateError(
                     f"journaled update {entry.update_id!r} is unreadable: {exc}"
@@ -244,6 +247,8 @@ class Ingest:
                 exc.directory, exc.detail, update_id=msg.update_id, device=msg.device
             ) from exc
         self.fold.add(checked)
+        if isinstance(self.fold, ClippedSum):  # DP: the device's clip bit (adaptive clip)
+            self.fold.note_metrics(msg.metrics)
         self.round.record(msg.update_id, msg.device, msg.num_examples)
         self.bounds.observe_claim(msg.device, msg.num_examples)
         self.contributions.append(

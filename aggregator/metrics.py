@@ -84,6 +84,11 @@ class AggregatorMetrics:
         self.loss = Gauge("fedmq_global_loss", "Held-out loss", registry=r)
         self.current_round = Gauge("fedmq_current_round", "Id of the open round", registry=r)
         self.model_version = Gauge("fedmq_model_version", "Current model version", registry=r)
+        self.dp_epsilon = Gauge(
+            "fedmq_dp_epsilon",
+            "Central DP epsilon spent so far at the configured delta (0 without dp)",
+            registry=r,
+        )
         self.publish_failures = Counter(
             "fedmq_publish_failures",
             "Messages the broker did not accept (PUBACK reason >= 0x80), by reason",

@@ -11,7 +11,9 @@ caller passes ``now``) and registered by name; the config key ``round_policy`` p
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+import secrets
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -32,6 +34,7 @@ __all__ = [
     "RoundPolicyFactory",
     "SyncRounds",
     "make_round_policy",
+    "poisson_sample",
     "register_round_policy",
     "round_policy_names",
     "unregister_round_policy",
@@ -85,6 +88,10 @@ class SyncRounds:
     may contribute); the target is the number selected, else ``clients_per_round``. Ready
     when ``min_updates`` are in and every selected device is in, the target is reached or the
     deadline passed; abandoned without quorum at ``deadline + abandon_after``.
+
+    Under DP with ``dp_sampling = "poisson"`` the selection is :func:`poisson_sample` with
+    rate ``clients_per_round / dp_population`` (the accountant's rate), never widened to
+    "any device" when small (the quorum shrinks to the sample instead).
     """
 
     def __init__(self, config: AggregatorConfig) -> None:
@@ -95,12 +102,21 @@ class SyncRounds:
         self.seed = config.seed
         self.round_timeout = config.round_timeout
         self.abandon_after = config.abandon_after
+        # DP with Poisson sampling: each online device independently with this rate.
+        self.poisson_rate: float | None = None
+        if config.dp and config.dp_sampling == "poisson":
+            self.poisson_rate = config.clients_per_round / config.dp_population
+        self.dp_seed = config.dp_seed
 
     def plan(self, ctx: RoundContext) -> RoundPlan | None:
         if len(ctx.online) < self.min_devices:
             return None
         selected: tuple[str, ...] = ()
-        if self.selection == "sample" and ctx.online:
+        if self.poisson_rate is not None:
+            selected = poisson_sample(ctx.online, self.poisson_rate, self.dp_seed, ctx.round_id)
+            if not selected:
+                return None  # nobody drawn: the next tick draws again (docs/privacy.md)
+        elif self.selection == "sample" and ctx.online:
             selected = select_devices(ctx.online, self.clients_per_round, self.seed, ctx.round_id)
             if len(selected) < self.min_updates:
                 selected = ()  # too few online for a quorum of named devices: open the round
@@ -171,6 +187,24 @@ class FedBuffRounds:
 
     def is_abandoned(self, state: RoundState, now: float) -> bool:
         return state.count == 0 and now >= state.plan.abandon_at
+
+
+def poisson_sample(
+    online: Iterable[str], rate: float, seed: int | None, round_id: int
+) -> tuple[str, ...]:
+    """Each of the ``online`` devices independently with probability ``rate`` (sorted).
+
+    ``seed`` None draws from the OS (``secrets``): under DP the server's sampling must not be
+    predictable; a seed makes it reproducible (tests). A draw with nobody is returned as
+    such (the caller waits and draws again)."""
+    if not 0 < rate <= 1:
+        raise ValueError(f"rate must be in (0, 1], got {rate}")
+    rng: random.Random
+    if seed is None:
+        rng = secrets.SystemRandom()
+    else:
+        rng = random.Random(f"fedmq-poisson:{seed}:{round_id}")
+    return tuple(d for d in sorted(set(online)) if rng.random() < rate)
 
 
 _REGISTRY: dict[str, RoundPolicyFactory] = {

@@ -42,6 +42,7 @@ from fedmq.data.sampling import sample_size
 from fedmq.errors import FedmqError, ModelError, RejectReason, WireError
 from fedmq.memory import peak_rss_mb
 from fedmq.models.spec import check_weights
+from fedmq.privacy.device import privatize_delta
 from fedmq.signing import DeviceKey, sign_update
 from fedmq.topics import Topics
 from fedmq.update.codecs import codec_names, decode_tensor, pack_state, unpack_state
@@ -525,6 +526,8 @@ class EdgeCore:
         metrics = self.trainer.fit(x, y, epochs=cfg.epochs, lr=cfg.lr, rng=rng)
         local = self.trainer.get_weights()
         delta = {n: local[n] - global_weights[n] for n in self.trainer.spec.trainable}
+        # DP rounds (docs/privacy.md): clip to the announced bound BEFORE encoding.
+        delta, dp_metrics = privatize_delta(delta, cfg.params, rng)
         tensors, codec_state = encode_with_state(
             delta, cfg.codec, rng, self.outbox.codec_state.blob, cfg.params, r
         )
@@ -544,7 +547,7 @@ class EdgeCore:
             num_examples=int(m),
             codec=cfg.codec,
             tensors=tensors,
-            metrics=dict(self._status.metrics),
+            metrics={**self._status.metrics, **dp_metrics},
             created_at=now,
             epoch=ann.epoch,
         )

@@ -27,6 +27,7 @@ _SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("fedmq_ops.enroll", "add_parser"),
     ("fedmq_ops.fleet_status", "add_parser"),
     ("fedmq_ops.report", "add_parser"),
+    ("fedmq_ops.privacy_cli", "add_parser"),
 )
 
 

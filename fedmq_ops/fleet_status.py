@@ -35,6 +35,9 @@ def render(view: FleetView, fleet: str, out: TextIO, now: float | None = None) -
     if model is not None:
         acc = model.metrics.get("accuracy")
         acc_s = f", accuracy {acc * 100:.2f}%" if acc is not None else ""
+        eps = model.metrics.get("dp_epsilon")
+        if eps is not None:  # DP: the central epsilon spent so far (docs/privacy.md)
+            acc_s += f", DP epsilon {eps:.3f}"
         print(
             f"  model   version {model.version} (round {model.round_id}){acc_s}, "
             f"{model_bytes / 1000:.1f} KB",

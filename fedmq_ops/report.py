@@ -50,6 +50,7 @@ class RoundRow:
     bytes_out: int | None
     seconds: float | None
     rejected: int = 0
+    epsilon: float | None = None  # DP: central epsilon spent after this round (docs/privacy.md)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def load_report(state_dir: str | Path) -> Report:
                 participants=r.participants, num_examples=r.num_examples,
                 accuracy=_num(m, "accuracy"), loss=_num(m, "loss"), bytes_in=r.bytes_in,
                 bytes_out=None if bytes_out is None else int(bytes_out), seconds=seconds,
-                rejected=rejects.get(r.round_id, 0),
+                rejected=rejects.get(r.round_id, 0), epsilon=_num(m, "dp_epsilon"),
             )
         )
     return Report(str(state_dir), fleet, model_id, initial, tuple(rows))
@@ -130,14 +131,18 @@ def format_table(report: Report) -> str:
             f"initial model: accuracy {_fmt(_num(report.initial, 'accuracy'), '.4f')}, "
             f"loss {_fmt(_num(report.initial, 'loss'), '.4f')}"
         )
-    lines.append(" ".join(name.rjust(width) for name, width in _COLUMNS))
+    private = any(r.epsilon is not None for r in report.rounds)
+    columns = _COLUMNS + ((("epsilon", 8),) if private else ())
+    lines.append(" ".join(name.rjust(width) for name, width in columns))
     for r in report.rounds:
-        cells = (
+        cells: tuple[str, ...] = (
             str(r.round_id), r.status, _fmt(r.version, "d"), str(r.participants),
             str(r.num_examples), _fmt(r.accuracy, ".4f"), _fmt(r.loss, ".4f"),
             str(r.bytes_in), _fmt(r.bytes_out, "d"), _fmt(r.seconds, ".1f"), str(r.rejected),
         )
-        lines.append(" ".join(c.rjust(w) for c, (_, w) in zip(cells, _COLUMNS, strict=True)))
+        if private:
+            cells += (_fmt(r.epsilon, ".4f"),)
+        lines.append(" ".join(c.rjust(w) for c, (_, w) in zip(cells, columns, strict=True)))
     closed = report.closed
     lines.append(
         f"{len(report.rounds)} round(s), {len(closed)} closed; "
@@ -148,7 +153,8 @@ def format_table(report: Report) -> str:
 
 
 def plot_report(report: Report, path: str | Path) -> Path:
-    """Write a PNG: accuracy, loss and bytes in/out per closed round (round 0 = initial)."""
+    """Write a PNG: accuracy, loss and bytes in/out per closed round (round 0 = initial);
+    with DP, the epsilon spent on the accuracy panel's right axis."""
     try:
         import matplotlib
 
@@ -173,6 +179,13 @@ def plot_report(report: Report, path: str | Path) -> Path:
             ax.plot(xs, ys, marker="o", markersize=3)
             ax.set_ylabel(label)
             ax.grid(True, alpha=0.3)
+        eps = [(r.round_id, r.epsilon) for r in closed if r.epsilon is not None]
+        if eps:  # DP: the privacy spent, on the accuracy panel's right axis
+            ax_eps = ax_acc.twinx()
+            ax_eps.plot([x for x, _ in eps], [e for _, e in eps], color="tab:red",
+                        marker="s", markersize=3, label="DP epsilon")
+            ax_eps.set_ylabel("DP epsilon", color="tab:red")
+            ax_eps.legend(loc="lower right", fontsize="small")
         width = 0.4
         ax_bytes.bar([x - width / 2 for x in rounds], [r.bytes_in for r in closed], width,
                      label="in (updates)")

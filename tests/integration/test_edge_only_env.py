@@ -287,6 +287,8 @@ def test_edge_only_env(
         }
         tf_like = sorted(d for d in installed if d.startswith(("tensorflow", "tf-", "keras")))
         assert not tf_like, f"TensorFlow/Keras installed in the edge venv: {tf_like}"
+        # dp-accounting (pins attrs<24) belongs to the aggregator extra only (docs/privacy.md)
+        assert "dp-accounting" not in installed, sorted(installed)
         assert variant.runtime in installed, sorted(installed)
         proc = _run([python, "-I", "-c", "import tensorflow"], cwd=tmp_path, check=False)
         assert proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr, proc.stderr

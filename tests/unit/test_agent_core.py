@@ -517,3 +517,30 @@ def test_a_refused_chunk_is_logged_and_counted_and_leaves_the_update_waiting(
     assert device.counter("chunks_rejected") == 1
     assert device.counter("updates_rejected") == 0
     assert [e.update_id for e in device.core.outbox.pending()] == [update.update_id]
+
+
+def test_a_dp_round_clips_the_delta_before_encoding(
+    device: Device, weights: dict[str, np.ndarray]
+) -> None:
+    """docs/privacy.md: the device clips to the round's dp_clip, then int8 encodes; the
+    decoded update's norm is within C plus the quantisation slack, and the clip bit is sent."""
+    from fedmq.privacy.clip import l2_norm, quantization_slack
+    from fedmq.update.codecs import get_codec
+
+    clip = 0.05
+    device.model(model_msg(weights, 0))
+    ann = RoundAnnouncement(
+        FLEET, 1, 0, 1e6, TrainingConfig(epochs=1, lr=0.05, codec="int8",
+                                         params={"dp_clip": clip}), epoch=EPOCH,
+    )
+    [update] = updates(device.round(encode(ann)))
+    codec = get_codec("int8")
+    decoded = {t.name: codec.decode(t) for t in update.tensors}
+    # int8: one step per tensor is max|x| / 127 (the tensor's scale)
+    steps = {t.name: (int(np.prod(t.shape)), float(np.abs(decoded[t.name]).max()) / 127)
+             for t in update.tensors}
+    norm = l2_norm(decoded)
+    assert norm <= clip + quantization_slack(steps)
+    assert norm <= clip * 1.1  # within the aggregator's default re-clip tolerance
+    assert norm > clip * 0.9  # a 1-epoch delta of this model is far above 0.05: clipped
+    assert update.metrics["dp_unclipped"] == 0.0
