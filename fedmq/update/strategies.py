@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,6 +38,7 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FedAvgM",
+    "FedNova",
     "FedProx",
     "FedSGD",
     "FedYogi",
@@ -45,7 +46,9 @@ __all__ = [
     "Strategy",
     "StrategyFactory",
     "StrategyOptions",
+    "StepsDelta",
     "StrategyWrapper",
+    "fednova_delta",
     "make_strategy",
     "register_strategy",
     "register_strategy_with_options",
@@ -360,6 +363,62 @@ class FedSGD(MeanDeltaStrategy):
         self._step = 0 if step is None else int(np.asarray(step).reshape(-1)[0])
 
 
+@dataclass(frozen=True)
+class StepsDelta:
+    """One device's decoded delta, fold weight (example count) and local SGD step count."""
+
+    delta: Weights
+    weight: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise ValueError(f"weight must be > 0, got {self.weight}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+
+
+def fednova_delta(updates: Sequence[StepsDelta]) -> Weights:
+    """Wang et al. 2020 (FedNova), the FedAvg-with-SGD case: with ``p_i = n_i / sum n``,
+    ``tau_eff = sum_i p_i tau_i`` and the step ``tau_eff * sum_i p_i d_i / tau_i`` (float64
+    sums, float32 result). Equal step counts give FedAvg's weighted mean delta."""
+    if not updates:
+        raise ValueError("FedNova needs at least one update")
+    total = math.fsum(u.weight for u in updates)
+    p = [u.weight / total for u in updates]
+    tau_eff = math.fsum(pi * u.steps for pi, u in zip(p, updates, strict=True))
+    out: Weights = {}
+    for name in updates[0].delta:
+        acc = np.zeros(updates[0].delta[name].shape, np.float64)
+        for pi, u in zip(p, updates, strict=True):
+            acc += (pi / u.steps) * np.asarray(u.delta[name], np.float64)
+        out[name] = (tau_eff * acc).astype(np.float32)
+    return out
+
+
+@dataclass
+class FedNova:
+    """FedNova: ``w <- w + server_lr * fednova_delta(updates)``. Needs each update's step
+    count (devices report ``steps`` in their metrics): :meth:`aggregate_steps` takes them
+    with the decoded deltas. Not yet selectable in the aggregator's config (its ingest does
+    not hand per-update metrics to strategies); used in-process (bench/bench_local_variants.py).
+    """
+
+    server_lr: float = 1.0
+    name: str = "fednova"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
+            raise ConfigError(f"fednova: server_lr must be > 0, got {self.server_lr}")
+
+    def aggregate_steps(
+        self, global_weights: Mapping[str, np.ndarray], updates: Sequence[StepsDelta]
+    ) -> Weights:
+        lr = np.float32(self.server_lr)
+        step = fednova_delta(updates)
+        return {n: (global_weights[n] + lr * d).astype(np.float32) for n, d in step.items()}
+
+
 class StrategyWrapper:
     """Delegates everything to ``inner``; subclasses override what they change. State keys of
     the inner strategy pass through unchanged (a wrapper with state of its own prefixes it)."""
@@ -577,6 +636,8 @@ _builtin: dict[str, Callable[..., Strategy]] = {
 }
 for _name, _factory in _builtin.items():
     register_strategy(_name, _factory)
+for _key, _cls in (("fedadam", FedAdam), ("fedyogi", FedYogi), ("fedadagrad", FedAdagrad)):
+    register_strategy_with_options(_key, _adaptive(_cls))
 register_strategy_with_options(
     "fedprox", lambda o: FedProx(server_lr=_default(o.server_lr, 1.0), mu=o.prox_mu)
 )
@@ -587,8 +648,6 @@ register_strategy_with_options(
         adam=o.server_adam, beta1=o.beta1, beta2=o.beta2, tau=o.tau,
     ),
 )
-for _key, _cls in (("fedadam", FedAdam), ("fedyogi", FedYogi), ("fedadagrad", FedAdagrad)):
-    register_strategy_with_options(_key, _adaptive(_cls))
 
 # The robust strategies (median, trimmed_mean, krum) register themselves; they build on the
 # seams above, hence this import after them.
