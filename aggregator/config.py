@@ -113,6 +113,9 @@ class AggregatorConfig:
     clip_norm: float = 0.0  # "fixed": the L2 bound of each update
     clip_multiplier: float = 1.0  # "adaptive": bound = this x the round's median norm
     zero_outliers_k: float = 0.0  # zero values > k MADs from the median; 0 = off
+    prox_mu: float = 0.01  # fedprox: the proximal weight sent to devices as params "mu"
+    grad_examples: int = 64  # fedsgd: examples per device gradient
+    server_adam: bool = False  # fedsgd: Adam on the mean gradient instead of SGD
     # -- differential privacy (docs/privacy.md): DP-FedAvg with an accountant -------------
     dp: bool = False
     dp_population: int = 0  # devices in the fleet (N); the sampling rate is clients/N
@@ -331,6 +334,9 @@ class AggregatorConfig:
             clip_norm=self.clip_norm,
             clip_multiplier=self.clip_multiplier,
             zero_outliers_k=self.zero_outliers_k,
+            prox_mu=self.prox_mu,
+            grad_examples=self.grad_examples,
+            server_adam=self.server_adam,
         )
 
     def strategy_buffers(self) -> bool:

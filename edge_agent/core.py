@@ -35,7 +35,7 @@ from edge_agent.decide import SkipReason, decide
 from edge_agent.outbox import Outbox, OutboxEntry
 from edge_agent.state import ACCEPTED, EXPIRED, StateStore, rejected
 from edge_agent.textfile import check_textfile_path, write_textfile
-from edge_agent.trainer import Trainer
+from edge_agent.trainer import Trainer, TrainMetrics, VariantTrainer
 from fedmq.data.local import LocalData, PluginData
 from fedmq.data.plugin import InputSpec, PluginDataError
 from fedmq.data.sampling import sample_size
@@ -52,6 +52,7 @@ from fedmq.wire import (
     RoundAnnouncement,
     StatusMessage,
     Tensor,
+    TrainingConfig,
     UpdateMessage,
     decode_ack,
     decode_model,
@@ -523,9 +524,7 @@ class EdgeCore:
         rng = np.random.default_rng(
             [self.settings.seed, zlib.crc32(self.device_id.encode()), r]
         )
-        metrics = self.trainer.fit(x, y, epochs=cfg.epochs, lr=cfg.lr, rng=rng)
-        local = self.trainer.get_weights()
-        delta = {n: local[n] - global_weights[n] for n in self.trainer.spec.trainable}
+        delta, metrics = self._local_step(r, cfg, x, y, global_weights, rng)
         # DP rounds (docs/privacy.md): clip to the announced bound BEFORE encoding.
         delta, dp_metrics = privatize_delta(delta, cfg.params, rng)
         tensors, codec_state = encode_with_state(
@@ -558,6 +557,53 @@ class EdgeCore:
         )
         self.store.record_submission(r, msg.update_id)
         return entry
+
+    def _local_step(
+        self,
+        r: int,
+        cfg: TrainingConfig,
+        x: np.ndarray,
+        y: np.ndarray,
+        global_weights: Mapping[str, np.ndarray],
+        rng: np.random.Generator,
+    ) -> tuple[dict[str, np.ndarray], TrainMetrics]:
+        """The round's update and metrics, as its params ask (docs/strategies.md):
+        ``mode = "gradient"`` (FedSGD) sends the mean-loss gradient over at most
+        ``grad_examples`` examples; ``mu > 0`` (FedProx) trains with the proximal term;
+        otherwise plain SGD. A model without the signature the round needs refuses it."""
+        params = cfg.params
+        trainer = self.trainer
+        variants = trainer.variants if isinstance(trainer, VariantTrainer) else frozenset()
+        mode = params.get("mode", "delta")
+        if mode == "gradient":
+            if "gradient" not in variants:
+                raise ModelError(
+                    f"round {r} asks for a gradient (FedSGD) but model {trainer.spec.name!r} "
+                    "has no gradient signature: export it again; round skipped"
+                )
+            limit = params.get("grad_examples", len(x))
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                raise ModelError(f"round {r}: grad_examples must be a positive integer")
+            assert isinstance(trainer, VariantTrainer)
+            return trainer.gradient(x, y, max_examples=limit, rng=rng)
+        if mode != "delta":
+            raise ModelError(f"round {r}: unknown mode {mode!r} in the round's params")
+        mu = params.get("mu", 0.0)
+        if isinstance(mu, bool) or not isinstance(mu, int | float) or mu < 0:
+            raise ModelError(f"round {r}: mu must be a number >= 0, got {mu!r}")
+        if mu > 0:
+            if "prox" not in variants:
+                raise ModelError(
+                    f"round {r} asks for FedProx (mu = {mu}) but model {trainer.spec.name!r} "
+                    "has no train_prox signature: export it again; round skipped"
+                )
+            assert isinstance(trainer, VariantTrainer)
+            metrics = trainer.fit_prox(x, y, epochs=cfg.epochs, lr=cfg.lr, rng=rng, mu=float(mu))
+        else:
+            metrics = trainer.fit(x, y, epochs=cfg.epochs, lr=cfg.lr, rng=rng)
+        local = trainer.get_weights()
+        delta = {n: local[n] - global_weights[n] for n in trainer.spec.trainable}
+        return delta, metrics
 
     # ------------------------------------------------------------------ sending
     def _send(self, entry: OutboxEntry, now: float) -> list[Action]:

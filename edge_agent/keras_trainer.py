@@ -42,6 +42,7 @@ from edge_agent.trainer import (
     TrainMetrics,
     _check_xy,
     check_fit_args,
+    mean_gradient,
     sgd_epochs,
 )
 from fedmq.errors import ModelError
@@ -323,10 +324,36 @@ class KerasTrainer:
                     var.assign_sub(lr * grad)
             return loss
 
+        globals_ = [tf.Variable(tf.zeros_like(v), trainable=False) for v in train_vars]
+        f32 = tf.TensorSpec([], tf.float32)
+
+        @tf.function(input_signature=[x_sig, tf.TensorSpec([None], tf.int32), f32, f32])
+        def prox_step(x: tf.Tensor, y: tf.Tensor, lr: tf.Tensor, mu: tf.Tensor) -> tf.Tensor:
+            with tf.GradientTape() as tape:
+                loss = loss_of(model(x, training=True), y)
+            grads = tape.gradient(loss, train_vars)
+            for var, grad, g0 in zip(train_vars, grads, globals_, strict=True):
+                if grad is not None:
+                    var.assign_sub(lr * (grad + mu * (var - g0)))
+            return loss
+
+        @tf.function(input_signature=[x_sig, tf.TensorSpec([None], tf.int32)])
+        def grad_step(x: tf.Tensor, y: tf.Tensor) -> Any:
+            with tf.GradientTape() as tape:
+                loss = loss_of(model(x, training=True), y)
+            grads = tape.gradient(loss, train_vars)
+            return loss, [
+                tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+                for v, g in zip(train_vars, grads, strict=True)
+            ]
+
         @tf.function(input_signature=[x_sig])
         def infer(x: tf.Tensor) -> tf.Tensor:
             return model(x, training=False)
 
+        self._globals = globals_
+        self._prox_step: Callable[..., Any] = prox_step
+        self._grad_step: Callable[..., Any] = grad_step
         self._train_step: Callable[..., Any] = train_step
         self._infer: Callable[..., Any] = infer
         self._lr = np.zeros((), dtype=np.float32)
@@ -397,6 +424,62 @@ class KerasTrainer:
             metrics.examples_per_second,
         )
         return metrics
+
+    # -- VariantTrainer -----------------------------------------------------------------------
+    @property
+    def variants(self) -> frozenset[str]:
+        return frozenset({"prox", "gradient"})
+
+    def fit_prox(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        lr: float,
+        rng: np.random.Generator,
+        mu: float,
+    ) -> TrainMetrics:
+        """:meth:`fit` with the FedProx term towards the weights at the call."""
+        check_fit_args(epochs, lr)
+        if not (math.isfinite(mu) and mu >= 0):
+            raise ModelError(f"mu must be finite and >= 0, got {mu!r}")
+        xs = self.prepare_inputs(x)
+        labels = _check_xy(self.spec, xs, y)
+        for g0, name in zip(self._globals, self.spec.trainable, strict=True):
+            g0.assign(self._vars[name])
+        lr_t = tf.constant(np.float32(lr))
+        mu_t = tf.constant(np.float32(mu))
+        b = self.spec.train_batch
+        xb = np.empty((b, *self.spec.input_shape), dtype=np.float32)
+        yb = np.empty(b, dtype=np.int32)
+
+        def step(m: int) -> float:
+            return float(self._prox_step(xb[:m], yb[:m], lr_t, mu_t))
+
+        return sgd_epochs(xs, labels, epochs=epochs, batch=b, rng=rng, xb=xb, yb=yb, step=step)
+
+    def gradient(
+        self, x: np.ndarray, y: np.ndarray, *, max_examples: int, rng: np.random.Generator
+    ) -> tuple[dict[str, np.ndarray], TrainMetrics]:
+        """Mean-loss gradient over at most ``max_examples`` examples (see
+        :func:`~edge_agent.trainer.mean_gradient`)."""
+        xs = self.prepare_inputs(x)
+        labels = _check_xy(self.spec, xs, y)
+        b = self.spec.train_batch
+        xb = np.empty((b, *self.spec.input_shape), dtype=np.float32)
+        yb = np.empty(b, dtype=np.int32)
+        names = self.spec.trainable
+
+        def grad(m: int) -> tuple[float, Mapping[str, np.ndarray]]:
+            loss, grads = self._grad_step(xb[:m], yb[:m])
+            return float(loss), {
+                n: np.asarray(g, np.float32) for n, g in zip(names, grads, strict=True)
+            }
+
+        return mean_gradient(
+            xs, labels, max_examples=max_examples, batch=b, rng=rng, xb=xb, yb=yb, grad=grad
+        )
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Model outputs ``[N, num_classes]`` (logits, or probabilities for a softmax model),

@@ -27,7 +27,9 @@ __all__ = [
     "LiteRTTrainer",
     "TrainMetrics",
     "Trainer",
+    "VariantTrainer",
     "check_fit_args",
+    "mean_gradient",
     "sgd_epochs",
 ]
 
@@ -94,6 +96,37 @@ class Trainer(Protocol):
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> EvalMetrics: ...
 
 
+@runtime_checkable
+class VariantTrainer(Protocol):
+    """A backend that may also train with a proximal term (FedProx) and compute gradients
+    (FedSGD). ``variants`` names what this model supports (``"prox"``, ``"gradient"``): a
+    bundle exported before the signatures existed has neither."""
+
+    @property
+    def variants(self) -> frozenset[str]: ...
+
+    def fit_prox(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        lr: float,
+        rng: np.random.Generator,
+        mu: float,
+    ) -> TrainMetrics:
+        """:meth:`Trainer.fit` on ``loss + (mu/2) ||w - w0||^2``, ``w0`` the weights at the
+        call (the round's global weights, just set)."""
+        ...
+
+    def gradient(
+        self, x: np.ndarray, y: np.ndarray, *, max_examples: int, rng: np.random.Generator
+    ) -> tuple[dict[str, np.ndarray], TrainMetrics]:
+        """The gradient of the mean loss over at most ``max_examples`` examples (drawn with
+        ``rng``) at the current weights, which stay unchanged."""
+        ...
+
+
 def _check_xy(spec: ModelSpec, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     labels = np.asarray(y)
     if labels.ndim != 1 or len(labels) != len(x):
@@ -149,6 +182,48 @@ def sgd_epochs(
     return TrainMetrics(loss=epoch_loss, examples=n * epochs, steps=steps, seconds=seconds)
 
 
+def mean_gradient(
+    xs: np.ndarray,
+    labels: np.ndarray,
+    *,
+    max_examples: int,
+    batch: int,
+    rng: np.random.Generator,
+    xb: np.ndarray,
+    yb: np.ndarray,
+    grad: Callable[[int], tuple[float, Mapping[str, np.ndarray]]],
+) -> tuple[dict[str, np.ndarray], TrainMetrics]:
+    """Gradient of the mean loss over ``min(n, max_examples)`` examples (a random subset,
+    drawn with ``rng``): batch gradients (each of its ``m``-example mean loss) weighted by
+    ``m``, summed in float64, divided by the count. Shared by every backend."""
+    if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
+        raise ModelError(f"max_examples must be a positive integer, got {max_examples!r}")
+    n = len(xs)
+    if n == 0:
+        raise ModelError("cannot compute a gradient on zero examples")
+    order = rng.permutation(n)[:max_examples]
+    total = len(order)
+    sums: dict[str, np.ndarray] = {}
+    loss_sum, steps = 0.0, 0
+    start = time.perf_counter()
+    for lo in range(0, total, batch):
+        idx = order[lo : lo + batch]
+        m = len(idx)
+        np.take(xs, idx, axis=0, out=xb[:m])
+        np.take(labels, idx, out=yb[:m])
+        loss, g = grad(m)
+        if not math.isfinite(loss):
+            raise ModelError(f"loss is not finite ({loss}) at the current weights")
+        loss_sum += loss * m
+        for name, value in g.items():
+            acc = sums.setdefault(name, np.zeros(value.shape, np.float64))
+            acc += np.asarray(value, np.float64) * m
+        steps += 1
+    seconds = time.perf_counter() - start
+    out = {name: (acc / total).astype(np.float32) for name, acc in sums.items()}
+    return out, TrainMetrics(loss=loss_sum / total, examples=total, steps=steps, seconds=seconds)
+
+
 class LiteRTTrainer:
     """:class:`Trainer` on a LiteRT interpreter (ai-edge-litert / tflite-runtime)."""
 
@@ -197,6 +272,71 @@ class LiteRTTrainer:
             return self.model.train_step(xb, yb, wb, lr)
 
         metrics = sgd_epochs(xs, labels, epochs=epochs, batch=b, rng=rng, xb=xb, yb=yb, step=step)
+        self._log_fit(metrics)
+        return metrics
+
+    @property
+    def variants(self) -> frozenset[str]:
+        have = self.model.variants
+        out = set()
+        if {"set_global", "train_prox"} <= have:
+            out.add("prox")
+        if "gradient" in have:
+            out.add("gradient")
+        return frozenset(out)
+
+    def _pad(self, m: int) -> None:
+        # The signature's batch is fixed: pad the last partial batch with weight 0.
+        self._wb[:m] = 1.0
+        if m < self.spec.train_batch:
+            self._xb[m:] = 0.0
+            self._yb[m:] = 0
+            self._wb[m:] = 0.0
+
+    def fit_prox(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        lr: float,
+        rng: np.random.Generator,
+        mu: float,
+    ) -> TrainMetrics:
+        check_fit_args(epochs, lr)
+        if not (math.isfinite(mu) and mu >= 0):
+            raise ModelError(f"mu must be finite and >= 0, got {mu!r}")
+        xs = self.model.prepare_inputs(x)
+        labels = _check_xy(self.spec, xs, y)
+        self.model.set_global(self.model.get_weights())
+        xb, yb, wb = self._xb, self._yb, self._wb
+
+        def step(m: int) -> float:
+            self._pad(m)
+            return self.model.train_prox_step(xb, yb, wb, lr, mu)
+
+        b = self.spec.train_batch
+        metrics = sgd_epochs(xs, labels, epochs=epochs, batch=b, rng=rng, xb=xb, yb=yb, step=step)
+        self._log_fit(metrics)
+        return metrics
+
+    def gradient(
+        self, x: np.ndarray, y: np.ndarray, *, max_examples: int, rng: np.random.Generator
+    ) -> tuple[dict[str, np.ndarray], TrainMetrics]:
+        xs = self.model.prepare_inputs(x)
+        labels = _check_xy(self.spec, xs, y)
+        xb, yb, wb = self._xb, self._yb, self._wb
+
+        def grad(m: int) -> tuple[float, Mapping[str, np.ndarray]]:
+            self._pad(m)
+            return self.model.gradient(xb, yb, wb)
+
+        return mean_gradient(
+            xs, labels, max_examples=max_examples, batch=self.spec.train_batch, rng=rng,
+            xb=xb, yb=yb, grad=grad,
+        )
+
+    def _log_fit(self, metrics: TrainMetrics) -> None:
         log.debug(
             "fit %s: %d examples, %d steps, loss %.4f, %.0f examples/s",
             self.spec.name,
@@ -205,7 +345,6 @@ class LiteRTTrainer:
             metrics.loss,
             metrics.examples_per_second,
         )
-        return metrics
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> EvalMetrics:
         xs = self.model.prepare_inputs(x)

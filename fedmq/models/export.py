@@ -3,7 +3,9 @@
 The SavedModel gets four signatures of fixed batch size: ``train(x, y, w, lr) -> {loss}``,
 ``infer(x) -> {logits}``, ``get_weights() -> {name: tensor}`` and
 ``set_weights(**{name: tensor}) -> {ok}``. It is converted with resource variables enabled and
-ONLY ``TFLITE_BUILTINS``: if any op would need the Flex delegate the export fails.
+ONLY ``TFLITE_BUILTINS``: if any op would need the Flex delegate the export fails. A module
+with the optional signatures of :mod:`fedmq.models.variants` (``set_global``, ``train_prox``,
+``gradient``) has them exported too.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 
 from fedmq.errors import ModelError
 from fedmq.models.spec import ModelBundle, ModelSpec, check_weights, save_bundle
+from fedmq.models.variants import VARIANT_SIGNATURES
 from fedmq.models.zoo import ModelConfig, build_module, init_weights, preset
 
 __all__ = ["SIGNATURES", "check_tflite_ops", "convert_module", "export_model", "resolve_config"]
@@ -40,12 +43,13 @@ def convert_module(module: Any, *, saved_model_dir: str | os.PathLike[str] | Non
     """SavedModel -> ``.tflite`` bytes with builtin ops only (raises ModelError otherwise)."""
     import tensorflow as tf
 
-    signatures = {key: getattr(module, key).get_concrete_function() for key in SIGNATURES}
+    keys = [*SIGNATURES, *(k for k in VARIANT_SIGNATURES if hasattr(module, k))]
+    signatures = {key: getattr(module, key).get_concrete_function() for key in keys}
     with tempfile.TemporaryDirectory(prefix="fedmq-export-") as tmp:
         sm_dir = str(saved_model_dir) if saved_model_dir is not None else tmp
         tf.saved_model.save(module, sm_dir, signatures=signatures)
         converter = tf.lite.TFLiteConverter.from_saved_model(
-            sm_dir, signature_keys=list(SIGNATURES)
+            sm_dir, signature_keys=keys
         )
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         converter.experimental_enable_resource_variables = True

@@ -743,6 +743,7 @@ def build_keras_module(plan: KerasImport) -> Any:
     ``set_weights``; federated weights are variables, every other weight a constant."""
     import tensorflow as tf_
 
+    from fedmq.models.variants import add_variant_signatures
     from fedmq.models.zoo import weighted_cross_entropy
 
     spec = plan.spec
@@ -775,6 +776,13 @@ def build_keras_module(plan: KerasImport) -> Any:
             self.set_weights = tf_.function(
                 self._set_weights,
                 input_signature=[tf_.TensorSpec(t.shape, f32, name=t.name) for t in spec.weights],
+            )
+            add_variant_signatures(
+                self,
+                spec,
+                lambda p, x, y, w: weighted_cross_entropy(
+                    forward(plan, p, x), y, w, spec.num_classes
+                ),
             )
 
         def params(self) -> dict[str, tf.Tensor]:

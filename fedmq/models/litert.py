@@ -20,6 +20,7 @@ import numpy as np
 from fedmq.errors import ModelError
 from fedmq.models import tflite_file
 from fedmq.models.spec import ModelBundle, ModelSpec, check_weights, load_bundle
+from fedmq.models.variants import VARIANT_SIGNATURES
 
 __all__ = [
     "RUNTIMES",
@@ -199,10 +200,15 @@ class TFLiteModel:
         if missing:
             raise ModelError(f"{bundle.tflite_path} lacks signatures {missing}")
         self._runners = {k: _Runner(self._interp, k) for k in _SIGNATURES}
+        #: which optional signatures (fedmq.models.variants) this bundle has
+        self.variants = frozenset(k for k in VARIANT_SIGNATURES if k in signatures)
+        for key in self.variants:
+            self._runners[key] = _Runner(self._interp, key)
         self._check_signatures()
         spec = self.spec
         self._x_shape = (spec.train_batch, *spec.input_shape)
         self._lr = np.zeros((), dtype=np.float32)
+        self._mu = np.zeros((), dtype=np.float32)
         self._infer_buf = np.zeros((spec.infer_batch, *spec.input_shape), dtype=np.float32)
         self._frozen = {n: bundle.initial_weights[n].copy() for n in spec.frozen}
         # Variables are garbage (ai-edge-litert) or unreadable (tflite-runtime) until assigned.
@@ -266,6 +272,57 @@ class TFLiteModel:
         self._lr[()] = lr
         out = self._runners["train"](x=x, y=y, w=w, lr=self._lr)
         return float(out["loss"])
+
+    def _check_batch(self, x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[
+        np.ndarray, np.ndarray, np.ndarray
+    ]:
+        x = np.asarray(x, dtype=np.float32)
+        if x.shape != self._x_shape:
+            raise ModelError(f"x has shape {x.shape}, expected {self._x_shape}")
+        y = np.asarray(y, dtype=np.int32)
+        w = np.asarray(w, dtype=np.float32)
+        b = self.spec.train_batch
+        if y.shape != (b,) or w.shape != (b,):
+            raise ModelError(f"y/w must have shape ({b},), got {y.shape} / {w.shape}")
+        return x, y, w
+
+    def _variant(self, key: str) -> _Runner:
+        runner = self._runners.get(key)
+        if runner is None:
+            raise ModelError(
+                f"{self.bundle.tflite_path} has no {key} signature (exported before it "
+                "existed: export the model again)"
+            )
+        return runner
+
+    def set_global(self, weights: Mapping[str, np.ndarray]) -> None:
+        """The round's global weights (every trainable tensor) for :meth:`train_prox_step`."""
+        checked = check_weights(self.spec, weights, partial=True)
+        missing = [n for n in self.spec.trainable if n not in checked]
+        if missing:
+            raise ModelError(f"set_global is missing trainable weights {missing}")
+        self._variant("set_global")(**{n: checked[n] for n in self.spec.trainable})
+
+    def train_prox_step(
+        self, x: np.ndarray, y: np.ndarray, w: np.ndarray, lr: float, mu: float
+    ) -> float:
+        """One FedProx SGD step (proximal weight ``mu`` towards :meth:`set_global`'s weights);
+        returns the data loss before it."""
+        runner = self._variant("train_prox")
+        x, y, w = self._check_batch(x, y, w)
+        self._lr[()] = lr
+        self._mu[()] = mu
+        return float(runner(x=x, y=y, w=w, lr=self._lr, mu=self._mu)["loss"])
+
+    def gradient(
+        self, x: np.ndarray, y: np.ndarray, w: np.ndarray
+    ) -> tuple[float, dict[str, np.ndarray]]:
+        """(loss, gradient per trainable tensor) of the weighted mean loss of one batch."""
+        runner = self._variant("gradient")
+        x, y, w = self._check_batch(x, y, w)
+        out = runner(x=x, y=y, w=w)
+        grads = {n: np.array(out[n], dtype=np.float32, copy=True) for n in self.spec.trainable}
+        return float(out["loss"]), grads
 
     def prepare_inputs(self, x: np.ndarray) -> np.ndarray:
         """``x`` as float32 ``[N, *input_shape]`` (flat rows are reshaped)."""

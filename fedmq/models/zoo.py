@@ -442,9 +442,12 @@ def build_module(cfg: ModelConfig, weights: Mapping[str, np.ndarray]) -> Any:
     ``set_weights`` ``tf.function``s of fixed batch size (the export signatures).
 
     ``train(x, y, w, lr)`` does one plain-SGD step on the trainable variables and returns the
-    loss before the update. ``get_weights``/``set_weights`` cover every variable.
+    loss before the update. ``get_weights``/``set_weights`` cover every variable. The
+    optional ``set_global``/``train_prox``/``gradient`` are :mod:`fedmq.models.variants`.
     """
     import tensorflow as tf_
+
+    from fedmq.models.variants import add_variant_signatures
 
     spec = cfg.to_spec()
     missing = [n for n in spec.weight_names if n not in weights]
@@ -484,6 +487,9 @@ def build_module(cfg: ModelConfig, weights: Mapping[str, np.ndarray]) -> Any:
             self.set_weights = tf_.function(
                 self._set_weights,
                 input_signature=[tf_.TensorSpec(t.shape, f32, name=t.name) for t in spec.weights],
+            )
+            add_variant_signatures(
+                self, spec, lambda p, x, y, w: loss_fn(cfg, forward(cfg, p, x), y, w)
             )
 
         def params(self) -> dict[str, tf.Tensor]:

@@ -18,8 +18,9 @@ and applies the wrappers :class:`StrategyOptions` asks for; docs/strategies.md l
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,12 +38,17 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FedAvgM",
+    "FedNova",
+    "FedProx",
+    "FedSGD",
     "FedYogi",
     "MeanDeltaStrategy",
     "Strategy",
     "StrategyFactory",
     "StrategyOptions",
+    "StepsDelta",
     "StrategyWrapper",
+    "fednova_delta",
     "make_strategy",
     "register_strategy",
     "register_strategy_with_options",
@@ -275,6 +281,144 @@ class FedAdagrad(AdaptiveServer):
         return v + d * d
 
 
+@dataclass
+class FedProx(FedAvg):
+    """Li et al. 2020, "Federated Optimization in Heterogeneous Networks": FedAvg whose
+    devices minimise ``loss + (mu/2) ||w - w_global||^2``; :meth:`configure` puts ``mu`` in
+    the round's params (a device whose model lacks the ``train_prox`` signature skips the
+    round). ``mu = 0`` is FedAvg."""
+
+    mu: float = 0.01
+    name: str = "fedprox"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.mu) and self.mu >= 0):
+            raise ConfigError(f"fedprox: prox_mu must be >= 0, got {self.mu}")
+
+    def configure(self, round_id: int, base: TrainingConfig) -> TrainingConfig:
+        return dataclasses.replace(base, params={**base.params, "mu": float(self.mu)})
+
+
+@dataclass
+class FedSGD(MeanDeltaStrategy):
+    """Gradient aggregation (McMahan et al. 2017, FedSGD): devices send the gradient of
+    their mean loss at the global weights over at most ``grad_examples`` examples
+    (``mode = "gradient"`` in the round's params); the example-weighted mean ``g`` is a
+    gradient: ``w <- w - server_lr * g``, or Adam on ``g`` with ``adam = True``
+    (``m <- b1 m + (1-b1) g``, ``v <- b2 v + (1-b2) g^2``, bias-corrected,
+    ``w <- w - server_lr * m_hat / (sqrt(v_hat) + tau)``)."""
+
+    server_lr: float = 0.1
+    grad_examples: int = 64
+    adam: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.999
+    tau: float = 1e-8
+    name: str = "fedsgd"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
+            raise ConfigError(f"fedsgd: server_lr must be > 0, got {self.server_lr}")
+        _integer(self.grad_examples, 1, "grad_examples")
+        self._m: Weights = {}
+        self._v: Weights = {}
+        self._step = 0
+
+    def configure(self, round_id: int, base: TrainingConfig) -> TrainingConfig:
+        params = {**base.params, "mode": "gradient", "grad_examples": self.grad_examples}
+        return dataclasses.replace(base, params=params)
+
+    def apply(self, global_weights: Mapping[str, np.ndarray], mean_delta: Weights) -> Weights:
+        lr = np.float32(self.server_lr)
+        if not self.adam:
+            return {
+                n: (global_weights[n] - lr * g).astype(np.float32) for n, g in mean_delta.items()
+            }
+        self._step += 1
+        b1, b2 = np.float32(self.beta1), np.float32(self.beta2)
+        c1 = np.float32(1 - self.beta1**self._step)
+        c2 = np.float32(1 - self.beta2**self._step)
+        out: Weights = {}
+        for n, g in mean_delta.items():
+            m = b1 * self._m.get(n, np.zeros_like(g)) + (1 - b1) * g
+            v = b2 * self._v.get(n, np.zeros_like(g)) + (1 - b2) * g * g
+            self._m[n], self._v[n] = m, v
+            step = lr * (m / c1) / (np.sqrt(v / c2) + np.float32(self.tau))
+            out[n] = (global_weights[n] - step).astype(np.float32)
+        return out
+
+    def state(self) -> Weights:
+        if not self.adam:
+            return {}
+        return {
+            **{f"m/{n}": v for n, v in self._m.items()},
+            **{f"v/{n}": v for n, v in self._v.items()},
+            "step": np.array([self._step], np.int64),
+        }
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        self._m = {k[2:]: np.asarray(v, np.float32) for k, v in state.items() if k.startswith("m/")}
+        self._v = {k[2:]: np.asarray(v, np.float32) for k, v in state.items() if k.startswith("v/")}
+        step = state.get("step")
+        self._step = 0 if step is None else int(np.asarray(step).reshape(-1)[0])
+
+
+@dataclass(frozen=True)
+class StepsDelta:
+    """One device's decoded delta, fold weight (example count) and local SGD step count."""
+
+    delta: Weights
+    weight: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise ValueError(f"weight must be > 0, got {self.weight}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+
+
+def fednova_delta(updates: Sequence[StepsDelta]) -> Weights:
+    """Wang et al. 2020 (FedNova), the FedAvg-with-SGD case: with ``p_i = n_i / sum n``,
+    ``tau_eff = sum_i p_i tau_i`` and the step ``tau_eff * sum_i p_i d_i / tau_i`` (float64
+    sums, float32 result). Equal step counts give FedAvg's weighted mean delta."""
+    if not updates:
+        raise ValueError("FedNova needs at least one update")
+    total = math.fsum(u.weight for u in updates)
+    p = [u.weight / total for u in updates]
+    tau_eff = math.fsum(pi * u.steps for pi, u in zip(p, updates, strict=True))
+    out: Weights = {}
+    for name in updates[0].delta:
+        acc = np.zeros(updates[0].delta[name].shape, np.float64)
+        for pi, u in zip(p, updates, strict=True):
+            acc += (pi / u.steps) * np.asarray(u.delta[name], np.float64)
+        out[name] = (tau_eff * acc).astype(np.float32)
+    return out
+
+
+@dataclass
+class FedNova:
+    """FedNova: ``w <- w + server_lr * fednova_delta(updates)``. Needs each update's step
+    count (devices report ``steps`` in their metrics): :meth:`aggregate_steps` takes them
+    with the decoded deltas. Not yet selectable in the aggregator's config (its ingest does
+    not hand per-update metrics to strategies); used in-process (bench/bench_local_variants.py).
+    """
+
+    server_lr: float = 1.0
+    name: str = "fednova"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
+            raise ConfigError(f"fednova: server_lr must be > 0, got {self.server_lr}")
+
+    def aggregate_steps(
+        self, global_weights: Mapping[str, np.ndarray], updates: Sequence[StepsDelta]
+    ) -> Weights:
+        lr = np.float32(self.server_lr)
+        step = fednova_delta(updates)
+        return {n: (global_weights[n] + lr * d).astype(np.float32) for n, d in step.items()}
+
+
 class StrategyWrapper:
     """Delegates everything to ``inner``; subclasses override what they change. State keys of
     the inner strategy pass through unchanged (a wrapper with state of its own prefixes it)."""
@@ -348,6 +492,8 @@ class StrategyOptions:
     ``trim`` (fraction trimmed each side), ``krum_f`` (Byzantine devices assumed), ``krum_m``
     (updates averaged; 0 = n - f). Wrappers: ``clip_updates`` (``off``/``fixed``/
     ``adaptive``) with ``clip_norm`` or ``clip_multiplier``; ``zero_outliers_k`` (0 = off).
+    ``fedprox``: ``prox_mu``. ``fedsgd``: ``grad_examples``, ``server_adam`` (with ``beta1``,
+    ``beta2``, ``tau``).
     """
 
     server_lr: float | None = None
@@ -364,6 +510,9 @@ class StrategyOptions:
     clip_norm: float = 0.0
     clip_multiplier: float = 1.0
     zero_outliers_k: float = 0.0
+    prox_mu: float = 0.01
+    grad_examples: int = 64
+    server_adam: bool = False
 
     def __post_init__(self) -> None:
         lr = self.server_lr
@@ -391,6 +540,9 @@ class StrategyOptions:
             raise ConfigError(f"clip_multiplier must be > 0, got {self.clip_multiplier}")
         if not (math.isfinite(self.zero_outliers_k) and self.zero_outliers_k >= 0):
             raise ConfigError(f"zero_outliers_k must be >= 0, got {self.zero_outliers_k}")
+        if not (math.isfinite(self.prox_mu) and self.prox_mu >= 0):
+            raise ConfigError(f"prox_mu must be >= 0, got {self.prox_mu}")
+        _integer(self.grad_examples, 1, "grad_examples")
 
     def min_updates_needed(self, strategy: str) -> int:
         """The fewest updates a round of ``strategy`` must aggregate (Krum: 2f + 3)."""
@@ -486,6 +638,16 @@ for _name, _factory in _builtin.items():
     register_strategy(_name, _factory)
 for _key, _cls in (("fedadam", FedAdam), ("fedyogi", FedYogi), ("fedadagrad", FedAdagrad)):
     register_strategy_with_options(_key, _adaptive(_cls))
+register_strategy_with_options(
+    "fedprox", lambda o: FedProx(server_lr=_default(o.server_lr, 1.0), mu=o.prox_mu)
+)
+register_strategy_with_options(
+    "fedsgd",
+    lambda o: FedSGD(
+        server_lr=_default(o.server_lr, 0.1), grad_examples=o.grad_examples,
+        adam=o.server_adam, beta1=o.beta1, beta2=o.beta2, tau=o.tau,
+    ),
+)
 
 # The robust strategies (median, trimmed_mean, krum) register themselves; they build on the
 # seams above, hence this import after them.

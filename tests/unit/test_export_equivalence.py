@@ -245,3 +245,99 @@ def test_presets_and_initialisation() -> None:
         preset("nope")
     with pytest.raises(ModelError, match="divisible"):
         CASES["cnn"].replace(input_shape=(6, 6, 1))
+
+
+# -- FedProx and FedSGD signatures (fedmq.models.variants) -------------------------------------
+def reference_grads(
+    cfg: ModelConfig,
+    names: tuple[str, ...],
+    trainable: tuple[str, ...],
+    weights: dict[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    w: np.ndarray,
+) -> tuple[float, dict[str, np.ndarray]]:
+    model = keras_reference(cfg)
+    model.set_weights([weights[n] for n in names])
+    variables = dict(zip(names, model.weights, strict=True))
+    with tf.GradientTape() as tape:
+        logits = model(x, training=True)
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+        loss = tf.reduce_sum(w * ce) / tf.maximum(tf.reduce_sum(w), 1.0)
+    grads = tape.gradient(loss, [variables[n] for n in trainable])
+    return float(loss), {n: np.asarray(g) for n, g in zip(trainable, grads, strict=True)}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prox_step_matches_tensorflow(case: str, exported: Callable[[str], ModelBundle]) -> None:
+    """train_prox = SGD on loss + mu/2 ||v - v_global||^2: v - lr (grad + mu (v - v_global))."""
+    bundle = exported(case)
+    spec, cfg = bundle.spec, CASES[case]
+    names = spec.weight_names
+    start = random_weights(bundle, seed=11)
+    global_w = random_weights(bundle, seed=12)
+    model = TFLiteModel(bundle)
+    assert model.variants == {"set_global", "train_prox", "gradient"}
+    model.set_weights(start)
+    model.set_global({n: global_w[n] for n in spec.trainable})
+    ref = start
+    lr, mu = 0.3, 0.7
+    for step in range(2):
+        x, y = batch(cfg, spec.train_batch, seed=30 + step)
+        w = np.ones(spec.train_batch, np.float32)
+        w[-1] = 0.0
+        loss = model.train_prox_step(x, y, w, lr, mu)
+        ref_loss, grads = reference_grads(cfg, names, spec.trainable, ref, x, y, w)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        new_ref = dict(ref)
+        for n in spec.trainable:
+            new_ref[n] = ref[n] - lr * (grads[n] + mu * (ref[n] - global_w[n]))
+        got = model.get_weights(include_frozen=True)
+        for name in names:
+            assert rel_err(got[name], new_ref[name]) < 1e-5, (step, name)
+            if name in spec.trainable:
+                prox = mu * (ref[name] - global_w[name])
+                assert np.linalg.norm(prox) > 0, name  # the term really acts
+        ref = new_ref
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn", "gru"])
+def test_prox_with_mu_zero_is_train_bit_for_bit(
+    case: str, exported: Callable[[str], ModelBundle]
+) -> None:
+    bundle = exported(case)
+    spec, cfg = bundle.spec, CASES[case]
+    start = random_weights(bundle, seed=13)
+    plain, prox = TFLiteModel(bundle), TFLiteModel(bundle)
+    for m in (plain, prox):
+        m.set_weights(start)
+    prox.set_global(random_weights(bundle, seed=14))  # far away: must not matter at mu = 0
+    for step in range(3):
+        x, y = batch(cfg, spec.train_batch, seed=40 + step)
+        w = np.ones(spec.train_batch, np.float32)
+        assert plain.train_step(x, y, w, 0.2) == prox.train_prox_step(x, y, w, 0.2, 0.0)
+    a, b = plain.get_weights(include_frozen=True), prox.get_weights(include_frozen=True)
+    for name in spec.weight_names:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gradient_matches_tensorflow(case: str, exported: Callable[[str], ModelBundle]) -> None:
+    bundle = exported(case)
+    spec, cfg = bundle.spec, CASES[case]
+    start = random_weights(bundle, seed=15)
+    model = TFLiteModel(bundle)
+    model.set_weights(start)
+    x, y = batch(cfg, spec.train_batch, seed=50)
+    w = np.ones(spec.train_batch, np.float32)
+    w[-1] = 0.0
+    loss, grads = model.gradient(x, y, w)
+    ref_loss, ref_grads = reference_grads(cfg, spec.weight_names, spec.trainable, start, x, y, w)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert list(grads) == list(spec.trainable)
+    for n in spec.trainable:
+        assert np.linalg.norm(ref_grads[n]) > 0, n
+        assert rel_err(grads[n], ref_grads[n]) < 1e-5, n
+    after = model.get_weights(include_frozen=True)  # gradient() leaves the weights alone
+    for n in spec.weight_names:
+        np.testing.assert_array_equal(after[n], start[n])

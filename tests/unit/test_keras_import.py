@@ -455,3 +455,54 @@ def test_litert_trainer_loss_falls(exported: Callable[[str], ModelBundle]) -> No
     after = trainer.evaluate(x, y)
     assert after.loss < 0.8 * before.loss, (before, after)
     assert after.accuracy > before.accuracy
+
+
+def reference_grads(
+    model: Any, trainable: tuple[str, ...], x: np.ndarray, y: np.ndarray, w: np.ndarray
+) -> tuple[float, dict[str, np.ndarray]]:
+    variables = tensor_names(model)
+    train_vars = [variables[n] for n in trainable]
+    with tf.GradientTape() as tape:
+        out = model(x, training=False)
+        if softmax_out(model):
+            ce = -tf.math.log(tf.reduce_sum(out * tf.one_hot(y, 3), axis=1))
+        else:
+            ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out)
+        loss = tf.reduce_sum(w * ce) / tf.maximum(tf.reduce_sum(w), 1.0)
+    grads = tape.gradient(loss, train_vars)
+    return float(loss), {
+        n: np.asarray(tf.convert_to_tensor(g)) for n, g in zip(trainable, grads, strict=True)
+    }
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gradient_and_prox_match_tensorflow(
+    case: str, exported: Callable[[str], ModelBundle]
+) -> None:
+    """The FedSGD ``gradient`` and FedProx ``train_prox`` signatures of an imported model."""
+    bundle = exported(case)
+    kind = CASES[case][0]
+    spec = bundle.spec
+    model = pretrained(kind)
+    variables = tensor_names(model)
+    tfl = TFLiteModel(bundle)
+    assert tfl.variants == {"set_global", "train_prox", "gradient"}
+    x, y = inputs(kind, TRAIN_BATCH, seed=60)
+    w = np.ones(TRAIN_BATCH, np.float32)
+    w[-1] = 0.0
+    loss, grads = tfl.gradient(x, y, w)
+    ref_loss, ref = reference_grads(model, spec.trainable, keras_input(kind, x), y, w)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for n in spec.trainable:
+        assert np.linalg.norm(ref[n]) > 0, n
+        assert rel_err(grads[n], ref[n]) < 1e-5, n
+    start = {n: variables[n].numpy().copy() for n in spec.trainable}
+    rng = np.random.default_rng(61)
+    global_w = {n: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for n, v in start.items()}
+    tfl.set_global(global_w)
+    lr, mu = 0.3, 0.5
+    assert tfl.train_prox_step(x, y, w, lr, mu) == pytest.approx(ref_loss, rel=1e-5)
+    got = tfl.get_weights()
+    for n in spec.trainable:
+        expect = start[n] - lr * (ref[n] + mu * (start[n] - global_w[n]))
+        assert rel_err(got[n], expect) < 1e-5, n

@@ -177,3 +177,37 @@ def test_agent_config_backend(tmp_path: object) -> None:
     assert isinstance(trainer, KerasTrainer)
     assert trainer.runtime_name == "keras"
     assert isinstance(build_trainer(AgentConfig(model="digits-mlp")), LiteRTTrainer)
+
+
+@pytest.mark.parametrize("name", ["digits-mlp", "fmnist-cnn"])
+def test_prox_and_gradient_match_litert(name: str) -> None:
+    """The Keras backend's FedProx epochs and mean gradient are LiteRT's (same batches)."""
+    from edge_agent.trainer import VariantTrainer
+
+    bundle = load_bundle(prebuilt_bundle_path(name))
+    lite = LiteRTTrainer(bundle, num_threads=1)
+    ker = KerasTrainer(bundle)
+    assert isinstance(ker, VariantTrainer) and isinstance(lite, VariantTrainer)
+    assert lite.variants == ker.variants == {"prox", "gradient"}
+    start = lite.get_weights()
+    count = 2 * bundle.spec.train_batch + 5
+    x, y = _data(bundle, count, seed=1)
+    g_lite, m_lite = lite.gradient(x, y, max_examples=count - 3, rng=np.random.default_rng(5))
+    g_ker, m_ker = ker.gradient(x, y, max_examples=count - 3, rng=np.random.default_rng(5))
+    assert m_lite.examples == m_ker.examples == count - 3 and m_lite.steps == m_ker.steps == 3
+    assert m_ker.loss == pytest.approx(m_lite.loss, abs=1e-5)
+    for n_ in bundle.spec.trainable:
+        assert np.linalg.norm(g_lite[n_]) > 0
+        np.testing.assert_allclose(g_ker[n_], g_lite[n_], rtol=0, atol=2e-6)
+        np.testing.assert_array_equal(lite.get_weights()[n_], start[n_])  # unchanged
+    m_lite = lite.fit_prox(x, y, epochs=2, lr=0.05, rng=np.random.default_rng(7), mu=2.0)
+    m_ker = ker.fit_prox(x, y, epochs=2, lr=0.05, rng=np.random.default_rng(7), mu=2.0)
+    assert m_ker.loss == pytest.approx(m_lite.loss, abs=1e-5)
+    plain = LiteRTTrainer(bundle, num_threads=1)
+    plain.fit(x, y, epochs=2, lr=0.05, rng=np.random.default_rng(7))
+    for n_ in bundle.spec.trainable:
+        np.testing.assert_allclose(ker.get_weights()[n_], lite.get_weights()[n_],
+                                   rtol=0, atol=2e-6)
+        # the proximal pull keeps it closer to the start than plain SGD
+        assert np.linalg.norm(lite.get_weights()[n_] - start[n_]) < np.linalg.norm(
+            plain.get_weights()[n_] - start[n_])

@@ -119,11 +119,11 @@ def test_device_clip_then_int8_stays_within_the_tolerance() -> None:
 
 
 def test_clipped_sum_rejects_an_update_above_the_tolerance() -> None:
-    from fedmq.errors import WireError
+    from fedmq.errors import Rejected
 
     acc = ClippedSum(SHAPES, clip=1.0, tolerance=0.1)
     over, _ = clip_to_norm(_delta(3), 1.2)
-    with pytest.raises(WireError, match="exceeds the DP clip") as info:
+    with pytest.raises(Rejected, match="exceeds the DP clip") as info:
         acc.fold(encode_delta(over, "float32", np.random.default_rng(0)), "float32", 1.0)
     assert info.value.code == RejectReason.NORM_BOUND and acc.count == 0
 
@@ -365,7 +365,7 @@ def test_the_experiment_runs_private_and_non_private_on_the_same_draws() -> None
 
 
 def test_local_dp_updates_pass_the_widened_bound_and_are_accounted_separately() -> None:
-    from fedmq.errors import WireError
+    from fedmq.errors import Rejected
     from fedmq.privacy.dp_fedavg import local_noise_allowance
 
     values = 40 * 25 + 25
@@ -383,7 +383,7 @@ def test_local_dp_updates_pass_the_widened_bound_and_are_accounted_separately() 
     assert acc.count == 5
     too_noisy = {n: np.random.default_rng(9).normal(0, 3 * z_local * clip, s).astype(np.float32)
                  for n, s in SHAPES.items()}
-    with pytest.raises(WireError, match="local noise bound"):
+    with pytest.raises(Rejected, match="local noise bound"):
         acc.fold(encode_delta(too_noisy, "float32", np.random.default_rng(0)), "float32", 1.0)
     allowance = local_noise_allowance(z_local, values)
     central = PrivacyPlan(1000, 4, 1.0 / (1 + allowance), 1e-5).epsilon(10)
