@@ -150,6 +150,7 @@ class FedAvgM(MeanDeltaStrategy):
         }
 
 
+@dataclass
 class AdaptiveServer(MeanDeltaStrategy):
     """Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2: the weighted mean
     delta is the pseudo-gradient ``d``; ``m <- beta1 m + (1 - beta1) d``, ``v`` by the
@@ -160,16 +161,19 @@ class AdaptiveServer(MeanDeltaStrategy):
     ``v`` by ``1 - beta2^t`` (``t``: rounds aggregated, kept in the state as ``step``).
     """
 
-    name = "adaptive"
-    server_lr: float
-    beta1: float
-    beta2: float
-    tau: float
-    bias_correction: bool
+    server_lr: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    bias_correction: bool = False
+    name: str = "adaptive"
     #: v before the first round (Algorithm 2 asks v_-1 >= tau^2); FedAdam keeps its 0.
     _v_initial_is_tau_squared = True
     #: whether ``v`` is an exponential average (bias-corrected by ``1 - beta2^t``).
     _v_is_average = True
+
+    def __post_init__(self) -> None:
+        self._validate()
 
     def _validate(self) -> None:
         for key in ("server_lr", "tau"):
@@ -227,16 +231,8 @@ class FedAdam(AdaptiveServer):
     """Adam on the server: ``v <- beta2 v + (1 - beta2) d^2`` from ``v = 0`` (as before
     FedYogi/FedAdagrad existed; Algorithm 2's ``v_-1 >= tau^2`` is used by those two)."""
 
-    server_lr: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
-    bias_correction: bool = False
     name: str = "fedadam"
     _v_initial_is_tau_squared = False
-
-    def __post_init__(self) -> None:
-        self._validate()
 
     def _second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
         b2 = np.float32(self.beta2)
@@ -247,15 +243,7 @@ class FedAdam(AdaptiveServer):
 class FedYogi(AdaptiveServer):
     """Yogi on the server: ``v <- v - (1 - beta2) d^2 sign(v - d^2)`` from ``v = tau^2``."""
 
-    server_lr: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
-    bias_correction: bool = False
     name: str = "fedyogi"
-
-    def __post_init__(self) -> None:
-        self._validate()
 
     def _second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
         d2 = d * d
@@ -266,16 +254,8 @@ class FedYogi(AdaptiveServer):
 class FedAdagrad(AdaptiveServer):
     """Adagrad on the server: ``v <- v + d^2`` from ``v = tau^2`` (``beta2`` unused)."""
 
-    server_lr: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
-    bias_correction: bool = False
     name: str = "fedadagrad"
     _v_is_average = False
-
-    def __post_init__(self) -> None:
-        self._validate()
 
     def _second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
         return v + d * d
@@ -620,7 +600,7 @@ def _default(lr: float | None, default: float) -> float:
 
 def _adaptive(cls: type[AdaptiveServer]) -> Callable[[StrategyOptions], Strategy]:
     def build(o: StrategyOptions) -> Strategy:
-        return cls(  # type: ignore[call-arg]
+        return cls(
             server_lr=_default(o.server_lr, 0.01), beta1=o.beta1, beta2=o.beta2, tau=o.tau,
             bias_correction=o.bias_correction,
         )
