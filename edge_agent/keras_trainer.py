@@ -441,9 +441,7 @@ class KerasTrainer:
         mu: float,
     ) -> TrainMetrics:
         """:meth:`fit` with the FedProx term towards the weights at the call."""
-        check_fit_args(epochs, lr)
-        if not (math.isfinite(mu) and mu >= 0):
-            raise ModelError(f"mu must be finite and >= 0, got {mu!r}")
+        check_fit_args(epochs, lr, mu)
         xs = self.prepare_inputs(x)
         labels = _check_xy(self.spec, xs, y)
         for g0, name in zip(self._globals, self.spec.trainable, strict=True):

@@ -138,11 +138,14 @@ def _check_xy(spec: ModelSpec, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return labels.astype(np.int32, copy=False)
 
 
-def check_fit_args(epochs: int, lr: float) -> None:
+def check_fit_args(epochs: int, lr: float, mu: float = 0.0) -> None:
+    """Refuse bad training arguments (``mu``: the FedProx weight) with a ModelError."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ModelError(f"epochs must be a positive integer, got {epochs!r}")
     if not math.isfinite(lr) or lr <= 0:
         raise ModelError(f"learning rate must be positive and finite, got {lr!r}")
+    if not (math.isfinite(mu) and mu >= 0):
+        raise ModelError(f"mu must be finite and >= 0, got {mu!r}")
 
 
 def sgd_epochs(
@@ -303,9 +306,7 @@ class LiteRTTrainer:
         rng: np.random.Generator,
         mu: float,
     ) -> TrainMetrics:
-        check_fit_args(epochs, lr)
-        if not (math.isfinite(mu) and mu >= 0):
-            raise ModelError(f"mu must be finite and >= 0, got {mu!r}")
+        check_fit_args(epochs, lr, mu)
         xs = self.model.prepare_inputs(x)
         labels = _check_xy(self.spec, xs, y)
         self.model.set_global(self.model.get_weights())
