@@ -39,6 +39,7 @@ from aggregator.guard import (
 )
 from aggregator.ingest import Ingest
 from aggregator.metrics import AggregatorMetrics
+from aggregator.negotiation import LEGACY_CODECS, status_codecs
 from aggregator.outgoing import Outgoing, RoundTraffic
 from aggregator.policies import RoundContext, RoundPolicy, make_round_policy
 from aggregator.round_state import RoundPlan, RoundState
@@ -107,6 +108,10 @@ class Coordinator:
         self.budget_exhausted = False
         self.policy: RoundPolicy = policy or make_round_policy(config)
         self.online: set[str] = set()
+        # What each online device's status says it can encode (aggregator.negotiation).
+        self.codecs: dict[str, frozenset[str]] = {}
+        # (round id, devices) last logged as unable to use that round's codec: once a round.
+        self._unfit_logged: tuple[int, frozenset[str]] = (0, frozenset())
         self.version = -1
         self.weights: dict[str, np.ndarray] = {}
         self.model_metrics: dict[str, float] = {}
@@ -213,6 +218,7 @@ class Coordinator:
         before = len(self.online)
         if not payload:
             self.online.discard(topic_device)
+            self.codecs.pop(topic_device, None)
         else:
             try:
                 status = decode_status(payload)
@@ -228,8 +234,14 @@ class Coordinator:
             )
             if status.state in _ONLINE_STATES:
                 self.online.add(topic_device)
+                try:
+                    self.codecs[topic_device] = status_codecs(status.capabilities)
+                except ValueError as exc:
+                    log.warning("device %s supports no codec: %s", topic_device, exc)
+                    self.codecs[topic_device] = frozenset()
             else:
                 self.online.discard(topic_device)
+                self.codecs.pop(topic_device, None)
         if len(self.online) != before:
             self.metrics.online_devices.set(len(self.online))
             log.debug("%d device(s) online", len(self.online))
@@ -331,13 +343,30 @@ class Coordinator:
         self.ingest.begin(self.round, self.strategy.new_accumulator(self.template))
         self.metrics.current_round.set(plan.round_id)
 
+    def _capable(self, round_id: int, codec: str) -> frozenset[str]:
+        """The online devices that can encode ``codec``; the others are logged once a round."""
+        capable = frozenset(
+            d for d in self.online if codec in self.codecs.get(d, LEGACY_CODECS)
+        )
+        unfit = frozenset(self.online) - capable
+        logged = self._unfit_logged[1] if self._unfit_logged[0] == round_id else frozenset()
+        if unfit - logged:
+            log.info(
+                "round %d: not selecting %s: no support for codec %s",
+                round_id, ", ".join(sorted(unfit - logged)), codec,
+            )
+        self._unfit_logged = (round_id, logged | unfit)
+        return capable
+
     def _open(self, now: float) -> list[Outgoing]:
+        round_id = self.last_round_id + 1
+        training = self.strategy.configure(round_id, self.config.training_config())
         ctx = RoundContext(
-            round_id=self.last_round_id + 1,
+            round_id=round_id,
             base_version=self.version,
-            online=frozenset(self.online),
+            online=self._capable(round_id, training.codec),
             now=now,
-            training=self.strategy.configure(self.last_round_id + 1, self.config.training_config()),
+            training=training,
         )
         plan = self.policy.plan(ctx)
         if plan is None:

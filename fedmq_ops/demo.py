@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from aggregator.policies import round_policy_names
 from fedmq.update.codecs import codec_names
 from fedmq.update.strategies import strategy_names
 from fedmq_ops.localfleet import FederationSpec, RoundRow, run_federation
 from fedmq_ops.progress import plot_curve, print_header, print_row, print_summary
 
-__all__ = ["add_parser", "add_federation_arguments", "run_from_args"]
+__all__ = ["add_federation_arguments", "add_parser", "run_from_args", "spec_from_args"]
 
 
 class _NoDefaults:
@@ -58,6 +59,25 @@ def add_federation_arguments(
         help="server learning rate (default: 1 for fedavg/fedavgm, 0.01 for fedadam)",
     )
     p.add_argument(
+        "--round-policy",
+        default=d.round_policy,
+        choices=round_policy_names(),
+        help="when rounds open and close: sync rounds or fedbuff (asynchronous buffers)",
+    )
+    p.add_argument(
+        "--buffer-size",
+        type=int,
+        default=d.buffer_size,
+        help="fedbuff: accepted updates per new model (default: the aggregator's)",
+    )
+    p.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=d.max_message_bytes,
+        help="split updates and models above this many bytes into chunks, on the "
+        "aggregator and every agent (0 = never)",
+    )
+    p.add_argument(
         "--clients-per-round",
         type=int,
         default=d.clients_per_round,
@@ -92,10 +112,9 @@ def add_federation_arguments(
     p.add_argument("--plot", type=Path, default=None, help="write the accuracy curve as PNG")
 
 
-def run_from_args(
-    args: argparse.Namespace, title: str, reference: float | None = None, **extra: Any
-) -> int:
-    spec = FederationSpec(
+def spec_from_args(args: argparse.Namespace, **extra: Any) -> FederationSpec:
+    """The federation the parsed flags of ``fedmq demo``/``fedmq experiment`` describe."""
+    return FederationSpec(
         agents=args.agents,
         rounds=args.rounds,
         dataset=args.dataset,
@@ -112,9 +131,18 @@ def run_from_args(
         broker=args.broker,
         round_timeout=args.round_timeout,
         agent_threads=args.threads,
+        round_policy=args.round_policy,
+        buffer_size=args.buffer_size,
+        max_message_bytes=args.max_message_bytes,
         workdir=args.workdir,
         **extra,
     )
+
+
+def run_from_args(
+    args: argparse.Namespace, title: str, reference: float | None = None, **extra: Any
+) -> int:
+    spec = spec_from_args(args, **extra)
     print(
         f"{title}: {spec.agents} agents, {spec.dataset} split {spec.partition}, model "
         f"{spec.model}, {spec.codec} updates, {spec.epochs} local epoch(s), {spec.rounds} rounds",

@@ -9,7 +9,7 @@ from typing import Any
 from fedmq_ops.demo import add_federation_arguments, run_from_args
 from fedmq_ops.localfleet import FederationSpec
 
-__all__ = ["CENTRALIZED_ACCURACY", "PRESETS", "add_parser"]
+__all__ = ["CENTRALIZED_ACCURACY", "PRESETS", "add_parser", "apply_preset"]
 
 # Named experiments; any flag overrides the preset's value.
 PRESETS: dict[str, FederationSpec] = {
@@ -63,7 +63,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("preset", choices=sorted(PRESETS), help="experiment preset")
     # Flags default to None; whatever is not given comes from the preset.
     add_federation_arguments(p, None)
-    p.set_defaults(func=lambda a: _run(_apply_preset(a)))
+    p.set_defaults(func=lambda a: _run(apply_preset(a)))
 
 
 # argparse destination -> FederationSpec field, for flags that presets define.
@@ -71,10 +71,13 @@ _FIELDS = {"agents": "agents", "rounds": "rounds", "dataset": "dataset", "model"
            "partition": "partition", "codec": "codec", "epochs": "epochs", "lr": "lr",
            "clients_per_round": "clients_per_round", "round_timeout": "round_timeout",
            "strategy": "strategy", "server_lr": "server_lr", "max_examples": "max_examples",
-           "seed": "seed", "broker": "broker", "threads": "agent_threads"}
+           "seed": "seed", "broker": "broker", "threads": "agent_threads",
+           "round_policy": "round_policy", "buffer_size": "buffer_size",
+           "max_message_bytes": "max_message_bytes"}
 
 
-def _apply_preset(args: argparse.Namespace) -> argparse.Namespace:
+def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags left unset (None) from the named preset."""
     preset = PRESETS[args.preset]
     for arg_name, field_name in _FIELDS.items():
         if getattr(args, arg_name) is None:

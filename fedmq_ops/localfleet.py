@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aggregator.policies import DEFAULT_ROUND_POLICY, round_policy_names
 from fedmq import wire
+from fedmq.chunks import MIN_MESSAGE_BYTES
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.net.localbroker import BrokerOptions, LocalBroker
 from fedmq.net.mqtt import MqttSettings
@@ -30,7 +32,9 @@ from fedmq.net.procs import stop_processes
 from fedmq.topics import Topics
 from fedmq_ops.observer import FleetObserver
 
-__all__ = ["FederationResult", "FederationSpec", "RoundRow", "run_federation"]
+__all__ = [
+    "FederationResult", "FederationSpec", "RoundRow", "run_federation", "write_configs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,9 @@ class FederationSpec:
     fleet: str = "demo"
     agent_threads: int = 1
     timeout: float = 3600.0
+    round_policy: str = DEFAULT_ROUND_POLICY  # a registered round policy ("sync", "fedbuff")
+    buffer_size: int | None = None  # fedbuff: updates per new model; None = aggregator default
+    max_message_bytes: int = 0  # chunk messages above this size (aggregator and agents); 0 = never
     extra_agent: dict[str, Any] = field(default_factory=dict)
     extra_aggregator: dict[str, Any] = field(default_factory=dict)
 
@@ -67,6 +74,17 @@ class FederationSpec:
             raise ConfigError("agents and rounds must be at least 1")
         if self.clients_per_round > self.agents:
             raise ConfigError("clients_per_round cannot exceed the number of agents")
+        if self.round_policy not in round_policy_names():
+            raise ConfigError(
+                f"round_policy must be one of {round_policy_names()}, got {self.round_policy!r}"
+            )
+        if self.buffer_size is not None and self.buffer_size < 1:
+            raise ConfigError(f"buffer_size must be at least 1, got {self.buffer_size}")
+        if self.max_message_bytes != 0 and self.max_message_bytes < MIN_MESSAGE_BYTES:
+            raise ConfigError(
+                f"max_message_bytes must be 0 (no chunking) or >= {MIN_MESSAGE_BYTES}, "
+                f"got {self.max_message_bytes}"
+            )
 
 
 @dataclass(frozen=True)
@@ -198,6 +216,65 @@ def _spawn(cmd: list[str], logfile: Path, env: dict[str, str]) -> subprocess.Pop
         out.close()
 
 
+def write_configs(
+    spec: FederationSpec, workdir: Path, host: str, port: int, protocol: str
+) -> tuple[Path, list[Path]]:
+    """Write ``aggregator.toml`` and one ``agent-NNN.toml`` per agent into ``workdir`` for a
+    broker at ``host:port``; the paths (aggregator, agents in order)."""
+    per_round = spec.clients_per_round or spec.agents
+    chunking = {"max_message_bytes": spec.max_message_bytes}
+    common = {
+        "fleet": spec.fleet,
+        "mqtt.host": host,
+        "mqtt.port": port,
+        "mqtt.protocol": protocol,
+        "model": spec.model,
+    }
+    agg_cfg = {
+        **common,
+        "state_dir": str(workdir / "aggregator"),
+        "eval_dataset": spec.eval_dataset or spec.dataset,
+        "eval_examples": spec.eval_examples,
+        "rounds": spec.rounds,
+        "clients_per_round": per_round,
+        "min_updates": spec.min_updates or per_round,
+        "min_devices": per_round,
+        "round_timeout": spec.round_timeout,
+        "epochs": spec.epochs,
+        "lr": spec.lr,
+        "codec": spec.codec,
+        "seed": spec.seed,
+        "strategy": spec.strategy,
+        "server_lr": spec.server_lr,
+        "round_policy": spec.round_policy,
+        "buffer_size": spec.buffer_size,
+        **chunking,
+        **spec.extra_aggregator,
+    }
+    agg_path = workdir / "aggregator.toml"
+    _write_toml(agg_path, "aggregator", agg_cfg)
+    agent_paths: list[Path] = []
+    for i in range(spec.agents):
+        agent_cfg = {
+            **common,
+            "device_id": f"agent-{i:03d}",
+            "state_dir": str(workdir / "agents" / f"agent-{i:03d}"),
+            "source": spec.dataset,
+            "partition": spec.partition,
+            "num_clients": spec.agents,
+            "client_index": i,
+            "seed": spec.seed,
+            "num_threads": spec.agent_threads,
+            "max_examples": spec.max_examples or None,
+            **chunking,
+            **spec.extra_agent,
+        }
+        path = workdir / f"agent-{i:03d}.toml"
+        _write_toml(path, "agent", agent_cfg)
+        agent_paths.append(path)
+    return agg_path, agent_paths
+
+
 def run_federation(
     spec: FederationSpec, on_round: Callable[[RoundRow], None] | None = None
 ) -> FederationResult:
@@ -220,62 +297,21 @@ def run_federation(
             host, port, kind = broker.host, broker.port, broker.kind
         protocol = "3.1.1" if kind == "amqtt" else "5"
         topics = Topics(spec.fleet)
-        per_round = spec.clients_per_round or spec.agents
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        common = {
-            "fleet": spec.fleet,
-            "mqtt.host": host,
-            "mqtt.port": port,
-            "mqtt.protocol": protocol,
-            "model": spec.model,
-        }
-        agg_cfg = {
-            **common,
-            "state_dir": str(workdir / "aggregator"),
-            "eval_dataset": spec.eval_dataset or spec.dataset,
-            "eval_examples": spec.eval_examples,
-            "rounds": spec.rounds,
-            "clients_per_round": per_round,
-            "min_updates": spec.min_updates or per_round,
-            "min_devices": per_round,
-            "round_timeout": spec.round_timeout,
-            "epochs": spec.epochs,
-            "lr": spec.lr,
-            "codec": spec.codec,
-            "seed": spec.seed,
-            "strategy": spec.strategy,
-            "server_lr": spec.server_lr,
-            **spec.extra_aggregator,
-        }
-        _write_toml(workdir / "aggregator.toml", "aggregator", agg_cfg)
+        agg_path, agent_paths = write_configs(spec, workdir, host, port, protocol)
         observer = recorder.follow(host, port, protocol, topics)
         procs.append(
             _spawn(
-                [sys.executable, "-m", "aggregator", "--config", str(workdir / "aggregator.toml")],
+                [sys.executable, "-m", "aggregator", "--config", str(agg_path)],
                 workdir / "logs" / "aggregator.log",
                 env,
             )
         )
-        for i in range(spec.agents):
-            agent_cfg = {
-                **common,
-                "device_id": f"agent-{i:03d}",
-                "state_dir": str(workdir / "agents" / f"agent-{i:03d}"),
-                "source": spec.dataset,
-                "partition": spec.partition,
-                "num_clients": spec.agents,
-                "client_index": i,
-                "seed": spec.seed,
-                "num_threads": spec.agent_threads,
-                "max_examples": spec.max_examples or None,
-                **spec.extra_agent,
-            }
-            path = workdir / f"agent-{i:03d}.toml"
-            _write_toml(path, "agent", agent_cfg)
+        for path in agent_paths:
             procs.append(
                 _spawn(
                     [sys.executable, "-m", "edge_agent", "--config", str(path)],
-                    workdir / "logs" / f"agent-{i:03d}.log",
+                    workdir / "logs" / f"{path.stem}.log",
                     env,
                 )
             )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -137,3 +139,32 @@ def test_abandon_when_the_policy_says_so(store: Store, bundle: ModelBundle) -> N
     assert store.round(1).status == "abandoned"
     late = make_update("f", 1, 0, "a", exact_delta(coord.template, 0), 1)
     assert coord.ingest.handle_update("a", late, T0 + 6).code == RejectReason.WRONG_ROUND
+
+
+def _status(device: str, **caps: Any) -> bytes:
+    return encode(StatusMessage(fleet="f", device=device, state="online", capabilities=caps))
+
+
+def test_only_devices_supporting_the_rounds_codec_are_offered(
+    store: Store, bundle: ModelBundle, caplog: pytest.LogCaptureFixture
+) -> None:
+    policy = Scripted()
+    policy.open = False
+    coord = _coordinator(store, bundle, policy)  # the round's codec: float32
+    coord.start(T0)
+    coord.on_status("new", _status("new", codecs=["float32", "int4"]), T0)
+    coord.on_status("old", _status("old"), T0)  # no `codecs`: float32/float16/int8
+    coord.on_status("tiny", _status("tiny", codecs=["int4", "topk-int8"]), T0)
+    coord.on_status("bad", _status("bad", codecs="float32"), T0)  # not a list
+    caplog.set_level(logging.INFO, logger="aggregator.coordinator")
+    caplog.clear()
+    policy.asked.clear()  # start() asked with nobody online
+    for t in range(3):  # three ticks of the same (unopened) round 1
+        coord.tick(T0 + 1 + t)
+    assert [ctx.online for ctx in policy.asked] == [frozenset({"new", "old"})] * 3
+    lines = [r.getMessage() for r in caplog.records if "not selecting" in r.getMessage()]
+    assert lines == ["round 1: not selecting bad, tiny: no support for codec float32"]
+    coord.on_status("tiny", _status("tiny", codecs=["float32"]), T0 + 5)
+    policy.open = True
+    coord.tick(T0 + 6)
+    assert policy.asked[-1].online == frozenset({"new", "old", "tiny"})

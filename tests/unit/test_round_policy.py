@@ -33,7 +33,7 @@ from aggregator.round_state import RoundPlan, RoundState
 from aggregator.store import Store
 from fedmq.errors import ConfigError
 from fedmq.models.spec import ModelBundle
-from fedmq.wire import TrainingConfig, decode_model, decode_round
+from fedmq.wire import StatusMessage, TrainingConfig, decode_model, decode_round, encode
 from tests.fakes import exact_delta, make_update, model_weights
 
 T0 = 1_000.0
@@ -188,3 +188,21 @@ def test_a_registered_policy_drives_coordinator_and_ingest(
     assert again.version == 1 and again.round is not None and again.round.round_id == 2
     assert [h.participants for h in store.history() if h.status == "closed"] == [2]
     store.close()
+
+
+def test_sync_selects_only_devices_supporting_the_rounds_codec(
+    tmp_path: Path, bundle: ModelBundle
+) -> None:
+    cfg = _config(tmp_path, codec="int4", selection="sample", clients_per_round=3, min_updates=1)
+    store = Store(cfg.state_dir)
+    try:
+        coord = _services(cfg, store, bundle)
+        coord.start(T0, tick=False)
+        for device, caps in (("a", {"codecs": ["float32", "int4"]}), ("b", {}),
+                             ("c", {"codecs": ["float32"]})):
+            status = StatusMessage(fleet="f", device=device, state="online", capabilities=caps)
+            coord.on_status(device, encode(status), T0)
+        [ann] = [decode_round(o.payload) for o in coord.tick(T0 + 1)]
+        assert (ann.round_id, ann.selected, ann.config.codec) == (1, ("a",), "int4")
+    finally:
+        store.close()
