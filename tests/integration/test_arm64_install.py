@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from fedmq.update.accumulate import WeightedSum
 from fedmq.update.codecs import decode_tensors
 from fedmq.wire import receive_update
 from tests.arm64 import rootfs
+from tests.packaging import copy_sources
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -93,17 +93,7 @@ def fedmq_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """fedmq's own wheel, built on the host with ``pip wheel --no-deps`` from a clean copy of
     the sources (no in-tree ``build/``)."""
     root = tmp_path_factory.mktemp("arm64-wheel")
-    src = root / "src"
-    src.mkdir()
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
-        if (REPO / name).is_file():
-            shutil.copy2(REPO / name, src / name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]:
-        top = pattern.split(".")[0].rstrip("*")
-        if (REPO / top / "__init__.py").is_file() and not (src / top).exists():
-            shutil.copytree(REPO / top, src / top, ignore=ignore)
+    src = copy_sources(root / "src")
     out = root / "dist"
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(src)],

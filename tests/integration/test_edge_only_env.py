@@ -40,6 +40,8 @@ from typing import Any
 
 import pytest
 
+from tests.packaging import copy_sources
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -170,17 +172,7 @@ def _write_results(key: str, entry: dict[str, Any]) -> None:
 def fedmq_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A wheel of the working tree, built with pip from a clean copy of the sources."""
     root = tmp_path_factory.mktemp("fedmq-wheel")
-    src = root / "src"
-    src.mkdir()
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
-        if (REPO / name).is_file():
-            shutil.copy2(REPO / name, src / name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]:
-        top = pattern.split(".")[0].rstrip("*")
-        if (REPO / top / "__init__.py").is_file() and not (src / top).exists():
-            shutil.copytree(REPO / top, src / top, ignore=ignore)
+    src = copy_sources(root / "src")
     out = root / "dist"
     _run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(src)],

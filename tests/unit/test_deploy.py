@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from tests.packaging import copy_sources
+
 yaml = pytest.importorskip("yaml", reason="PyYAML is in the dev extra: pip install -e '.[dev]'")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -542,24 +544,13 @@ def test_install_script_rejects_bad_input_before_changing_anything(tmp_path: Pat
         assert proc.returncode != 0 and "root" in proc.stderr
 
 
-def copy_source(dest: Path) -> Path:
-    """The files a package build needs (not the repo's .venv or build leftovers)."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    dest.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, dest / name)
-    for pkg in ("fedmq", "edge_agent", "aggregator", "fedmq_ops"):
-        shutil.copytree(ROOT / pkg, dest / pkg, ignore=ignore)
-    return dest
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_install_script_real_install_into_prefix(tmp_path: Path) -> None:
     """A real install of fedmq[edge] from a source checkout: fedmq runs, TensorFlow is absent,
     the unit points at the venv and verifies, config files get safe modes, a re-run keeps them.
     """
-    src = copy_source(tmp_path / "src")
+    src = copy_sources(tmp_path / "src")
     prefix = tmp_path / "root"
     args = ("--no-user", "--no-systemd", "--prefix", str(prefix), "--source", str(src),
             "--python", sys.executable)
