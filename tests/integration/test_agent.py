@@ -349,9 +349,11 @@ def test_an_older_retained_model_is_ignored_and_not_persisted(
         agg.publish_model(initial_weights, version=1)
         wait_for(lambda: agent.store.model_version == 1, "model version 1")
         # A broker restored from an older save hands out the older retained model; a bad
-        # message after it shows when the agent has handled it (one session, in order).
+        # message after it shows when the agent has handled it (one session, in order). The
+        # marker goes to the round topic: on the model topic it could supersede the older
+        # model in the agent's queue (latest-state topics keep only their newest message).
         agg.publish_model(initial_weights, version=0)
-        agg.publish(agg.topics.model, b"\xc1")
+        agg.publish(agg.topics.round, b"\xc1")
         wait_for(lambda: agent.store.counter("bad_messages") == 1, "the marker message")
         assert agent.store.model_version == 1 and agent.model_version == 1
         assert any("ignoring model version 0" in r.getMessage() for r in caplog.records)
