@@ -78,6 +78,8 @@ class RejectReason:
     NORM_BOUND = "norm_bound"
     RETAINED = "retained"
     BAD_CHUNK = "bad_chunk"
+    WRONG_PHASE = "wrong_phase"  # a secure-aggregation message for another phase
+    BAD_SHARE = "bad_share"  # a secret share that does not match its commitment
     ALL = (
         MALFORMED,
         TOO_LARGE,
@@ -98,6 +100,8 @@ class RejectReason:
         NORM_BOUND,
         RETAINED,
         BAD_CHUNK,
+        WRONG_PHASE,
+        BAD_SHARE,
     )
 
 
