@@ -501,3 +501,77 @@ def fuzz_chunks(
         j = rng.randrange(len(out))
         out[j] = _byte_mutation(rng, out[j])
     return op, out
+
+
+# ------------------------------------------------------------------- secure aggregation
+
+SECAGG_DAMAGE = (
+    "bytes", "field", "delete", "entry", "round", "phase", "fleet", "signature", "unsigned",
+    "unknown_share", "device", "deep", "big",
+)
+
+
+def fuzz_secagg(
+    rng: random.Random, signed: bytes, sign: Callable[[bytes], bytes],
+    others: tuple[bytes, ...] = (),
+) -> tuple[str, bytes]:
+    """One damaged secure-aggregation payload from ``signed`` (a valid signed device
+    message); ``sign(body)`` signs a body with the device's real key, so body damage reaches
+    the semantic checks, not only the signature check; ``others`` are the same device's
+    valid messages of other phases (replayed as they are). (kind, payload)."""
+    kind = rng.choice(SECAGG_DAMAGE)
+    env = msgpack.unpackb(signed, raw=False)
+    body: Obj = msgpack.unpackb(env["body"], raw=False)
+    if kind == "bytes":
+        return kind, _byte_mutation(rng, signed)
+    if kind == "deep":
+        return kind, _deep_bytes(rng)
+    if kind == "signature":
+        sig = bytearray(env["sig"])
+        sig[rng.randrange(len(sig))] ^= 1 << rng.randrange(8)
+        return kind, _pack({**env, "sig": bytes(sig)})
+    if kind == "unsigned":
+        return kind, env["body"]
+    if kind == "field":
+        field = rng.choice(sorted(body))
+        body[field] = _generic_value(rng)
+    elif kind == "delete":
+        for field in rng.sample(sorted(body), rng.randint(1, 2)):
+            body.pop(field)
+    elif kind == "entry":  # damage one entry of a list field (shares, reveals)
+        lists = [k for k, v in body.items() if isinstance(v, list) and v]
+        if lists:
+            entries = body[rng.choice(lists)]
+            i = rng.randrange(len(entries))
+            entry = list(entries[i])
+            j = rng.randrange(len(entry))
+            entry[j] = rng.choice([_generic_value(rng), b"\x00" * rng.choice([0, 31, 66, 300]),
+                                   "z", "x/y"])
+            entries[i] = entry if rng.random() < 0.8 else _generic_value(rng)
+            if rng.random() < 0.2:
+                entries.append(entries[0])  # a device named twice
+    elif kind == "round":
+        body["round"] = body["round"] + rng.choice([-1, 1, 1000])
+    elif kind == "phase" and others and rng.random() < 0.7:
+        return kind, rng.choice(others)
+    elif kind == "phase":
+        body["type"] = rng.choice(["sa_keys", "sa_shares", "sa_masked", "sa_unmask",
+                                   "sa_roster", "sa_relay", "sa_survivors", "update"])
+    elif kind == "fleet":
+        body["fleet"] = "other"
+    elif kind == "unknown_share":
+        if body.get("shares"):
+            body["shares"][0][0] = "nobody"
+        elif body.get("reveals"):
+            body["reveals"][0][0] = "nobody"
+        else:
+            body["device"] = "nobody"
+    elif kind == "device":
+        body["device"] = rng.choice(["dev-2", "", "a+b", "x" * 65])
+    else:  # big
+        body[rng.choice(["fleet", "device", "epoch"])] = "x" * rng.choice([65, 5000])
+    try:
+        raw = _pack(body)
+    except (ValueError, OverflowError, TypeError):
+        return "bytes", _byte_mutation(rng, signed)
+    return kind, _pack({"v": 2, "type": "signed", "body": raw, "sig": sign(raw)})

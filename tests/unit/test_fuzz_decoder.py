@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from aggregator.round_state import RoundPlan, RoundState
 from fedmq.chunks import Reassembler, ReassemblyLimits, transfer_id
 from fedmq.errors import Rejected, WireError
+from fedmq.secagg import messages as secagg_messages
 from fedmq.update.accumulate import CheckedUpdate, WeightedSum
 from fedmq.wire import (
     Limits,
@@ -41,9 +42,11 @@ from tests.fuzz_payloads import (
     CHUNK_DAMAGE,
     KINDS,
     LOW_BIT_CODECS,
+    SECAGG_DAMAGE,
     SPARSE_DAMAGE,
     fuzz_chunks,
     fuzz_payload,
+    fuzz_secagg,
     sparse_damage,
     valid_update_map,
 )
@@ -63,7 +66,7 @@ _SETTINGS = {
 }
 _OTHER_DECODERS: tuple[Callable[[bytes], object], ...] = (
     decode_model, decode_round, decode_ack, decode_status, message_type, decode_chunk,
-    decode_manifest,
+    decode_manifest, secagg_messages.decode, secagg_messages.decode_signed,
 )
 
 
@@ -298,3 +301,84 @@ def test_damaged_chunk_streams_are_rejected_with_a_reason() -> None:
     check()
     print(f"\nfuzz chunk streams: ops {dict(ops)}; outcomes {dict(outcomes)}")
     assert set(ops) == set(CHUNK_DAMAGE)
+
+
+# ------------------------------------------------------------------- secure aggregation
+
+
+def _secagg_snapshots() -> tuple[dict[str, object], dict[str, bytes], Callable[[bytes], bytes]]:
+    """A 4-device secure round stopped in each device phase: the server as it is then and
+    device d0's valid message of that phase."""
+    import copy as _copy
+
+    from fedmq.secagg.client import SecAggClient
+    from fedmq.secagg.server import SecAggServer
+    from fedmq.signing import DeviceKey
+
+    devices = ["d0", "d1", "d2", "d3"]
+    keys = {d: DeviceKey.generate() for d in devices}
+    public = {d: keys[d].public_hex for d in devices}
+    server = SecAggServer(FLEET, "e", 3, clip=1.0, length=12, public_key=public.get,
+                          min_survivors=2, selected=devices)
+    clients = {d: SecAggClient(FLEET, "e", 3, d, keys[d], public) for d in devices}
+    snaps: dict[str, object] = {}
+    valid: dict[str, bytes] = {}
+
+    def phase(name: str, make: Callable[[str], bytes]) -> list[tuple[str, bytes]]:
+        msgs = {d: make(d) for d in devices}
+        for d in devices[1:]:
+            server.receive(msgs[d], d)
+        snaps[name], valid[name] = _copy.deepcopy(server), msgs["d0"]
+        server.receive(msgs["d0"], "d0")
+        return server.close_phase()
+
+    ((_, roster),) = phase("keys", lambda d: clients[d].advertise())
+    relays = dict(phase("shares", lambda d: clients[d].on_roster(roster)))
+    q = np.arange(12, dtype=np.int8)
+    ((_, survivors),) = phase("masked", lambda d: clients[d].on_relay(relays[d], q))
+    phase("unmask", lambda d: clients[d].on_survivors(survivors))
+    return snaps, valid, keys["d0"].sign
+
+
+@pytest.mark.timeout(300)
+def test_secagg_messages_raise_only_rejections_and_keep_the_round_intact() -> None:
+    import copy as _copy
+
+    from fedmq.errors import RejectReason
+    from fedmq.secagg.server import SecAggServer
+
+    snaps, valid, sign = _secagg_snapshots()
+    tally = _Tally()
+
+    @settings(max_examples=1500, **_SETTINGS)  # type: ignore[arg-type]
+    @given(rng=st.randoms(use_true_random=False), phase=st.sampled_from(sorted(valid)))
+    def check(rng: random.Random, phase: str) -> None:
+        others = tuple(v for k, v in valid.items() if k != phase)
+        kind, payload = fuzz_secagg(rng, valid[phase], sign, others)
+        server = _copy.deepcopy(snaps[phase])
+        assert isinstance(server, SecAggServer)
+        started = time.perf_counter()
+        try:
+            server.receive(payload, "d0")
+            outcome = "accepted"
+        except Rejected as exc:
+            assert exc.code in RejectReason.ALL and exc.reason
+            outcome = exc.code
+        tally.slowest = max(tally.slowest, time.perf_counter() - started)
+        tally.n += 1
+        tally.kinds[kind] += 1
+        tally.outcomes[outcome] += 1
+        assert sum(server.rejected.values()) == (outcome != "accepted")
+        # The device's real message is still taken once (or is a duplicate of an accepted
+        # damaged one that decoded to the same content): nothing lost, nothing twice.
+        try:
+            server.receive(valid[phase], "d0")
+        except Rejected as exc:
+            assert outcome == "accepted" and exc.code == RejectReason.DUPLICATE
+        server.close_phase()
+
+    check()
+    tally.report("secure-aggregation messages")
+    assert set(tally.kinds) == set(SECAGG_DAMAGE)
+    assert tally.outcomes["bad_signature"] and tally.outcomes["wrong_round"]
+    assert tally.outcomes["wrong_phase"] and tally.outcomes["unknown_device"]
