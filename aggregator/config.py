@@ -133,6 +133,10 @@ class AggregatorConfig:
     dp_local_noise: float = 0.0  # local DP: noise multiplier added on the device; 0 = off
     dp_allow_adaptive: bool = False  # fedadam/fedyogi/fedadagrad under DP
     dp_seed: int | None = None  # seed of the server's noise and sampling (tests only)
+    # -- round_policy = "secagg" (docs/privacy.md): secure aggregation --
+    secagg_clip: float = 0.05  # |delta| clip per value; the round's int8 scale is clip/127
+    secagg_phase_timeout: float = 30.0  # seconds per phase (keys, shares, unmasking)
+    secagg_min_survivors: int = 3  # fewer masked inputs: the round is abandoned
     seed: int = 0
     max_update_bytes: int = 16 * 1024 * 1024
     # Chunked transfer (docs/protocol.md): messages above this many bytes are split into
@@ -216,6 +220,14 @@ class AggregatorConfig:
             raise ConfigError(f"server_momentum must be in [0, 1), got {self.server_momentum}")
         self._check_strategy_options()
         self._check_privacy()
+        if not (math.isfinite(self.secagg_clip) and self.secagg_clip > 0):
+            raise ConfigError(f"secagg_clip must be > 0, got {self.secagg_clip}")
+        if not (math.isfinite(self.secagg_phase_timeout) and self.secagg_phase_timeout > 0):
+            raise ConfigError(f"secagg_phase_timeout must be > 0, got {self.secagg_phase_timeout}")
+        _at_least(self.secagg_min_survivors, 2, "secagg_min_survivors")
+        from aggregator.secagg import check_secagg_config  # late: it imports the policies
+
+        check_secagg_config(self)
         _at_least(self.max_update_bytes, 1024, "max_update_bytes")
         _check_chunking(self.max_message_bytes, self.chunk_timeout)
         _at_least(self.max_transfers_per_device, 1, "max_transfers_per_device")

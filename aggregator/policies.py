@@ -207,9 +207,16 @@ def poisson_sample(
     return tuple(d for d in sorted(set(online)) if rng.random() < rate)
 
 
+def _secagg_rounds(config: AggregatorConfig) -> RoundPolicy:
+    from aggregator.secagg import SecAggRounds  # it builds on SyncRounds: imported late
+
+    return SecAggRounds(config)
+
+
 _REGISTRY: dict[str, RoundPolicyFactory] = {
     DEFAULT_ROUND_POLICY: SyncRounds,
     "fedbuff": FedBuffRounds,
+    "secagg": _secagg_rounds,  # secure aggregation (aggregator.secagg, docs/privacy.md)
 }
 
 

@@ -39,6 +39,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.engine import Engine, Outgoing, RoundResult, resolve_bundle
 from aggregator.evaluate import Evaluator, TFLiteEvaluator, load_eval_set
 from aggregator.metrics import AggregatorMetrics
+from aggregator.secagg import SECAGG_POLICY, SecAggDriver
 from aggregator.store import Store
 from fedmq.chunks import (
     DirChunkStore,
@@ -118,6 +119,9 @@ class AggregatorService:
         self.engine = engine or build_engine(config)
         self.on_round = on_round
         self.topics = config.topics
+        # round_policy = "secagg": the secure protocol of each round (aggregator.secagg)
+        self.secagg = (SecAggDriver(config, self.engine, time.time())
+                       if config.round_policy == SECAGG_POLICY else None)
         self._settings = config.mqtt_settings()
         self._inbox: queue.Queue[_Inbound | _Connected] = queue.Queue()
         self._generation = 0
@@ -198,12 +202,14 @@ class AggregatorService:
         no such option: there only the resubscribe deliveries carry the flag).
         """
         topics = (self.topics.model, self.topics.update_wildcard, self.topics.status_wildcard)
+        extra = [(self.topics.secagg_in_wildcard, 1)] if self.secagg is not None else []
         if self._settings.protocol != "5":
-            return [(t, 1) for t in topics]
+            return [(t, 1) for t in topics] + extra
         return [
             (self.topics.model, mqtt.SubscribeOptions(1)),
             (self.topics.update_wildcard, mqtt.SubscribeOptions(1, retainAsPublished=True)),
             (self.topics.status_wildcard, mqtt.SubscribeOptions(1)),
+            *extra,
         ]
 
     # -- main thread -----------------------------------------------------------------------
@@ -242,8 +248,13 @@ class AggregatorService:
         device = self.topics.device_of(item.topic)
         kind = item.topic.rsplit("/", 2)[-2] if item.topic.count("/") >= 2 else ""
         now = time.time()
+        secure = self.topics.secagg_device_of(item.topic) if self.secagg is not None else None
         try:
-            if device is not None and kind == "update" and item.retain and not item.payload:
+            if self.secagg is not None and secure is not None:
+                self._publish(self.secagg.on_message(secure, item.payload, now))
+            elif self.secagg is not None and device is not None and kind == "update":
+                self._publish(self.secagg.refuse_update(device))
+            elif device is not None and kind == "update" and item.retain and not item.payload:
                 log.debug("%s cleared its retained update", device)  # the fix, not an update
             elif device is not None and kind == "update" and is_chunk(item.payload):
                 if not self._handle_chunk(item, device, now):
@@ -369,6 +380,8 @@ class AggregatorService:
             log.info("state directory %s has space again", self._full.directory)
             self._full = None
         self._publish(out)
+        if self.secagg is not None:
+            self._publish(self.secagg.tick(now))
 
     def _ack(self, item: _Inbound) -> None:
         if item.qos == 0:

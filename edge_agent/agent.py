@@ -27,6 +27,7 @@ import paho.mqtt.client as mqtt
 from edge_agent.config import AgentConfig
 from edge_agent.core import Action, CoreSettings, EdgeCore, Publish, carry_out
 from edge_agent.outbox import Outbox
+from edge_agent.secagg import SecureRounds
 from edge_agent.state import StateStore
 from edge_agent.systemd import SystemdNotifier
 from edge_agent.trainer import LiteRTTrainer, Trainer
@@ -101,6 +102,9 @@ class EdgeAgent:
             ),
             self.store, self.outbox, self.trainer, self.data, key,
         )
+        if key is not None:  # secure rounds need the enrolled key (edge_agent.secagg)
+            self.core.secure = SecureRounds(config.fleet, self.device_id, self.topics, key,
+                                            seed=config.seed)
         # The model's retained chunks (worker thread only); kept across reconnects.
         self._chunks = Reassembler(
             ReassemblyLimits(timeout=config.chunk_timeout, remember_expired=0),
@@ -169,6 +173,7 @@ class EdgeAgent:
         client.subscribe([
             (self.topics.model, 1), (chunk_wildcard(self.topics.model), 1),
             (self.topics.round, 1), (self.topics.ack(self.device_id), 1),
+            (self.topics.secagg_out, 1), (self.topics.secagg_relay(self.device_id), 1),
         ])
         self._events.put(("connected", None))
 

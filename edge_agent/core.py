@@ -28,6 +28,7 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -59,6 +60,9 @@ from fedmq.wire import (
     decode_round,
     encode,
 )
+
+if TYPE_CHECKING:
+    from edge_agent.secagg import SecureRounds
 
 __all__ = [
     "Action",
@@ -207,6 +211,7 @@ class EdgeCore:
         self._failed_rounds: set[int] = set()
         self._last_decision: tuple[int, str] | None = None
         self._status = _Status()
+        self.secure: SecureRounds | None = None  # secure rounds (edge_agent.secagg), if set
         if isinstance(data, PluginData):  # the plugin is given the model's input each round
             spec = trainer.spec
             data.bind(self.device_id, InputSpec(spec.input_shape, spec.input_dtype,
@@ -300,6 +305,8 @@ class EdgeCore:
         """Dispatch by topic; a message that does not decode is logged once and counted."""
         if not payload:  # a retained message being cleared
             return []
+        if self.secure is not None and self.secure.handles(topic):
+            return list(self.secure.on_message(topic, payload))
         try:
             if topic == self.topics.model:
                 return self.on_model(payload, now)
@@ -422,11 +429,16 @@ class EdgeCore:
             # Updates of earlier rounds still unanswered: ask now for a definitive answer
             # (folded -> duplicate, else wrong_round / round_closed) instead of guessing.
             out += self._flush(now, moved_on=ann.round_id)
+        if self.secure is not None:
+            out += self.secure.on_round(ann)
         return out + self._consider_round(now)
 
     def _consider_round(self, now: float) -> list[Action]:
         ann = self._round
         if ann is None or ann.round_id in self._failed_rounds:
+            return []
+        if self.secure is not None and self.secure.is_secure(ann) \
+                and not self.secure.wants_training(ann):
             return []
         decision = decide(
             ann, self.device_id, self.store.snapshot(), self._model_version,
@@ -485,6 +497,8 @@ class EdgeCore:
             log.info("round %d: no longer current when its training was due; skipped", r)
             return self._status_out("idle", now, r)
         try:
+            if self.secure is not None and self.secure.is_secure(ann):
+                return self._train_secure(ann, self._global, now)
             entry = self._train_round(ann, self._global, now)
         except PluginDataError as exc:
             # The device's own data is unusable this round: no update; the next round asks
@@ -509,9 +523,24 @@ class EdgeCore:
         )
         return self._send(entry, now) + self._status_out("idle", now, r)
 
-    def _train_round(
+    def _train_secure(
         self, ann: RoundAnnouncement, global_weights: Mapping[str, np.ndarray], now: float
-    ) -> OutboxEntry:
+    ) -> list[Action]:
+        """A secure round: the delta goes to the secure client, not the outbox (its masked
+        input is only meaningful within the round's protocol)."""
+        assert self.secure is not None
+        delta, m, dp_metrics, _ = self._round_delta(ann, global_weights)
+        log.info("round %d: trained %d epoch(s) for a secure round: loss %.4f, %d examples",
+                 ann.round_id, ann.config.epochs, self._status.metrics["loss"], m)
+        out: list[Action] = list(self.secure.on_delta(
+            ann, delta, m, {**self._status.metrics, **dp_metrics}))
+        return out + self._status_out("idle", now, ann.round_id)
+
+    def _round_delta(
+        self, ann: RoundAnnouncement, global_weights: Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], int, dict[str, float], np.random.Generator]:
+        """Train the round and return (delta clipped as DP asks, examples, DP metrics, the
+        round's generator for the encoding)."""
         r, cfg = ann.round_id, ann.config
         if self.settings.train_delay:
             time.sleep(self.settings.train_delay)
@@ -527,9 +556,6 @@ class EdgeCore:
         delta, metrics = self._local_step(r, cfg, x, y, global_weights, rng)
         # DP rounds (docs/privacy.md): clip to the announced bound BEFORE encoding.
         delta, dp_metrics = privatize_delta(delta, cfg.params, rng)
-        tensors, codec_state = encode_with_state(
-            delta, cfg.codec, rng, self.outbox.codec_state.blob, cfg.params, r
-        )
         self._status.metrics = {
             "loss": float(metrics.loss) if math.isfinite(metrics.loss) else 0.0,
             "train_seconds": float(metrics.seconds),
@@ -537,6 +563,16 @@ class EdgeCore:
             "steps": float(metrics.steps),
             "peak_rss_mb": peak_rss_mb(),
         }
+        return delta, int(m), dp_metrics, rng
+
+    def _train_round(
+        self, ann: RoundAnnouncement, global_weights: Mapping[str, np.ndarray], now: float
+    ) -> OutboxEntry:
+        r, cfg = ann.round_id, ann.config
+        delta, m, dp_metrics, rng = self._round_delta(ann, global_weights)
+        tensors, codec_state = encode_with_state(
+            delta, cfg.codec, rng, self.outbox.codec_state.blob, cfg.params, r
+        )
         msg = UpdateMessage(
             fleet=self.settings.fleet,
             round_id=r,
@@ -691,6 +727,8 @@ class EdgeCore:
         # ``duplicate`` means the aggregator holds this device's update for that round (this
         # device never sends two update ids for one round): folded, whatever the flag says
         # (aggregators before the duplicate-is-accepted change answered accepted=False).
+        if self.secure is not None and self.secure.is_secure_ack(ack):
+            return list(self.secure.on_ack(ack))
         folded = ack.accepted or ack.code == RejectReason.DUPLICATE
         outcome = ACCEPTED if folded else rejected(ack.code)
         if not ack.update_id and not ack.accepted:

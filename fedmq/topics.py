@@ -63,6 +63,28 @@ class Topics:
     def status_wildcard(self) -> str:
         return f"{self.base}/status/+"
 
+    # Secure aggregation (docs/privacy.md): devices send on secagg/in/<device>; the
+    # aggregator broadcasts (retained) on secagg/out and relays shares on secagg/out/<device>.
+    def secagg_in(self, device: str) -> str:
+        return f"{self.base}/secagg/in/{validate_name(device, 'device')}"
+
+    @property
+    def secagg_in_wildcard(self) -> str:
+        return f"{self.base}/secagg/in/+"
+
+    @property
+    def secagg_out(self) -> str:
+        return f"{self.base}/secagg/out"
+
+    def secagg_relay(self, device: str) -> str:
+        return f"{self.base}/secagg/out/{validate_name(device, 'device')}"
+
+    def secagg_device_of(self, topic: str) -> str | None:
+        """The device of a ``secagg/in/<device>`` topic of this fleet, else None."""
+        head = f"{self.base}/secagg/in/"
+        rest = topic[len(head) :] if topic.startswith(head) else ""
+        return rest if rest and "/" not in rest else None
+
     def shared_updates(self, group: str) -> str:
         """MQTT v5 shared subscription for several aggregator workers."""
         return f"$share/{validate_name(group, 'group')}/{self.update_wildcard}"

@@ -31,6 +31,9 @@ def render_acl(s: BrokerSettings, devices: Mapping[str, str]) -> str:
             f"topic readwrite {chunk_wildcard(t.model)}",
             f"topic readwrite {t.round}",
             f"topic write {t.base}/ack/+",
+            f"topic read {t.secagg_in_wildcard}",
+            f"topic write {t.secagg_out}",
+            f"topic write {t.secagg_out}/+",
         ]
     if s.monitor:
         lines += ["", f"user {MONITOR_USER}"]
@@ -57,5 +60,8 @@ def render_acl(s: BrokerSettings, devices: Mapping[str, str]) -> str:
             f"topic read {chunk_wildcard(t.model)}",
             f"topic read {t.round}",
             f"topic read {t.ack(name)}",
+            f"topic write {t.secagg_in(name)}",
+            f"topic read {t.secagg_out}",
+            f"topic read {t.secagg_relay(name)}",
         ]
     return "\n".join(lines) + "\n"

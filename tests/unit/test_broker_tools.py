@@ -182,6 +182,9 @@ def test_acl_confines_each_identity() -> None:
         "topic read fl/f1/model/chunk/+",
         "topic read fl/f1/round",
         "topic read fl/f1/ack/dev-a",
+        "topic write fl/f1/secagg/in/dev-a",
+        "topic read fl/f1/secagg/out",
+        "topic read fl/f1/secagg/out/dev-a",
     ]
     assert blocks["aggregator"] == [
         "topic read fl/f1/update/+",
@@ -190,14 +193,19 @@ def test_acl_confines_each_identity() -> None:
         "topic readwrite fl/f1/model/chunk/+",
         "topic readwrite fl/f1/round",
         "topic write fl/f1/ack/+",
+        "topic read fl/f1/secagg/in/+",
+        "topic write fl/f1/secagg/out",
+        "topic write fl/f1/secagg/out/+",
     ]
     assert all(line.startswith("topic read ") for line in blocks["monitor"])
     for user, lines in blocks.items():
         if user != "monitor":
             assert not any("#" in line for line in lines), user
-    # Chunked updates travel on the device's own update topic: no new write grant for devices.
+    # Chunked updates travel on the device's own update topic: no new write grant for devices
+    # (secure aggregation's phase messages have their own, also the device's only).
     assert [x for x in blocks["dev-b"] if x.startswith("topic write")] == [
         "topic write fl/f1/update/dev-b", "topic write fl/f1/status/dev-b",
+        "topic write fl/f1/secagg/in/dev-b",
     ]
 
 
