@@ -61,9 +61,10 @@ def check_secagg_config(config: AggregatorConfig) -> None:
     if config.registry is None:
         raise ConfigError("round_policy = \"secagg\" needs a registry: every phase message is "
                           "signed with the device's enrolled key")
-    if config.dp:
-        raise ConfigError("round_policy = \"secagg\" with dp is not implemented: the DP "
-                          "wrapper clips each update, which the aggregator cannot see")
+    if config.dp and (config.dp_clip_mode != "fixed" or config.dp_local_noise > 0):
+        raise ConfigError("round_policy = \"secagg\" with dp needs dp_clip_mode = \"fixed\" "
+                          "and no dp_local_noise: adaptive clipping needs each device's clip "
+                          "bit, which secure rounds do not reveal")
     if config.secagg_min_survivors > config.clients_per_round:
         raise ConfigError("secagg_min_survivors exceeds clients_per_round")
 
@@ -233,8 +234,16 @@ class SecAggDriver:
             values = mean[start : start + size].astype(np.float32).reshape(shape)
             tensors.append(Tensor.from_array(name, values))
             start += size
-        for device in result.survivors:  # weight 1 each: the fold's count is the survivors
-            fold.fold(tensors, "float32", 1.0)
+        try:
+            # Weight 1 each: the fold's count is the survivors. Under DP the fold is the
+            # ClippedSum, whose noise goes on this sum at the close (central noise after
+            # unmasking); the mean of clipped updates is within the clip, so it is folded as is.
+            for _ in result.survivors:
+                fold.fold(tensors, "float32", 1.0)
+        except Rejected as exc:
+            self._fail(s, f"the unmasked mean does not fold: {exc.reason} ({exc.code})")
+            return
+        for device in result.survivors:
             claimed = s.server.masked[device][0]
             examples = max(1, min(claimed, self.config.max_claimed_examples))
             state.record(f"secagg-{s.plan.round_id}-{device}", device, examples)
