@@ -227,6 +227,9 @@ class SecAggDriver:
             self._fail(s, "the round has no accumulator")
             return
         n = len(result.survivors)
+        if n < s.plan.min_updates:
+            self._fail(s, f"{n} survivors, below the round's quorum {s.plan.min_updates}")
+            return
         mean = result.sum.astype(np.float64) * (result.scale / n)
         tensors, start = [], 0
         for name, shape in self.order:

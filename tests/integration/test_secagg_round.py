@@ -68,18 +68,18 @@ class Fleet:
         self.service_thread = self.stops[-1][1]
         return service
 
-    def agent(self, i: int) -> EdgeAgent:
+    def agent(self, i: int, train_delay: float = 0.0) -> EdgeAgent:
         d = self.devices[i]
         agent = EdgeAgent(AgentConfig(
             device_id=d, fleet=FLEET, topic_prefix=self.prefix, state_dir=self.tmp / d,
             model="digits-mlp", source="digits", partition="iid",
             num_clients=len(self.devices), client_index=i, seed=i, signing_key=self.keys[d],
-            mqtt=_mqtt(self.broker),
+            mqtt=_mqtt(self.broker), train_delay=train_delay,
         ))
         self._run(agent.run)
         return agent
 
-    def agent_process(self, i: int, train_delay: float) -> subprocess.Popen[bytes]:
+    def agent_process(self, i: int) -> subprocess.Popen[bytes]:
         d = self.devices[i]
         env = {**os.environ, "PYTHONPATH": str(_ROOT)}
         with open(self.tmp / f"{d}.log", "ab") as logf:
@@ -90,7 +90,6 @@ class Fleet:
                 "--state-dir", str(self.tmp / d), "--model", "digits-mlp", "--source",
                 "digits", "--partition", "iid", "--num-clients", str(len(self.devices)),
                 "--client-index", str(i), "--signing-key", str(self.keys[d]),
-                "--train-delay", str(train_delay),
             ], stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=_ROOT)
         self.procs.append(proc)
         return proc
@@ -172,9 +171,12 @@ def test_a_device_killed_after_sharing_is_dropped_and_the_round_closes(
     connect(watcher, settings)
     watcher.loop_start()
     try:
-        victim = fleet.agent_process(3, train_delay=8.0)  # slow: still training when killed
+        victim = fleet.agent_process(3)
         service = fleet.aggregator()
-        agents = [fleet.agent(i) for i in range(3)]
+        # dev-2 shares (trains, then answers the roster) 4 s late: the shares phase, and so
+        # the relay the victim needs for its masked input, waits for it; the victim is
+        # killed within milliseconds of its shares, long before.
+        agents = [fleet.agent(i, train_delay=4.0 if i == 2 else 0.0) for i in range(3)]
         end = time.monotonic() + TIMEOUT
         while True:  # SIGKILL the victim as soon as its shares are on the broker
             payload = seen.get(timeout=max(0.1, end - time.monotonic()))
