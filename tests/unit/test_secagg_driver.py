@@ -55,19 +55,25 @@ def _one(out: list[Outgoing], topic_end: str) -> bytes:
     return item.payload
 
 
-def _run(engine, driver, clients, now, length, drop_after_shares=()):  # type: ignore[no-untyped-def]
-    """Drive one secure round; returns the devices' int8 inputs and the survivors."""
+def _run(engine, driver, clients, now, length, drop_after_shares=(),  # type: ignore[no-untyped-def]
+         drop_before_shares=(), drop_before_unmask=()):
+    """Drive one secure round; devices in ``drop_*`` stop answering at that point (each
+    phase then ends at its deadline). Returns the devices' int8 inputs and who sent one."""
     rng = np.random.default_rng(0)
     qs = {d: rng.integers(-30, 31, length).astype(np.int8) for d in DEVICES}
     out: list[Outgoing] = []
     for d in DEVICES:
         out += driver.on_message(d, clients[d].advertise(), now)
     roster = _one(out, "/secagg/out")  # every selected device is in: closed at once
+    sharers = [d for d in DEVICES if d not in drop_before_shares]
     out = []
-    for d in DEVICES:
+    for d in sharers:
         out += driver.on_message(d, clients[d].on_roster(roster), now + 1)
-    relays = {d: _one(out, f"/secagg/out/{d}") for d in DEVICES}
-    alive = [d for d in DEVICES if d not in drop_after_shares]
+    if drop_before_shares:
+        assert not out
+        out = driver.tick(now + 32)  # the shares phase's deadline
+    relays = {d: _one(out, f"/secagg/out/{d}") for d in sharers}
+    alive = [d for d in sharers if d not in drop_after_shares]
     out = []
     for d in alive:
         out += driver.on_message(d, clients[d].on_relay(relays[d], qs[d], 10), now + 2)
@@ -76,8 +82,9 @@ def _run(engine, driver, clients, now, length, drop_after_shares=()):  # type: i
         out = driver.tick(now + 101)
     survivors = _one(out, "/secagg/out")
     for d in alive:
-        driver.on_message(d, clients[d].on_survivors(survivors), now + 102)
-    driver.tick(now + 103)
+        if d not in drop_before_unmask:
+            driver.on_message(d, clients[d].on_survivors(survivors), now + 102)
+    driver.tick(now + 140)
     return qs, alive
 
 
@@ -95,14 +102,20 @@ def test_secure_round_closes_on_the_exact_unmasked_sum(tmp_path: Path) -> None:
     np.testing.assert_allclose(flat, plain * (0.05 / 127) / 4, rtol=1e-5, atol=1e-6)
 
 
-def test_a_device_missing_the_masked_phase_is_dropped(tmp_path: Path) -> None:
+@pytest.mark.parametrize("phase", ["drop_before_shares", "drop_after_shares",
+                                   "drop_before_unmask"])
+def test_a_device_missing_a_phase_is_dropped(tmp_path: Path, phase: str) -> None:
     _, engine, driver, clients, _, now = _setup(tmp_path)
-    qs, alive = _run(engine, driver, clients, now, driver.length, drop_after_shares=("d2",))
+    qs, alive = _run(engine, driver, clients, now, driver.length, **{phase: ("d2",)})
     result = driver.results[0]
-    assert result.dropped == ("d2",) and result.survivors == ("d0", "d1", "d3")
+    dropped = ("d2",) if phase == "drop_after_shares" else ()
+    assert result.dropped == dropped
+    assert result.survivors == (("d0", "d1", "d3") if phase != "drop_before_unmask"
+                                else DEVICES)
     assert np.array_equal(result.sum, np.sum([qs[d].astype(np.int64) for d in alive], axis=0))
-    engine.tick(now + 104)
-    assert engine.version == 1 and engine.store.model(1).metrics["participants"] == 3.0
+    engine.tick(now + 141)
+    assert engine.version == 1
+    assert engine.store.model(1).metrics["participants"] == len(result.survivors)
 
 
 def test_too_few_survivors_abandon_the_round_with_a_reason(
