@@ -382,3 +382,83 @@ def test_secagg_messages_raise_only_rejections_and_keep_the_round_intact() -> No
     assert set(tally.kinds) == set(SECAGG_DAMAGE)
     assert tally.outcomes["bad_signature"] and tally.outcomes["wrong_round"]
     assert tally.outcomes["wrong_phase"] and tally.outcomes["unknown_device"]
+
+
+@pytest.mark.timeout(300)
+def test_secagg_server_messages_never_crash_a_device() -> None:
+    """What a device decodes from the aggregator (roster, relay, survivors), damaged or
+    replayed into the wrong phase: a Rejected/WireError (the device leaves or ignores),
+    never another exception."""
+    import copy as _copy
+
+    from fedmq.secagg.client import SecAggClient
+    from fedmq.secagg.server import SecAggServer
+    from fedmq.signing import DeviceKey
+
+    devices = ["d0", "d1", "d2"]
+    keys = {d: DeviceKey.generate() for d in devices}
+    public = {d: keys[d].public_hex for d in devices}
+    server = SecAggServer(FLEET, "e", 3, clip=1.0, length=8, public_key=public.get,
+                          min_survivors=2, selected=devices)
+    clients = {d: SecAggClient(FLEET, "e", 3, d, keys[d], public) for d in devices}
+    for d in devices:
+        server.receive(clients[d].advertise(), d)
+    ((_, roster),) = server.close_phase()
+    snapshot = {"keys": _copy.deepcopy(clients["d0"])}
+    for d in devices:
+        server.receive(clients[d].on_roster(roster), d)
+    relays = dict(server.close_phase())
+    snapshot["shares"] = _copy.deepcopy(clients["d0"])
+    q = np.zeros(8, np.int8)
+    for d in devices:
+        server.receive(clients[d].on_relay(relays[d], q), d)
+    ((_, survivors),) = server.close_phase()
+    snapshot["masked"] = _copy.deepcopy(clients["d0"])
+    valid = {"keys": roster, "shares": relays["d0"], "masked": survivors}
+    outcomes: Counter[str] = Counter()
+
+    @settings(max_examples=600, **_SETTINGS)  # type: ignore[arg-type]
+    @given(rng=st.randoms(use_true_random=False), phase=st.sampled_from(sorted(valid)))
+    def check(rng: random.Random, phase: str) -> None:
+        base = valid[phase] if rng.random() < 0.8 else rng.choice(list(valid.values()))
+        obj = msgpack.unpackb(base, raw=False)
+        op = rng.randrange(4)
+        if op == 0:
+            payload = bytes(_mutate_bytes(rng, base))
+        else:
+            key = rng.choice(sorted(obj))
+            if op == 1:
+                obj[key] = rng.choice([None, 0, -1, 2**40, "x", b"\\x00" * 33, [], [[1, 2]], {},
+                                       float("nan")])
+            elif op == 2 and isinstance(obj[key], list) and obj[key]:
+                item = obj[key][0]
+                obj[key][0] = (bytes(rng.getrandbits(8) for _ in range(len(item)))
+                               if isinstance(item, bytes) else [rng.choice([b"", "zz", 5])]
+                               * rng.randint(1, 4))
+            else:
+                obj.pop(key)
+            payload = msgpack.packb(obj, use_bin_type=True)
+        client = _copy.deepcopy(snapshot[phase])
+        try:
+            if phase == "keys":
+                client.on_roster(payload)
+            elif phase == "shares":
+                client.on_relay(payload, q)
+            else:
+                client.on_survivors(payload)
+            outcomes["accepted"] += 1
+        except Rejected as exc:
+            outcomes[exc.code] += 1
+
+    check()
+    print(f"\nfuzz device side of secure aggregation: {dict(outcomes)}")
+    assert sum(outcomes.values()) >= 300 and outcomes["accepted"] < sum(outcomes.values())
+
+
+def _mutate_bytes(rng: random.Random, data: bytes) -> bytearray:
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 6)):
+        out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
+    if rng.random() < 0.3:
+        del out[rng.randrange(len(out)):]
+    return out
