@@ -41,10 +41,10 @@ from fedmq.chunks import (
     transfer_id,
 )
 from fedmq.data.local import LocalData
-from fedmq.errors import ModelError, WireError
+from fedmq.errors import ConfigError, ModelError, WireError
 from fedmq.models.spec import load_bundle, prebuilt_bundle_path
 from fedmq.net.mqtt import ConnectionWatch, connect, make_client
-from fedmq.signing import load_or_create_key
+from fedmq.signing import Registry, load_or_create_key
 from fedmq.wire import RoundAnnouncement
 
 __all__ = ["EdgeAgent", "build_trainer"]
@@ -103,8 +103,13 @@ class EdgeAgent:
             self.store, self.outbox, self.trainer, self.data, key,
         )
         if key is not None:  # secure rounds need the enrolled key (edge_agent.secagg)
+            peers = None
+            if config.peer_registry is not None:
+                if not Path(config.peer_registry).is_file():
+                    raise ConfigError(f"peer_registry {config.peer_registry} is not a file")
+                peers = Registry(config.peer_registry)
             self.core.secure = SecureRounds(config.fleet, self.device_id, self.topics, key,
-                                            seed=config.seed)
+                                            peers, seed=config.seed)
         # The model's retained chunks (worker thread only); kept across reconnects.
         self._chunks = Reassembler(
             ReassemblyLimits(timeout=config.chunk_timeout, remember_expired=0),

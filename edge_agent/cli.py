@@ -46,6 +46,8 @@ _HELP: dict[str, str] = {
     "max_resends": "re-sends of one update before waiting for the round to close",
     "signing_key": "Ed25519 device key file for signing updates (created if missing; "
     "see `fedmq keygen`)",
+    "peer_registry": "the fleet's registry JSON: secure rounds verify every device's keys "
+    "in the roster against it (docs/privacy.md)",
 }
 # [mqtt] settings; the agent's client id is its device id, so no --client-id.
 _MQTT_HELP: dict[str, str] = {

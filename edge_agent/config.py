@@ -73,6 +73,9 @@ class AgentConfig:
     max_message_bytes: int = 0
     chunk_timeout: float = 300.0
     signing_key: Path | None = None
+    # The fleet's registry of enrolled public keys (a copy of the aggregator's): secure
+    # rounds then check every device's signed keys in the roster (docs/privacy.md).
+    peer_registry: Path | None = None
     # Prometheus textfile for node_exporter's textfile collector (NAME.prom), rewritten
     # after every round (docs/monitoring.md); None = none.
     metrics_textfile: Path | None = None

@@ -24,10 +24,10 @@ from collections.abc import Mapping
 import numpy as np
 
 from edge_agent.core import Publish
-from fedmq.errors import Rejected, RejectReason, WireError
+from fedmq.errors import Rejected, RejectReason, SecurityError, WireError
 from fedmq.secagg import messages, ring
 from fedmq.secagg.client import SecAggClient
-from fedmq.signing import DeviceKey
+from fedmq.signing import DeviceKey, Registry
 from fedmq.topics import Topics
 from fedmq.wire import AckMessage, RoundAnnouncement
 
@@ -50,9 +50,9 @@ class SecureRounds:
     """One device's secure-round client, driven by the edge core."""
 
     def __init__(self, fleet: str, device: str, topics: Topics, key: DeviceKey,
-                 peer_keys: Mapping[str, str] | None = None, seed: int = 0) -> None:
+                 peers: Registry | None = None, seed: int = 0) -> None:
         self.fleet, self.device, self.topics, self.key = fleet, device, topics, key
-        self.peer_keys = peer_keys
+        self.peers = peers  # with it, every advertisement in a roster is verified
         self.seed = seed
         self.client: SecAggClient | None = None
         self._relay: bytes | None = None
@@ -95,8 +95,13 @@ class SecureRounds:
             return []
         if ann.selected and self.device not in ann.selected:
             return []
+        try:
+            peer_keys = self.peers.devices() if self.peers is not None else None
+        except SecurityError as exc:
+            log.error("secure round %d: not taking part: %s", ann.round_id, exc)
+            return []
         self.client = SecAggClient(self.fleet, ann.epoch, ann.round_id, self.device, self.key,
-                                   self.peer_keys)
+                                   peer_keys)
         self._relay, self._q, self.last_q = None, None, None
         log.info("secure round %d: keys advertised", ann.round_id)
         return [self._publish(self.client.advertise())]

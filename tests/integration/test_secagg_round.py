@@ -68,13 +68,14 @@ class Fleet:
         self.service_thread = self.stops[-1][1]
         return service
 
-    def agent(self, i: int, train_delay: float = 0.0) -> EdgeAgent:
+    def agent(self, i: int, train_delay: float = 0.0, verify: bool = False) -> EdgeAgent:
         d = self.devices[i]
         agent = EdgeAgent(AgentConfig(
             device_id=d, fleet=FLEET, topic_prefix=self.prefix, state_dir=self.tmp / d,
             model="digits-mlp", source="digits", partition="iid",
             num_clients=len(self.devices), client_index=i, seed=i, signing_key=self.keys[d],
             mqtt=_mqtt(self.broker), train_delay=train_delay,
+            peer_registry=self.registry if verify else None,
         ))
         self._run(agent.run)
         return agent
@@ -136,7 +137,7 @@ def _wait(cond: object, what: str, timeout: float = TIMEOUT) -> None:
 def test_secure_round_sum_equals_the_plain_integer_sum(fleet_factory: type[Fleet]) -> None:
     fleet = fleet_factory(["dev-0", "dev-1", "dev-2", "dev-3"])
     service = fleet.aggregator()
-    agents = [fleet.agent(i) for i in range(4)]
+    agents = [fleet.agent(i, verify=True) for i in range(4)]  # roster checked on devices
     assert service.secagg is not None
     _wait(lambda: service.secagg.results and service.engine.version == 1, "the secure round")
     result = service.secagg.results[0]

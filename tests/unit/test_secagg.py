@@ -323,3 +323,23 @@ def test_decoder_is_strict() -> None:
             decode(msgpack.packb(bad))
     with pytest.raises(WireError):
         decode(b"\xc1")
+
+
+def test_a_device_with_the_fleet_keys_refuses_a_substituted_advertisement() -> None:
+    devices = ["a", "b", "c"]
+    keys = {d: DeviceKey.generate() for d in devices}
+    public = {d: keys[d].public_hex for d in devices}
+    server = SecAggServer("f", "e", 4, clip=1.0, length=10, public_key=public.get,
+                          min_survivors=2, selected=devices)
+    checking = SecAggClient("f", "e", 4, "a", keys["a"], peer_keys=public)
+    trusting = SecAggClient("f", "e", 4, "c", keys["c"])  # no fleet keys: trusts the relay
+    for d, client in (("a", checking), ("b", SecAggClient("f", "e", 4, "b", keys["b"])),
+                      ("c", trusting)):
+        server.receive(client.advertise(), d)
+    # A dishonest aggregator swaps b's keys for its own (signed by a key it holds).
+    server._adverts["b"] = SecAggClient("f", "e", 4, "b", DeviceKey.generate()).advertise()
+    ((_, roster),) = server.close_phase()
+    with pytest.raises(Rejected) as err:
+        checking.on_roster(roster)
+    assert err.value.code == RejectReason.BAD_SIGNATURE and "'b'" in err.value.reason
+    trusting.on_roster(roster)  # the documented limit without peer keys
