@@ -162,8 +162,7 @@ class SecAggDriver:
     # ------------------------------------------------------------------ timer
     def tick(self, now: float) -> list[Outgoing]:
         state = self.engine.round
-        if state is None:
-            self.session = None
+        if state is None:  # the session stays: late messages of its round are recognised
             return []
         s = self.session
         if s is None or s.plan.round_id != state.round_id or s.plan.epoch != state.plan.epoch:
