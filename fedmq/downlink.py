@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedmq.chunks import chunk_wildcard
 from fedmq.errors import ConfigError, RejectReason, WireError
 from fedmq.tensor import Tensor
 from fedmq.topics import Topics
@@ -39,6 +40,7 @@ __all__ = [
     "delta_topic",
     "delta_version_of",
     "downlink_modes",
+    "downlink_topics",
     "encode_step",
     "plan_fetch",
     "snapshot_topic",
@@ -85,6 +87,12 @@ def snapshot_topic(topics: Topics) -> str:
 def delta_topic(topics: Topics, version: int) -> str:
     """Where the delta that makes ``version`` (from ``version - 1``) is retained."""
     return f"{topics.model}/delta/{version}"
+
+
+def downlink_topics(topics: Topics) -> tuple[str, ...]:
+    """The topic filters of the snapshot and the deltas, chunk topics included (ACLs)."""
+    snap, deltas = snapshot_topic(topics), f"{topics.model}/delta/+"
+    return (snap, chunk_wildcard(snap), deltas, chunk_wildcard(deltas))
 
 
 def delta_version_of(topics: Topics, topic: str) -> int | None:

@@ -180,6 +180,10 @@ def test_acl_confines_each_identity() -> None:
         "topic write fl/f1/status/dev-a",
         "topic read fl/f1/model",
         "topic read fl/f1/model/chunk/+",
+        "topic read fl/f1/model/snapshot",
+        "topic read fl/f1/model/snapshot/chunk/+",
+        "topic read fl/f1/model/delta/+",
+        "topic read fl/f1/model/delta/+/chunk/+",
         "topic read fl/f1/round",
         "topic read fl/f1/ack/dev-a",
     ]
@@ -188,6 +192,10 @@ def test_acl_confines_each_identity() -> None:
         "topic read fl/f1/status/+",
         "topic readwrite fl/f1/model",
         "topic readwrite fl/f1/model/chunk/+",
+        "topic readwrite fl/f1/model/snapshot",
+        "topic readwrite fl/f1/model/snapshot/chunk/+",
+        "topic readwrite fl/f1/model/delta/+",
+        "topic readwrite fl/f1/model/delta/+/chunk/+",
         "topic readwrite fl/f1/round",
         "topic write fl/f1/ack/+",
     ]

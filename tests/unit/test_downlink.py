@@ -218,6 +218,8 @@ def _bad(kind: str, rng: np.random.Generator) -> bytes:
         return _delta(3, huge)
     if kind == "unknown_codec":
         return _delta(3, good).replace(b"\xa4int8", b"\xa4int9")
+    if kind == "wrong_base":  # a delta whose base is not the version before it
+        return _delta(3, good, base=1)
     if kind == "wrong_codec":
         return _delta(3, good, codec="float16")
     raise AssertionError(kind)
@@ -239,11 +241,7 @@ def test_a_bad_delta_is_refused_with_one_line_and_the_snapshot_is_fetched(
     # version 3 arrives as a delta; the snapshot stays at 2 (bigger than the delta)
     idx3 = encode(ModelIndex("fl1", 3, 3, "m", "int8", 2, 5000, ((3, 100),), {}, 0.0, EPOCH))
     assert rx.on_index(idx3).subscribe == [delta_topic(TOPICS, 3)]
-    if kind == "wrong_base":
-        # a delta whose base is not the version before it is refused at decoding
-        bad = _delta(3, _good_tensors(rng), base=1)
-    else:
-        bad = _bad(kind, rng)
+    bad = _bad(kind, rng)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="edge_agent.downlink"):
         step = rx.on_payload(delta_topic(TOPICS, 3), bad)
