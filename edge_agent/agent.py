@@ -360,6 +360,10 @@ class EdgeAgent:
             self.store.bump("downlink_rejected", step.rejected)
         if step.model is None:
             return []
+        if step.from_snapshot:
+            self.store.bump("downlink_snapshots")
+        if step.deltas_applied:
+            self.store.bump("downlink_deltas", step.deltas_applied)
         return self.core.on_message(self.topics.model, step.model, now)
 
     def _on_payload(self, topic: str, payload: bytes, now: float) -> list[Action]:

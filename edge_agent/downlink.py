@@ -65,6 +65,9 @@ class DownlinkStep:
     unsubscribe: list[str] = field(default_factory=list)
     model: bytes | None = None
     rejected: int = 0
+    # with ``model``: whether it was rebuilt from the snapshot, and how many deltas it took
+    from_snapshot: bool = False
+    deltas_applied: int = 0
 
 
 class DownlinkReceiver:
@@ -193,6 +196,7 @@ class DownlinkReceiver:
         self.version, self.weights = version, weights
         self._plan, self._snapshot, self._deltas = None, None, {}
         step = self._subscriptions()
+        step.from_snapshot, step.deltas_applied = plan.snapshot, len(plan.deltas)
         step.model = encode(ModelMessage(
             fleet=self.fleet, version=idx.version, round_id=idx.round_id,
             model_id=idx.model_id,
