@@ -322,3 +322,21 @@ def test_settings_are_validated() -> None:
     ):
         with pytest.raises(ConfigError, match=key):
             check_downlink_settings(*args)  # type: ignore[arg-type]
+
+
+def test_aggregator_keys_are_strict_and_validated() -> None:
+    from aggregator.config import load_aggregator_config
+
+    cfg = load_aggregator_config(overrides={"downlink": "topk-int8", "snapshot_every": 5,
+                                            "downlink_window": 8, "downlink_fraction": 0.2},
+                                 environ={})
+    s = cfg.downlink_settings()
+    assert (s.mode, s.snapshot_every, s.window, s.fraction) == ("topk-int8", 5, 8, 0.2)
+    assert load_aggregator_config(environ={}).downlink == "full"
+    with pytest.raises(ConfigError, match="downlink must be"):
+        load_aggregator_config(overrides={"downlink": "int9"}, environ={})
+    with pytest.raises(ConfigError, match="downlink_window"):
+        load_aggregator_config(overrides={"downlink": "int8", "snapshot_every": 20},
+                               environ={})
+    with pytest.raises(ConfigError, match="snapshot_evry"):
+        load_aggregator_config(overrides={"snapshot_evry": 3}, environ={})
