@@ -105,10 +105,15 @@ class Downlink:
         if self.full:
             return Staged(version, round_id, target)
         s = self.settings
-        step = encode_step(
-            s.mode, base, target, self._residual(), np.random.default_rng([s.seed, version]),
-            self.shapes, s.fraction,
-        )
+        try:
+            step = encode_step(
+                s.mode, base, target, self._residual(),
+                np.random.default_rng([s.seed, version]), self.shapes, s.fraction,
+            )
+        except WireError as exc:  # e.g. a non-finite candidate: the guard refuses it next
+            log.warning("version %d cannot be sent as a %s delta (%s): it would go out as "
+                        "a snapshot", version, s.mode, exc.reason)
+            return Staged(version, round_id, target)
         delta = encode(ModelDelta(
             fleet=self.fleet, version=version, base_version=version - 1, round_id=round_id,
             model_id=self.model_id, codec=s.mode, tensors=step.tensors, created_at=now,
@@ -121,7 +126,7 @@ class Downlink:
         """What a device holding the previous version downloads for ``staged``: the model
         (``full``) or the index and the delta (exactly what :meth:`publish` will send)."""
         if self.full or staged.delta is None:
-            return len(model_payload)
+            return len(model_payload)  # (with a compressed downlink: a snapshot, see publish)
         planned = self._planned(staged, model_payload, epoch, now)
         if planned is None:  # starts over from a snapshot: the index and the snapshot
             return len(model_payload)
@@ -151,11 +156,12 @@ class Downlink:
                 now: float) -> list[Outgoing]:
         """After the version is stored: persist and publish it (``model_payload`` is the
         full model message of ``staged.weights``, its metrics are the index's)."""
-        if self.full or staged.delta is None:
+        if self.full:
             self.traffic.metrics.downlink_bytes.set(len(model_payload))
             return [self.traffic.emit(self.topics.model, model_payload)]
-        planned = self._planned(staged, model_payload, epoch, now)
-        if planned is None:
+        planned = (None if staged.delta is None
+                   else self._planned(staged, model_payload, epoch, now))
+        if planned is None or staged.delta is None:
             # No downlink state of the previous version (first version in this mode, a new
             # epoch, or a crash between the store and this method): start from a snapshot.
             return self.current(staged.version, model_payload, epoch, now)

@@ -340,3 +340,19 @@ def test_aggregator_keys_are_strict_and_validated() -> None:
                                environ={})
     with pytest.raises(ConfigError, match="snapshot_evry"):
         load_aggregator_config(overrides={"snapshot_evry": 3}, environ={})
+
+
+def test_a_candidate_that_cannot_be_encoded_goes_out_as_a_snapshot(tmp_path: Path) -> None:
+    server = _server(tmp_path, "int8")
+    w0 = {n: np.zeros(s, np.float32) for n, s in SHAPES.items()}
+    server.current(0, _model_payload(0, w0, 0.0), EPOCH, 0.0)
+    target = {**w0, "out/b": np.full(10, np.nan, np.float32)}
+    staged = server.stage(1, 1, w0, target, EPOCH, 1.0)
+    assert staged.delta is None and staged.weights is target
+    w1 = {n: np.ones(s, np.float32) for n, s in SHAPES.items()}  # what the store kept
+    outs = server.publish(staged, _model_payload(1, w1, 1.0), EPOCH, 1.0)
+    assert [o.topic for o in outs] == [snapshot_topic(TOPICS), TOPICS.model]
+    rx = DownlinkReceiver(TOPICS, "fl1", SHAPES)
+    rx.on_index(outs[1].payload)
+    done = rx.on_payload(snapshot_topic(TOPICS), outs[0].payload)
+    assert done.model is not None and decode_model(done.model).version == 1
