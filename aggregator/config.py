@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.bounds import BoundsConfig
-from aggregator.downlink import DownlinkSettings
 from aggregator.policies import DEFAULT_ROUND_POLICY, round_policy_names
 from fedmq.chunks import MIN_MESSAGE_BYTES
 from fedmq.config import load_config
-from fedmq.downlink import check_downlink_settings
+from fedmq.downlink import DownlinkSettings, check_downlink_settings
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.net.mqtt import MqttSettings
 from fedmq.privacy.accounting import SAMPLINGS as DP_SAMPLINGS

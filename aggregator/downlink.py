@@ -29,28 +29,24 @@ import numpy as np
 
 from aggregator.outgoing import Outgoing, RoundTraffic
 from fedmq.chunks import publications
-from fedmq.downlink import DOWNLINK_FULL, delta_topic, encode_step, snapshot_topic
+from fedmq.downlink import (
+    DOWNLINK_FULL,
+    DownlinkSettings,
+    delta_topic,
+    encode_step,
+    snapshot_topic,
+)
 from fedmq.errors import WireError
 from fedmq.fsutil import atomic_write
 from fedmq.topics import Topics
 from fedmq.update.codecs import pack_state, unpack_state
 from fedmq.wire import ModelDelta, ModelIndex, decode_model, decode_model_index, encode
 
-__all__ = ["Downlink", "DownlinkSettings", "Staged", "index_facts"]
+__all__ = ["Downlink", "Staged", "index_facts"]
 
 log = logging.getLogger(__name__)
 
 _DELTA_PREFIX = "delta-"
-
-
-@dataclass(frozen=True)
-class DownlinkSettings:
-    mode: str
-    snapshot_every: int
-    window: int
-    fraction: float
-    max_message_bytes: int
-    seed: int
 
 
 @dataclass(frozen=True)

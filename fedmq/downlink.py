@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_SNAPSHOT_EVERY",
     "DOWNLINK_FULL",
     "DeltaStep",
+    "DownlinkSettings",
     "FetchPlan",
     "apply_delta",
     "check_downlink_settings",
@@ -136,6 +137,18 @@ def apply_delta(
             raise WireError(f"delta makes tensor {name!r} non-finite", RejectReason.NON_FINITE)
         out[name] = values
     return out
+
+
+@dataclass(frozen=True)
+class DownlinkSettings:
+    """The aggregator's downlink keys (validated by :func:`check_downlink_settings`)."""
+
+    mode: str
+    snapshot_every: int
+    window: int
+    fraction: float
+    max_message_bytes: int
+    seed: int
 
 
 @dataclass(frozen=True)

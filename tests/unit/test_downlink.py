@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.downlink import Downlink, DownlinkSettings, Staged
+from aggregator.downlink import Downlink, Staged
 from aggregator.metrics import AggregatorMetrics
 from aggregator.outgoing import Outgoing, RoundTraffic
 from edge_agent.downlink import DownlinkReceiver, DownlinkStep, is_index
 from fedmq.downlink import (
+    DownlinkSettings,
     apply_delta,
     check_downlink_settings,
     delta_topic,
