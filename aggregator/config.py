@@ -17,6 +17,7 @@ from aggregator.bounds import BoundsConfig
 from aggregator.policies import DEFAULT_ROUND_POLICY, round_policy_names
 from fedmq.chunks import MIN_MESSAGE_BYTES
 from fedmq.config import load_config
+from fedmq.downlink import DownlinkSettings, check_downlink_settings
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.net.mqtt import MqttSettings
 from fedmq.privacy.accounting import SAMPLINGS as DP_SAMPLINGS
@@ -144,6 +145,13 @@ class AggregatorConfig:
     max_message_bytes: int = 0
     chunk_timeout: float = 300.0  # an update's transfer without a new chunk this long expires
     max_transfers_per_device: int = 2  # chunked transfers in progress per device
+    # Compressed downlink (docs/protocol.md): "full" model every version, or a codec name:
+    # deltas in that codec, a full snapshot every `snapshot_every` versions, deltas of the
+    # last `downlink_window` versions retained; sparse codecs keep `downlink_fraction`.
+    downlink: str = "full"
+    snapshot_every: int = 10
+    downlink_window: int = 10
+    downlink_fraction: float = 0.1
     max_claimed_examples: int = 10_000_000
     # Enrolled devices' public keys (JSON written by `fedmq enroll`); see docs/protocol.md.
     registry: str | None = None
@@ -231,6 +239,9 @@ class AggregatorConfig:
         _at_least(self.max_update_bytes, 1024, "max_update_bytes")
         _check_chunking(self.max_message_bytes, self.chunk_timeout)
         _at_least(self.max_transfers_per_device, 1, "max_transfers_per_device")
+        check_downlink_settings(
+            self.downlink, self.snapshot_every, self.downlink_window, self.downlink_fraction
+        )
         _at_least(self.max_claimed_examples, 1, "max_claimed_examples")
         _at_least(self.metrics_port, 0, "metrics_port")
         if self.metrics_port > 65535:
@@ -379,6 +390,12 @@ class AggregatorConfig:
             codec=self.codec,
             max_examples=self.train_max_examples,
             sample_fraction=self.sample_fraction,
+        )
+
+    def downlink_settings(self) -> DownlinkSettings:
+        return DownlinkSettings(
+            self.downlink, self.snapshot_every, self.downlink_window,
+            float(self.downlink_fraction), self.max_message_bytes, self.seed,
         )
 
     def bounds_config(self) -> BoundsConfig:

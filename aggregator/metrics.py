@@ -84,6 +84,12 @@ class AggregatorMetrics:
         self.loss = Gauge("fedmq_global_loss", "Held-out loss", registry=r)
         self.current_round = Gauge("fedmq_current_round", "Id of the open round", registry=r)
         self.model_version = Gauge("fedmq_model_version", "Current model version", registry=r)
+        self.downlink_bytes = Gauge(
+            "fedmq_downlink_bytes_per_device",
+            "Bytes a device holding the previous version downloads for the current one "
+            "(the model with downlink = full; the index and one delta otherwise)",
+            registry=r,
+        )
         self.dp_epsilon = Gauge(
             "fedmq_dp_epsilon",
             "Central DP epsilon spent so far at the configured delta (0 without dp)",

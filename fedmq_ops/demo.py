@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.policies import round_policy_names
+from fedmq.downlink import downlink_modes
 from fedmq.update.codecs import codec_names
 from fedmq.update.strategies import strategy_names
 from fedmq_ops.localfleet import FederationSpec, RoundRow, run_federation
@@ -78,6 +79,13 @@ def add_federation_arguments(
         "aggregator and every agent (0 = never)",
     )
     p.add_argument(
+        "--downlink",
+        default=d.downlink,
+        choices=downlink_modes(),
+        help="how the global model reaches devices: full (float32 every version) or a "
+        "codec for deltas against the version a device holds",
+    )
+    p.add_argument(
         "--clients-per-round",
         type=int,
         default=d.clients_per_round,
@@ -134,6 +142,7 @@ def spec_from_args(args: argparse.Namespace, **extra: Any) -> FederationSpec:
         round_policy=args.round_policy,
         buffer_size=args.buffer_size,
         max_message_bytes=args.max_message_bytes,
+        downlink=args.downlink,
         workdir=args.workdir,
         **extra,
     )
@@ -145,7 +154,8 @@ def run_from_args(
     spec = spec_from_args(args, **extra)
     print(
         f"{title}: {spec.agents} agents, {spec.dataset} split {spec.partition}, model "
-        f"{spec.model}, {spec.codec} updates, {spec.epochs} local epoch(s), {spec.rounds} rounds",
+        f"{spec.model}, {spec.codec} updates, {spec.epochs} local epoch(s), {spec.rounds} rounds"
+        + (f", {spec.downlink} downlink" if spec.downlink != "full" else ""),
         flush=True,
     )
     shown: list[int] = []

@@ -25,6 +25,7 @@ from typing import Any
 from aggregator.policies import DEFAULT_ROUND_POLICY, round_policy_names
 from fedmq import wire
 from fedmq.chunks import MIN_MESSAGE_BYTES
+from fedmq.downlink import DOWNLINK_FULL, downlink_modes
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.net.localbroker import BrokerOptions, LocalBroker
 from fedmq.net.mqtt import MqttSettings
@@ -66,6 +67,9 @@ class FederationSpec:
     round_policy: str = DEFAULT_ROUND_POLICY  # a registered round policy ("sync", "fedbuff")
     buffer_size: int | None = None  # fedbuff: updates per new model; None = aggregator default
     max_message_bytes: int = 0  # chunk messages above this size (aggregator and agents); 0 = never
+    # How the model reaches devices: "full" every version, or deltas in a codec
+    # (the aggregator's `downlink` key, docs/protocol.md "Compressed downlink").
+    downlink: str = DOWNLINK_FULL
     extra_agent: dict[str, Any] = field(default_factory=dict)
     extra_aggregator: dict[str, Any] = field(default_factory=dict)
 
@@ -80,6 +84,10 @@ class FederationSpec:
             )
         if self.buffer_size is not None and self.buffer_size < 1:
             raise ConfigError(f"buffer_size must be at least 1, got {self.buffer_size}")
+        if self.downlink not in downlink_modes():
+            raise ConfigError(
+                f"downlink must be one of {downlink_modes()}, got {self.downlink!r}"
+            )
         if self.max_message_bytes != 0 and self.max_message_bytes < MIN_MESSAGE_BYTES:
             raise ConfigError(
                 f"max_message_bytes must be 0 (no chunking) or >= {MIN_MESSAGE_BYTES}, "
@@ -97,7 +105,8 @@ class RoundRow:
     # The aggregator's own count of update bytes it received this round (devices' uplink).
     bytes_in: int
     # What the devices downloaded: model and round announcement, once per device (fan-out;
-    # the aggregator itself publishes each once, its bytes_out).
+    # the aggregator itself publishes each once, its bytes_out). With a compressed downlink
+    # the model part is the index and the version's delta (a device that kept up).
     bytes_delivered: int
     seconds: float
     wall: float
@@ -121,6 +130,12 @@ class FederationResult:
     def final_accuracy(self) -> float:
         return self.rows[-1].accuracy if self.rows else float("nan")
 
+    def downlink_per_device(self) -> float:
+        agents = int(self.spec.get("agents", 1)) or 1
+        if not self.rows:
+            return float("nan")
+        return sum(r.bytes_delivered for r in self.rows) / len(self.rows) / agents
+
     def to_json(self) -> dict[str, Any]:
         return {
             "spec": self.spec,
@@ -129,6 +144,8 @@ class FederationResult:
             "wall_seconds": self.wall_seconds,
             "bytes_in": sum(r.bytes_in for r in self.rows),
             "bytes_delivered": sum(r.bytes_delivered for r in self.rows),
+            # Model and announcement bytes one device downloads per round, on average.
+            "downlink_bytes_per_device_per_round": self.downlink_per_device(),
             "broker": self.broker,
             "model_bytes": self.model_bytes,
             "agent_peak_rss_mb": self.agent_peak_rss_mb,
@@ -248,6 +265,7 @@ def write_configs(
         "server_lr": spec.server_lr,
         "round_policy": spec.round_policy,
         "buffer_size": spec.buffer_size,
+        "downlink": spec.downlink,
         **chunking,
         **spec.extra_aggregator,
     }
