@@ -30,6 +30,7 @@ from aggregator.bounds import Contribution
 from aggregator.bundles import model_id_of
 from aggregator.config import AggregatorConfig
 from aggregator.evaluate import Evaluator
+from aggregator.evaluation import set_gauges as set_eval_gauges
 from aggregator.guard import (
     UnpublishableModel,
     check_publishable,
@@ -404,6 +405,7 @@ class Coordinator:
             "num_examples": float(state.num_examples),
             "bytes_in": float(self.traffic.bytes_in),
             "round_seconds": seconds,
+            **self.ingest.evaluations.figures(),  # federated evaluation (fed_*)
         }
         if self.private is not None:  # after aggregate(): this round is released
             metrics["dp_epsilon"] = self.private.epsilon()
@@ -445,6 +447,7 @@ class Coordinator:
         self.metrics.round_seconds.observe(seconds)
         self.metrics.model_version.set(self.version)
         self._set_quality_gauges(quality)
+        set_eval_gauges(self.metrics, metrics)
         self._set_epsilon_gauge()
         self._results.append(
             RoundResult(

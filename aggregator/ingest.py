@@ -18,6 +18,7 @@ import msgpack
 
 from aggregator.bounds import Contribution, FleetBounds, update_norm
 from aggregator.config import AggregatorConfig
+from aggregator.evaluation import RoundEvaluations
 from aggregator.metrics import AggregatorMetrics
 from aggregator.outgoing import Outgoing, RoundTraffic
 from aggregator.round_state import RoundState, check_route
@@ -35,6 +36,7 @@ from fedmq.privacy.dp_fedavg import ClippedSum
 from fedmq.signing import Registry, verify_update
 from fedmq.topics import Topics, validate_name
 from fedmq.update.accumulate import Accumulator, CheckedUpdate
+from fedmq.update.normalized import check_update, fold_update
 from fedmq.wire import (
     AckMessage,
     Limits,
@@ -109,6 +111,8 @@ class Ingest:
         self.fold: Accumulator | None = None
         # The accepted updates of the open round (norm, claimed and used weight): O(devices).
         self.contributions: list[Contribution] = []
+        # The devices' evaluation reports of the open round (aggregator.evaluation): O(devices).
+        self.evaluations = RoundEvaluations()
         self.bounds = FleetBounds.from_json(
             config.bounds_config(), store.get_meta(_BOUNDS_META)
         )
@@ -126,6 +130,7 @@ class Ingest:
         self.round = state
         self.fold = accumulator
         self.contributions = []
+        self.evaluations = RoundEvaluations(state.plan.base_version)
         self.last_round_id = max(self.last_round_id, state.round_id)
 
     def refold(self) -> int:
@@ -137,7 +142,7 @@ class Ingest:
             weight = float(entry.num_examples) if entry.weight is None else entry.weight
             try:
                 msg = decode_update(entry.payload, self.limits)
-                self.fold.fold(msg.tensors, msg.codec, weight)
+                fold_update(self.fold, msg.tensors, msg.codec, weight, msg.steps)
                 if isinstance(self.fold, ClippedSum):
                     self.fold.note_metrics(msg.metrics)
             except (Rejected, ValueError) as exc:
@@ -151,6 +156,7 @@ class Ingest:
                 Contribution(entry.update_id, entry.device, entry.num_examples, weight, norm)
             )
             self.round.record(entry.update_id, entry.device, entry.num_examples)
+            self.evaluations.note(msg)
             self.traffic.bytes_in += len(entry.payload)
             n += 1
         log.info("round %d reopened with %d journaled update(s) re-folded", self.round.round_id, n)
@@ -250,6 +256,7 @@ class Ingest:
         if isinstance(self.fold, ClippedSum):  # DP: the device's clip bit (adaptive clip)
             self.fold.note_metrics(msg.metrics)
         self.round.record(msg.update_id, msg.device, msg.num_examples)
+        self.evaluations.note(msg)
         self.bounds.observe_claim(msg.device, msg.num_examples)
         self.contributions.append(
             Contribution(msg.update_id, msg.device, msg.num_examples, checked.weight, norm)
@@ -355,7 +362,8 @@ class Ingest:
         checked: list[CheckedUpdate] = []
 
         def check_tensors(m: UpdateMessage) -> None:
-            checked.append(fold.check(m.tensors, m.codec, weight * state.weight_factor(m)))
+            w = weight * state.weight_factor(m)
+            checked.append(check_update(fold, m.tensors, m.codec, w, m.steps))
 
         state.check(msg, topic_device, check_tensors, base_of=self._round_base)
         return checked[0]

@@ -549,6 +549,7 @@ class EdgeCore:
             metrics={**self._status.metrics, **dp_metrics},
             created_at=now,
             epoch=ann.epoch,
+            steps=int(metrics.steps),  # FedNova normalises by it (0 = none)
         )
         # Durable before it leaves the device: a crash now means a resend, never a loss.
         entry = self.outbox.put(
