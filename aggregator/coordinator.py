@@ -462,7 +462,9 @@ class Coordinator:
     def _abandon(self, now: float) -> list[Outgoing]:
         assert self.round is not None
         state = self.round
-        self.store.abandon_round(state.round_id, now)
+        evaluated = self.ingest.evaluations.figures()  # an eval-only round still measured
+        self.store.abandon_round(state.round_id, now, evaluated)
+        set_eval_gauges(self.metrics, evaluated)
         self.ingest.end()
         self.round = None
         self.metrics.rounds_abandoned.labels(reason="no_quorum").inc()
@@ -475,7 +477,7 @@ class Coordinator:
                 round_id=state.round_id, status="abandoned", version=None,
                 participants=state.count, num_examples=state.num_examples,
                 bytes_in=self.traffic.bytes_in, bytes_out=self.traffic.bytes_out,
-                seconds=max(0.0, now - state.plan.opened_at),
+                seconds=max(0.0, now - state.plan.opened_at), metrics=evaluated,
             )
         )
         return []

@@ -11,6 +11,7 @@ buffer folds those) evaluated another model: they are not mixed in. Memory is O(
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 
@@ -24,11 +25,17 @@ log = logging.getLogger(__name__)
 
 
 class RoundEvaluations:
-    """The evaluation reports of one round, opened on model ``base_version``."""
+    """The evaluation reports of one round, opened on model ``base_version``.
 
-    def __init__(self, base_version: int | None = None) -> None:
+    Reports of eval-only devices (updates without tensors, never journaled) are also kept
+    in :meth:`eval_only_json`, which the ingest stores so a restart keeps them.
+    """
+
+    def __init__(self, base_version: int | None = None, round_id: int | None = None) -> None:
         self.base_version = base_version
+        self.round_id = round_id
         self._reports: dict[str, EvalReport] = {}
+        self._eval_only: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._reports)
@@ -45,6 +52,8 @@ class RoundEvaluations:
             )
             return False
         self._reports[msg.device] = report
+        if not msg.tensors:
+            self._eval_only.add(msg.device)
         return True
 
     def figures(self) -> dict[str, float]:
@@ -53,6 +62,30 @@ class RoundEvaluations:
         if out and self.base_version is not None:
             out["fed_eval_version"] = float(self.base_version)
         return out
+
+    def eval_only_json(self) -> str:
+        """The eval-only reports of this round (for the state's meta table)."""
+        return json.dumps({
+            "round": self.round_id,
+            "reports": {d: self._reports[d].to_map() for d in sorted(self._eval_only)},
+        })
+
+    def load_eval_only(self, raw: str | None) -> int:
+        """Restore the eval-only reports :meth:`eval_only_json` stored for this round (those
+        of another round are ignored); how many."""
+        if raw is None:
+            return 0
+        try:
+            obj = json.loads(raw)
+            if not isinstance(obj, dict) or obj.get("round") != self.round_id:
+                return 0
+            reports = {str(d): EvalReport.from_map(r) for d, r in obj["reports"].items()}
+        except (ValueError, KeyError, AttributeError, TypeError) as exc:
+            log.warning("stored eval-only reports are unreadable (%s): ignored", exc)
+            return 0
+        self._reports.update(reports)
+        self._eval_only.update(reports)
+        return len(reports)
 
 
 def set_gauges(metrics: AggregatorMetrics, figures: Mapping[str, float]) -> None:

@@ -52,6 +52,7 @@ __all__ = ["Ingest"]
 log = logging.getLogger(__name__)
 
 _BOUNDS_META = "ingest_bounds"  # the fleet's recent norms and claims (aggregator.bounds)
+_EVAL_ONLY_META = "eval_only_reports"  # the open round's eval-only reports (not journaled)
 
 
 def _peek_ids(payload: bytes, max_bytes: int) -> tuple[int | None, str]:
@@ -130,7 +131,7 @@ class Ingest:
         self.round = state
         self.fold = accumulator
         self.contributions = []
-        self.evaluations = RoundEvaluations(state.plan.base_version)
+        self.evaluations = RoundEvaluations(state.plan.base_version, state.round_id)
         self.last_round_id = max(self.last_round_id, state.round_id)
 
     def refold(self) -> int:
@@ -159,6 +160,7 @@ class Ingest:
             self.evaluations.note(msg)
             self.traffic.bytes_in += len(entry.payload)
             n += 1
+        self.evaluations.load_eval_only(self.store.get_meta(_EVAL_ONLY_META))
         log.info("round %d reopened with %d journaled update(s) re-folded", self.round.round_id, n)
         return n
 
@@ -232,6 +234,8 @@ class Ingest:
             duplicate = self._already_folded(msg, topic_device, now)
             if duplicate is not None:
                 return duplicate
+            if not msg.tensors:  # an eval_only device's report (the wire requires its eval)
+                return self._evaluation_only(msg, topic_device, len(payload), now)
             weight = self.bounds.weight(
                 msg.device, msg.num_examples, self._registry_cap(msg.device)
             )
@@ -285,6 +289,30 @@ class Ingest:
         return AckMessage(
             fleet=self.config.fleet, round_id=msg.round_id, device=topic_device,
             update_id=msg.update_id, accepted=True, code="ok", reason=note, created_at=now,
+        )
+
+    def _evaluation_only(
+        self, msg: UpdateMessage, topic_device: str, size: int, now: float
+    ) -> AckMessage:
+        """Record an eval-only device's report for the open round (checked like an update,
+        nothing folded or journaled; stored in the meta table so a restart keeps it)."""
+        if self.round is None:
+            check_route(msg, topic_device, self.config.fleet, last_round=self.last_round_id)
+            raise Rejected(f"round {msg.round_id} is not open", RejectReason.WRONG_ROUND)
+        self.round.check(msg, topic_device, None, base_of=self._round_base)
+        if not self.evaluations.note(msg):
+            raise Rejected(
+                f"evaluation of version {msg.base_version}: round {self.round.round_id} "
+                f"evaluates version {self.round.plan.base_version}", RejectReason.WRONG_BASE,
+            )
+        self.store.set_meta(_EVAL_ONLY_META, self.evaluations.eval_only_json())
+        self.traffic.bytes_in += size
+        log.info("evaluation of round %d from %s recorded (eval only: nothing folded)",
+                 self.round.round_id, msg.device)
+        return AckMessage(
+            fleet=self.config.fleet, round_id=msg.round_id, device=topic_device,
+            update_id=msg.update_id, accepted=True, code="ok",
+            reason="evaluation recorded; nothing folded", created_at=now,
         )
 
     def ack_outgoing(self, ack: AckMessage) -> Outgoing | None:

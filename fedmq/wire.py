@@ -634,6 +634,10 @@ def _update(obj: Mapping[str, Any], limits: Limits) -> UpdateMessage:
     update_id = _str(obj, "update_id", 64)
     if not update_id.isprintable():
         raise WireError("field 'update_id' is not printable")
+    tensors = _tensors(obj, limits)
+    if not tensors and not _opt(obj, "eval"):
+        raise WireError("an update without tensors must carry 'eval' (an evaluation report)",
+                        RejectReason.SHAPE)
     return UpdateMessage(
         fleet=_str(obj, "fleet", 64),
         round_id=_int(obj, "round"),
@@ -642,7 +646,7 @@ def _update(obj: Mapping[str, Any], limits: Limits) -> UpdateMessage:
         update_id=update_id,
         num_examples=_int(obj, "num_examples", 1, 2**40),
         codec=codec,
-        tensors=_tensors(obj, limits),
+        tensors=tensors,
         metrics=_float_map(obj, "metrics"),
         created_at=_float(obj, "created_at") if _opt(obj, "created_at") else 0.0,
         epoch=_epoch(obj),
