@@ -46,6 +46,10 @@ _HELP: dict[str, str] = {
     "max_resends": "re-sends of one update before waiting for the round to close",
     "signing_key": "Ed25519 device key file for signing updates (created if missing; "
     "see `fedmq keygen`)",
+    "eval_fraction": "federated evaluation: fraction of the local examples held out (never "
+    "trained on, never sent) to evaluate each round's model on; 0 = off",
+    "eval_personal": "also evaluate the locally trained model (personalized accuracy)",
+    "eval_only": "never train: only evaluate each round's model on all local examples",
 }
 # [mqtt] settings; the agent's client id is its device id, so no --client-id.
 _MQTT_HELP: dict[str, str] = {

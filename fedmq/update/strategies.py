@@ -8,7 +8,8 @@ weights (:meth:`~Strategy.aggregate`) and keeps its server state (``state``/``lo
 A :class:`StrategyWrapper` delegates all of it to an inner strategy and overrides what it
 changes (DP noise, norm bounding): :class:`ClipMeanDelta` is the worked example.
 
-FedAvg adds the mean delta (server learning rate 1), FedAvgM adds server momentum, FedAdam,
+FedAvg adds the mean delta (server learning rate 1), FedNova the step-normalized one (a
+streaming :class:`~fedmq.update.normalized.NormalizedSum`), FedAvgM adds server momentum, FedAdam,
 FedYogi and FedAdagrad are Reddi et al.'s adaptive servers (:class:`AdaptiveServer`). The
 robust aggregators and wrappers (median, trimmed mean, Multi-Krum, norm bounding, outlier
 zeroing) are in :mod:`fedmq.update.robust`. :func:`make_strategy` reads the registry
@@ -475,7 +476,7 @@ class StrategyOptions:
     (updates averaged; 0 = n - f). Wrappers: ``clip_updates`` (``off``/``fixed``/
     ``adaptive``) with ``clip_norm`` or ``clip_multiplier``; ``zero_outliers_k`` (0 = off).
     ``fedprox``: ``prox_mu``. ``fedsgd``: ``grad_examples``, ``server_adam`` (with ``beta1``,
-    ``beta2``, ``tau``).
+    ``beta2``, ``tau``). ``fednova``: ``server_lr`` only (no wrappers: it streams).
     """
 
     server_lr: float | None = None
