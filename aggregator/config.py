@@ -283,6 +283,11 @@ class AggregatorConfig:
     def _check_privacy(self) -> None:
         if not self.dp:
             return
+        if self.strategy == "fednova":
+            raise ConfigError(
+                "dp folds clipped updates with equal weight; fednova's step normalisation "
+                "is not accounted for: choose fedavg (or another strategy) with dp"
+            )
         if self.dp_sampling not in DP_SAMPLINGS:
             raise ConfigError(
                 f"dp_sampling must be one of {DP_SAMPLINGS}, got {self.dp_sampling!r}"

@@ -31,6 +31,7 @@ from aggregator.bundles import model_id_of
 from aggregator.config import AggregatorConfig
 from aggregator.downlink import Downlink, index_facts
 from aggregator.evaluate import Evaluator
+from aggregator.evaluation import set_gauges as set_eval_gauges
 from aggregator.guard import (
     UnpublishableModel,
     check_publishable,
@@ -419,6 +420,7 @@ class Coordinator:
             "num_examples": float(state.num_examples),
             "bytes_in": float(self.traffic.bytes_in),
             "round_seconds": seconds,
+            **self.ingest.evaluations.figures(),  # federated evaluation (fed_*)
         }
         if self.private is not None:  # after aggregate(): this round is released
             metrics["dp_epsilon"] = self.private.epsilon()
@@ -463,6 +465,7 @@ class Coordinator:
         self.metrics.round_seconds.observe(seconds)
         self.metrics.model_version.set(self.version)
         self._set_quality_gauges(quality)
+        set_eval_gauges(self.metrics, metrics)
         self._set_epsilon_gauge()
         self._results.append(
             RoundResult(
@@ -477,7 +480,9 @@ class Coordinator:
     def _abandon(self, now: float) -> list[Outgoing]:
         assert self.round is not None
         state = self.round
-        self.store.abandon_round(state.round_id, now)
+        evaluated = self.ingest.evaluations.figures()  # an eval-only round still measured
+        self.store.abandon_round(state.round_id, now, evaluated)
+        set_eval_gauges(self.metrics, evaluated)
         self.ingest.end()
         self.round = None
         self.metrics.rounds_abandoned.labels(reason="no_quorum").inc()
@@ -490,7 +495,7 @@ class Coordinator:
                 round_id=state.round_id, status="abandoned", version=None,
                 participants=state.count, num_examples=state.num_examples,
                 bytes_in=self.traffic.bytes_in, bytes_out=self.traffic.bytes_out,
-                seconds=max(0.0, now - state.plan.opened_at),
+                seconds=max(0.0, now - state.plan.opened_at), metrics=evaluated,
             )
         )
         return []

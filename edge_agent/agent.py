@@ -27,6 +27,7 @@ import paho.mqtt.client as mqtt
 from edge_agent.config import AgentConfig
 from edge_agent.core import Action, CoreSettings, EdgeCore, Publish, carry_out
 from edge_agent.downlink import DownlinkReceiver, DownlinkStep, is_index
+from edge_agent.evaluation import device_evaluation
 from edge_agent.outbox import Outbox
 from edge_agent.secagg import SecureRounds
 from edge_agent.state import StateStore
@@ -86,6 +87,7 @@ class EdgeAgent:
         self.outbox = Outbox(Path(config.state_dir) / "outbox")
         self.trainer: Trainer = trainer if trainer is not None else build_trainer(config)
         self.data = data if data is not None else LocalData.from_config(config.data_config())
+        self.data, evaluation = device_evaluation(config, self.data)
         spec = self.trainer.spec
         if self.data.num_classes != spec.num_classes:
             raise ModelError(
@@ -101,7 +103,7 @@ class EdgeAgent:
                 seed=config.seed, num_threads=config.num_threads,
                 metrics_textfile=config.metrics_textfile,
             ),
-            self.store, self.outbox, self.trainer, self.data, key,
+            self.store, self.outbox, self.trainer, self.data, key, evaluation,
         )
         if key is not None:  # secure rounds need the enrolled key (edge_agent.secagg)
             peers = None

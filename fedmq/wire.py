@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import msgpack
 
 from fedmq.errors import RejectReason, WireError
+from fedmq.evaluation import EvalReport
 from fedmq.tensor import ALLOWED_DTYPES, MAX_NDIM, Tensor, tensor_from_map
 from fedmq.update.codecs import codec_names
 
@@ -31,6 +32,7 @@ __all__ = [
     "ALLOWED_DTYPES",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "MAX_CHUNKS",
+    "MAX_STEPS",
     "SCHEMA_VERSION",
     "AckMessage",
     "ChunkManifest",
@@ -71,6 +73,8 @@ _MAX_EPOCH = 64
 _MAX_SIGNATURE = 512
 _MAX_CONFIG_PARAMS = 32
 _MAX_CONFIG_KEY = 64
+#: The largest local step count an update may report (FedNova).
+MAX_STEPS = 10**9
 #: A chunked transfer has at most this many chunks (a 1 KB chunk size still carries 64 MiB).
 MAX_CHUNKS = 65536
 #: A model index lists at most this many retained deltas (compressed downlink).
@@ -233,6 +237,10 @@ class UpdateMessage:
     metrics: Mapping[str, float] = field(default_factory=dict)
     created_at: float = 0.0
     epoch: str = ""
+    #: local SGD steps the update took (FedNova normalises by it); 0 = not reported
+    steps: int = 0
+    #: the device's federated evaluation (:class:`fedmq.evaluation.EvalReport`); None = none
+    evaluation: EvalReport | None = None
 
 
 @dataclass(frozen=True)
@@ -447,6 +455,10 @@ def _to_map(msg: Message) -> dict[str, Any]:
             "created_at": float(msg.created_at),
         }
         _put_epoch(body, msg.epoch)
+        if msg.steps:  # optional fields go on the wire only when set (golden bytes)
+            body["steps"] = msg.steps
+        if msg.evaluation is not None:
+            body["eval"] = msg.evaluation.to_map()
     elif isinstance(msg, SignedUpdate):
         body = {"type": "signed", "body": msg.body, "sig": msg.signature}
     elif isinstance(msg, ModelMessage):
@@ -717,6 +729,10 @@ def _update(obj: Mapping[str, Any], limits: Limits) -> UpdateMessage:
     update_id = _str(obj, "update_id", 64)
     if not update_id.isprintable():
         raise WireError("field 'update_id' is not printable")
+    tensors = _tensors(obj, limits)
+    if not tensors and not _opt(obj, "eval"):
+        raise WireError("an update without tensors must carry 'eval' (an evaluation report)",
+                        RejectReason.SHAPE)
     return UpdateMessage(
         fleet=_str(obj, "fleet", 64),
         round_id=_int(obj, "round"),
@@ -725,11 +741,20 @@ def _update(obj: Mapping[str, Any], limits: Limits) -> UpdateMessage:
         update_id=update_id,
         num_examples=_int(obj, "num_examples", 1, 2**40),
         codec=codec,
-        tensors=_tensors(obj, limits),
+        tensors=tensors,
         metrics=_float_map(obj, "metrics"),
         created_at=_float(obj, "created_at") if _opt(obj, "created_at") else 0.0,
         epoch=_epoch(obj),
+        steps=_int(obj, "steps", 1, MAX_STEPS) if _opt(obj, "steps") else 0,
+        evaluation=_evaluation(obj.get("eval")) if _opt(obj, "eval") else None,
     )
+
+
+def _evaluation(raw: Any) -> EvalReport:
+    try:
+        return EvalReport.from_map(raw)
+    except ValueError as exc:
+        raise WireError(f"bad field 'eval': {exc}") from exc
 
 
 def receive_update(payload: bytes, limits: Limits | None = None) -> ReceivedUpdate:

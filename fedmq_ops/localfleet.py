@@ -70,6 +70,10 @@ class FederationSpec:
     # How the model reaches devices: "full" every version, or deltas in a codec
     # (the aggregator's `downlink` key, docs/protocol.md "Compressed downlink").
     downlink: str = DOWNLINK_FULL
+    # Federated evaluation (docs/strategies.md): each agent's held-out fraction (0 = off);
+    # the last eval_only_agents agents never train and only evaluate each round's model.
+    eval_fraction: float = 0.0
+    eval_only_agents: int = 0
     extra_agent: dict[str, Any] = field(default_factory=dict)
     extra_aggregator: dict[str, Any] = field(default_factory=dict)
 
@@ -81,6 +85,10 @@ class FederationSpec:
         if self.round_policy not in round_policy_names():
             raise ConfigError(
                 f"round_policy must be one of {round_policy_names()}, got {self.round_policy!r}"
+            )
+        if not 0 <= self.eval_only_agents < self.agents:
+            raise ConfigError(
+                f"eval_only_agents must be in [0, {self.agents}): some agent must train"
             )
         if self.buffer_size is not None and self.buffer_size < 1:
             raise ConfigError(f"buffer_size must be at least 1, got {self.buffer_size}")
@@ -110,6 +118,9 @@ class RoundRow:
     bytes_delivered: int
     seconds: float
     wall: float
+    # The devices' federated evaluation of the round's base model (nan: none reported).
+    fed_accuracy: float = float("nan")
+    fed_loss: float = float("nan")
 
 
 @dataclass
@@ -218,6 +229,8 @@ class _RoundRecorder:
                     bytes_delivered=down,
                     seconds=float(m.get("round_seconds", now - self._last)),
                     wall=now - self._t0,
+                    fed_accuracy=float(m.get("fed_accuracy", float("nan"))),
+                    fed_loss=float(m.get("fed_loss", float("nan"))),
                 )
             )
         self._last = now
@@ -238,7 +251,8 @@ def write_configs(
 ) -> tuple[Path, list[Path]]:
     """Write ``aggregator.toml`` and one ``agent-NNN.toml`` per agent into ``workdir`` for a
     broker at ``host:port``; the paths (aggregator, agents in order)."""
-    per_round = spec.clients_per_round or spec.agents
+    # eval-only agents report on each round but never count towards its updates
+    per_round = spec.clients_per_round or spec.agents - spec.eval_only_agents
     chunking = {"max_message_bytes": spec.max_message_bytes}
     common = {
         "fleet": spec.fleet,
@@ -256,6 +270,7 @@ def write_configs(
         "clients_per_round": per_round,
         "min_updates": spec.min_updates or per_round,
         "min_devices": per_round,
+        **({"selection": "any"} if spec.eval_only_agents else {}),
         "round_timeout": spec.round_timeout,
         "epochs": spec.epochs,
         "lr": spec.lr,
@@ -284,6 +299,7 @@ def write_configs(
             "seed": spec.seed,
             "num_threads": spec.agent_threads,
             "max_examples": spec.max_examples or None,
+            **_eval_settings(spec, i),
             **chunking,
             **spec.extra_agent,
         }
@@ -291,6 +307,13 @@ def write_configs(
         _write_toml(path, "agent", agent_cfg)
         agent_paths.append(path)
     return agg_path, agent_paths
+
+
+def _eval_settings(spec: FederationSpec, index: int) -> dict[str, Any]:
+    """Agent ``index``'s federated-evaluation keys (none when off: the agent defaults)."""
+    if index >= spec.agents - spec.eval_only_agents:
+        return {"eval_only": True}
+    return {"eval_fraction": spec.eval_fraction} if spec.eval_fraction else {}
 
 
 def run_federation(

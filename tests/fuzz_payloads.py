@@ -32,6 +32,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from fedmq.evaluation import EvalReport
 from fedmq.update import codecs
 from fedmq.update.codecs.lowbit import pack_nibbles
 from fedmq.update.codecs.positions import bitmap_bytes, varint_encode
@@ -54,7 +55,7 @@ Obj = dict[str, Any]
 
 _TOP_FIELDS = (
     "v", "type", "fleet", "round", "base_version", "device", "update_id", "num_examples",
-    "codec", "tensors", "metrics", "created_at", "signature",
+    "codec", "tensors", "metrics", "created_at", "signature", "steps", "eval",
 )
 _TENSOR_FIELDS = ("name", "dtype", "shape", "params", "data")
 
@@ -77,7 +78,10 @@ def valid_update_map(
         fleet=fleet, round_id=round_id, base_version=base_version, device=device,
         update_id=f"{rng.getrandbits(64):016x}", num_examples=rng.randint(1, 500), codec=codec,
         tensors=_encode(codec, delta, rng, nrng), metrics={"loss": 0.5},
-        created_at=1.7e9,
+        created_at=1.7e9, steps=rng.randint(1, 100),
+        evaluation=EvalReport(loss=rng.random() * 3, accuracy=rng.random(),
+                              count=rng.randint(1, 400), personal_loss=0.25,
+                              personal_accuracy=rng.random()),
     )
     obj = msgpack.unpackb(encode(msg), raw=False)
     assert isinstance(obj, dict)
@@ -145,7 +149,21 @@ def _field_value(rng: random.Random, field: str, base: Obj) -> Any:
         "metrics": [{"loss": float("nan")}, {"x": "y"}, {str(i): 1.0 for i in range(300)}],
         "created_at": [float("inf"), float("nan"), "now"],
         "signature": [b"\x00" * 513, "sig", 1],
-        "tensors": [[], [{}], [1, 2], [base["tensors"][0]] * 5000],
+        "tensors": [[{}], [1, 2], [base["tensors"][0]] * 5000],
+        "steps": [0, -1, 10**9 + 1, 1.5, True, "3"],
+        "eval": [
+            {"loss": float("nan"), "accuracy": 0.5, "count": 3},
+            {"loss": 0.1, "accuracy": 1.5, "count": 3},
+            {"loss": -0.1, "accuracy": 0.5, "count": 3},
+            {"loss": 0.1, "accuracy": 0.5, "count": 0},
+            {"loss": 0.1, "accuracy": 0.5, "count": 2**40 + 1},
+            {"loss": 0.1, "accuracy": 0.5, "count": 3.0},
+            {"loss": 0.1, "accuracy": 0.5, "count": 3, "pickle": 1},
+            {"loss": 0.1, "accuracy": 0.5, "count": 3, "personal_loss": 0.2},
+            {"loss": 0.1, "accuracy": True, "count": 3},
+            {"accuracy": 0.5, "count": 3},
+            [0.1, 0.5, 3], "eval", b"\x00",
+        ],
     }
     return rng.choice(specific.get(field, [None]))
 

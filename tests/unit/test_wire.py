@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from fedmq import wire
 from fedmq.errors import RejectReason, WireError
+from fedmq.evaluation import EvalReport
 from fedmq.wire import (
     AckMessage,
     Limits,
@@ -57,8 +58,21 @@ def tensors(draw: st.DrawFn) -> Tensor:
 
 
 @st.composite
+def eval_reports(draw: st.DrawFn) -> EvalReport:
+    personal = draw(st.booleans())
+    unit = st.floats(0, 1)
+    return EvalReport(
+        loss=draw(st.floats(0, 1e6)), accuracy=draw(unit), count=draw(st.integers(1, 2**40)),
+        personal_loss=draw(st.floats(0, 1e6)) if personal else None,
+        personal_accuracy=draw(unit) if personal else None,
+    )
+
+
+@st.composite
 def updates(draw: st.DrawFn) -> UpdateMessage:
-    ts = draw(st.lists(tensors(), max_size=4, unique_by=lambda t: t.name))
+    evaluation = draw(st.none() | eval_reports())
+    ts = draw(st.lists(tensors(), min_size=0 if evaluation else 1, max_size=4,
+                       unique_by=lambda t: t.name))
     return UpdateMessage(
         fleet=draw(device_ids),
         round_id=draw(st.integers(0, 2**40)),
@@ -70,6 +84,8 @@ def updates(draw: st.DrawFn) -> UpdateMessage:
         tensors=tuple(ts),
         metrics=draw(st.dictionaries(names, finite, max_size=3)),
         created_at=draw(st.floats(0, 2e9)),
+        steps=draw(st.just(0) | st.integers(1, wire.MAX_STEPS)),
+        evaluation=evaluation,
     )
 
 
