@@ -38,6 +38,7 @@ import paho.mqtt.client as mqtt
 from aggregator.config import AggregatorConfig
 from aggregator.engine import Engine, Outgoing, RoundResult, resolve_bundle
 from aggregator.evaluate import Evaluator, TFLiteEvaluator, load_eval_set
+from aggregator.he import he_mode, install_he
 from aggregator.metrics import AggregatorMetrics
 from aggregator.store import Store
 from fedmq.chunks import (
@@ -99,7 +100,9 @@ def build_engine(config: AggregatorConfig, metrics: AggregatorMetrics | None = N
         evaluator = TFLiteEvaluator(bundle, x, y)
     store = Store(config.state_dir)
     try:
-        return Engine(config, store, bundle, evaluator, metrics)
+        engine = Engine(config, store, bundle, evaluator, metrics)
+        install_he(config, engine)  # HE mode (docs/privacy.md); nothing when off
+        return engine
     except BaseException:
         store.close()
         raise
@@ -117,6 +120,7 @@ class AggregatorService:
         self.config = config
         self.engine = engine or build_engine(config)
         self.on_round = on_round
+        self.he = he_mode(self.engine)  # encrypted rounds: the decryptor's topics
         self.topics = config.topics
         self._settings = config.mqtt_settings()
         self._inbox: queue.Queue[_Inbound | _Connected] = queue.Queue()
@@ -198,12 +202,14 @@ class AggregatorService:
         no such option: there only the resubscribe deliveries carry the flag).
         """
         topics = (self.topics.model, self.topics.update_wildcard, self.topics.status_wildcard)
+        he = self.he.subscriptions if self.he is not None else ()
         if self._settings.protocol != "5":
-            return [(t, 1) for t in topics]
+            return [(t, 1) for t in topics + he]
         return [
             (self.topics.model, mqtt.SubscribeOptions(1)),
             (self.topics.update_wildcard, mqtt.SubscribeOptions(1, retainAsPublished=True)),
             (self.topics.status_wildcard, mqtt.SubscribeOptions(1)),
+            *((t, mqtt.SubscribeOptions(1)) for t in he),
         ]
 
     # -- main thread -----------------------------------------------------------------------
@@ -255,6 +261,10 @@ class AggregatorService:
                     self._tick(now)
             elif device is not None and kind == "status":
                 self._publish(self.engine.on_status(device, item.payload, now))
+            elif self.he is not None and item.topic in self.he.subscriptions:
+                self.he.on_message(item.topic, item.payload)
+                if self._ticking:
+                    self._tick(now)
             elif item.topic == self.topics.model:
                 if item.retain:
                     self._publish(self.engine.on_model(item.payload, now))
@@ -368,7 +378,7 @@ class AggregatorService:
         if self._full is not None:
             log.info("state directory %s has space again", self._full.directory)
             self._full = None
-        self._publish(out)
+        self._publish(out + (self.he.take_outgoing() if self.he is not None else []))
 
     def _ack(self, item: _Inbound) -> None:
         if item.qos == 0:

@@ -26,6 +26,7 @@ import paho.mqtt.client as mqtt
 
 from edge_agent.config import AgentConfig
 from edge_agent.core import Action, CoreSettings, EdgeCore, Publish, carry_out
+from edge_agent.he import load_he
 from edge_agent.outbox import Outbox
 from edge_agent.state import StateStore
 from edge_agent.systemd import SystemdNotifier
@@ -91,6 +92,7 @@ class EdgeAgent:
                 f"has {spec.num_classes}"
             )
         key = load_or_create_key(config.signing_key) if config.signing_key else None
+        load_he(config.he_context)  # registers the ckks codec (None: HE off)
         self.core = EdgeCore(
             CoreSettings(
                 fleet=config.fleet, device_id=self.device_id, topics=self.topics,

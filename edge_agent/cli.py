@@ -46,6 +46,7 @@ _HELP: dict[str, str] = {
     "max_resends": "re-sends of one update before waiting for the round to close",
     "signing_key": "Ed25519 device key file for signing updates (created if missing; "
     "see `fedmq keygen`)",
+    "he_context": "public CKKS context of `fedmq he keygen`: take part in encrypted rounds",
 }
 # [mqtt] settings; the agent's client id is its device id, so no --client-id.
 _MQTT_HELP: dict[str, str] = {

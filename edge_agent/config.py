@@ -73,6 +73,8 @@ class AgentConfig:
     max_message_bytes: int = 0
     chunk_timeout: float = 300.0
     signing_key: Path | None = None
+    # Homomorphic encryption (docs/privacy.md): the public context of `fedmq he keygen`.
+    he_context: Path | None = None
     # Prometheus textfile for node_exporter's textfile collector (NAME.prom), rewritten
     # after every round (docs/monitoring.md); None = none.
     metrics_textfile: Path | None = None

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent.decide import SkipReason, decide
+from edge_agent.he import encode_he, is_he
 from edge_agent.outbox import Outbox, OutboxEntry
 from edge_agent.state import ACCEPTED, EXPIRED, StateStore, rejected
 from edge_agent.textfile import check_textfile_path, write_textfile
@@ -527,9 +528,12 @@ class EdgeCore:
         delta, metrics = self._local_step(r, cfg, x, y, global_weights, rng)
         # DP rounds (docs/privacy.md): clip to the announced bound BEFORE encoding.
         delta, dp_metrics = privatize_delta(delta, cfg.params, rng)
-        tensors, codec_state = encode_with_state(
-            delta, cfg.codec, rng, self.outbox.codec_state.blob, cfg.params, r
-        )
+        if is_he(cfg.codec):  # encrypted round: pre-scaled by the weight (docs/privacy.md)
+            tensors, codec_state = encode_he(delta, int(m)), b""
+        else:
+            tensors, codec_state = encode_with_state(
+                delta, cfg.codec, rng, self.outbox.codec_state.blob, cfg.params, r
+            )
         self._status.metrics = {
             "loss": float(metrics.loss) if math.isfinite(metrics.loss) else 0.0,
             "train_seconds": float(metrics.seconds),

@@ -63,7 +63,9 @@ class HEParams:
 
     def __post_init__(self) -> None:
         if self.poly_degree not in (4096, 8192, 16384, 32768):
-            raise ConfigError(f"poly degree must be 4096-32768 (a power of 2), got {self.poly_degree}")
+            raise ConfigError(
+                f"poly degree must be 4096-32768 (a power of 2), got {self.poly_degree}"
+            )
         if len(self.coeff_bits) < 2 or any(not 20 <= b <= 60 for b in self.coeff_bits):
             raise ConfigError(f"coeff bits need >= 2 primes of 20-60 bits, got {self.coeff_bits}")
         if not 20 <= self.scale_bits < self.data_bits - 10:
@@ -271,9 +273,9 @@ def _outer_fields(data: bytes) -> tuple[list[int], bytes, float]:
         raise WireError("ciphertext: missing ciphertext or scale", RejectReason.BAD_CODEC)
     shape = seen.get(_SHAPE, [])
     assert isinstance(shape, list)
-    body, scale = seen[_CIPHER], seen[_SCALE]
-    assert isinstance(body, bytes) and isinstance(scale, float)
-    return shape, body, scale
+    cipher, scale = seen[_CIPHER], seen[_SCALE]
+    assert isinstance(cipher, bytes) and isinstance(scale, float)
+    return shape, cipher, scale
 
 
 def read_ciphertext(he: HEContext, data: bytes, values: int, what: str = "ciphertext") -> Any:

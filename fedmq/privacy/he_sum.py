@@ -21,7 +21,7 @@ import msgpack
 import numpy as np
 
 from fedmq.errors import Rejected, RejectReason, WireError
-from fedmq.privacy.he import MAX_SUM_UPDATES, HEContext, read_ciphertext, sum_ciphertexts
+from fedmq.privacy.he import MAX_SUM_UPDATES, HEContext, read_ciphertext
 from fedmq.tensor import Tensor
 from fedmq.update.accumulate import Accumulated, CheckedUpdate, Weights
 from fedmq.update.codecs.ckks import CKKS, Ckks, tensor_name

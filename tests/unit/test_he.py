@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("tenseal")
 
-from fedmq.errors import ConfigError, Rejected, WireError  # noqa: E402
-from fedmq.privacy.he import (  # noqa: E402
+from fedmq.errors import ConfigError, Rejected, WireError
+from fedmq.privacy.he import (
     HEContext,
     decrypt_flat,
     encrypt_flat,
@@ -20,9 +20,9 @@ from fedmq.privacy.he import (  # noqa: E402
     read_ciphertext,
     sum_ciphertexts,
 )
-from fedmq.privacy.he_decrypt import Decryptor, MeanResult, SumRequest  # noqa: E402
-from fedmq.privacy.he_sum import CkksSum, HEPending  # noqa: E402
-from fedmq.update.codecs.ckks import Ckks  # noqa: E402
+from fedmq.privacy.he_decrypt import Decryptor, MeanResult, SumRequest
+from fedmq.privacy.he_sum import CkksSum, HEPending
+from fedmq.update.codecs.ckks import Ckks
 
 # CKKS is approximate: with the default parameters (scale 2^36) a fresh ciphertext decrypts
 # to within ~1e-6 of each value, and a sum of n adds the errors. The tests check sums of
@@ -55,7 +55,7 @@ def test_public_context_has_no_secret_key(keys: tuple[HEContext, HEContext]) -> 
     with pytest.raises(ConfigError, match="holds a secret key"):
         HEContext.load(sk, secret=False)
     pk = public.ctx.serialize()
-    with pytest.raises(ConfigError, match="has no a secret key|has no"):
+    with pytest.raises(ConfigError, match="has no"):
         HEContext.load(pk, secret=True)
     with pytest.raises(ConfigError, match="decryptor"):
         decrypt_flat(public, [])
@@ -117,7 +117,8 @@ def test_accumulator_sums_weighted_updates_and_decryptor_gives_mean(
     single = CkksSum(SHAPES, public)
     single.fold(codec.encode_weighted(deltas[0], 1.0).tensors, "ckks", 1.0)
     b3, g3 = single.seal()
-    assert dec.handle(SumRequest("lab", "e1", 2, 1, 1.0, dict(SHAPES), tuple(b3), g3).encode()) is None
+    lone = SumRequest("lab", "e1", 2, 1, 1.0, dict(SHAPES), tuple(b3), g3)
+    assert dec.handle(lone.encode()) is None
 
 
 def test_weight_mismatch_and_structure_rejected(keys: tuple[HEContext, HEContext]) -> None:
@@ -129,7 +130,7 @@ def test_weight_mismatch_and_structure_rejected(keys: tuple[HEContext, HEContext
         acc.check(tensors, "ckks", 10.0)  # e.g. the aggregator capped the claim
     with pytest.raises(Rejected, match="ciphertexts"):
         acc.check(tensors[:1], "ckks", 20.0)
-    with pytest.raises(Rejected, match="not float32|ckks"):
+    with pytest.raises(Rejected, match="ckks"):
         acc.check(tensors, "float32", 20.0)
     with pytest.raises(ValueError):
         codec.encode(_deltas(1)[0], np.random.default_rng(0))
