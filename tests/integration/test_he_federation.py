@@ -16,15 +16,15 @@ import pytest
 
 pytest.importorskip("tenseal")
 
-from fedmq.net.localbroker import LocalBroker  # noqa: E402
-from fedmq.net.mqtt import MqttSettings, connect, make_client  # noqa: E402
-from fedmq.privacy.he import HEContext, HEParams, decrypt_flat, read_ciphertext  # noqa: E402
-from fedmq.topics import Topics  # noqa: E402
-from fedmq.update.codecs import unregister  # noqa: E402
-from fedmq.update.codecs.ckks import register_ckks  # noqa: E402
-from fedmq.wire import decode_ack, decode_model, decode_update  # noqa: E402
-from fedmq_ops.he_cli import write_keys  # noqa: E402
-from fedmq_ops.localfleet import FederationSpec, run_federation  # noqa: E402
+from fedmq.net.localbroker import LocalBroker
+from fedmq.net.mqtt import MqttSettings, connect, make_client
+from fedmq.privacy.he import HEContext, HEParams, decrypt_flat, read_ciphertext
+from fedmq.topics import Topics
+from fedmq.update.codecs import unregister
+from fedmq.update.codecs.ckks import register_ckks
+from fedmq.wire import decode_ack, decode_model, decode_update
+from fedmq_ops.he_cli import write_keys
+from fedmq_ops.localfleet import FederationSpec, run_federation
 
 pytestmark = pytest.mark.integration
 

@@ -12,19 +12,19 @@ import pytest
 
 pytest.importorskip("tenseal")
 
-from aggregator.config import AggregatorConfig  # noqa: E402
-from aggregator.engine import Engine, Outgoing, resolve_bundle  # noqa: E402
-from aggregator.he import AwaitDecryption, he_mode, install_he  # noqa: E402
-from aggregator.store import Store  # noqa: E402
-from fedmq.errors import ConfigError  # noqa: E402
-from fedmq.models.spec import ModelBundle  # noqa: E402
-from fedmq.privacy.he import HEContext  # noqa: E402
-from fedmq.privacy.he_decrypt import Decryptor, SumRequest  # noqa: E402
-from fedmq.update.codecs import unregister  # noqa: E402
-from fedmq.update.codecs.ckks import Ckks  # noqa: E402
-from fedmq.wire import UpdateMessage, decode_model, encode  # noqa: E402
-from fedmq_ops.he_cli import write_keys  # noqa: E402
-from tests.fakes import exact_delta, model_weights  # noqa: E402
+from aggregator.config import AggregatorConfig
+from aggregator.engine import Engine, resolve_bundle
+from aggregator.he import AwaitDecryption, he_mode, install_he
+from aggregator.store import Store
+from fedmq.errors import ConfigError
+from fedmq.models.spec import ModelBundle
+from fedmq.privacy.he import HEContext
+from fedmq.privacy.he_decrypt import Decryptor, SumRequest
+from fedmq.update.codecs import unregister
+from fedmq.update.codecs.ckks import Ckks
+from fedmq.wire import UpdateMessage, decode_model, encode
+from fedmq_ops.he_cli import write_keys
+from tests.fakes import exact_delta, model_weights
 
 T0 = 1_000.0
 
