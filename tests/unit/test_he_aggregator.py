@@ -157,3 +157,56 @@ def test_sealed_round_abandoned_without_the_decryptor_and_restart_reseals(
     assert engine.coordinator.round is None or engine.coordinator.round.round_id == 2
     assert engine.store.round(1).status == "abandoned"
     engine.store.close()
+
+
+def test_fuzzed_encrypted_updates_get_a_reasoned_reject(
+    tmp_path: Path, bundle: ModelBundle, keys: tuple[Path, Path]
+) -> None:
+    """Damaged ciphertexts inside well-formed messages, and damaged messages: every one is
+    answered with an ack (a reason when rejected), nothing raises. Each comes from its own
+    device so that the one-update-per-device rule does not hide a missing check."""
+    import random
+
+    from fedmq.tensor import Tensor
+
+    public_path, secret_path = keys
+    engine, mode = _engine(_config(tmp_path, public_path), bundle)
+    engine.start(T0)
+    codec = Ckks(HEContext.load(public_path.read_bytes(), secret=False))
+    shapes = dict(engine.template)
+    good = codec.encode_weighted(exact_delta(shapes, 0), 10.0).tensors
+    rng = random.Random(11)
+    rejected = 0
+    reasons: set[str] = set()
+    for i in range(80):
+        tensors = list(good)
+        k = rng.randrange(len(tensors))
+        data = bytearray(tensors[k].data)
+        kind = i % 4
+        if kind == 0:
+            data = data[: rng.randrange(len(data))]
+        elif kind == 1:
+            for _ in range(rng.randint(1, 3)):
+                data[rng.randrange(min(64, len(data)))] = rng.randrange(256)
+        elif kind == 2:
+            data += bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+        else:
+            data = bytearray(rng.randbytes(rng.randint(0, 300)))
+        t = tensors[k]
+        tensors[k] = Tensor(t.name, "uint8", (len(data),), bytes(data), dict(t.params))
+        payload = encode(UpdateMessage("f", 1, 0, f"fz{i}", f"fz-{i}", 10, "ckks", tuple(tensors),
+                                       created_at=T0))
+        if i % 5 == 0:  # and damage the message itself sometimes
+            raw = bytearray(payload)
+            raw[rng.randrange(len(raw))] ^= 0xFF
+            payload = bytes(raw)
+        ack = engine.handle_update(f"fz{i}", payload, T0 + 1)
+        if not ack.accepted:
+            rejected += 1
+            assert ack.code and ack.reason
+            reasons.add(ack.code)
+    # a flipped byte inside a coefficient can still be a valid ciphertext (of another value:
+    # the device's signature is what protects the content); everything else is refused
+    assert rejected >= 70, rejected
+    assert reasons <= {"bad_codec", "shape_mismatch", "too_large", "malformed", "wrong_round",
+                       "wrong_fleet", "device_mismatch", "schema_version", "round_closed"}
