@@ -110,8 +110,8 @@ def bench_model(model: str, params: HEParams, updates: int, repeats: int,
     blobs, digest = acc.seal()
     req = SumRequest("bench", "e", 1, acc.count, acc.total_weight, dict(shapes),
                      tuple(blobs), digest).encode()
-    dec_ms, answer = ms(lambda: Decryptor(secret, "bench", Path("/nonexistent/decrypted.json"))._decrypt(
-        SumRequest.decode(req)), repeats)
+    decryptor = Decryptor(secret, "bench", Path("/nonexistent/decrypted.json"))
+    dec_ms, answer = ms(lambda: decryptor._decrypt(SumRequest.decode(req)), repeats)
     mean = MeanResult.decode(answer).mean
     plain = {k: sum(w * d[k].astype(np.float64) for d, w in zip(deltas, weights, strict=True))
              / sum(weights) for k in shapes}
@@ -125,7 +125,8 @@ def bench_model(model: str, params: HEParams, updates: int, repeats: int,
         "secret_context_bytes": len(secret_b),
         "float32_bytes": f32, "int8_bytes": len(int8_msgs[0]), "ckks_bytes": ckks_bytes,
         "ckks_bytes_per_value": ckks_bytes / values,
-        "expansion_vs_float32": ckks_bytes / f32, "expansion_vs_int8": ckks_bytes / len(int8_msgs[0]),
+        "expansion_vs_float32": ckks_bytes / f32,
+        "expansion_vs_int8": ckks_bytes / len(int8_msgs[0]),
         "int8_encode_ms": int8_enc_ms, "int8_fold_ms_per_update": int8_fold_ms / updates,
         "encrypt_ms": statistics.median(enc_times),
         "agg_decode_ms": statistics.median(decode_t), "agg_check_ms": statistics.median(check_t),

@@ -169,8 +169,8 @@ def test_fuzzed_encrypted_updates_get_a_reasoned_reject(
 
     from fedmq.tensor import Tensor
 
-    public_path, secret_path = keys
-    engine, mode = _engine(_config(tmp_path, public_path), bundle)
+    public_path = keys[0]
+    engine, _ = _engine(_config(tmp_path, public_path), bundle)
     engine.start(T0)
     codec = Ckks(HEContext.load(public_path.read_bytes(), secret=False))
     shapes = dict(engine.template)
