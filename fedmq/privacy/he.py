@@ -22,7 +22,9 @@ never a TenSEAL exception.
 from __future__ import annotations
 
 import math
+import os
 import struct
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -98,12 +100,20 @@ DEFAULT_PARAMS = HEParams()
 
 
 def _tenseal() -> Any:
+    # TenSEAL links its own protobuf. When TensorFlow was loaded first, TenSEAL's protobuf
+    # calls bind to TensorFlow's copy and the process segfaults in serialize() (measured:
+    # `import tensorflow` then keygen() -> SIGSEGV). RTLD_DEEPBIND makes the extension use
+    # its own symbols first (glibc; elsewhere the flag is absent and this is a no-op).
+    flags = sys.getdlopenflags()
+    sys.setdlopenflags(flags | getattr(os, "RTLD_DEEPBIND", 0))
     try:
         import tenseal
     except ImportError as exc:  # optional extra
         raise ConfigError(
             "homomorphic encryption needs TenSEAL: pip install 'fedmq[he]' (tenseal==0.3.18)"
         ) from exc
+    finally:
+        sys.setdlopenflags(flags)
     return tenseal
 
 

@@ -190,3 +190,25 @@ def test_sum_request_digest_checked(keys: tuple[HEContext, HEContext]) -> None:
     for garbage in (b"", b"\x93\x01\x02", b"\x81\xa4type\xa6he_sum"):
         with pytest.raises(WireError):
             SumRequest.decode(garbage)
+
+
+def test_tenseal_works_after_tensorflow_was_loaded() -> None:
+    """TensorFlow's protobuf used to capture TenSEAL's symbols (a segfault in serialize);
+    run in a fresh interpreter that imports TensorFlow first."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("tensorflow")
+    code = (
+        "import tensorflow\n"
+        "import numpy as np\n"
+        "from fedmq.privacy.he import HEContext, encrypt_flat, keygen\n"
+        "p, s = keygen()\n"
+        "print(len(encrypt_flat(HEContext.load(p, secret=False), np.ones(10))))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=root, env={"PYTHONPATH": str(root), "PATH": ""},
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("1")
