@@ -35,6 +35,7 @@ from fedmq.errors import ConfigError, RejectReason, WireError
 
 __all__ = [
     "DEFAULT_PARAMS",
+    "available",
     "MAX_SUM_UPDATES",
     "HEContext",
     "HEParams",
@@ -97,6 +98,16 @@ class HEParams:
 
 
 DEFAULT_PARAMS = HEParams()
+
+
+def available() -> bool:
+    """Whether TenSEAL can be loaded (the ``he`` extra is installed). Import it only through
+    this module, never with a plain ``import tenseal`` (see :func:`_tenseal`)."""
+    try:
+        _tenseal()
+    except ConfigError:
+        return False
+    return True
 
 
 def _tenseal() -> Any:

@@ -14,17 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("tenseal")
-
 from fedmq.net.localbroker import LocalBroker
 from fedmq.net.mqtt import MqttSettings, connect, make_client
 from fedmq.privacy.he import HEContext, HEParams, decrypt_flat, read_ciphertext
+from fedmq.privacy.he import available as he_available
 from fedmq.topics import Topics
 from fedmq.update.codecs import unregister
 from fedmq.update.codecs.ckks import register_ckks
 from fedmq.wire import decode_ack, decode_model, decode_update
 from fedmq_ops.he_cli import write_keys
 from fedmq_ops.localfleet import FederationSpec, run_federation
+
+if not he_available():
+    pytest.skip("TenSEAL (the he extra) is not installed", allow_module_level=True)
 
 pytestmark = pytest.mark.integration
 

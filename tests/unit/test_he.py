@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("tenseal")
-
 from fedmq.errors import ConfigError, Rejected, WireError
 from fedmq.privacy.he import (
     HEContext,
@@ -20,9 +18,15 @@ from fedmq.privacy.he import (
     read_ciphertext,
     sum_ciphertexts,
 )
+from fedmq.privacy.he import (
+    available as he_available,
+)
 from fedmq.privacy.he_decrypt import Decryptor, MeanResult, SumRequest
 from fedmq.privacy.he_sum import CkksSum, HEPending
 from fedmq.update.codecs.ckks import Ckks
+
+if not he_available():
+    pytest.skip("TenSEAL (the he extra) is not installed", allow_module_level=True)
 
 # CKKS is approximate: with the default parameters (scale 2^36) a fresh ciphertext decrypts
 # to within ~1e-6 of each value, and a sum of n adds the errors. The tests check sums of

@@ -10,8 +10,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip("tenseal")
-
 from aggregator.config import AggregatorConfig
 from aggregator.engine import Engine, resolve_bundle
 from aggregator.he import AwaitDecryption, he_mode, install_he
@@ -19,12 +17,16 @@ from aggregator.store import Store
 from fedmq.errors import ConfigError
 from fedmq.models.spec import ModelBundle
 from fedmq.privacy.he import HEContext
+from fedmq.privacy.he import available as he_available
 from fedmq.privacy.he_decrypt import Decryptor, SumRequest
 from fedmq.update.codecs import unregister
 from fedmq.update.codecs.ckks import Ckks
 from fedmq.wire import UpdateMessage, decode_model, encode
 from fedmq_ops.he_cli import write_keys
 from tests.fakes import exact_delta, model_weights
+
+if not he_available():
+    pytest.skip("TenSEAL (the he extra) is not installed", allow_module_level=True)
 
 T0 = 1_000.0
 
