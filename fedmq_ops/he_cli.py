@@ -24,7 +24,6 @@ from typing import Any
 
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.fsutil import atomic_write
-from fedmq.net.mqtt import MqttSettings, connect, make_client
 from fedmq.privacy.he import HEContext, HEParams, keygen
 from fedmq.privacy.he_decrypt import Decryptor, he_topics
 from fedmq.topics import Topics
@@ -81,6 +80,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
+    from fedmq.net.mqtt import MqttSettings, connect, make_client  # paho: only to run it
+
     try:
         data = args.secret.read_bytes()
     except OSError as exc:

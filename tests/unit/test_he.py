@@ -216,3 +216,17 @@ def test_tenseal_works_after_tensorflow_was_loaded() -> None:
                           check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("1")
+
+
+def test_keygen_writes_a_public_and_a_private_context_once(tmp_path: Path) -> None:
+    from fedmq.privacy.he import HEParams
+    from fedmq_ops.he_cli import write_keys
+
+    public_path, secret_path = write_keys(tmp_path / "he", HEParams())
+    assert secret_path.stat().st_mode & 0o777 == 0o600
+    assert not HEContext.load(public_path.read_bytes(), secret=False).has_secret_key
+    assert HEContext.load(secret_path.read_bytes(), secret=True).has_secret_key
+    before = secret_path.read_bytes()
+    with pytest.raises(ConfigError, match="refusing to replace"):
+        write_keys(tmp_path / "he", HEParams())
+    assert secret_path.read_bytes() == before
