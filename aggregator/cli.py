@@ -92,6 +92,8 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--tls-key", "mqtt.tls_key", str, "client key"),
     ("--registry", "registry", str,
      "JSON registry of enrolled device keys (`fedmq enroll`): updates must be signed"),
+    ("--he-context", "he_context", str,
+     "public CKKS context of `fedmq he keygen`: encrypted rounds (docs/privacy.md)"),
     ("--metrics-port", "metrics_port", int, "Prometheus exporter port (0 = off)"),
     ("--metrics-host", "metrics_host", str,
      "address the Prometheus exporter binds (default: 127.0.0.1; 0.0.0.0 = all)"),

@@ -138,6 +138,9 @@ class AggregatorConfig:
     secagg_clip: float = 0.05  # |delta| clip per value; the round's int8 scale is clip/127
     secagg_phase_timeout: float = 30.0  # seconds per phase (keys, shares, unmasking)
     secagg_min_survivors: int = 3  # fewer masked inputs: the round is abandoned
+    # -- homomorphic encryption (docs/privacy.md): sum CKKS ciphertexts, "" = off ----------
+    he_context: str = ""  # the public context of `fedmq he keygen` (never the secret one)
+    he_decrypt_timeout: float = 600.0  # a sealed sum without the decryptor's answer: abandon
     seed: int = 0
     max_update_bytes: int = 16 * 1024 * 1024
     # Chunked transfer (docs/protocol.md): messages above this many bytes are split into
@@ -236,6 +239,7 @@ class AggregatorConfig:
         from aggregator.secagg import check_secagg_config  # late: it imports the policies
 
         check_secagg_config(self)
+        self._check_he()
         _at_least(self.max_update_bytes, 1024, "max_update_bytes")
         _check_chunking(self.max_message_bytes, self.chunk_timeout)
         _at_least(self.max_transfers_per_device, 1, "max_transfers_per_device")
@@ -314,6 +318,27 @@ class AggregatorConfig:
             self.dp_options()
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+
+    def _check_he(self) -> None:
+        if not self.he_context:
+            return
+        if not (math.isfinite(self.he_decrypt_timeout) and self.he_decrypt_timeout > 0):
+            raise ConfigError(f"he_decrypt_timeout must be > 0, got {self.he_decrypt_timeout}")
+        # What the aggregator cannot do with a ciphertext (docs/privacy.md): see its norm,
+        # clip or noise it (DP), keep it for a median, re-weight it for staleness.
+        unfit = [
+            text for bad, text in (
+                (self.norm_bound != "off", 'norm_bound = "off"'),
+                (self.dp, "dp = false"),
+                (self.round_policy != "sync", 'round_policy = "sync"'),
+                (self.strategy not in ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"),
+                 "a mean-delta strategy (fedavg, fedavgm, fedadam, fedyogi, fedadagrad)"),
+                (self.clip_updates != "off", 'clip_updates = "off"'),
+                (self.zero_outliers_k != 0, "zero_outliers_k = 0"),
+            ) if bad
+        ]
+        if unfit:
+            raise ConfigError(f"he_context (encrypted updates) needs {', '.join(unfit)}")
 
     # -- derived ---------------------------------------------------------------------------
     def dp_options(self) -> DpOptions | None:

@@ -10,6 +10,7 @@ MQTT PUBACK afterwards. Memory is O(model): decoded updates are folded and dropp
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -265,7 +266,8 @@ class Ingest:
         self.contributions.append(
             Contribution(msg.update_id, msg.device, msg.num_examples, checked.weight, norm)
         )
-        self.metrics.update_norm.observe(norm)
+        if math.isfinite(norm):  # NaN: an encrypted update's norm is unknown
+            self.metrics.update_norm.observe(norm)
         if weight < msg.num_examples:
             self.metrics.weights_capped.inc()
             log.info(

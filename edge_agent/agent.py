@@ -28,6 +28,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.core import Action, CoreSettings, EdgeCore, Publish, carry_out
 from edge_agent.downlink import DownlinkReceiver, DownlinkStep, is_index
 from edge_agent.evaluation import device_evaluation
+from edge_agent.he import load_he
 from edge_agent.outbox import Outbox
 from edge_agent.secagg import SecureRounds
 from edge_agent.state import StateStore
@@ -95,6 +96,7 @@ class EdgeAgent:
                 f"has {spec.num_classes}"
             )
         key = load_or_create_key(config.signing_key) if config.signing_key else None
+        load_he(config.he_context)  # registers the ckks codec (None: HE off)
         self.core = EdgeCore(
             CoreSettings(
                 fleet=config.fleet, device_id=self.device_id, topics=self.topics,

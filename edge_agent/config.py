@@ -76,6 +76,8 @@ class AgentConfig:
     # The fleet's registry of enrolled public keys (a copy of the aggregator's): secure
     # rounds then check every device's signed keys in the roster (docs/privacy.md).
     peer_registry: Path | None = None
+    # Homomorphic encryption (docs/privacy.md): the public context of `fedmq he keygen`.
+    he_context: Path | None = None
     # Prometheus textfile for node_exporter's textfile collector (NAME.prom), rewritten
     # after every round (docs/monitoring.md); None = none.
     metrics_textfile: Path | None = None

@@ -34,6 +34,7 @@ import numpy as np
 
 from edge_agent.decide import SkipReason, decide
 from edge_agent.evaluation import DeviceEvaluation, eval_status, is_private_round
+from edge_agent.he import encode_he, is_he
 from edge_agent.outbox import Outbox, OutboxEntry
 from edge_agent.state import ACCEPTED, EXPIRED, StateStore, rejected
 from edge_agent.textfile import check_textfile_path, write_textfile
@@ -608,9 +609,12 @@ class EdgeCore:
             return self._evaluate_only(ann, ev.report(ev.measure(self.trainer)), now)
         rd = self._round_delta(ann, global_weights)
         delta, m, dp_metrics, rng = rd.delta, rd.examples, rd.dp_metrics, rd.rng
-        tensors, codec_state = encode_with_state(
-            delta, cfg.codec, rng, self.outbox.codec_state.blob, cfg.params, r
-        )
+        if is_he(cfg.codec):  # encrypted round: pre-scaled by the weight (docs/privacy.md)
+            tensors, codec_state = encode_he(delta, int(m)), b""
+        else:
+            tensors, codec_state = encode_with_state(
+                delta, cfg.codec, rng, self.outbox.codec_state.blob, cfg.params, r
+            )
         msg = UpdateMessage(
             fleet=self.settings.fleet,
             round_id=r,
