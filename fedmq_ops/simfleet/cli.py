@@ -2,6 +2,7 @@
 
 fedmq fleet simulate --devices 1000 --processes 2 --fleet demo --port 1883 --rounds 2
 fedmq fleet simulate --devices 200 --arrival spread:30 --dropout 0.1 --registry devices.json
+fedmq fleet simulate --devices 100 --train digits --split dirichlet:0.5 --rounds 5
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def _simulate(args: argparse.Namespace) -> int:
         passwords=_passwords(args.password_file), sign=args.registry is not None or args.sign,
         rounds=args.rounds, ack_timeout=args.ack_timeout, max_resends=args.max_resends,
         connect_batch=args.connect_batch, timeout=args.timeout,
+        train_dataset=args.train or "", train_model=args.model, train_partition=args.split,
     )
     report = run_fleet(FleetSpec(plan, settings, args.processes), registry=args.registry)
     for line in report.lines():
@@ -98,6 +100,14 @@ def add_parser(subparsers: Any) -> None:
                    help="range of the example counts the updates claim (default 16-48)")
     p.add_argument("--delta-scale", type=float, default=0.01,
                    help="standard deviation of the synthetic deltas (default 0.01)")
+    p.add_argument("--train", metavar="DATASET",
+                   help="train for real (LiteRT) on each device's own shard of DATASET "
+                   "(digits, fashion-mnist) instead of sending synthetic deltas")
+    p.add_argument("--model", default="digits-mlp",
+                   help="with --train: the model bundle or prebuilt name (the aggregator's)")
+    p.add_argument("--split", default="iid",
+                   help="with --train: how the dataset is split over the devices "
+                   "(iid, dirichlet:0.5, ...; default iid)")
     p.add_argument("--ack-timeout", type=float, default=60.0,
                    help="seconds before an unanswered update is resent (default 60)")
     p.add_argument("--max-resends", type=int, default=5)

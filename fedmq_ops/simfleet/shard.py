@@ -27,21 +27,24 @@ import os
 import selectors
 import socket
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import paho.mqtt.client as mqtt
 
 from fedmq.errors import WireError
 from fedmq.memory import peak_rss_mb
 from fedmq.signing import DeviceKey, sign_update
 from fedmq.topics import Topics
-from fedmq.update.codecs import codec_names, get_codec
+from fedmq.update.codecs import codec_names, encode_delta, get_codec
 from fedmq.wire import (
     RoundAnnouncement,
     StatusMessage,
+    TrainingConfig,
     UpdateMessage,
     decode_ack,
     decode_model,
@@ -51,6 +54,9 @@ from fedmq.wire import (
 )
 from fedmq_ops.simfleet.limits import raise_nofile
 from fedmq_ops.simfleet.plan import FleetPlan
+
+if TYPE_CHECKING:
+    from fedmq_ops.simfleet.training import ShardTrainer
 
 __all__ = ["RoundTally", "Shard", "ShardResult", "ShardSettings"]
 
@@ -81,6 +87,11 @@ class ShardSettings:
     connect_batch: int = 64
     timeout: float = 600.0
     client_id_prefix: str = ""
+    # real training (fedmq_ops.simfleet.training) instead of synthetic deltas: a dataset name
+    # (``digits``, ``fashion-mnist``), the model bundle or prebuilt name, the split scheme
+    train_dataset: str = ""
+    train_model: str = "digits-mlp"
+    train_partition: str = "iid"
 
 
 @dataclass
@@ -137,8 +148,9 @@ class _Pending:
     round_id: int
     epoch: str
     base_version: int
-    codec: str
+    config: TrainingConfig
     attempts: int = 0
+    payload: bytes | None = None  # kept only when trained (a resend must not train again)
 
 
 class _Device:
@@ -205,6 +217,14 @@ class Shard:
         self._stopping = False
         self._warned: set[str] = set()
         self._codecs = list(codec_names())
+        self._weights: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+        self._trainer: ShardTrainer | None = None
+        if settings.train_dataset:
+            from fedmq_ops.simfleet.training import ShardTrainer
+
+            self._trainer = ShardTrainer(settings.train_model, settings.train_dataset,
+                                         settings.train_partition, plan.devices, devices,
+                                         plan.seed)
 
     # ------------------------------------------------------------------ timers
     def _at(self, when: float, fn: Callable[[], None]) -> None:
@@ -352,6 +372,12 @@ class Shard:
                     shapes = {t.name: tuple(t.shape) for t in m.tensors}
                     model = _Model(m.epoch, m.version, m.round_id, shapes)
                     self._shapes[(m.epoch, m.version)] = shapes
+                    if self._trainer is not None:
+                        if len(self._weights) > 2:
+                            self._weights.pop(min(self._weights, key=lambda k: k[1]))
+                        self._weights[(m.epoch, m.version)] = {
+                            t.name: np.array(t.array(), dtype=np.float32) for t in m.tensors
+                        }
             except WireError as exc:
                 self._warn_once("bad model", "model message refused: %s", exc)
             if len(self._models) > 16:
@@ -419,19 +445,32 @@ class Shard:
                             ann.round_id, ann.config.codec)
             return
         when = max(now, ann.opened_at + self.plan.offset(d.id, ann.round_id))
-        p = _Pending(ann.round_id, ann.epoch, ann.base_version, ann.config.codec)
+        p = _Pending(ann.round_id, ann.epoch, ann.base_version, ann.config)
         self._at(when, lambda: self._send(d, p))
 
     def _payload(self, d: _Device, p: _Pending) -> tuple[str, bytes]:
-        shapes = self._shapes[(p.epoch, p.base_version)]
         uid = self.plan.update_id(d.id, p.epoch, p.round_id)
+        if p.payload is not None:
+            return uid, p.payload
+        codec = p.config.codec
+        if self._trainer is None:
+            shapes = self._shapes[(p.epoch, p.base_version)]
+            tensors = self.plan.encoded_delta(d.id, p.round_id, shapes, codec)
+            examples = self.plan.num_examples(d.id, p.round_id)
+        else:
+            delta, examples = self._trainer.delta(
+                d.id, p.round_id, self._weights[(p.epoch, p.base_version)], p.config)
+            tensors = encode_delta(delta, codec, np.random.default_rng(
+                [self.plan.seed, zlib.crc32(d.id.encode()), p.round_id, 4]))
         msg = UpdateMessage(
             fleet=self.settings.fleet, round_id=p.round_id, base_version=p.base_version,
-            device=d.id, update_id=uid, num_examples=self.plan.num_examples(d.id, p.round_id),
-            codec=p.codec, tensors=self.plan.encoded_delta(d.id, p.round_id, shapes, p.codec),
+            device=d.id, update_id=uid, num_examples=examples, codec=codec, tensors=tensors,
             epoch=p.epoch,
         )
-        return uid, (sign_update(msg, d.key) if d.key is not None else encode(msg))
+        payload = sign_update(msg, d.key) if d.key is not None else encode(msg)
+        if self._trainer is not None:
+            p.payload = payload
+        return uid, payload
 
     def _publish(self, d: _Device, payload: bytes) -> None:
         if d.client is not None and d.connected:
