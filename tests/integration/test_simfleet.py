@@ -11,6 +11,8 @@ with the others.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +22,15 @@ import pytest
 from aggregator.store import Store
 from fedmq.net.localbroker import LocalBroker
 from fedmq.topics import Topics
-from fedmq_ops.simfleet import Arrival, FleetPlan, FleetSpec, ShardSettings, enroll_fleet, run_fleet
+from fedmq_ops.simfleet import (
+    Arrival,
+    FleetPlan,
+    FleetReport,
+    FleetSpec,
+    ShardSettings,
+    enroll_fleet,
+    run_fleet,
+)
 from tests.fakes import AggregatorProcess, Watcher, model_weights
 
 pytestmark = pytest.mark.integration
@@ -172,6 +182,59 @@ def test_devices_train_for_real_on_their_own_shards(
         print(f"accuracy: v0 {v0.metrics.get('accuracy')}, v3 {v3.metrics['accuracy']}")
         # 30 devices of ~45 examples, 3 rounds: from chance (~10 %) to well above it
         assert v3.metrics["accuracy"] > v0.metrics["accuracy"] + 0.3
+    except BaseException:
+        print(agg.log()[-8000:])
+        raise
+    finally:
+        agg.stop()
+        watcher.close()
+
+
+def test_unanswered_updates_are_resent_and_counted_once(
+    broker: LocalBroker, topic_prefix: str, tmp_path: Path
+) -> None:
+    """The aggregator is down when the fleet sends: no acks, so every device resends the
+    same update id after ``ack_timeout``; the broker keeps originals and resends for the
+    aggregator's persistent session, the restarted aggregator folds one per device and
+    answers the rest ``duplicate``, and each device counts its update once."""
+    n = 60
+    plan = FleetPlan(n, seed=8, name="rsd")
+    state = tmp_path / "state"
+    watcher = Watcher(broker, Topics(FLEET, topic_prefix))
+    agg = AggregatorProcess(
+        broker, topic_prefix, state,
+        "--eval-dataset", "none", "--codec", "int8", "--selection", "any",
+        "--clients-per-round", str(n), "--min-updates", str(n), "--rounds", "1",
+        "--round-timeout", "300",
+    ).start()
+    results: list[FleetReport] = []
+    try:
+        watcher.round(1, timeout=30)
+        assert agg.stop() == 0  # the retained model and round stay; its session queues
+        settings = ShardSettings(host=broker.host, port=broker.port, fleet=FLEET,
+                                 topic_prefix=topic_prefix, rounds=1, timeout=90,
+                                 ack_timeout=1.0)
+        fleet = threading.Thread(
+            target=lambda: results.append(run_fleet(FleetSpec(plan, settings, 1))))
+        fleet.start()
+        time.sleep(3.5)  # sent, then resent at +1 s and +3 s without answers
+        agg.start()
+        fleet.join(120)
+        assert results, "the fleet did not finish"
+        report = results[0]
+        print("\n".join(report.lines()))
+        assert report.completed
+        assert report.total("accepted") == n and report.rejected == {}
+        assert report.total("resent") >= n and report.total("expired") == 0
+        assert agg.wait(60) == 0
+        v0, v1 = watcher.model(0, timeout=10), watcher.model(1, timeout=10)
+        with Store(state) as store:
+            contributions = store.contributions(1)
+        assert sorted(uid for _, uid, _, _ in contributions) == sorted(
+            plan.update_id(d, v0.epoch, 1) for d in plan.device_ids())
+        shapes = {t.name: tuple(t.shape) for t in v0.tensors}
+        _check_model(model_weights(v0), model_weights(v1),
+                     plan.expected_mean(plan.device_ids(), 1, shapes, "int8"))
     except BaseException:
         print(agg.log()[-8000:])
         raise
