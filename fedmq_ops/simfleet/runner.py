@@ -131,7 +131,8 @@ class FleetReport:
             out.append(f"{rid:5d} {t.sent:7d} {t.accepted:9d} {t.dropouts:9d} {span:9.2f} "
                        f"{rate:10.0f} {close:23.2f}")
         for i, s in enumerate(self.shards):
-            out.append(f"process {i}: {s.devices} devices, connected in {s.connect_seconds:.1f}s, "
+            out.append(f"process {i}: {s.devices} devices ({s.peak_connected} connected at "
+                       f"most), all connected in {s.connect_seconds:.1f}s, "
                        f"cpu {s.cpu_seconds:.1f}s, peak RSS {s.peak_rss_mb:.0f} MiB, "
                        f"open-file limit {s.nofile_soft}/{s.nofile_hard}")
         return out

@@ -116,7 +116,8 @@ class ShardResult:
     """One process's counts and costs (JSON-able via :meth:`to_dict`)."""
 
     devices: int = 0
-    connected: int = 0
+    connected: int = 0  # now (0 after leaving)
+    peak_connected: int = 0
     connect_seconds: float = 0.0
     sent: int = 0
     resent: int = 0
@@ -316,6 +317,7 @@ class Shard:
         d.connected = True
         d.reconnect_delay = 1.0
         self.result.connected += 1
+        self.result.peak_connected = max(self.result.peak_connected, self.result.connected)
         t = self.topics
         c.subscribe([(t.model, 1), (t.round, 1), (t.ack(d.id), 1)])
         c.publish(t.status(d.id), self._status(d, "online"), qos=1, retain=True)
