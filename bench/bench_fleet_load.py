@@ -48,7 +48,13 @@ sys.path.insert(0, str(ROOT))
 from aggregator.store import Store  # noqa: E402
 from fedmq.net.localbroker import BrokerOptions, LocalBroker  # noqa: E402
 from fedmq.net.procs import stop_process  # noqa: E402
-from fedmq_ops.simfleet import FleetPlan, FleetSpec, ShardSettings, run_fleet  # noqa: E402
+from fedmq_ops.simfleet import (  # noqa: E402
+    Arrival,
+    FleetPlan,
+    FleetSpec,
+    ShardSettings,
+    run_fleet,
+)
 from fedmq_ops.simfleet.limits import raise_nofile  # noqa: E402
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -92,7 +98,7 @@ class RssTimeline(threading.Thread):
 
 
 def run_one(model: str, devices: int, processes: int, rounds: int, timeout: float,
-            workdir: Path) -> dict[str, Any]:
+            workdir: Path, arrival: str = "at-once") -> dict[str, Any]:
     fleet = "load"
     prefix = f"b{uuid.uuid4().hex[:8]}"
     broker = LocalBroker(BrokerOptions(), workdir=workdir / "mosquitto", kind="mosquitto")
@@ -114,7 +120,7 @@ def run_one(model: str, devices: int, processes: int, rounds: int, timeout: floa
     try:
         time.sleep(3.0)  # the aggregator loads its model and opens round 1
         agg_cpu0, broker_cpu0 = cpu_seconds(agg.pid), cpu_seconds(broker_pid)
-        plan = FleetPlan(devices, seed=1, name="dev")
+        plan = FleetPlan(devices, seed=1, name="dev", arrival=Arrival.parse(arrival))
         settings = ShardSettings(host=broker.host, port=broker.port, fleet=fleet,
                                  topic_prefix=prefix, rounds=rounds, timeout=timeout,
                                  ack_timeout=max(60.0, timeout / 4))
@@ -161,6 +167,7 @@ def run_one(model: str, devices: int, processes: int, rounds: int, timeout: floa
         "devices": devices,
         "processes": processes,
         "rounds": rounds,
+        "arrival": arrival,
         "completed": report.completed,
         "accepted": accepted,
         "lost": lost,
@@ -222,6 +229,8 @@ def main() -> int:
     p.add_argument("--models", default="digits-mlp,fmnist-cnn")
     p.add_argument("--processes", type=int, default=2, help="fleet processes (default 2)")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--arrival", default="at-once",
+                   help="at-once (default) or spread:SECONDS after each round opens")
     p.add_argument("--timeout", type=float, default=1200.0, help="per configuration")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/fleet_load.json")
     p.add_argument("--png", type=Path, default=ROOT / "bench/results/fleet_load.png")
@@ -239,7 +248,7 @@ def main() -> int:
         for n in (int(x) for x in args.devices.split(",")):
             with tempfile.TemporaryDirectory(prefix="fedmq-fleet-load-") as tmp:
                 r = run_one(model, n, min(args.processes, n), args.rounds, args.timeout,
-                            Path(tmp))
+                            Path(tmp), args.arrival)
             results.append(r)
             pr = r["per_round"]
             close = pr[-1]["model_after_last_ack_seconds"]
