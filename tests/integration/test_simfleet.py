@@ -121,9 +121,25 @@ def test_dropout_fraction_sends_the_rest(
     try:
         settings = ShardSettings(host=broker.host, port=broker.port, fleet=FLEET,
                                  topic_prefix=topic_prefix, rounds=1, timeout=90)
-        report = run_fleet(FleetSpec(plan, settings, processes=1))
+        # 120 connections, one thread: no paho network thread is ever started.
+        threads_seen: set[str] = set()
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.wait(0.05):
+                threads_seen.update(t.name for t in threading.enumerate())
+
+        sampler = threading.Thread(target=sample, name="sampler")
+        sampler.start()
+        try:
+            report = run_fleet(FleetSpec(plan, settings, processes=1))
+        finally:
+            sampling.set()
+            sampler.join()
         print("\n".join(report.lines()))
         assert report.completed
+        assert report.shards[0].peak_connected == n
+        assert not [t for t in threads_seen if t.startswith("paho-mqtt-client-drop")]
         assert report.total("dropouts") == 30
         assert report.total("sent") == 90 and report.total("accepted") == 90
         assert agg.wait(60) == 0
