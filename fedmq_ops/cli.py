@@ -29,6 +29,7 @@ _SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("fedmq_ops.report", "add_parser"),
     ("fedmq_ops.privacy_cli", "add_parser"),
     ("fedmq_ops.he_cli", "add_parser"),
+    ("fedmq_ops.simfleet.cli", "add_parser"),
 )
 
 
