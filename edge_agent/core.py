@@ -33,6 +33,7 @@ import numpy as np
 
 from edge_agent.decide import SkipReason, decide
 from edge_agent.outbox import Outbox, OutboxEntry
+from edge_agent.pruning import encode_masked, prepare_round, supported_codecs
 from edge_agent.state import ACCEPTED, EXPIRED, StateStore, rejected
 from edge_agent.textfile import check_textfile_path, write_textfile
 from edge_agent.trainer import Trainer, TrainMetrics, VariantTrainer
@@ -45,7 +46,7 @@ from fedmq.models.spec import check_weights
 from fedmq.privacy.device import privatize_delta
 from fedmq.signing import DeviceKey, sign_update
 from fedmq.topics import Topics
-from fedmq.update.codecs import codec_names, decode_tensor, pack_state, unpack_state
+from fedmq.update.codecs import decode_tensor, pack_state, unpack_state
 from fedmq.update.codecs.residual import encode_round
 from fedmq.wire import (
     ModelMessage,
@@ -257,7 +258,7 @@ class EdgeCore:
             "model": spec.name,
             "examples": len(self.data),
             "threads": self.settings.num_threads,
-            "codecs": list(codec_names()),
+            "codecs": supported_codecs(self.trainer),
         }
         if self._status.last_skip is not None:
             capabilities["last_skip"] = dict(self._status.last_skip)
@@ -519,6 +520,7 @@ class EdgeCore:
         m = sample_size(len(x), cfg.sample_fraction, cfg.max_examples)
         x, y = x[:m], y[:m]  # round_batch is shuffled
         self.trainer.set_weights(global_weights)
+        mask = prepare_round(self.trainer, ann)  # pruned rounds: docs/pruning.md
         # Seeded by (seed, device, round): a round's training and rounding are reproducible,
         # differ between devices, and a retrained round after a crash gives the same update.
         rng = np.random.default_rng(
@@ -527,9 +529,12 @@ class EdgeCore:
         delta, metrics = self._local_step(r, cfg, x, y, global_weights, rng)
         # DP rounds (docs/privacy.md): clip to the announced bound BEFORE encoding.
         delta, dp_metrics = privatize_delta(delta, cfg.params, rng)
-        tensors, codec_state = encode_with_state(
-            delta, cfg.codec, rng, self.outbox.codec_state.blob, cfg.params, r
-        )
+        if mask is not None:  # only the kept weights travel; masked codecs keep no state
+            tensors, codec_state = encode_masked(delta, cfg.codec, mask, rng), b""
+        else:
+            tensors, codec_state = encode_with_state(
+                delta, cfg.codec, rng, self.outbox.codec_state.blob, cfg.params, r
+            )
         self._status.metrics = {
             "loss": float(metrics.loss) if math.isfinite(metrics.loss) else 0.0,
             "train_seconds": float(metrics.seconds),
