@@ -78,6 +78,14 @@ def add_federation_arguments(
         "aggregator and every agent (0 = never)",
     )
     p.add_argument(
+        "--prune",
+        type=float,
+        default=d.prune,
+        metavar="SPARSITY",
+        help="prune the kernels to this sparsity along the aggregator's schedule, e.g. 0.8 "
+        "(docs/pruning.md; int8/float16 values travel as masked-int8/masked-f16); 0 = off",
+    )
+    p.add_argument(
         "--clients-per-round",
         type=int,
         default=d.clients_per_round,
@@ -134,6 +142,7 @@ def spec_from_args(args: argparse.Namespace, **extra: Any) -> FederationSpec:
         round_policy=args.round_policy,
         buffer_size=args.buffer_size,
         max_message_bytes=args.max_message_bytes,
+        prune=args.prune,
         workdir=args.workdir,
         **extra,
     )

@@ -66,6 +66,7 @@ class FederationSpec:
     round_policy: str = DEFAULT_ROUND_POLICY  # a registered round policy ("sync", "fedbuff")
     buffer_size: int | None = None  # fedbuff: updates per new model; None = aggregator default
     max_message_bytes: int = 0  # chunk messages above this size (aggregator and agents); 0 = never
+    prune: float = 0.0  # target sparsity of the kernels (docs/pruning.md); 0 = no pruning
     extra_agent: dict[str, Any] = field(default_factory=dict)
     extra_aggregator: dict[str, Any] = field(default_factory=dict)
 
@@ -80,6 +81,8 @@ class FederationSpec:
             )
         if self.buffer_size is not None and self.buffer_size < 1:
             raise ConfigError(f"buffer_size must be at least 1, got {self.buffer_size}")
+        if not 0.0 <= self.prune <= 0.99:
+            raise ConfigError(f"prune must be in [0, 0.99], got {self.prune}")
         if self.max_message_bytes != 0 and self.max_message_bytes < MIN_MESSAGE_BYTES:
             raise ConfigError(
                 f"max_message_bytes must be 0 (no chunking) or >= {MIN_MESSAGE_BYTES}, "
@@ -248,6 +251,7 @@ def write_configs(
         "server_lr": spec.server_lr,
         "round_policy": spec.round_policy,
         "buffer_size": spec.buffer_size,
+        "prune_target": spec.prune,
         **chunking,
         **spec.extra_aggregator,
     }

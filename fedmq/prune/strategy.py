@@ -14,6 +14,7 @@ mask.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ __all__ = [
     "prunable_tensors",
     "with_pruning",
 ]
+
+log = logging.getLogger(__name__)
 
 _UNPRUNABLE = ("fedprox", "fedsgd")  # their rounds use train_prox / gradient, not the mask
 _STEP = "prune/step"
@@ -231,6 +234,12 @@ class PruneStrategy(StrategyWrapper):
             if target > current:
                 self._set_mask(magnitude_mask(new, target, self.prunable))
                 new = self.mask.apply(new)
+                log.info(
+                    "pruning: mask %08x chosen after aggregation %d: %.1f%% of the kernels "
+                    "pruned (%.1f%% of all weights; target %.1f%% after %d)",
+                    self.mask.mask_id, self.step, 100 * target, 100 * self.sparsity,
+                    100 * self.schedule.target, self.schedule.schedule_rounds,
+                )
         return new
 
     def state(self) -> Weights:

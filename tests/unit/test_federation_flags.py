@@ -73,3 +73,18 @@ def test_bad_federation_settings_are_config_errors(kw: dict[str, object], messag
     with pytest.raises(ConfigError) as err:
         FederationSpec(**kw)  # type: ignore[arg-type]
     assert message in str(err.value)
+
+
+def test_prune_flag_reaches_the_aggregator(tmp_path: Path) -> None:
+    parser = build_parser()
+    demo = spec_from_args(parser.parse_args(["demo", "--prune", "0.8"]))
+    exp = spec_from_args(apply_preset(parser.parse_args(["experiment", "fmnist-cnn",
+                                                         "--prune", "0.9"])))
+    plain = spec_from_args(apply_preset(parser.parse_args(["experiment", "fmnist-cnn"])))
+    for spec, want in ((demo, 0.8), (exp, 0.9), (plain, 0.0)):
+        (tmp_path / str(want)).mkdir()
+        agg_path, _ = _written(spec, tmp_path / str(want))
+        agg = load_aggregator_config(agg_path, environ={})
+        assert agg.prune_target == want and agg.codec == "int8"
+    with pytest.raises(ConfigError, match="prune"):
+        FederationSpec(prune=1.0)
