@@ -69,7 +69,7 @@ def prepare_round(trainer: Trainer, ann: RoundAnnouncement) -> PruneMask | None:
     try:
         mask = decode_mask(ann.prune_mask, shapes)
     except WireError as exc:
-        raise ModelError(f"round {r}: {exc}; round skipped") from None
+        raise ModelError(f"{exc}; round skipped") from None
     trainer.set_mask(mask.float_masks())  # type: ignore[attr-defined]
     return mask
 
