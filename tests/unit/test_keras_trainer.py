@@ -188,7 +188,7 @@ def test_prox_and_gradient_match_litert(name: str) -> None:
     lite = LiteRTTrainer(bundle, num_threads=1)
     ker = KerasTrainer(bundle)
     assert isinstance(ker, VariantTrainer) and isinstance(lite, VariantTrainer)
-    assert lite.variants == ker.variants == {"prox", "gradient"}
+    assert lite.variants == ker.variants == {"prox", "gradient", "mask"}
     start = lite.get_weights()
     count = 2 * bundle.spec.train_batch + 5
     x, y = _data(bundle, count, seed=1)
