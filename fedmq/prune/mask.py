@@ -21,6 +21,7 @@ padding bits, popcount; anything else is a :class:`~fedmq.errors.WireError` with
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Mapping
@@ -56,8 +57,11 @@ class PruneMask:
 
     def positions(self, name: str) -> np.ndarray | None:
         """Flat kept positions of ``name`` (increasing int64), or None: kept whole."""
-        m = self.kept.get(name)
-        return None if m is None else np.flatnonzero(m.reshape(-1))
+        return self._positions.get(name)
+
+    @functools.cached_property
+    def _positions(self) -> dict[str, np.ndarray]:
+        return {n: np.flatnonzero(m.reshape(-1)) for n, m in self.kept.items()}
 
     def apply(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``weights`` with every pruned weight set to exactly 0 (float32 copies)."""
@@ -83,6 +87,10 @@ class PruneMask:
         return pruned / total if total else 0.0
 
     def encode(self) -> bytes:
+        return self._encoded
+
+    @functools.cached_property
+    def _encoded(self) -> bytes:
         entries = []
         for name, m in self.kept.items():
             flat = m.reshape(-1)
@@ -96,7 +104,7 @@ class PruneMask:
         assert isinstance(out, bytes)
         return out
 
-    @property
+    @functools.cached_property
     def mask_id(self) -> int:
         """CRC-32 of :meth:`encode` (what updates name in their ``mask`` param)."""
         return zlib.crc32(self.encode())

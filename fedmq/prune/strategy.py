@@ -128,6 +128,7 @@ class MaskedFold:
     def __init__(self, inner: Accumulator, mask: PruneMask) -> None:
         self.inner = inner
         self.mask = mask
+        self._bound: dict[str, MaskedCodec] = {}  # the masked codecs bound to the mask
 
     @property
     def count(self) -> int:
@@ -148,7 +149,9 @@ class MaskedFold:
                 f"this round is pruned: updates are masked-int8 or masked-f16, not {codec}",
                 RejectReason.BAD_CODEC,
             )
-        bound = impl.with_mask(self.mask)
+        bound = self._bound.get(codec)
+        if bound is None:
+            bound = self._bound[codec] = impl.with_mask(self.mask)
         shapes = self.shapes
         dense: list[Tensor] = []
         for t in tensors:
