@@ -24,6 +24,7 @@ from fedmq.privacy.accounting import SAMPLINGS as DP_SAMPLINGS
 from fedmq.privacy.accounting import PrivacyPlan
 from fedmq.privacy.dp_fedavg import DpOptions
 from fedmq.privacy.noise import AdaptiveClip
+from fedmq.prune.strategy import PruneSchedule, check_prune_settings
 from fedmq.topics import Topics, validate_name
 from fedmq.update.accumulate import BufferedUpdates
 from fedmq.update.codecs import codec_names
@@ -180,6 +181,10 @@ class AggregatorConfig:
     bounds_warmup: int = 3  # median bounds apply once this many devices are known
     # A candidate model with a weight of |w| above this (or non-finite) is not published.
     max_model_weight: float = 1e4
+    # -- pruning (docs/pruning.md): magnitude pruning with a server-owned mask -------------
+    prune_target: float = 0.0  # final sparsity of the kernels, 0 = off (at most 0.99)
+    prune_schedule_rounds: int = 10  # aggregations until prune_target (cubic ramp)
+    prune_every: int = 2  # the mask is re-chosen every this many aggregations
 
     def __post_init__(self) -> None:
         validate_name(self.fleet, "fleet")
@@ -240,6 +245,7 @@ class AggregatorConfig:
 
         check_secagg_config(self)
         self._check_he()
+        check_prune_settings(self.prune_schedule(), self.codec, self.strategy, self.dp)
         _at_least(self.max_update_bytes, 1024, "max_update_bytes")
         _check_chunking(self.max_message_bytes, self.chunk_timeout)
         _at_least(self.max_transfers_per_device, 1, "max_transfers_per_device")
@@ -370,6 +376,10 @@ class AggregatorConfig:
             seed=self.dp_seed,
             allow_adaptive=self.dp_allow_adaptive,
         )
+
+    def prune_schedule(self) -> PruneSchedule:
+        """The pruning schedule (``enabled`` False when ``prune_target`` is 0)."""
+        return PruneSchedule(self.prune_target, self.prune_schedule_rounds, self.prune_every)
 
     def strategy_options(self) -> StrategyOptions:
         return StrategyOptions(

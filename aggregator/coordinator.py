@@ -49,6 +49,7 @@ from aggregator.store import Store
 from fedmq.errors import StateError, StorageFullError, WireError
 from fedmq.models.spec import ModelBundle
 from fedmq.privacy.dp_fedavg import DPFedAvg
+from fedmq.prune.strategy import PruneStrategy, with_pruning
 from fedmq.topics import Topics
 from fedmq.update.strategies import Strategy, make_strategy
 from fedmq.wire import ModelMessage, Tensor, decode_model, decode_status, encode
@@ -100,6 +101,8 @@ class Coordinator:
         self.strategy: Strategy = make_strategy(
             config.strategy, options=config.strategy_options()
         )
+        # Pruning (docs/pruning.md) wraps it: the mask, its schedule, the masked fold.
+        self.strategy = with_pruning(self.strategy, config.prune_schedule(), self.template)
         dp = config.dp_options()
         # DP-FedAvg wraps the configured strategy (docs/privacy.md); None without `dp`.
         self.private: DPFedAvg | None = None
@@ -581,6 +584,8 @@ class Coordinator:
     def _round_out(self, now: float) -> Outgoing:
         assert self.round is not None
         ann = self.round.plan.announcement(self.config.fleet, self.model_id)
+        if isinstance(self.strategy, PruneStrategy):  # the mask of the round's base model
+            ann = dataclasses.replace(ann, prune_mask=self.strategy.mask_bytes)
         return self.traffic.emit(self.topics.round, encode(ann))
 
 

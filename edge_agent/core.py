@@ -36,6 +36,7 @@ from edge_agent.decide import SkipReason, decide
 from edge_agent.evaluation import DeviceEvaluation, eval_status, is_private_round
 from edge_agent.he import encode_he, is_he
 from edge_agent.outbox import Outbox, OutboxEntry
+from edge_agent.pruning import encode_masked, prepare_round, supported_codecs
 from edge_agent.state import ACCEPTED, EXPIRED, StateStore, rejected
 from edge_agent.textfile import check_textfile_path, write_textfile
 from edge_agent.trainer import Trainer, TrainMetrics, VariantTrainer
@@ -47,9 +48,10 @@ from fedmq.evaluation import EvalReport
 from fedmq.memory import peak_rss_mb
 from fedmq.models.spec import check_weights
 from fedmq.privacy.device import privatize_delta
+from fedmq.prune.mask import PruneMask
 from fedmq.signing import DeviceKey, sign_update
 from fedmq.topics import Topics
-from fedmq.update.codecs import codec_names, decode_tensor, pack_state, unpack_state
+from fedmq.update.codecs import decode_tensor, pack_state, unpack_state
 from fedmq.update.codecs.residual import encode_round
 from fedmq.wire import (
     ModelMessage,
@@ -179,6 +181,7 @@ class RoundDelta:
     dp_metrics: dict[str, float]
     report: EvalReport | None
     rng: np.random.Generator
+    mask: PruneMask | None = None  # pruned rounds: only the kept weights travel
 
 
 @dataclass
@@ -279,7 +282,7 @@ class EdgeCore:
             "model": spec.name,
             "examples": len(self.data),
             "threads": self.settings.num_threads,
-            "codecs": list(codec_names()),
+            "codecs": supported_codecs(self.trainer),
         }
         if self._status.last_skip is not None:
             capabilities["last_skip"] = dict(self._status.last_skip)
@@ -572,6 +575,7 @@ class EdgeCore:
         m = sample_size(len(x), cfg.sample_fraction, cfg.max_examples)
         x, y = x[:m], y[:m]  # round_batch is shuffled
         self.trainer.set_weights(global_weights)
+        mask = prepare_round(self.trainer, ann)  # pruned rounds: docs/pruning.md
         before = ev.measure(self.trainer) if ev is not None else None
         # Seeded by (seed, device, round): a round's training and rounding are reproducible,
         # differ between devices, and a retrained round after a crash gives the same update.
@@ -593,7 +597,7 @@ class EdgeCore:
             "peak_rss_mb": peak_rss_mb(),
             **eval_status(report),
         }
-        return RoundDelta(delta, int(m), int(metrics.steps), dp_metrics, report, rng)
+        return RoundDelta(delta, int(m), int(metrics.steps), dp_metrics, report, rng, mask)
 
     def _round_evaluation(self, ann: RoundAnnouncement) -> DeviceEvaluation | None:
         """The device's evaluation for this round (none in DP rounds)."""
@@ -611,6 +615,8 @@ class EdgeCore:
         delta, m, dp_metrics, rng = rd.delta, rd.examples, rd.dp_metrics, rd.rng
         if is_he(cfg.codec):  # encrypted round: pre-scaled by the weight (docs/privacy.md)
             tensors, codec_state = encode_he(delta, int(m)), b""
+        elif rd.mask is not None:  # only the kept weights travel; masked codecs keep no state
+            tensors, codec_state = encode_masked(delta, cfg.codec, rd.mask, rng), b""
         else:
             tensors, codec_state = encode_with_state(
                 delta, cfg.codec, rng, self.outbox.codec_state.blob, cfg.params, r

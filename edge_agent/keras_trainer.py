@@ -300,6 +300,7 @@ class KerasTrainer:
         self.spec = spec
         self.from_logits = from_logits
         self._vars = dict(variables)
+        self._masks: dict[str, tf.Tensor] = {}  # pruning (set_mask): applied after each step
         train_vars = [self._vars[n] for n in spec.trainable]
         num_classes = spec.num_classes
         x_sig = tf.TensorSpec([None, *spec.input_shape], tf.float32)
@@ -415,7 +416,9 @@ class KerasTrainer:
 
         def step(m: int) -> float:
             # Keras takes the partial last batch as it is (same gradient as LiteRT's padding).
-            return float(self._train_step(xb[:m], yb[:m], lr_t))
+            loss = float(self._train_step(xb[:m], yb[:m], lr_t))
+            self._apply_mask()
+            return loss
 
         metrics = sgd_epochs(xs, labels, epochs=epochs, batch=b, rng=rng, xb=xb, yb=yb, step=step)
         log.debug(
@@ -425,10 +428,35 @@ class KerasTrainer:
         )
         return metrics
 
+    # -- pruning (docs/pruning.md) -------------------------------------------------------------
+    def set_mask(self, masks: Mapping[str, np.ndarray] | None) -> None:
+        """Train :meth:`fit` steps under ``masks`` (0/1 per trainable tensor; unnamed ones
+        whole): after each SGD step ``v <- v * mask``, i.e. ``(v - lr grad) * mask`` as
+        LiteRT's ``train_masked``; ``None`` trains every weight again."""
+        if masks is None:
+            self._masks = {}
+            return
+        shapes = {t.name: t.shape for t in self.spec.weights}
+        out: dict[str, tf.Tensor] = {}
+        for n, m in masks.items():
+            if n not in self.spec.trainable:
+                raise ModelError(f"set_mask names a tensor that is not trainable: {n!r}")
+            value = np.asarray(m, np.float32)
+            if value.shape != shapes[n]:
+                raise ModelError(f"mask of {n} has shape {value.shape}, the model {shapes[n]}")
+            out[n] = tf.constant(value)
+        self._masks = out
+        self._apply_mask()
+
+    def _apply_mask(self) -> None:
+        for n, m in self._masks.items():
+            var = self._vars[n]
+            var.assign(var * m)
+
     # -- VariantTrainer -----------------------------------------------------------------------
     @property
     def variants(self) -> frozenset[str]:
-        return frozenset({"prox", "gradient"})
+        return frozenset({"prox", "gradient", "mask"})
 
     def fit_prox(
         self,

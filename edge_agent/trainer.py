@@ -99,8 +99,9 @@ class Trainer(Protocol):
 @runtime_checkable
 class VariantTrainer(Protocol):
     """A backend that may also train with a proximal term (FedProx) and compute gradients
-    (FedSGD). ``variants`` names what this model supports (``"prox"``, ``"gradient"``): a
-    bundle exported before the signatures existed has neither."""
+    (FedSGD). ``variants`` names what this model supports (``"prox"``, ``"gradient"``,
+    ``"mask"``: pruned rounds, with ``set_mask(masks | None)``, edge_agent.pruning): a
+    bundle exported before the signatures existed has none."""
 
     @property
     def variants(self) -> frozenset[str]: ...
@@ -286,7 +287,14 @@ class LiteRTTrainer:
             out.add("prox")
         if "gradient" in have:
             out.add("gradient")
+        if {"set_mask", "train_masked"} <= have:
+            out.add("mask")
         return frozenset(out)
+
+    def set_mask(self, masks: Mapping[str, np.ndarray] | None) -> None:
+        """Pruning (docs/pruning.md): :meth:`fit` trains with the model's ``train_masked``
+        under ``masks`` (0/1 per trainable tensor) until ``set_mask(None)``."""
+        self.model.set_mask(masks)
 
     def _pad(self, m: int) -> None:
         # The signature's batch is fixed: pad the last partial batch with weight 0.

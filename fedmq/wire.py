@@ -220,6 +220,9 @@ class RoundAnnouncement:
     model_id: str = ""
     opened_at: float = 0.0
     epoch: str = ""
+    #: a pruned round's mask (fedmq.prune.mask bytes, checked by the device against its
+    #: model); empty = not pruned, and then not encoded
+    prune_mask: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -487,6 +490,8 @@ def _to_map(msg: Message) -> dict[str, Any]:
             "opened_at": float(msg.opened_at),
         }
         _put_epoch(body, msg.epoch)
+        if msg.prune_mask:
+            body["prune_mask"] = bytes(msg.prune_mask)
     elif isinstance(msg, AckMessage):
         body = {
             "type": "ack",
@@ -822,6 +827,7 @@ def decode_round(payload: bytes, limits: Limits | None = None) -> RoundAnnouncem
         model_id=_str(obj, "model_id", 256, empty=True),
         opened_at=_float(obj, "opened_at") if _opt(obj, "opened_at") else 0.0,
         epoch=_epoch(obj),
+        prune_mask=_get(obj, "prune_mask", bytes, "bytes") if _opt(obj, "prune_mask") else b"",
     )
 
 

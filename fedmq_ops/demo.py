@@ -99,6 +99,14 @@ def add_federation_arguments(
         "codec for deltas against the version a device holds",
     )
     p.add_argument(
+        "--prune",
+        type=float,
+        default=d.prune,
+        metavar="SPARSITY",
+        help="prune the kernels to this sparsity along the aggregator's schedule, e.g. 0.8 "
+        "(docs/pruning.md; int8/float16 values travel as masked-int8/masked-f16); 0 = off",
+    )
+    p.add_argument(
         "--clients-per-round",
         type=int,
         default=d.clients_per_round,
@@ -217,6 +225,7 @@ def spec_from_args(args: argparse.Namespace, **extra: Any) -> FederationSpec:
         eval_dataset=args.eval_dataset,
         eval_fraction=args.eval_fraction,
         eval_only_agents=args.eval_only_agents,
+        prune=args.prune,
         workdir=args.workdir,
         **extra,
     )

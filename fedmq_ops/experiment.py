@@ -75,7 +75,8 @@ _FIELDS = {"agents": "agents", "rounds": "rounds", "dataset": "dataset", "model"
            "round_policy": "round_policy", "buffer_size": "buffer_size",
            "max_message_bytes": "max_message_bytes", "downlink": "downlink",
            "eval_dataset": "eval_dataset", "eval_fraction": "eval_fraction",
-           "eval_only_agents": "eval_only_agents"}
+           "eval_only_agents": "eval_only_agents",
+           "prune": "prune"}
 
 
 def apply_preset(args: argparse.Namespace) -> argparse.Namespace:

@@ -74,6 +74,7 @@ class FederationSpec:
     # the last eval_only_agents agents never train and only evaluate each round's model.
     eval_fraction: float = 0.0
     eval_only_agents: int = 0
+    prune: float = 0.0  # target sparsity of the kernels (docs/pruning.md); 0 = no pruning
     extra_agent: dict[str, Any] = field(default_factory=dict)
     extra_aggregator: dict[str, Any] = field(default_factory=dict)
 
@@ -96,6 +97,8 @@ class FederationSpec:
             raise ConfigError(
                 f"downlink must be one of {downlink_modes()}, got {self.downlink!r}"
             )
+        if not 0.0 <= self.prune <= 0.99:
+            raise ConfigError(f"prune must be in [0, 0.99], got {self.prune}")
         if self.max_message_bytes != 0 and self.max_message_bytes < MIN_MESSAGE_BYTES:
             raise ConfigError(
                 f"max_message_bytes must be 0 (no chunking) or >= {MIN_MESSAGE_BYTES}, "
@@ -281,6 +284,7 @@ def write_configs(
         "round_policy": spec.round_policy,
         "buffer_size": spec.buffer_size,
         "downlink": spec.downlink,
+        "prune_target": spec.prune,
         **chunking,
         **spec.extra_aggregator,
     }

@@ -37,7 +37,16 @@ def add_model_subcommands(subparsers: Any) -> argparse.ArgumentParser:
         metavar="MODEL.keras",
         help="your own Sequential or functional Keras model (see docs/models.md)",
     )
-    exp.add_argument("--out", required=True, help="output bundle directory")
+    source.add_argument(
+        "--pruned",
+        metavar="BUNDLE",
+        help="a compact inference-only .tflite of this zoo bundle at --weights (a pruned "
+        "federation's model file); --out is the .tflite path (docs/pruning.md)",
+    )
+    exp.add_argument("--out", required=True, help="output bundle directory (--pruned: file)")
+    exp.add_argument("--weights", metavar="NPZ",
+                     help="--pruned: the trained weights, e.g. the aggregator's models/vN.npz")
+
     exp.add_argument("--name", help="model name in spec.json (default: the preset's / model's)")
     select = exp.add_mutually_exclusive_group()
     select.add_argument(
@@ -87,6 +96,10 @@ _PRESET_ONLY = ("seed", "hidden", "channels", "classes", "init_weights")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.pruned:
+        return _export_pruned(args)
+    if args.weights:
+        raise ConfigError("--weights applies to --pruned")
     if args.keras:
         return _export_keras(args)
     if args.trainable_from or args.train_layers:
@@ -134,6 +147,24 @@ def _export_keras(args: argparse.Namespace) -> int:
         infer_batch=args.infer_batch or 128,
     )
     print(_format(describe_bundle(bundle, load=False)))
+    return 0
+
+
+def _export_pruned(args: argparse.Namespace) -> int:
+    if not args.weights:
+        raise ConfigError("--pruned needs --weights NPZ (the trained model to export)")
+    from fedmq_ops.pruned_export import export_pruned, load_weights_npz
+
+    path = prebuilt_bundle_path(args.pruned) if args.pruned in prebuilt_names() else args.pruned
+    bundle = load_bundle(path)
+    result = export_pruned(bundle, load_weights_npz(args.weights), args.out)
+    print(
+        f"{bundle.spec.name}: {100 * result.sparsity:.1f} % of the weights are zero; wrote "
+        f"{result.path}: {result.tflite_bytes:,} bytes (the training bundle's .tflite: "
+        f"{result.bundle_tflite_bytes:,}; zlib {result.zlib_bytes:,}), infer(x) -> logits, "
+        f"ops {', '.join(result.ops)}; LiteRT vs float32: max logit error "
+        f"{100 * result.max_logit_error:.2f} %, same class {100 * result.agreement:.1f} %"
+    )
     return 0
 
 

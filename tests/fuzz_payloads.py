@@ -16,7 +16,9 @@ counts and padding nibbles, NaN or negative scales). :func:`fuzz_chunks` damages
 chunk stream of a chunked transfer (:data:`CHUNK_DAMAGE`: wrong index or count, a
 total_bytes that disagrees with the data or with the first chunk, oversize, a transfer id
 that is not the payload's hash, a late chunk of an expired transfer, fields of the wrong
-type, byte damage).
+type, byte damage). :func:`fuzz_mask` damages a pruning mask (:data:`MASK_DAMAGE`: unknown
+or duplicated tensor, wrong size, bitmap too short or long, padding bits, a kept count that
+disagrees with the bitmap, every weight pruned, extra keys, wrong types, byte damage).
 
 Driven by a :class:`random.Random`, so hypothesis (``st.randoms()``) and a seeded generator
 for the broker path share the same mutations.
@@ -42,10 +44,12 @@ __all__ = [
     "CHUNK_DAMAGE",
     "DOWNLINK_DAMAGE",
     "KINDS",
+    "MASK_DAMAGE",
     "LOW_BIT_CODECS",
     "SPARSE_DAMAGE",
     "fuzz_chunks",
     "fuzz_downlink",
+    "fuzz_mask",
     "fuzz_payload",
     "sparse_damage",
     "valid_update_map",
@@ -691,3 +695,53 @@ def fuzz_downlink(rng: random.Random, base: Obj, kind: str | None = None) -> tup
         return kind, _pack(obj)
     except (ValueError, OverflowError, TypeError):
         return "bytes", _byte_mutation(rng, _pack(base))
+# -- pruning masks (fedmq.prune.mask) ---------------------------------------------------------
+MASK_DAMAGE = (
+    "bytes", "unknown_tensor", "duplicate", "size", "short_bits", "long_bits", "padding",
+    "kept", "all_pruned", "extra_key", "missing_key", "field_type", "version", "not_list",
+)
+
+
+def fuzz_mask(rng: random.Random, mask_bytes: bytes, op: str | None = None) -> tuple[str, bytes]:
+    """One damaged copy of a valid pruning mask's bytes (at least one tensor); (op, bytes)."""
+    op = op or rng.choice(MASK_DAMAGE)
+    if op == "bytes":
+        return op, _byte_mutation(rng, mask_bytes)
+    obj = msgpack.unpackb(mask_bytes, raw=False)
+    entries = obj["tensors"]
+    e = rng.choice(entries)
+    n = e["size"]
+    if op == "unknown_tensor":
+        e["name"] = e["name"] + "_x"
+    elif op == "duplicate":
+        entries.append(copy.deepcopy(e))
+    elif op == "size":
+        e["size"] = rng.choice([0, n - 1, n + 1, -n, 2**40, n * 8])
+    elif op == "short_bits":
+        e["bits"] = e["bits"][: rng.randrange(len(e["bits"]))]
+    elif op == "long_bits":
+        e["bits"] = e["bits"] + bytes(rng.randint(1, 9))
+    elif op == "padding":
+        if n % 8 == 0:  # no padding bits to set: make the size disagree instead
+            e["size"] = n - 1
+        else:
+            bits = bytearray(e["bits"])
+            bits[-1] |= 0x80
+            e["bits"] = bytes(bits)
+    elif op == "kept":
+        e["kept"] = e["kept"] + rng.choice([-1, 1, n, -e["kept"] - 1])
+    elif op == "all_pruned":
+        e["bits"] = bytes(len(e["bits"]))
+        e["kept"] = 0
+    elif op == "extra_key":
+        e[rng.choice(["positions", "dtype", "k"])] = 1
+    elif op == "missing_key":
+        del e[rng.choice(["name", "size", "kept", "bits"])]
+    elif op == "field_type":
+        key = rng.choice(["name", "size", "kept", "bits"])
+        e[key] = rng.choice([None, 1.5, True, "x", b"x", [1], {"a": 1}, -1])
+    elif op == "version":
+        obj["mask"] = rng.choice([0, 2, "1", None, True])
+    elif op == "not_list":
+        obj["tensors"] = rng.choice([{}, "x", 3, None])
+    return op, _pack(obj)

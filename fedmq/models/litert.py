@@ -211,6 +211,7 @@ class TFLiteModel:
         self._mu = np.zeros((), dtype=np.float32)
         self._infer_buf = np.zeros((spec.infer_batch, *spec.input_shape), dtype=np.float32)
         self._frozen = {n: bundle.initial_weights[n].copy() for n in spec.frozen}
+        self._train_key = "train"  # "train_masked" while a pruning mask is set
         # Variables are garbage (ai-edge-litert) or unreadable (tflite-runtime) until assigned.
         self.set_weights(bundle.initial_weights)
 
@@ -270,8 +271,30 @@ class TFLiteModel:
                 f"got {y.shape} / {w.shape}"
             )
         self._lr[()] = lr
-        out = self._runners["train"](x=x, y=y, w=w, lr=self._lr)
+        out = self._runners[self._train_key](x=x, y=y, w=w, lr=self._lr)
         return float(out["loss"])
+
+    def set_mask(self, masks: Mapping[str, np.ndarray] | None) -> None:
+        """Prune: :meth:`train_step` runs ``train_masked`` under ``masks`` (0/1 per trainable
+        tensor; a tensor not named is kept whole) until ``set_mask(None)`` (plain ``train``)."""
+        if masks is None:
+            self._train_key = "train"
+            return
+        runner = self._variant("set_mask")
+        self._variant("train_masked")
+        unknown = set(masks) - set(self.spec.trainable)
+        if unknown:
+            raise ModelError(f"set_mask names tensors that are not trainable: {sorted(unknown)}")
+        shapes = {t.name: t.shape for t in self.spec.weights}
+        full: dict[str, np.ndarray] = {}
+        for n in self.spec.trainable:
+            m = masks.get(n)
+            value = np.ones(shapes[n], np.float32) if m is None else np.asarray(m, np.float32)
+            if value.shape != shapes[n]:
+                raise ModelError(f"mask of {n} has shape {value.shape}, the model {shapes[n]}")
+            full[n] = value
+        runner(**full)
+        self._train_key = "train_masked"
 
     def _check_batch(self, x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[
         np.ndarray, np.ndarray, np.ndarray

@@ -11,7 +11,8 @@ loads; the agent checks which of these a bundle has (:data:`VARIANT_SIGNATURES`)
   data loss before the step (the same number ``train`` returns), the proximal term is not
   added to it; with ``mu = 0`` the step is ``train``'s, bit for bit;
 - ``gradient(x, y, w) -> {loss, name: gradient}``: the gradient of the weighted mean loss
-  at the current weights, one tensor per trainable variable; the variables are unchanged.
+  at the current weights, one tensor per trainable variable; the variables are unchanged;
+- ``set_mask`` / ``train_masked``: pruning (:mod:`fedmq.models.masking`).
 """
 
 from __future__ import annotations
@@ -21,17 +22,18 @@ from typing import Any
 
 import numpy as np
 
+from fedmq.models.masking import MASK_SIGNATURES, add_mask_signatures
 from fedmq.models.spec import ModelSpec
 
 __all__ = ["VARIANT_SIGNATURES", "add_variant_signatures"]
 
-VARIANT_SIGNATURES = ("set_global", "train_prox", "gradient")
+VARIANT_SIGNATURES = ("set_global", "train_prox", "gradient", *MASK_SIGNATURES)
 
 LossOf = Callable[[Mapping[str, Any], Any, Any, Any], Any]
 
 
 def add_variant_signatures(module: Any, spec: ModelSpec, loss_of: LossOf) -> None:
-    """Give ``module`` (with ``variables_by_name`` and ``params()``) the three signatures.
+    """Give ``module`` (with ``variables_by_name`` and ``params()``) the optional signatures.
 
     ``loss_of(params, x, y, w)`` is the model's weighted loss, the one its ``train`` uses.
     """
@@ -81,3 +83,4 @@ def add_variant_signatures(module: Any, spec: ModelSpec, loss_of: LossOf) -> Non
     module.set_global = tf_.function(
         set_global, input_signature=[tf_.TensorSpec(shapes[n], f32, name=n) for n in names]
     )
+    add_mask_signatures(module, spec, loss_of)

@@ -27,10 +27,11 @@ TensorFlow is imported only by :func:`forward`, :func:`loss_fn` and :func:`build
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -274,6 +275,23 @@ def _relu(tf_: Any, x: tf.Tensor) -> tf.Tensor:
     return tf_.maximum(x, 0.0)
 
 
+_PLAIN_MATMULS = False
+
+
+@contextlib.contextmanager
+def plain_matmuls() -> Iterator[None]:
+    """Within it, :func:`matmul` traces a plain 2-D ``tf.matmul``: for an inference-only
+    graph on constant weights (``fedmq model export --pruned``) the converter makes those
+    FULLY_CONNECTED, whose constant kernels it can store sparse. Training graphs keep the
+    rank-3 form."""
+    global _PLAIN_MATMULS
+    before, _PLAIN_MATMULS = _PLAIN_MATMULS, True
+    try:
+        yield
+    finally:
+        _PLAIN_MATMULS = before
+
+
 def matmul(tf_: Any, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
     """``a @ b`` for 2-D tensors whose gradients are rank-3 batch matmuls.
 
@@ -297,6 +315,8 @@ def matmul(tf_: Any, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
         y = tf_.matmul(tf_.reshape(x, [1, m, k]), tf_.reshape(w, [1, k, n]))
         return tf_.reshape(y, [m, n]), grad
 
+    if _PLAIN_MATMULS:
+        return tf_.matmul(a, b)
     return _mm(a, b)
 
 

@@ -93,7 +93,7 @@ SHAPES = {"w": (4, 5), "b": (5,)}
 def test_everything_that_lists_codecs_reads_the_registry(topk: TopK) -> None:
     assert codecs.codec_names() == (
         "float32", "float16", "int8", "int4", "topk-f16", "topk-int8", "topk-int4", "stc",
-        "topk-test",
+        "masked-int8", "masked-f16", "topk-test",
     )
     assert get_codec("topk-test") is topk
     assert wire.TrainingConfig(codec="topk-test").codec == "topk-test"

@@ -277,7 +277,7 @@ def test_prox_step_matches_tensorflow(case: str, exported: Callable[[str], Model
     start = random_weights(bundle, seed=11)
     global_w = random_weights(bundle, seed=12)
     model = TFLiteModel(bundle)
-    assert model.variants == {"set_global", "train_prox", "gradient"}
+    assert model.variants == {"set_global", "train_prox", "gradient", "set_mask", "train_masked"}
     model.set_weights(start)
     model.set_global({n: global_w[n] for n in spec.trainable})
     ref = start
@@ -341,3 +341,77 @@ def test_gradient_matches_tensorflow(case: str, exported: Callable[[str], ModelB
     after = model.get_weights(include_frozen=True)  # gradient() leaves the weights alone
     for n in spec.weight_names:
         np.testing.assert_array_equal(after[n], start[n])
+
+
+def random_masks(bundle: ModelBundle, seed: int, keep: float) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shapes = {t.name: t.shape for t in bundle.spec.weights}
+    return {n: (rng.random(shapes[n]) < keep).astype(np.float32) for n in bundle.spec.trainable}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_masked_step_matches_tensorflow(case: str, exported: Callable[[str], ModelBundle]) -> None:
+    """train_masked = the SGD step, then the mask multiply: (v - lr grad) * mask; the pruned
+    weights are exactly 0 after each step (they start non-zero here: the multiply zeroes
+    them, the device does not rely on the server's zeros)."""
+    bundle = exported(case)
+    spec, cfg = bundle.spec, CASES[case]
+    names = spec.weight_names
+    start = random_weights(bundle, seed=16)
+    masks = random_masks(bundle, seed=17, keep=0.4)
+    model = TFLiteModel(bundle)
+    model.set_weights(start)
+    model.set_mask(masks)
+    ref, lr = start, 0.3
+    for step in range(2):
+        x, y = batch(cfg, spec.train_batch, seed=60 + step)
+        w = np.ones(spec.train_batch, np.float32)
+        w[-1] = 0.0
+        loss = model.train_step(x, y, w, lr)
+        ref_loss, grads = reference_grads(cfg, names, spec.trainable, ref, x, y, w)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        new_ref = dict(ref)
+        for n in spec.trainable:
+            new_ref[n] = (ref[n] - lr * grads[n]) * masks[n]
+        got = model.get_weights(include_frozen=True)
+        for name in names:
+            assert rel_err(got[name], new_ref[name]) < 1e-5, (step, name)
+        for n in spec.trainable:
+            assert not got[n][masks[n] == 0].any(), n  # exactly zero, not merely small
+            assert got[n][masks[n] == 1].all(), n
+        ref = new_ref
+    model.set_mask(None)  # back to the plain step: pruned weights may move again
+    x, y = batch(cfg, spec.train_batch, seed=70)
+    model.train_step(x, y, np.ones(spec.train_batch, np.float32), lr)
+    moved = model.get_weights()
+    assert any(moved[n][masks[n] == 0].any() for n in spec.trainable)
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn", "lstm"])
+def test_all_ones_mask_is_train_bit_for_bit(
+    case: str, exported: Callable[[str], ModelBundle]
+) -> None:
+    bundle = exported(case)
+    spec, cfg = bundle.spec, CASES[case]
+    start = random_weights(bundle, seed=18)
+    plain, masked = TFLiteModel(bundle), TFLiteModel(bundle)
+    for m in (plain, masked):
+        m.set_weights(start)
+    masked.set_mask({})  # every tensor kept whole
+    for step in range(3):
+        x, y = batch(cfg, spec.train_batch, seed=80 + step)
+        w = np.ones(spec.train_batch, np.float32)
+        assert plain.train_step(x, y, w, 0.2) == masked.train_step(x, y, w, 0.2)
+    a, b = plain.get_weights(include_frozen=True), masked.get_weights(include_frozen=True)
+    for name in spec.weight_names:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_set_mask_refuses_bad_masks(exported: Callable[[str], ModelBundle]) -> None:
+    bundle = exported("mlp")
+    model = TFLiteModel(bundle)
+    with pytest.raises(ModelError, match="not trainable"):
+        model.set_mask({"nope": np.ones(3, np.float32)})
+    name = bundle.spec.trainable[0]
+    with pytest.raises(ModelError, match="shape"):
+        model.set_mask({name: np.ones(7, np.float32)})

@@ -120,3 +120,16 @@ def test_federated_evaluation_flags_reach_the_agents(tmp_path: Path) -> None:
         (0.2, False), (0.2, False), (0.2, False), (0.0, True)]
     with pytest.raises(ConfigError, match="eval_only_agents"):
         FederationSpec(agents=2, eval_only_agents=2)
+def test_prune_flag_reaches_the_aggregator(tmp_path: Path) -> None:
+    parser = build_parser()
+    demo = spec_from_args(parser.parse_args(["demo", "--prune", "0.8"]))
+    exp = spec_from_args(apply_preset(parser.parse_args(["experiment", "fmnist-cnn",
+                                                         "--prune", "0.9"])))
+    plain = spec_from_args(apply_preset(parser.parse_args(["experiment", "fmnist-cnn"])))
+    for spec, want in ((demo, 0.8), (exp, 0.9), (plain, 0.0)):
+        (tmp_path / str(want)).mkdir()
+        agg_path, _ = _written(spec, tmp_path / str(want))
+        agg = load_aggregator_config(agg_path, environ={})
+        assert agg.prune_target == want and agg.codec == "int8"
+    with pytest.raises(ConfigError, match="prune"):
+        FederationSpec(prune=1.0)

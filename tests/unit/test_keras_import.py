@@ -479,14 +479,15 @@ def reference_grads(
 def test_gradient_and_prox_match_tensorflow(
     case: str, exported: Callable[[str], ModelBundle]
 ) -> None:
-    """The FedSGD ``gradient`` and FedProx ``train_prox`` signatures of an imported model."""
+    """The FedSGD ``gradient``, FedProx ``train_prox`` and pruning ``train_masked``
+    signatures of an imported model."""
     bundle = exported(case)
     kind = CASES[case][0]
     spec = bundle.spec
     model = pretrained(kind)
     variables = tensor_names(model)
     tfl = TFLiteModel(bundle)
-    assert tfl.variants == {"set_global", "train_prox", "gradient"}
+    assert tfl.variants == {"set_global", "train_prox", "gradient", "set_mask", "train_masked"}
     x, y = inputs(kind, TRAIN_BATCH, seed=60)
     w = np.ones(TRAIN_BATCH, np.float32)
     w[-1] = 0.0
@@ -506,3 +507,12 @@ def test_gradient_and_prox_match_tensorflow(
     for n in spec.trainable:
         expect = start[n] - lr * (ref[n] + mu * (start[n] - global_w[n]))
         assert rel_err(got[n], expect) < 1e-5, n
+    # pruning: the same step from the same weights, then the mask multiply
+    masks = {n: (rng.random(v.shape) < 0.5).astype(np.float32) for n, v in start.items()}
+    tfl.set_weights({**tfl.get_weights(include_frozen=True), **start})
+    tfl.set_mask(masks)
+    assert tfl.train_step(x, y, w, lr) == pytest.approx(ref_loss, rel=1e-5)
+    got = tfl.get_weights()
+    for n in spec.trainable:
+        assert rel_err(got[n], (start[n] - lr * ref[n]) * masks[n]) < 1e-5, n
+        assert not got[n][masks[n] == 0].any(), n

@@ -188,7 +188,7 @@ def test_prox_and_gradient_match_litert(name: str) -> None:
     lite = LiteRTTrainer(bundle, num_threads=1)
     ker = KerasTrainer(bundle)
     assert isinstance(ker, VariantTrainer) and isinstance(lite, VariantTrainer)
-    assert lite.variants == ker.variants == {"prox", "gradient"}
+    assert lite.variants == ker.variants == {"prox", "gradient", "mask"}
     start = lite.get_weights()
     count = 2 * bundle.spec.train_batch + 5
     x, y = _data(bundle, count, seed=1)
@@ -211,3 +211,33 @@ def test_prox_and_gradient_match_litert(name: str) -> None:
         # the proximal pull keeps it closer to the start than plain SGD
         assert np.linalg.norm(lite.get_weights()[n_] - start[n_]) < np.linalg.norm(
             plain.get_weights()[n_] - start[n_])
+
+
+@pytest.mark.parametrize("name", ["digits-mlp", "fmnist-cnn"])
+def test_masked_training_matches_litert_and_keeps_pruned_weights_zero(name: str) -> None:
+    """Pruned rounds (docs/pruning.md): Keras applies the mask after each step as LiteRT's
+    train_masked does; pruned weights are exactly zero after training on both."""
+    from fedmq.prune.mask import magnitude_mask
+    from fedmq.prune.strategy import prunable_tensors
+
+    bundle = load_bundle(prebuilt_bundle_path(name))
+    shapes = {t.name: t.shape for t in bundle.spec.weights if t.name in bundle.spec.trainable}
+    mask = magnitude_mask(bundle.initial_weights, 0.8, prunable_tensors(shapes))
+    lite = LiteRTTrainer(bundle, num_threads=1)
+    ker = KerasTrainer(bundle)
+    assert "mask" in lite.variants and "mask" in ker.variants
+    start = mask.apply(lite.get_weights())
+    x, y = _data(bundle, 2 * bundle.spec.train_batch + 3)
+    for t in (lite, ker):
+        t.set_weights(start)
+        t.set_mask(mask.float_masks())
+        t.fit(x, y, epochs=1, lr=0.05, rng=np.random.default_rng(7))
+    after_lite, after_ker = lite.get_weights(), ker.get_weights()
+    for n_ in bundle.spec.trainable:
+        np.testing.assert_allclose(after_ker[n_], after_lite[n_], rtol=0, atol=2e-6)
+        if n_ in mask.kept:
+            assert not after_lite[n_][~mask.kept[n_]].any() and not after_ker[n_][
+                ~mask.kept[n_]].any()
+            assert not np.array_equal(after_lite[n_], start[n_])
+    with pytest.raises(ModelError, match="not trainable"):
+        ker.set_mask({"nope": np.ones(2)})

@@ -10,6 +10,8 @@ the registry (:func:`register`, :func:`get_codec`, :func:`codec_names`). Built i
 - ``topk-f16``, ``topk-int8``, ``topk-int4``, ``stc`` (:mod:`.topk`): sparse top-k with an
   error-feedback residual kept on the device (:mod:`.residual`: what it does while the
   device skips rounds). See docs/codecs.md.
+- ``masked-int8``, ``masked-f16`` (:mod:`.masked`): the kept weights of a pruned model,
+  positions implied by the round's mask (docs/pruning.md).
 
 The helpers below look the codec up by name; use ``get_codec(name).encode(delta, rng,
 state)`` for codecs that keep device state.
@@ -34,6 +36,7 @@ from fedmq.update.codecs.float16 import Float16
 from fedmq.update.codecs.float32 import Float32
 from fedmq.update.codecs.int4 import Int4
 from fedmq.update.codecs.int8 import Int8
+from fedmq.update.codecs.masked import MaskedF16, MaskedInt8
 from fedmq.update.codecs.registry import codec_names, get_codec, register, unregister
 from fedmq.update.codecs.topk import Stc, TopKF16, TopKInt4, TopKInt8
 
@@ -57,7 +60,8 @@ __all__ = [
 ]
 
 _BUILTINS: tuple[Codec, ...] = (
-    Float32(), Float16(), Int8(), Int4(), TopKF16(), TopKInt8(), TopKInt4(), Stc()
+    Float32(), Float16(), Int8(), Int4(), TopKF16(), TopKInt8(), TopKInt4(), Stc(),
+    MaskedInt8(), MaskedF16(),
 )
 for _builtin in _BUILTINS:
     register(_builtin, replace=True)
