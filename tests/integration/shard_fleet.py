@@ -92,11 +92,11 @@ class ShardFleet:
         return ["--fleet", self.fleet, "--redis", self.redis.url, "--host", self.broker.host,
                 "--port", str(self.broker.port), "--prefix", self.prefix]
 
-    def start_worker(self, name: str) -> None:
+    def start_worker(self, name: str, ack_mode: str = "callback") -> None:
         ready = self.workdir / f"{name}.ready"
         ready.unlink(missing_ok=True)
         self._spawn(name, ["-m", "aggregator.shard_worker", *self.common(), "--worker", name,
-                           "--ready-file", str(ready)])
+                           "--ready-file", str(ready), "--ack-mode", ack_mode])
         wait_for(ready.exists, 30, f"worker {name} to subscribe")
 
     def start_coordinator(self, target: int, rounds: int, timeout: float = 60.0) -> None:
