@@ -18,7 +18,8 @@ acknowledge only committed (or answered) updates; paho 2.2 writes a manual ack q
 the callback only on the network loop's next pass, which cost 4.6x the time per message here
 (2,000 messages of 19.5 KB: 1.29 s vs 0.28 s), hence the default. A refused commit (round
 closed, device already claimed by this or another worker) takes the update back out of the
-partial (exact integer subtraction). When the store fails the worker exits non-zero WITHOUT acknowledging (in
+partial (exact integer subtraction). When the store fails the worker exits non-zero WITHOUT
+acknowledging (in
 ``callback`` mode by ``os._exit`` inside the callback, so paho never sends that PUBACK):
 the broker redelivers the update to the same session when the worker comes back.
 
