@@ -19,9 +19,8 @@ the callback only on the network loop's next pass, which cost 4.6x the time per 
 (2,000 messages of 19.5 KB: 1.29 s vs 0.28 s), hence the default. A refused commit (round
 closed, device already claimed by this or another worker) takes the update back out of the
 partial (exact integer subtraction). When the store fails the worker exits non-zero WITHOUT
-acknowledging (in
-``callback`` mode by ``os._exit`` inside the callback, so paho never sends that PUBACK):
-the broker redelivers the update to the same session when the worker comes back.
+acknowledging (in ``callback`` mode by ``os._exit`` inside the callback, so paho never sends
+that PUBACK): the broker redelivers the update to the same session when the worker comes back.
 
 Not done by a worker (docs/scaling.md): the single-process ingest's norm bounds, staleness
 weighting, secure aggregation, DP clipping and the per-update journal; the committed partial

@@ -20,7 +20,7 @@ def redis_server(tmp_path: Path) -> Iterator[LocalRedis]:
     if redis_server_path() is None:
         pytest.fail("redis-server is not installed: `make test` installs it (apt-get install "
                     "redis-server)")
-    server = LocalRedis(RedisOptions(appendfsync="everysec"), workdir=tmp_path / "redis")
+    server = LocalRedis(RedisOptions(appendfsync="always"), workdir=tmp_path / "redis")
     server.start()
     yield server
     server.stop()
@@ -130,3 +130,32 @@ def test_worker_that_never_returns_its_devices_are_dropouts(fleet: ShardFleet) -
     committed = fleet.ok_devices(1)
     assert len(committed) == model["contributors"]
     assert_exact(fleet.published(1), fleet.reference([committed]))
+
+
+def test_store_outage_workers_exit_unacknowledged_and_nothing_is_lost(
+    fleet: ShardFleet, redis_server: LocalRedis
+) -> None:
+    fleet.start_worker("w1")
+    fleet.start_worker("w2")
+    fleet.start_coordinator(target=40, rounds=1)
+    devices = _devices(1, 40)
+    for d in devices:
+        fleet.update(1, d)  # encoded while the store is up (the round's base and epoch)
+    for d in devices[:20]:
+        fleet.publish(1, d)
+    wait_for(lambda: len(fleet.ok_devices(1)) == 20, 30, "20 commits")
+    redis_server.stop()  # appendfsync always: every commit is in the AOF
+    for d in devices[20:]:
+        fleet.publish(1, d)
+    wait_for(lambda: all(fleet.procs[w].poll() is not None for w in ("w1", "w2")), 30,
+             "the workers to exit on the store failure")
+    assert {fleet.procs[w].returncode for w in ("w1", "w2")} == {3}
+    assert len(fleet.ok_devices(1)) == 20  # nothing was acknowledged without the store
+    redis_server.start()
+    fleet.start_worker("w1")
+    fleet.start_worker("w2")
+    if fleet.procs["coordinator"].poll() is not None:
+        fleet.start_coordinator(target=40, rounds=1)
+    fleet.wait_version(1, 30)
+    wait_for(lambda: fleet.ok_devices(1) == set(devices), 10, "every device's ack")
+    assert_exact(fleet.published(1), fleet.reference([set(devices)]))
