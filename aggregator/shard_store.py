@@ -34,6 +34,7 @@ __all__ = ["CommitResult", "OpenRound", "ShardStore", "pack_arrays", "unpack_arr
 log = logging.getLogger(__name__)
 
 _COMMIT = """
+if redis.call('GET', KEYS[4]) ~= ARGV[7] then return {'fenced', ''} end
 local st = redis.call('HMGET', KEYS[1], 'epoch', 'round_id', 'state')
 if st[1] ~= ARGV[1] or st[2] ~= ARGV[2] or st[3] ~= 'open' then return {'closed', ''} end
 local prev = redis.call('HGET', KEYS[2], ARGV[3])
@@ -102,7 +103,8 @@ class OpenRound:
 @dataclass(frozen=True)
 class CommitResult:
     """``status``: ``ok`` (claimed and committed), ``closed`` (round not open: nothing
-    changed) or ``claimed`` (the device already has a claim: ``claim`` names its worker and
+    changed), ``fenced`` (a newer process of this worker name runs: nothing changed) or
+    ``claimed`` (the device already has a claim: ``claim`` names its worker and
     update id)."""
 
     status: str
@@ -209,15 +211,22 @@ class ShardStore:
         })
         return True
 
+    def register_worker(self, worker: str) -> int:
+        """A new generation for ``worker``: commits of an older process with the same name
+        are refused from now on (``fenced``), so two processes never overwrite one partial."""
+        return int(self.r.incr(self._k("worker", worker, "generation")))
+
     def commit(
         self, epoch: str, round_id: int, device: str, update_id: str, worker: str,
-        partial: bytes,
+        partial: bytes, generation: int,
     ) -> CommitResult:
-        """Claim ``device`` for (epoch, round) and store ``worker``'s partial, atomically."""
+        """Claim ``device`` for (epoch, round) and store ``worker``'s partial, atomically,
+        if ``generation`` is still the worker's newest."""
         out = self._commit(
             keys=[self.round_key, self.claims_key(epoch, round_id),
-                  self.partials_key(epoch, round_id)],
-            args=[epoch, str(round_id), device, f"{worker} {update_id}", worker, partial],
+                  self.partials_key(epoch, round_id), self._k("worker", worker, "generation")],
+            args=[epoch, str(round_id), device, f"{worker} {update_id}", worker, partial,
+                  str(generation)],
         )
         status, claim = [*cast(list[bytes], out), b"", b""][:2]
         return CommitResult(status.decode(), claim.decode())

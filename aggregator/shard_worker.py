@@ -53,7 +53,7 @@ from fedmq.topics import Topics, validate_name
 from fedmq.update.fixedpoint import FixedPointSum
 from fedmq.wire import AckMessage, Limits, encode, receive_update
 
-__all__ = ["ShardWorker", "main", "worker_client_id"]
+__all__ = ["Fenced", "ShardWorker", "main", "worker_client_id"]
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ def worker_client_id(fleet: str, worker: str) -> str:
     return f"fedmq-ingest-{validate_name(fleet, 'fleet')}-{validate_name(worker, 'worker')}"
 
 
-class _StoreFailed(Exception):
-    pass
+class Fenced(redis.RedisError):
+    """A newer process registered the same worker name: this one must stop, unacknowledged."""
 
 
 class ShardWorker:
@@ -87,6 +87,7 @@ class ShardWorker:
         self.registry = registry
         self.limits = Limits(max_bytes=max_update_bytes)
         self.loaded: tuple[str, int] | None = None
+        self.generation = store.register_worker(self.worker)
         self.acc = FixedPointSum(template)
         self.committed = 0
 
@@ -157,7 +158,7 @@ class ShardWorker:
         self.acc.add(checked)
         try:
             res = self.store.commit(rnd.epoch, rnd.round_id, msg.device, msg.update_id,
-                                    self.worker, self.acc.to_bytes())
+                                    self.worker, self.acc.to_bytes(), self.generation)
         except BaseException:
             self.acc.remove(checked)  # unknown outcome: the reload on restart decides
             self.loaded = None
@@ -168,6 +169,8 @@ class ShardWorker:
                       msg.update_id, msg.device, rnd.round_id, self.acc.count)
             return reject("ok", "", accepted=True)
         self.acc.remove(checked)
+        if res.status == "fenced":
+            raise Fenced(f"another process runs as worker {self.worker!r}: this one stops")
         if res.status == "closed":
             return reject(RejectReason.ROUND_CLOSED, f"round {msg.round_id} closed meanwhile")
         owner, _, claimed_id = res.claim.partition(" ")
