@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
             if not coord.tick(time.time()):
                 time.sleep(args.poll)
+        client.disconnect()  # first: wakes the network thread, so loop_stop returns at once
         client.loop_stop()
-        client.disconnect()
         return 0
     except (ConfigError, StateError, redis.RedisError, OSError) as exc:
         log.error("coordinator: %s", exc)

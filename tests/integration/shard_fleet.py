@@ -22,7 +22,7 @@ from aggregator.bundles import resolve_bundle
 from aggregator.shard_store import ShardStore
 from fedmq.net.localbroker import LocalBroker
 from fedmq.net.localredis import LocalRedis
-from fedmq.net.procs import stop_process
+from fedmq.net.procs import stop_processes
 from fedmq.topics import Topics
 from fedmq.update.codecs import get_codec
 from fedmq.update.fixedpoint import FixedPointSum
@@ -115,10 +115,9 @@ class ShardFleet:
         return (self.workdir / f"{name}.log").read_text(errors="replace")
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            stop_process(proc, 5, kill_timeout=5)
+        stop_processes(list(self.procs.values()), 5, kill_timeout=5)
+        self.client.disconnect()  # wakes the network thread: loop_stop returns at once
         self.client.loop_stop()
-        self.client.disconnect()
         self.store.close_connection()
 
     # -- devices ---------------------------------------------------------------------------------

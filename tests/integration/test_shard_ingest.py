@@ -115,7 +115,7 @@ def test_coordinator_restart_mid_round(fleet: ShardFleet) -> None:
 def test_worker_that_never_returns_its_devices_are_dropouts(fleet: ShardFleet) -> None:
     fleet.start_worker("w1")
     fleet.start_worker("w2")
-    fleet.start_coordinator(target=40, rounds=1, timeout=6.0)
+    fleet.start_coordinator(target=40, rounds=1, timeout=3.0)
     fleet.kill("w2")  # gone for good; Mosquitto still routes 1/2 of the updates to it
     devices = _devices(1, 40)
     for d in devices:
