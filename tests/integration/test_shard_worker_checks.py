@@ -1,6 +1,7 @@
-"""The worker's per-update path against a real Redis (no MQTT): every refusal leaves the
-committed partial and the claims unchanged, resends are duplicates, a second process of the
-same worker name fences the first."""
+"""The worker's per-update path and the coordinator's close/finish against a real Redis (no
+MQTT): every refusal leaves the committed partial and the claims unchanged, resends are
+duplicates, a second process of the same worker name fences the first, a round closed by a
+coordinator that died is finished once by the next."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from aggregator.shard_coordinator import ShardCoordinator
 from aggregator.shard_store import ShardStore
 from aggregator.shard_worker import Fenced, ShardWorker
 from fedmq.net.localredis import LocalRedis, RedisOptions, redis_server_path
+from fedmq.topics import Topics
 from fedmq.update.codecs import get_codec
 from fedmq.update.fixedpoint import FixedPointSum
+from fedmq.update.strategies import FedAvg
 from fedmq.wire import UpdateMessage, decode_update, encode
 from tests.integration.shard_fleet import BUNDLE, TEMPLATE
 
@@ -90,3 +94,33 @@ def test_a_second_process_with_the_same_name_fences_the_first(store: ShardStore)
     assert blob is not None
     assert FixedPointSum.from_bytes(blob, TEMPLATE).count == 2
     assert set(store.claims("e1", 1)) == {"d1", "d2"}
+
+
+def test_a_coordinator_killed_between_close_and_finish_finishes_once(
+    store: ShardStore,
+) -> None:
+    w1, w2 = ShardWorker(store, TEMPLATE, "w1"), ShardWorker(store, TEMPLATE, "w2")
+    payloads = [_update(f"d{i}", seed=i) for i in range(6)]
+    for i, p in enumerate(payloads):
+        assert (w1 if i % 2 else w2).handle(f"d{i}", p, 0.0).code == "ok"
+    assert store.close("e1", 1) is not None  # the first coordinator died right after this
+    assert w1.handle("d9", _update("d9"), 0.0).code == "round_closed"
+    published: list[tuple[str, bytes]] = []
+    coord = ShardCoordinator(store, BUNDLE, Topics("lab"), lambda t, p: published.append((t, p)),
+                             target=100)
+    assert coord.tick(time.time())  # a closed round is merged and finished at once
+    assert not coord.tick(time.time())  # round 2 is open and empty: nothing to do
+    model = store.model()
+    assert model is not None and model["version"] == 1 and model["contributors"] == 6
+    ref = FixedPointSum(TEMPLATE)
+    for p in payloads:
+        m = decode_update(p)
+        ref.fold(m.tensors, m.codec, float(m.num_examples))
+    want = FedAvg(1.0).aggregate(BUNDLE.initial_trainable(), ref.result())
+    assert all(model["weights"][n].tobytes() == want[n].tobytes() for n in want)
+    # finishing round 1 again (a second coordinator) changes nothing
+    assert not store.finish("e1", 1, 2, want, {}, 6, time.time() + 60, 100)
+    assert store.model_version() == 1
+    rnd = store.open_round()
+    assert rnd is not None and (rnd.round_id, rnd.base_version, rnd.state) == (2, 1, "open")
+    assert {t for t, _ in published} == {"fl/lab/model", "fl/lab/round"}
