@@ -206,6 +206,7 @@ class _Runner:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
         self.failed = threading.Event()
         self.stopping = False
 
@@ -227,6 +228,14 @@ class _Runner:
         log.info("worker %s subscribed to %s", self.worker.worker, self.subscription)
         if self.ready_file is not None:
             self.ready_file.write_text("ready\n")
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: Any,
+                    props: Any = None) -> None:
+        # fedmq.net.mqtt's client remembers each QoS 1 message's topic until it is acked:
+        # forget it here, or a worker's memory would grow by one entry per device ack.
+        topics = getattr(client, "topic_of_mid", None)
+        if topics is not None:
+            topics.pop(mid, None)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if self.failed.is_set():

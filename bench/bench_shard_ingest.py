@@ -126,6 +126,8 @@ def run(workers: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]
         self_cpu0 = time.process_time()
         t0 = time.perf_counter()
 
+        done: list[float] = []
+
         def publish(part: list[tuple[str, bytes]], k: int) -> None:
             c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pub{k}-{fleet}",
                             protocol=mqtt.MQTTv5)
@@ -136,8 +138,9 @@ def run(workers: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]
             infos = [c.publish(topics.update(d), p, qos=1) for d, p in part]
             for info in infos:
                 info.wait_for_publish(300)
+            done.append(time.perf_counter())
+            c.disconnect()  # before loop_stop: paho's thread would sit out its 1 s select
             c.loop_stop()
-            c.disconnect()
 
         threads = [threading.Thread(target=publish, args=(payloads[k::args.publishers], k))
                    for k in range(args.publishers)]
@@ -145,9 +148,12 @@ def run(workers: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]
             t.start()
         for t in threads:
             t.join()
-        t_last = time.perf_counter()
         publisher_cpu = time.process_time() - self_cpu0
-        wait(lambda: (store.model_version() or 0) >= 1, 600, "the model")
+        t_last = max(done)
+        while (store.model_version() or 0) < 1:
+            if time.perf_counter() - t_last > 600:
+                raise SystemExit("timed out waiting for the model")
+            time.sleep(0.002)
         t_model = time.perf_counter()
         cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in {**pids, **others}.items()}
         rss = {k: round(peak_rss_mb(p), 1) for k, p in pids.items()}
