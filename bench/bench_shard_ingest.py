@@ -196,7 +196,7 @@ def main() -> None:
     p.add_argument("--model", default="digits-mlp")
     p.add_argument("--codec", default="float32")
     p.add_argument("--publishers", type=int, default=2)
-    p.add_argument("--ack-mode", default="callback", choices=("callback", "manual"))
+    p.add_argument("--ack-mode", default="manual", choices=("manual", "callback"))
     p.add_argument("--fsync", default="always", choices=("always", "everysec", "no"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "shard_ingest.json")
     args = p.parse_args()

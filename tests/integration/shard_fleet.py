@@ -92,7 +92,7 @@ class ShardFleet:
         return ["--fleet", self.fleet, "--redis", self.redis.url, "--host", self.broker.host,
                 "--port", str(self.broker.port), "--prefix", self.prefix]
 
-    def start_worker(self, name: str, ack_mode: str = "callback") -> None:
+    def start_worker(self, name: str, ack_mode: str = "manual") -> None:
         ready = self.workdir / f"{name}.ready"
         ready.unlink(missing_ok=True)
         self._spawn(name, ["-m", "aggregator.shard_worker", *self.common(), "--worker", name,
