@@ -7,10 +7,12 @@ and adds integers, and keeps the total weight the same way: integer addition is 
 so the result is bit-identical whatever the order of the updates, the number of partial
 sums and the order they are merged in. The sharded ingest (docs/scaling.md) uses it.
 
-Resolution: ``2**-scale_bits`` of one example-weighted unit per value (``scale_bits`` 24:
-6e-8, below float32's resolution of deltas of order 1). Range: the int64 sum of each value
-stays below ``2**62`` (checked per update before it is added, like the float32 overflow
-bound of the other accumulators): with 24 bits, ``sum(weight * |delta|) < 2.7e11``.
+Resolution: each ``weight * delta`` value is rounded to a multiple of ``2**-scale_bits``,
+so the mean's absolute error is at most ``2**-(scale_bits + 1)`` per value when every weight
+is at least 1 (``scale_bits`` 24: 3e-8; 3e-6 relative for a delta of 0.01). Range: the
+int64 sum of each value stays below ``2**62`` (checked per update before it is added, like
+the float32 overflow bound of the other accumulators): with 24 bits,
+``sum(weight * |delta|) < 2.7e11``.
 """
 
 from __future__ import annotations
