@@ -17,6 +17,7 @@ from aggregator.bounds import BoundsConfig
 from aggregator.policies import DEFAULT_ROUND_POLICY, round_policy_names
 from fedmq.chunks import MIN_MESSAGE_BYTES
 from fedmq.config import load_config
+from fedmq.downlink import DownlinkSettings, check_downlink_settings
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.net.mqtt import MqttSettings
 from fedmq.privacy.accounting import SAMPLINGS as DP_SAMPLINGS
@@ -137,6 +138,9 @@ class AggregatorConfig:
     secagg_clip: float = 0.05  # |delta| clip per value; the round's int8 scale is clip/127
     secagg_phase_timeout: float = 30.0  # seconds per phase (keys, shares, unmasking)
     secagg_min_survivors: int = 3  # fewer masked inputs: the round is abandoned
+    # -- homomorphic encryption (docs/privacy.md): sum CKKS ciphertexts, "" = off ----------
+    he_context: str = ""  # the public context of `fedmq he keygen` (never the secret one)
+    he_decrypt_timeout: float = 600.0  # a sealed sum without the decryptor's answer: abandon
     seed: int = 0
     max_update_bytes: int = 16 * 1024 * 1024
     # Chunked transfer (docs/protocol.md): messages above this many bytes are split into
@@ -144,6 +148,13 @@ class AggregatorConfig:
     max_message_bytes: int = 0
     chunk_timeout: float = 300.0  # an update's transfer without a new chunk this long expires
     max_transfers_per_device: int = 2  # chunked transfers in progress per device
+    # Compressed downlink (docs/protocol.md): "full" model every version, or a codec name:
+    # deltas in that codec, a full snapshot every `snapshot_every` versions, deltas of the
+    # last `downlink_window` versions retained; sparse codecs keep `downlink_fraction`.
+    downlink: str = "full"
+    snapshot_every: int = 10
+    downlink_window: int = 10
+    downlink_fraction: float = 0.1
     max_claimed_examples: int = 10_000_000
     # Enrolled devices' public keys (JSON written by `fedmq enroll`); see docs/protocol.md.
     registry: str | None = None
@@ -228,9 +239,13 @@ class AggregatorConfig:
         from aggregator.secagg import check_secagg_config  # late: it imports the policies
 
         check_secagg_config(self)
+        self._check_he()
         _at_least(self.max_update_bytes, 1024, "max_update_bytes")
         _check_chunking(self.max_message_bytes, self.chunk_timeout)
         _at_least(self.max_transfers_per_device, 1, "max_transfers_per_device")
+        check_downlink_settings(
+            self.downlink, self.snapshot_every, self.downlink_window, self.downlink_fraction
+        )
         _at_least(self.max_claimed_examples, 1, "max_claimed_examples")
         _at_least(self.metrics_port, 0, "metrics_port")
         if self.metrics_port > 65535:
@@ -272,6 +287,11 @@ class AggregatorConfig:
     def _check_privacy(self) -> None:
         if not self.dp:
             return
+        if self.strategy == "fednova":
+            raise ConfigError(
+                "dp folds clipped updates with equal weight; fednova's step normalisation "
+                "is not accounted for: choose fedavg (or another strategy) with dp"
+            )
         if self.dp_sampling not in DP_SAMPLINGS:
             raise ConfigError(
                 f"dp_sampling must be one of {DP_SAMPLINGS}, got {self.dp_sampling!r}"
@@ -298,6 +318,27 @@ class AggregatorConfig:
             self.dp_options()
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+
+    def _check_he(self) -> None:
+        if not self.he_context:
+            return
+        if not (math.isfinite(self.he_decrypt_timeout) and self.he_decrypt_timeout > 0):
+            raise ConfigError(f"he_decrypt_timeout must be > 0, got {self.he_decrypt_timeout}")
+        # What the aggregator cannot do with a ciphertext (docs/privacy.md): see its norm,
+        # clip or noise it (DP), keep it for a median, re-weight it for staleness.
+        unfit = [
+            text for bad, text in (
+                (self.norm_bound != "off", 'norm_bound = "off"'),
+                (self.dp, "dp = false"),
+                (self.round_policy != "sync", 'round_policy = "sync"'),
+                (self.strategy not in ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"),
+                 "a mean-delta strategy (fedavg, fedavgm, fedadam, fedyogi, fedadagrad)"),
+                (self.clip_updates != "off", 'clip_updates = "off"'),
+                (self.zero_outliers_k != 0, "zero_outliers_k = 0"),
+            ) if bad
+        ]
+        if unfit:
+            raise ConfigError(f"he_context (encrypted updates) needs {', '.join(unfit)}")
 
     # -- derived ---------------------------------------------------------------------------
     def dp_options(self) -> DpOptions | None:
@@ -379,6 +420,12 @@ class AggregatorConfig:
             codec=self.codec,
             max_examples=self.train_max_examples,
             sample_fraction=self.sample_fraction,
+        )
+
+    def downlink_settings(self) -> DownlinkSettings:
+        return DownlinkSettings(
+            self.downlink, self.snapshot_every, self.downlink_window,
+            float(self.downlink_fraction), self.max_message_bytes, self.seed,
         )
 
     def bounds_config(self) -> BoundsConfig:

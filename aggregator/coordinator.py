@@ -29,7 +29,9 @@ import numpy as np
 from aggregator.bounds import Contribution
 from aggregator.bundles import model_id_of
 from aggregator.config import AggregatorConfig
+from aggregator.downlink import Downlink, index_facts
 from aggregator.evaluate import Evaluator
+from aggregator.evaluation import set_gauges as set_eval_gauges
 from aggregator.guard import (
     UnpublishableModel,
     check_publishable,
@@ -106,6 +108,10 @@ class Coordinator:
             self.private = DPFedAvg(self.strategy, dataclasses.replace(dp, model_values=values))
             self.strategy = self.private
         self.budget_exhausted = False
+        self.downlink = Downlink(
+            config.downlink_settings(), store.root, self.topics, self.template, config.fleet,
+            self.model_id, self.traffic,
+        )
         self.policy: RoundPolicy = policy or make_round_policy(config)
         self.online: set[str] = set()
         # What each online device's status says it can encode (aggregator.negotiation).
@@ -162,7 +168,7 @@ class Coordinator:
         self.closed_rounds = self.store.closed_rounds()
         self.metrics.model_version.set(self.version)
         self._set_quality_gauges(self.model_metrics)
-        out = [self._model_out(now)]
+        out = self._model_out(now)
         record = self.store.open_round()
         if record is not None:
             plan = RoundPlan.from_json(record.plan)
@@ -202,14 +208,19 @@ class Coordinator:
         a newer version of this epoch means the state was restored; what to publish."""
         if not payload:
             return []
-        try:
-            msg = decode_model(payload)
-        except WireError as exc:
-            log.debug("ignoring a bad retained model: %s", exc)
+        facts = index_facts(payload)  # a compressed downlink's index (aggregator.downlink)
+        if facts is not None:
+            fleet, epoch, version, round_id = facts
+        else:
+            try:
+                msg = decode_model(payload)
+            except WireError as exc:
+                log.debug("ignoring a bad retained model: %s", exc)
+                return []
+            fleet, epoch, version, round_id = msg.fleet, msg.epoch, msg.version, msg.round_id
+        if fleet != self.config.fleet:
             return []
-        if msg.fleet != self.config.fleet:
-            return []
-        return self._check_epoch(msg.epoch, msg.version, msg.round_id, "the retained model", now)
+        return self._check_epoch(epoch, version, round_id, "the retained model", now)
 
     def on_status(self, topic_device: str, payload: bytes, now: float) -> list[Outgoing]:
         """Track online devices from their (retained) status messages; a status that shows
@@ -329,7 +340,7 @@ class Coordinator:
         """The retained state to republish on every (re)connect, finished or not: the model,
         and the open round's announcement or, with no round open, an empty retained message
         that clears whatever stale round the broker holds."""
-        out = [self._model_out(now)]
+        out = self._model_out(now)
         if self.round is not None:
             out.append(self._round_out(now))
         else:
@@ -396,6 +407,11 @@ class Coordinator:
             raise StateError(f"round {state.round_id} has no accumulator in the ingest")
         strategy_before = self.strategy.state()
         new_weights = self.strategy.aggregate(self.weights, fold.result())
+        # With a compressed downlink the global model is what devices rebuild (downlink.py).
+        staged = self.downlink.stage(
+            self.version + 1, state.round_id, self.weights, new_weights, self.epoch, now
+        )
+        new_weights = staged.weights
         quality = finite_metrics(self._evaluate(new_weights))
         seconds = max(0.0, now - state.plan.opened_at)
         metrics = {
@@ -404,6 +420,7 @@ class Coordinator:
             "num_examples": float(state.num_examples),
             "bytes_in": float(self.traffic.bytes_in),
             "round_seconds": seconds,
+            **self.ingest.evaluations.figures(),  # federated evaluation (fed_*)
         }
         if self.private is not None:  # after aggregate(): this round is released
             metrics["dp_epsilon"] = self.private.epsilon()
@@ -424,6 +441,9 @@ class Coordinator:
         except UnpublishableModel as exc:
             return self._refuse_candidate(state, contributions, str(exc), now)
         metrics["bytes_out"] = float(self.traffic.bytes_out + len(model_payload))
+        metrics["downlink_bytes"] = float(
+            self.downlink.bytes_per_device(staged, model_payload, self.epoch, now)
+        )
         try:
             stored = self.store.close_round(
                 state.round_id, new_weights, metrics, self.strategy.state(), now
@@ -437,7 +457,7 @@ class Coordinator:
         self.version, self.weights, self.model_metrics = stored.version, new_weights, metrics
         self.closed_rounds += 1
         self.round = None
-        out = [self.traffic.emit(self.topics.model, model_payload)]
+        out = self.downlink.publish(staged, model_payload, self.epoch, now)
         if self.done:
             out.append(self.traffic.emit(self.topics.round, b""))  # clear the retained round
         self.metrics.rounds_completed.inc()
@@ -445,6 +465,7 @@ class Coordinator:
         self.metrics.round_seconds.observe(seconds)
         self.metrics.model_version.set(self.version)
         self._set_quality_gauges(quality)
+        set_eval_gauges(self.metrics, metrics)
         self._set_epsilon_gauge()
         self._results.append(
             RoundResult(
@@ -459,7 +480,9 @@ class Coordinator:
     def _abandon(self, now: float) -> list[Outgoing]:
         assert self.round is not None
         state = self.round
-        self.store.abandon_round(state.round_id, now)
+        evaluated = self.ingest.evaluations.figures()  # an eval-only round still measured
+        self.store.abandon_round(state.round_id, now, evaluated)
+        set_eval_gauges(self.metrics, evaluated)
         self.ingest.end()
         self.round = None
         self.metrics.rounds_abandoned.labels(reason="no_quorum").inc()
@@ -472,7 +495,7 @@ class Coordinator:
                 round_id=state.round_id, status="abandoned", version=None,
                 participants=state.count, num_examples=state.num_examples,
                 bytes_in=self.traffic.bytes_in, bytes_out=self.traffic.bytes_out,
-                seconds=max(0.0, now - state.plan.opened_at),
+                seconds=max(0.0, now - state.plan.opened_at), metrics=evaluated,
             )
         )
         return []
@@ -548,12 +571,12 @@ class Coordinator:
         )
         return encode(msg)
 
-    def _model_out(self, now: float) -> Outgoing:
+    def _model_out(self, now: float) -> list[Outgoing]:
         round_id = self.store.model(self.version).round_id or 0
         payload = self._model_payload(
             self.version, round_id, self.weights, self.model_metrics, now
         )
-        return self.traffic.emit(self.topics.model, payload)
+        return self.downlink.current(self.version, payload, self.epoch, now)
 
     def _round_out(self, now: float) -> Outgoing:
         assert self.round is not None

@@ -10,6 +10,7 @@ MQTT PUBACK afterwards. Memory is O(model): decoded updates are folded and dropp
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,7 @@ import msgpack
 
 from aggregator.bounds import Contribution, FleetBounds, update_norm
 from aggregator.config import AggregatorConfig
+from aggregator.evaluation import RoundEvaluations
 from aggregator.metrics import AggregatorMetrics
 from aggregator.outgoing import Outgoing, RoundTraffic
 from aggregator.round_state import RoundState, check_route
@@ -35,6 +37,7 @@ from fedmq.privacy.dp_fedavg import ClippedSum
 from fedmq.signing import Registry, verify_update
 from fedmq.topics import Topics, validate_name
 from fedmq.update.accumulate import Accumulator, CheckedUpdate
+from fedmq.update.normalized import check_update, fold_update
 from fedmq.wire import (
     AckMessage,
     Limits,
@@ -50,6 +53,7 @@ __all__ = ["Ingest"]
 log = logging.getLogger(__name__)
 
 _BOUNDS_META = "ingest_bounds"  # the fleet's recent norms and claims (aggregator.bounds)
+_EVAL_ONLY_META = "eval_only_reports"  # the open round's eval-only reports (not journaled)
 
 
 def _peek_ids(payload: bytes, max_bytes: int) -> tuple[int | None, str]:
@@ -109,6 +113,8 @@ class Ingest:
         self.fold: Accumulator | None = None
         # The accepted updates of the open round (norm, claimed and used weight): O(devices).
         self.contributions: list[Contribution] = []
+        # The devices' evaluation reports of the open round (aggregator.evaluation): O(devices).
+        self.evaluations = RoundEvaluations()
         self.bounds = FleetBounds.from_json(
             config.bounds_config(), store.get_meta(_BOUNDS_META)
         )
@@ -126,6 +132,7 @@ class Ingest:
         self.round = state
         self.fold = accumulator
         self.contributions = []
+        self.evaluations = RoundEvaluations(state.plan.base_version, state.round_id)
         self.last_round_id = max(self.last_round_id, state.round_id)
 
     def refold(self) -> int:
@@ -137,7 +144,7 @@ class Ingest:
             weight = float(entry.num_examples) if entry.weight is None else entry.weight
             try:
                 msg = decode_update(entry.payload, self.limits)
-                self.fold.fold(msg.tensors, msg.codec, weight)
+                fold_update(self.fold, msg.tensors, msg.codec, weight, msg.steps)
                 if isinstance(self.fold, ClippedSum):
                     self.fold.note_metrics(msg.metrics)
             except (Rejected, ValueError) as exc:
@@ -151,8 +158,10 @@ class Ingest:
                 Contribution(entry.update_id, entry.device, entry.num_examples, weight, norm)
             )
             self.round.record(entry.update_id, entry.device, entry.num_examples)
+            self.evaluations.note(msg)
             self.traffic.bytes_in += len(entry.payload)
             n += 1
+        self.evaluations.load_eval_only(self.store.get_meta(_EVAL_ONLY_META))
         log.info("round %d reopened with %d journaled update(s) re-folded", self.round.round_id, n)
         return n
 
@@ -226,6 +235,8 @@ class Ingest:
             duplicate = self._already_folded(msg, topic_device, now)
             if duplicate is not None:
                 return duplicate
+            if not msg.tensors:  # an eval_only device's report (the wire requires its eval)
+                return self._evaluation_only(msg, topic_device, len(payload), now)
             weight = self.bounds.weight(
                 msg.device, msg.num_examples, self._registry_cap(msg.device)
             )
@@ -250,11 +261,13 @@ class Ingest:
         if isinstance(self.fold, ClippedSum):  # DP: the device's clip bit (adaptive clip)
             self.fold.note_metrics(msg.metrics)
         self.round.record(msg.update_id, msg.device, msg.num_examples)
+        self.evaluations.note(msg)
         self.bounds.observe_claim(msg.device, msg.num_examples)
         self.contributions.append(
             Contribution(msg.update_id, msg.device, msg.num_examples, checked.weight, norm)
         )
-        self.metrics.update_norm.observe(norm)
+        if math.isfinite(norm):  # NaN: an encrypted update's norm is unknown
+            self.metrics.update_norm.observe(norm)
         if weight < msg.num_examples:
             self.metrics.weights_capped.inc()
             log.info(
@@ -278,6 +291,30 @@ class Ingest:
         return AckMessage(
             fleet=self.config.fleet, round_id=msg.round_id, device=topic_device,
             update_id=msg.update_id, accepted=True, code="ok", reason=note, created_at=now,
+        )
+
+    def _evaluation_only(
+        self, msg: UpdateMessage, topic_device: str, size: int, now: float
+    ) -> AckMessage:
+        """Record an eval-only device's report for the open round (checked like an update,
+        nothing folded or journaled; stored in the meta table so a restart keeps it)."""
+        if self.round is None:
+            check_route(msg, topic_device, self.config.fleet, last_round=self.last_round_id)
+            raise Rejected(f"round {msg.round_id} is not open", RejectReason.WRONG_ROUND)
+        self.round.check(msg, topic_device, None, base_of=self._round_base)
+        if not self.evaluations.note(msg):
+            raise Rejected(
+                f"evaluation of version {msg.base_version}: round {self.round.round_id} "
+                f"evaluates version {self.round.plan.base_version}", RejectReason.WRONG_BASE,
+            )
+        self.store.set_meta(_EVAL_ONLY_META, self.evaluations.eval_only_json())
+        self.traffic.bytes_in += size
+        log.info("evaluation of round %d from %s recorded (eval only: nothing folded)",
+                 self.round.round_id, msg.device)
+        return AckMessage(
+            fleet=self.config.fleet, round_id=msg.round_id, device=topic_device,
+            update_id=msg.update_id, accepted=True, code="ok",
+            reason="evaluation recorded; nothing folded", created_at=now,
         )
 
     def ack_outgoing(self, ack: AckMessage) -> Outgoing | None:
@@ -355,7 +392,8 @@ class Ingest:
         checked: list[CheckedUpdate] = []
 
         def check_tensors(m: UpdateMessage) -> None:
-            checked.append(fold.check(m.tensors, m.codec, weight * state.weight_factor(m)))
+            w = weight * state.weight_factor(m)
+            checked.append(check_update(fold, m.tensors, m.codec, w, m.steps))
 
         state.check(msg, topic_device, check_tensors, base_of=self._round_base)
         return checked[0]

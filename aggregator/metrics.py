@@ -82,8 +82,39 @@ class AggregatorMetrics:
         )
         self.accuracy = Gauge("fedmq_global_accuracy", "Held-out accuracy", registry=r)
         self.loss = Gauge("fedmq_global_loss", "Held-out loss", registry=r)
+        # Federated evaluation (docs/strategies.md): the devices' held-out figures of the
+        # last closed round's base model, weighted mean and spread across devices.
+        self.federated_accuracy = Gauge(
+            "fedmq_federated_accuracy",
+            "Devices' held-out accuracy of the last round's base model (global) or of their "
+            "locally trained model (personal): example-weighted mean and min/median/max",
+            ["model", "stat"],
+            registry=r,
+        )
+        self.federated_loss = Gauge(
+            "fedmq_federated_loss",
+            "Devices' example-weighted held-out loss (global or personal model)",
+            ["model"],
+            registry=r,
+        )
+        self.federated_eval_examples = Gauge(
+            "fedmq_federated_eval_examples",
+            "Held-out examples the devices evaluated on in the last round",
+            registry=r,
+        )
+        self.federated_eval_devices = Gauge(
+            "fedmq_federated_eval_devices",
+            "Devices that reported an evaluation in the last round",
+            registry=r,
+        )
         self.current_round = Gauge("fedmq_current_round", "Id of the open round", registry=r)
         self.model_version = Gauge("fedmq_model_version", "Current model version", registry=r)
+        self.downlink_bytes = Gauge(
+            "fedmq_downlink_bytes_per_device",
+            "Bytes a device holding the previous version downloads for the current one "
+            "(the model with downlink = full; the index and one delta otherwise)",
+            registry=r,
+        )
         self.dp_epsilon = Gauge(
             "fedmq_dp_epsilon",
             "Central DP epsilon spent so far at the configured delta (0 without dp)",

@@ -38,6 +38,7 @@ import paho.mqtt.client as mqtt
 from aggregator.config import AggregatorConfig
 from aggregator.engine import Engine, Outgoing, RoundResult, resolve_bundle
 from aggregator.evaluate import Evaluator, TFLiteEvaluator, load_eval_set
+from aggregator.he import he_mode, install_he
 from aggregator.metrics import AggregatorMetrics
 from aggregator.secagg import SECAGG_POLICY, SecAggDriver
 from aggregator.store import Store
@@ -100,7 +101,9 @@ def build_engine(config: AggregatorConfig, metrics: AggregatorMetrics | None = N
         evaluator = TFLiteEvaluator(bundle, x, y)
     store = Store(config.state_dir)
     try:
-        return Engine(config, store, bundle, evaluator, metrics)
+        engine = Engine(config, store, bundle, evaluator, metrics)
+        install_he(config, engine)  # HE mode (docs/privacy.md); nothing when off
+        return engine
     except BaseException:
         store.close()
         raise
@@ -118,6 +121,7 @@ class AggregatorService:
         self.config = config
         self.engine = engine or build_engine(config)
         self.on_round = on_round
+        self.he = he_mode(self.engine)  # encrypted rounds: the decryptor's topics
         self.topics = config.topics
         # round_policy = "secagg": the secure protocol of each round (aggregator.secagg)
         self.secagg = (SecAggDriver(config, self.engine, time.time())
@@ -203,6 +207,7 @@ class AggregatorService:
         """
         topics = (self.topics.model, self.topics.update_wildcard, self.topics.status_wildcard)
         extra = [(self.topics.secagg_in_wildcard, 1)] if self.secagg is not None else []
+        extra += [(t, 1) for t in (self.he.subscriptions if self.he is not None else ())]
         if self._settings.protocol != "5":
             return [(t, 1) for t in topics] + extra
         return [
@@ -266,6 +271,10 @@ class AggregatorService:
                     self._tick(now)
             elif device is not None and kind == "status":
                 self._publish(self.engine.on_status(device, item.payload, now))
+            elif self.he is not None and item.topic in self.he.subscriptions:
+                self.he.on_message(item.topic, item.payload)
+                if self._ticking:
+                    self._tick(now)
             elif item.topic == self.topics.model:
                 if item.retain:
                     self._publish(self.engine.on_model(item.payload, now))
@@ -379,7 +388,7 @@ class AggregatorService:
         if self._full is not None:
             log.info("state directory %s has space again", self._full.directory)
             self._full = None
-        self._publish(out)
+        self._publish(out + (self.he.take_outgoing() if self.he is not None else []))
         if self.secagg is not None:
             self._publish(self.secagg.tick(now))
 

@@ -374,13 +374,17 @@ class Store:
                 (round_id, base_version, json.dumps(dict(plan)), now),
             )
 
-    def abandon_round(self, round_id: int, now: float) -> None:
+    def abandon_round(
+        self, round_id: int, now: float, metrics: Mapping[str, float] | None = None
+    ) -> None:
+        """Mark the open round abandoned (``metrics``: what it still measured, e.g. the
+        devices' federated evaluation of an eval-only round; None = none)."""
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE rounds SET status = 'abandoned', closed = ?, "
-                "participants = (SELECT COUNT(*) FROM journal WHERE round_id = ?) "
-                "WHERE id = ? AND status = 'open'",
-                (now, round_id, round_id),
+                "participants = (SELECT COUNT(*) FROM journal WHERE round_id = ?), "
+                "metrics = ? WHERE id = ? AND status = 'open'",
+                (now, round_id, json.dumps(dict(metrics)) if metrics else None, round_id),
             )
             if cur.rowcount != 1:
                 raise StateError(f"round {round_id} is not open")

@@ -26,6 +26,9 @@ import paho.mqtt.client as mqtt
 
 from edge_agent.config import AgentConfig
 from edge_agent.core import Action, CoreSettings, EdgeCore, Publish, carry_out
+from edge_agent.downlink import DownlinkReceiver, DownlinkStep, is_index
+from edge_agent.evaluation import device_evaluation
+from edge_agent.he import load_he
 from edge_agent.outbox import Outbox
 from edge_agent.secagg import SecureRounds
 from edge_agent.state import StateStore
@@ -85,6 +88,7 @@ class EdgeAgent:
         self.outbox = Outbox(Path(config.state_dir) / "outbox")
         self.trainer: Trainer = trainer if trainer is not None else build_trainer(config)
         self.data = data if data is not None else LocalData.from_config(config.data_config())
+        self.data, evaluation = device_evaluation(config, self.data)
         spec = self.trainer.spec
         if self.data.num_classes != spec.num_classes:
             raise ModelError(
@@ -92,6 +96,7 @@ class EdgeAgent:
                 f"has {spec.num_classes}"
             )
         key = load_or_create_key(config.signing_key) if config.signing_key else None
+        load_he(config.he_context)  # registers the ckks codec (None: HE off)
         self.core = EdgeCore(
             CoreSettings(
                 fleet=config.fleet, device_id=self.device_id, topics=self.topics,
@@ -100,7 +105,7 @@ class EdgeAgent:
                 seed=config.seed, num_threads=config.num_threads,
                 metrics_textfile=config.metrics_textfile,
             ),
-            self.store, self.outbox, self.trainer, self.data, key,
+            self.store, self.outbox, self.trainer, self.data, key, evaluation,
         )
         if key is not None:  # secure rounds need the enrolled key (edge_agent.secagg)
             peers = None
@@ -116,6 +121,15 @@ class EdgeAgent:
             MemoryChunkStore(),
         )
         self._model_chunks = chunk_wildcard(self.topics.model)[: -len("+")]
+        # Compressed downlink: index -> snapshot / deltas (edge_agent.downlink).
+        self._downlink = DownlinkReceiver(
+            self.topics, config.fleet,
+            {t.name: t.shape for t in self.trainer.spec.trainable_specs},
+        )
+        self._downlink_chunks = Reassembler(
+            ReassemblyLimits(timeout=config.chunk_timeout, remember_expired=0),
+            MemoryChunkStore(),
+        )
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
         # topic -> sequence number of its newest queued message (model and round topics)
         self._newest: dict[str, int] = {}
@@ -307,17 +321,64 @@ class EdgeAgent:
                 return []
             return self._on_payload(topic, payload, now)
         if kind == "connected":
-            return self.core.on_connected(now) if self.connected.is_set() else []
+            if not self.connected.is_set():
+                return []
+            return self.core.on_connected(now) + self._downlink_step(
+                self._downlink.on_connected(), now
+            )
         if kind == "disconnected":
             self.core.on_disconnected()
             return []
         if kind == "tick":
             self._tick_pending.clear()
-            expired = self._chunks.expire(now)
+            expired = self._chunks.expire(now) + self._downlink_chunks.expire(now)
             if expired:
                 self.store.bump("chunk_transfers_expired", expired)
             return self.core.tick(now)
         return []
+
+    def _on_downlink(
+        self, topic: str, base: str | None, payload: bytes, now: float
+    ) -> list[Action]:
+        """A snapshot or delta of the compressed downlink (or one of its chunks)."""
+        if base is not None and self._downlink.wants(base):
+            if not payload:
+                return []  # a retained chunk being cleared
+            try:
+                whole = self._downlink_chunks.feed(base, payload, now)
+            except WireError as exc:
+                self.store.bump("bad_messages")
+                log.warning("ignoring bad chunk on %s: %s (%s)", topic, exc.reason, exc.code)
+                return []
+            if whole is None:
+                return []
+            self._downlink_chunks.finish(base, transfer_id(whole))
+            topic, payload = base, whole
+        elif payload and is_manifest(payload):
+            return []  # its chunks carry it
+        if payload:
+            self.store.bump("downlink_bytes", len(payload))
+        return self._downlink_step(self._downlink.on_payload(topic, payload), now)
+
+    def _downlink_step(self, step: DownlinkStep, now: float) -> list[Action]:
+        if self.connected.is_set():
+            if step.unsubscribe:
+                self._client.unsubscribe(
+                    [t for u in step.unsubscribe for t in (u, chunk_wildcard(u))]
+                )
+            if step.subscribe:
+                self._client.subscribe(
+                    [(t, 1) for s in step.subscribe for t in (s, chunk_wildcard(s))]
+                )
+        if step.rejected:
+            self.store.bump("downlink_rejected", step.rejected)
+        if step.model is None:
+            return []
+        if step.from_snapshot:
+            self.store.bump("downlink_snapshots")
+        if step.deltas_applied:
+            self.store.bump("downlink_deltas", step.deltas_applied)
+        return self.core.on_message(self.topics.model, step.model, now)
 
     def _on_payload(self, topic: str, payload: bytes, now: float) -> list[Action]:
         """Reassemble the model's retained chunks (docs/protocol.md), then hand whole
@@ -336,6 +397,18 @@ class EdgeAgent:
                 return []
             self._chunks.finish("model", transfer_id(whole))
             return self.core.on_message(self.topics.model, whole, now)
+        if topic == self.topics.model and is_index(payload):
+            try:
+                step = self._downlink.on_index(payload)
+            except WireError as exc:
+                self.store.bump("bad_messages")
+                log.warning("ignoring bad model index: %s (%s)", exc.reason, exc.code)
+                return []
+            self.store.bump("downlink_bytes", len(payload))
+            return self._downlink_step(step, now)
+        base = topic.rsplit("/chunk/", 1)[0] if "/chunk/" in topic else None
+        if self._downlink.wants(topic) or (base is not None and self._downlink.wants(base)):
+            return self._on_downlink(topic, base, payload, now)
         if topic == self.topics.model and is_manifest(payload):
             log.debug("the model comes in chunks (manifest %d bytes)", len(payload))
             return []

@@ -48,6 +48,11 @@ _HELP: dict[str, str] = {
     "see `fedmq keygen`)",
     "peer_registry": "the fleet's registry JSON: secure rounds verify every device's keys "
     "in the roster against it (docs/privacy.md)",
+    "eval_fraction": "federated evaluation: fraction of the local examples held out (never "
+    "trained on, never sent) to evaluate each round's model on; 0 = off",
+    "eval_personal": "also evaluate the locally trained model (personalized accuracy)",
+    "eval_only": "never train: only evaluate each round's model on all local examples",
+    "he_context": "public CKKS context of `fedmq he keygen`: take part in encrypted rounds",
 }
 # [mqtt] settings; the agent's client id is its device id, so no --client-id.
 _MQTT_HELP: dict[str, str] = {

@@ -76,9 +76,18 @@ class AgentConfig:
     # The fleet's registry of enrolled public keys (a copy of the aggregator's): secure
     # rounds then check every device's signed keys in the roster (docs/privacy.md).
     peer_registry: Path | None = None
+    # Homomorphic encryption (docs/privacy.md): the public context of `fedmq he keygen`.
+    he_context: Path | None = None
     # Prometheus textfile for node_exporter's textfile collector (NAME.prom), rewritten
     # after every round (docs/monitoring.md); None = none.
     metrics_textfile: Path | None = None
+    # Federated evaluation (docs/strategies.md): hold out this fraction of the local
+    # examples (never trained on, never sent) and report the global model's loss and
+    # accuracy on them with each update; 0 = off. eval_personal: also the locally trained
+    # model's. eval_only: never train, only evaluate each round's model on all examples.
+    eval_fraction: float = 0.0
+    eval_personal: bool = True
+    eval_only: bool = False
 
     def __post_init__(self) -> None:
         if self.device_id:
@@ -119,6 +128,12 @@ class AgentConfig:
         _positive("chunk_timeout", self.chunk_timeout)
         if self.metrics_textfile is not None:
             check_textfile_path(self.metrics_textfile)
+        if not (math.isfinite(self.eval_fraction) and 0 <= self.eval_fraction <= 0.5):
+            raise ConfigError(f"eval_fraction must be in [0, 0.5], got {self.eval_fraction}")
+        if self.eval_only and self.eval_fraction:
+            raise ConfigError(
+                "eval_only evaluates on all the device's examples: leave eval_fraction at 0"
+            )
 
     @property
     def topics(self) -> Topics:

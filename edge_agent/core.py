@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edge_agent.decide import SkipReason, decide
+from edge_agent.evaluation import DeviceEvaluation, eval_status, is_private_round
+from edge_agent.he import encode_he, is_he
 from edge_agent.outbox import Outbox, OutboxEntry
 from edge_agent.state import ACCEPTED, EXPIRED, StateStore, rejected
 from edge_agent.textfile import check_textfile_path, write_textfile
@@ -41,6 +43,7 @@ from fedmq.data.local import LocalData, PluginData
 from fedmq.data.plugin import InputSpec, PluginDataError
 from fedmq.data.sampling import sample_size
 from fedmq.errors import FedmqError, ModelError, RejectReason, WireError
+from fedmq.evaluation import EvalReport
 from fedmq.memory import peak_rss_mb
 from fedmq.models.spec import check_weights
 from fedmq.privacy.device import privatize_delta
@@ -166,6 +169,18 @@ def seal_update(msg: UpdateMessage, key: DeviceKey | None) -> bytes:
     return encode(msg) if key is None else sign_update(msg, key)
 
 
+@dataclass(frozen=True)
+class RoundDelta:
+    """What one round's local training produced, before encoding."""
+
+    delta: dict[str, np.ndarray]
+    examples: int
+    steps: int
+    dp_metrics: dict[str, float]
+    report: EvalReport | None
+    rng: np.random.Generator
+
+
 @dataclass
 class _Sent:
     """Sends of one outbox update by this process."""
@@ -194,8 +209,10 @@ class EdgeCore:
         trainer: Trainer,
         data: LocalData,
         key: DeviceKey | None = None,
+        evaluation: DeviceEvaluation | None = None,
     ) -> None:
         self.settings = settings
+        self.evaluation = evaluation  # federated evaluation (edge_agent.evaluation); None = off
         self.store = store
         self.outbox = outbox
         self.trainer = trainer
@@ -515,6 +532,11 @@ class EdgeCore:
             return self._status_out("idle", now, r)
         m = self._status.metrics
         m["update_bytes"] = float(len(entry.payload))
+        if "train_seconds" not in m:  # an eval_only device's report
+            log.info("round %d: evaluated the global model: accuracy %.4f on %d held-out "
+                     "example(s); report %s", r, m["eval_accuracy"], int(m["eval_examples"]),
+                     entry.update_id)
+            return self._send(entry, now) + self._status_out("idle", now, r)
         log.info(
             "round %d: trained %d epoch(s): loss %.4f, %d examples in %.2fs; update %s "
             "(%s, %d bytes)",
@@ -529,7 +551,8 @@ class EdgeCore:
         """A secure round: the delta goes to the secure client, not the outbox (its masked
         input is only meaningful within the round's protocol)."""
         assert self.secure is not None
-        delta, m, dp_metrics, _ = self._round_delta(ann, global_weights)
+        rd = self._round_delta(ann, global_weights)
+        delta, m, dp_metrics = rd.delta, rd.examples, rd.dp_metrics
         log.info("round %d: trained %d epoch(s) for a secure round: loss %.4f, %d examples",
                  ann.round_id, ann.config.epochs, self._status.metrics["loss"], m)
         out: list[Action] = list(self.secure.on_delta(
@@ -538,22 +561,28 @@ class EdgeCore:
 
     def _round_delta(
         self, ann: RoundAnnouncement, global_weights: Mapping[str, np.ndarray]
-    ) -> tuple[dict[str, np.ndarray], int, dict[str, float], np.random.Generator]:
-        """Train the round and return (delta clipped as DP asks, examples, DP metrics, the
-        round's generator for the encoding)."""
+    ) -> RoundDelta:
+        """Train the round: the delta clipped as DP asks, its example and step counts, the DP
+        metrics, the device's evaluation report and the round's generator for the encoding."""
         r, cfg = ann.round_id, ann.config
+        ev = self._round_evaluation(ann)
         if self.settings.train_delay:
             time.sleep(self.settings.train_delay)
         x, y = self.data.round_batch(r)
         m = sample_size(len(x), cfg.sample_fraction, cfg.max_examples)
         x, y = x[:m], y[:m]  # round_batch is shuffled
         self.trainer.set_weights(global_weights)
+        before = ev.measure(self.trainer) if ev is not None else None
         # Seeded by (seed, device, round): a round's training and rounding are reproducible,
         # differ between devices, and a retrained round after a crash gives the same update.
         rng = np.random.default_rng(
             [self.settings.seed, zlib.crc32(self.device_id.encode()), r]
         )
         delta, metrics = self._local_step(r, cfg, x, y, global_weights, rng)
+        trained = ev is not None and ev.personal and cfg.params.get("mode", "delta") == "delta"
+        report = DeviceEvaluation.report(
+            before, ev.measure(self.trainer) if ev is not None and trained else None
+        )
         # DP rounds (docs/privacy.md): clip to the announced bound BEFORE encoding.
         delta, dp_metrics = privatize_delta(delta, cfg.params, rng)
         self._status.metrics = {
@@ -562,17 +591,30 @@ class EdgeCore:
             "examples": float(metrics.examples),
             "steps": float(metrics.steps),
             "peak_rss_mb": peak_rss_mb(),
+            **eval_status(report),
         }
-        return delta, int(m), dp_metrics, rng
+        return RoundDelta(delta, int(m), int(metrics.steps), dp_metrics, report, rng)
+
+    def _round_evaluation(self, ann: RoundAnnouncement) -> DeviceEvaluation | None:
+        """The device's evaluation for this round (none in DP rounds)."""
+        return self.evaluation if not is_private_round(ann.config.params) else None
 
     def _train_round(
         self, ann: RoundAnnouncement, global_weights: Mapping[str, np.ndarray], now: float
     ) -> OutboxEntry:
         r, cfg = ann.round_id, ann.config
-        delta, m, dp_metrics, rng = self._round_delta(ann, global_weights)
-        tensors, codec_state = encode_with_state(
-            delta, cfg.codec, rng, self.outbox.codec_state.blob, cfg.params, r
-        )
+        ev = self._round_evaluation(ann)
+        if ev is not None and ev.eval_only:
+            self.trainer.set_weights(global_weights)
+            return self._evaluate_only(ann, ev.report(ev.measure(self.trainer)), now)
+        rd = self._round_delta(ann, global_weights)
+        delta, m, dp_metrics, rng = rd.delta, rd.examples, rd.dp_metrics, rd.rng
+        if is_he(cfg.codec):  # encrypted round: pre-scaled by the weight (docs/privacy.md)
+            tensors, codec_state = encode_he(delta, int(m)), b""
+        else:
+            tensors, codec_state = encode_with_state(
+                delta, cfg.codec, rng, self.outbox.codec_state.blob, cfg.params, r
+            )
         msg = UpdateMessage(
             fleet=self.settings.fleet,
             round_id=r,
@@ -585,6 +627,8 @@ class EdgeCore:
             metrics={**self._status.metrics, **dp_metrics},
             created_at=now,
             epoch=ann.epoch,
+            steps=rd.steps,  # FedNova normalises by it (0 = none)
+            evaluation=rd.report,
         )
         # Durable before it leaves the device: a crash now means a resend, never a loss.
         entry = self.outbox.put(
@@ -592,6 +636,24 @@ class EdgeCore:
             codec_state=codec_state, written_at=now,
         )
         self.store.record_submission(r, msg.update_id)
+        return entry
+
+    def _evaluate_only(
+        self, ann: RoundAnnouncement, report: EvalReport | None, now: float
+    ) -> OutboxEntry:
+        """An ``eval_only`` device's round: its report in an update without tensors."""
+        if report is None:
+            raise ModelError(f"round {ann.round_id}: the evaluation gave no usable figures")
+        self._status.metrics = {"examples": 0.0, **eval_status(report)}
+        msg = UpdateMessage(
+            fleet=self.settings.fleet, round_id=ann.round_id, base_version=ann.base_version,
+            device=self.device_id, update_id=uuid.uuid4().hex, num_examples=report.count,
+            codec=ann.config.codec, tensors=(), created_at=now, epoch=ann.epoch,
+            evaluation=report,
+        )
+        entry = self.outbox.put(ann.round_id, msg.update_id, seal_update(msg, self._key),
+                                epoch=ann.epoch, written_at=now)
+        self.store.record_submission(ann.round_id, msg.update_id)
         return entry
 
     def _local_step(

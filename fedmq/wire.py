@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import msgpack
 
 from fedmq.errors import RejectReason, WireError
+from fedmq.evaluation import EvalReport
 from fedmq.tensor import ALLOWED_DTYPES, MAX_NDIM, Tensor, tensor_from_map
 from fedmq.update.codecs import codec_names
 
@@ -31,11 +32,15 @@ __all__ = [
     "ALLOWED_DTYPES",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "MAX_CHUNKS",
+    "MAX_STEPS",
     "SCHEMA_VERSION",
     "AckMessage",
     "ChunkManifest",
     "ChunkMessage",
     "Limits",
+    "MAX_INDEX_DELTAS",
+    "ModelDelta",
+    "ModelIndex",
     "ModelMessage",
     "ReceivedUpdate",
     "RoundAnnouncement",
@@ -49,6 +54,8 @@ __all__ = [
     "decode_chunk",
     "decode_manifest",
     "decode_model",
+    "decode_model_delta",
+    "decode_model_index",
     "decode_round",
     "decode_status",
     "decode_update",
@@ -66,8 +73,12 @@ _MAX_EPOCH = 64
 _MAX_SIGNATURE = 512
 _MAX_CONFIG_PARAMS = 32
 _MAX_CONFIG_KEY = 64
+#: The largest local step count an update may report (FedNova).
+MAX_STEPS = 10**9
 #: A chunked transfer has at most this many chunks (a 1 KB chunk size still carries 64 MiB).
 MAX_CHUNKS = 65536
+#: A model index lists at most this many retained deltas (compressed downlink).
+MAX_INDEX_DELTAS = 1024
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -226,6 +237,10 @@ class UpdateMessage:
     metrics: Mapping[str, float] = field(default_factory=dict)
     created_at: float = 0.0
     epoch: str = ""
+    #: local SGD steps the update took (FedNova normalises by it); 0 = not reported
+    steps: int = 0
+    #: the device's federated evaluation (:class:`fedmq.evaluation.EvalReport`); None = none
+    evaluation: EvalReport | None = None
 
 
 @dataclass(frozen=True)
@@ -350,9 +365,69 @@ class ChunkManifest:
         chunk_layout(self.total_bytes, self.count)
 
 
+@dataclass(frozen=True)
+class ModelDelta:
+    """Compressed downlink: model ``version`` as ``codec``-encoded tensors to add to version
+    ``base_version`` (= version - 1), retained on ``fl/<fleet>/model/delta/<version>``."""
+
+    fleet: str
+    version: int
+    base_version: int
+    round_id: int
+    model_id: str
+    codec: str
+    tensors: tuple[Tensor, ...]
+    created_at: float = 0.0
+    epoch: str = ""
+
+
+@dataclass(frozen=True)
+class ModelIndex:
+    """Compressed downlink: what the retained model topic holds instead of the model. Names
+    the current ``version`` (its round, metrics), the retained snapshot (a full model of
+    ``snapshot_version``, ``snapshot_bytes`` long) and the retained ``deltas``, (version,
+    payload bytes) pairs in increasing version order, every version after the snapshot's
+    included (docs/protocol.md, "Compressed downlink")."""
+
+    fleet: str
+    version: int
+    round_id: int
+    model_id: str
+    codec: str
+    snapshot_version: int
+    snapshot_bytes: int
+    deltas: tuple[tuple[int, int], ...] = ()
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    created_at: float = 0.0
+    epoch: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.snapshot_version <= self.version:
+            raise WireError(
+                f"snapshot version {self.snapshot_version} is outside [0, {self.version}]"
+            )
+        if len(self.deltas) > MAX_INDEX_DELTAS:
+            raise WireError(f"a model index lists at most {MAX_INDEX_DELTAS} deltas")
+        previous = -1
+        for version, size in self.deltas:
+            if not (previous < version <= self.version and version >= 1 and size >= 1):
+                raise WireError(
+                    f"model index delta ({version}, {size}) is out of order or range"
+                )
+            previous = version
+        listed = {v for v, _ in self.deltas}
+        missing = [v for v in range(self.snapshot_version + 1, self.version + 1)
+                   if v not in listed]
+        if missing:
+            raise WireError(
+                f"model index of version {self.version} misses the deltas {missing[:5]} "
+                f"after its snapshot (version {self.snapshot_version})"
+            )
+
+
 Message = (
     ModelMessage | RoundAnnouncement | UpdateMessage | SignedUpdate | AckMessage | StatusMessage
-    | ChunkMessage | ChunkManifest
+    | ChunkMessage | ChunkManifest | ModelDelta | ModelIndex
 )
 STATUS_STATES = ("online", "offline", "training", "idle")
 
@@ -380,6 +455,10 @@ def _to_map(msg: Message) -> dict[str, Any]:
             "created_at": float(msg.created_at),
         }
         _put_epoch(body, msg.epoch)
+        if msg.steps:  # optional fields go on the wire only when set (golden bytes)
+            body["steps"] = msg.steps
+        if msg.evaluation is not None:
+            body["eval"] = msg.evaluation.to_map()
     elif isinstance(msg, SignedUpdate):
         body = {"type": "signed", "body": msg.body, "sig": msg.signature}
     elif isinstance(msg, ModelMessage):
@@ -451,6 +530,34 @@ def _to_map(msg: Message) -> dict[str, Any]:
             "count": msg.count,
             "total_bytes": msg.total_bytes,
         }
+    elif isinstance(msg, ModelDelta):
+        body = {
+            "type": "model-delta",
+            "fleet": msg.fleet,
+            "version": msg.version,
+            "base_version": msg.base_version,
+            "round": msg.round_id,
+            "model_id": msg.model_id,
+            "codec": msg.codec,
+            "tensors": [t.to_map() for t in msg.tensors],
+            "created_at": float(msg.created_at),
+        }
+        _put_epoch(body, msg.epoch)
+    elif isinstance(msg, ModelIndex):
+        body = {
+            "type": "model-index",
+            "fleet": msg.fleet,
+            "version": msg.version,
+            "round": msg.round_id,
+            "model_id": msg.model_id,
+            "codec": msg.codec,
+            "snapshot_version": msg.snapshot_version,
+            "snapshot_bytes": msg.snapshot_bytes,
+            "deltas": [[v, n] for v, n in msg.deltas],
+            "metrics": _floats(msg.metrics),
+            "created_at": float(msg.created_at),
+        }
+        _put_epoch(body, msg.epoch)
     else:  # pragma: no cover - typing makes this unreachable
         raise TypeError(f"not a fedmq message: {type(msg).__name__}")
     head.update(body)
@@ -622,6 +729,10 @@ def _update(obj: Mapping[str, Any], limits: Limits) -> UpdateMessage:
     update_id = _str(obj, "update_id", 64)
     if not update_id.isprintable():
         raise WireError("field 'update_id' is not printable")
+    tensors = _tensors(obj, limits)
+    if not tensors and not _opt(obj, "eval"):
+        raise WireError("an update without tensors must carry 'eval' (an evaluation report)",
+                        RejectReason.SHAPE)
     return UpdateMessage(
         fleet=_str(obj, "fleet", 64),
         round_id=_int(obj, "round"),
@@ -630,11 +741,20 @@ def _update(obj: Mapping[str, Any], limits: Limits) -> UpdateMessage:
         update_id=update_id,
         num_examples=_int(obj, "num_examples", 1, 2**40),
         codec=codec,
-        tensors=_tensors(obj, limits),
+        tensors=tensors,
         metrics=_float_map(obj, "metrics"),
         created_at=_float(obj, "created_at") if _opt(obj, "created_at") else 0.0,
         epoch=_epoch(obj),
+        steps=_int(obj, "steps", 1, MAX_STEPS) if _opt(obj, "steps") else 0,
+        evaluation=_evaluation(obj.get("eval")) if _opt(obj, "eval") else None,
     )
+
+
+def _evaluation(raw: Any) -> EvalReport:
+    try:
+        return EvalReport.from_map(raw)
+    except ValueError as exc:
+        raise WireError(f"bad field 'eval': {exc}") from exc
 
 
 def receive_update(payload: bytes, limits: Limits | None = None) -> ReceivedUpdate:
@@ -776,4 +896,65 @@ def decode_manifest(payload: bytes, limits: Limits | None = None) -> ChunkManife
         transfer=_str(obj, "transfer", 64),
         count=_int(obj, "count", 1, MAX_CHUNKS),
         total_bytes=_int(obj, "total_bytes", 1, 2**40),
+    )
+
+
+def decode_model_delta(payload: bytes, limits: Limits | None = None) -> ModelDelta:
+    """A model delta: structure, a registered codec, ``base_version = version - 1``; whether
+    its tensors fit the model is the codec's check (:func:`fedmq.downlink.apply_delta`)."""
+    lim = limits or Limits()
+    obj = _unpack(payload, lim)
+    _expect_type(obj, "model-delta")
+    codec = _str(obj, "codec", 16)
+    if codec not in codec_names():
+        raise WireError(f"unknown codec {codec!r}", RejectReason.BAD_CODEC)
+    version = _int(obj, "version", 1)
+    base = _int(obj, "base_version")
+    if base != version - 1:
+        raise WireError(
+            f"model delta of version {version} names base version {base}, not {version - 1}",
+            RejectReason.WRONG_BASE,
+        )
+    return ModelDelta(
+        fleet=_str(obj, "fleet", 64),
+        version=version,
+        base_version=base,
+        round_id=_int(obj, "round"),
+        model_id=_str(obj, "model_id", 256, empty=True),
+        codec=codec,
+        tensors=_tensors(obj, lim),
+        created_at=_float(obj, "created_at") if _opt(obj, "created_at") else 0.0,
+        epoch=_epoch(obj),
+    )
+
+
+def decode_model_index(payload: bytes, limits: Limits | None = None) -> ModelIndex:
+    """A model index (at most 256 KB): snapshot and deltas consistent with its version."""
+    obj = _unpack(payload, limits or Limits(max_bytes=256 * 1024))
+    _expect_type(obj, "model-index")
+    codec = _str(obj, "codec", 16)
+    if codec not in codec_names():
+        raise WireError(f"unknown codec {codec!r}", RejectReason.BAD_CODEC)
+    raw = _get(obj, "deltas", list, "a list")
+    if len(raw) > MAX_INDEX_DELTAS:
+        raise WireError(f"field 'deltas' lists more than {MAX_INDEX_DELTAS} deltas",
+                        RejectReason.TOO_LARGE)
+    deltas: list[tuple[int, int]] = []
+    for item in raw:
+        if not isinstance(item, list) or len(item) != 2:
+            raise WireError("field 'deltas' must hold [version, bytes] pairs")
+        pair = {"version": item[0], "bytes": item[1]}
+        deltas.append((_int(pair, "version", 1), _int(pair, "bytes", 1, 2**40)))
+    return ModelIndex(
+        fleet=_str(obj, "fleet", 64),
+        version=_int(obj, "version"),
+        round_id=_int(obj, "round"),
+        model_id=_str(obj, "model_id", 256, empty=True),
+        codec=codec,
+        snapshot_version=_int(obj, "snapshot_version"),
+        snapshot_bytes=_int(obj, "snapshot_bytes", 1, 2**40),
+        deltas=tuple(deltas),
+        metrics=_float_map(obj, "metrics"),
+        created_at=_float(obj, "created_at") if _opt(obj, "created_at") else 0.0,
+        epoch=_epoch(obj),
     )

@@ -28,6 +28,8 @@ _SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("fedmq_ops.fleet_status", "add_parser"),
     ("fedmq_ops.report", "add_parser"),
     ("fedmq_ops.privacy_cli", "add_parser"),
+    ("fedmq_ops.he_cli", "add_parser"),
+    ("fedmq_ops.simfleet.cli", "add_parser"),
 )
 
 

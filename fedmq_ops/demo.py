@@ -9,12 +9,26 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.policies import round_policy_names
+from fedmq.downlink import downlink_modes
 from fedmq.update.codecs import codec_names
 from fedmq.update.strategies import strategy_names
 from fedmq_ops.localfleet import FederationSpec, RoundRow, run_federation
 from fedmq_ops.progress import plot_curve, print_header, print_row, print_summary
 
-__all__ = ["add_federation_arguments", "add_parser", "run_from_args", "spec_from_args"]
+__all__ = [
+    "STRATEGY_OPTION_FLAGS", "add_federation_arguments", "add_parser", "run_from_args",
+    "spec_from_args", "strategy_options_from_args",
+]
+
+
+def _flag(value: str) -> bool:
+    """A boolean flag value: true/false (also 1/0, yes/no)."""
+    low = value.strip().lower()
+    if low in ("true", "1", "yes", "on"):
+        return True
+    if low in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 class _NoDefaults:
@@ -78,6 +92,13 @@ def add_federation_arguments(
         "aggregator and every agent (0 = never)",
     )
     p.add_argument(
+        "--downlink",
+        default=d.downlink,
+        choices=downlink_modes(),
+        help="how the global model reaches devices: full (float32 every version) or a "
+        "codec for deltas against the version a device holds",
+    )
+    p.add_argument(
         "--clients-per-round",
         type=int,
         default=d.clients_per_round,
@@ -108,12 +129,70 @@ def add_federation_arguments(
         default=None,
         help="keep state and logs here (default: a temporary directory)",
     )
+    add_strategy_option_arguments(p)
+    p.add_argument(
+        "--eval-dataset",
+        default=d.eval_dataset,
+        help="the aggregator's test set: '' = the dataset's test split, 'none' = no server "
+        "test set (the curve then comes from the devices' federated evaluation)",
+    )
+    p.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=d.eval_fraction,
+        help="federated evaluation: fraction of each agent's examples held out and "
+        "evaluated on (0 = off)",
+    )
+    p.add_argument(
+        "--eval-only-agents",
+        type=int,
+        default=d.eval_only_agents,
+        help="the last N agents never train, only evaluate each round's model",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     p.add_argument("--plot", type=Path, default=None, help="write the accuracy curve as PNG")
 
 
+#: Strategy options (aggregator config keys, docs/strategies.md) as ``--flag`` -> (type,
+#: help); unset flags leave the aggregator's default.
+STRATEGY_OPTION_FLAGS: dict[str, tuple[Any, str]] = {
+    "server_momentum": (float, "fedavgm: server momentum"),
+    "server_beta1": (float, "fedadam/fedyogi/fedadagrad (and fedsgd --server-adam): beta1"),
+    "server_beta2": (float, "fedadam/fedyogi (and fedsgd --server-adam): beta2"),
+    "server_tau": (float, "adaptive servers: tau (adaptivity)"),
+    "bias_correction": (_flag, "adaptive servers: bias-correct m and v (true/false)"),
+    "prox_mu": (float, "fedprox: proximal weight mu sent to devices"),
+    "grad_examples": (int, "fedsgd: examples per device gradient"),
+    "server_adam": (_flag, "fedsgd: Adam on the mean gradient (true/false)"),
+    "robust_buffer": (int, "median/trimmed_mean/krum and the wrappers: updates kept per round"),
+    "trim": (float, "trimmed_mean: fraction dropped at each side"),
+    "krum_f": (int, "krum: Byzantine devices assumed"),
+    "krum_m": (int, "krum: updates averaged (0 = n - f)"),
+    "clip_updates": (str, "server-side norm bounding: off | fixed | adaptive"),
+    "clip_norm": (float, "clip_updates = fixed: the L2 bound"),
+    "clip_multiplier": (float, "clip_updates = adaptive: bound = this x the median norm"),
+    "zero_outliers_k": (float, "zero values more than k MADs from the median (0 = off)"),
+}
+
+
+def add_strategy_option_arguments(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("strategy options (default: the aggregator's)")
+    for key, (kind, text) in STRATEGY_OPTION_FLAGS.items():
+        group.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None,
+                           help=text)
+
+
+def strategy_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The strategy options given on the command line (aggregator config keys)."""
+    return {k: getattr(args, k) for k in STRATEGY_OPTION_FLAGS if getattr(args, k, None)
+            is not None}
+
+
 def spec_from_args(args: argparse.Namespace, **extra: Any) -> FederationSpec:
     """The federation the parsed flags of ``fedmq demo``/``fedmq experiment`` describe."""
+    extra["extra_aggregator"] = {
+        **strategy_options_from_args(args), **extra.get("extra_aggregator", {})
+    }
     return FederationSpec(
         agents=args.agents,
         rounds=args.rounds,
@@ -134,6 +213,10 @@ def spec_from_args(args: argparse.Namespace, **extra: Any) -> FederationSpec:
         round_policy=args.round_policy,
         buffer_size=args.buffer_size,
         max_message_bytes=args.max_message_bytes,
+        downlink=args.downlink,
+        eval_dataset=args.eval_dataset,
+        eval_fraction=args.eval_fraction,
+        eval_only_agents=args.eval_only_agents,
         workdir=args.workdir,
         **extra,
     )
@@ -145,7 +228,8 @@ def run_from_args(
     spec = spec_from_args(args, **extra)
     print(
         f"{title}: {spec.agents} agents, {spec.dataset} split {spec.partition}, model "
-        f"{spec.model}, {spec.codec} updates, {spec.epochs} local epoch(s), {spec.rounds} rounds",
+        f"{spec.model}, {spec.codec} updates, {spec.epochs} local epoch(s), {spec.rounds} rounds"
+        + (f", {spec.downlink} downlink" if spec.downlink != "full" else ""),
         flush=True,
     )
     shown: list[int] = []

@@ -73,7 +73,9 @@ _FIELDS = {"agents": "agents", "rounds": "rounds", "dataset": "dataset", "model"
            "strategy": "strategy", "server_lr": "server_lr", "max_examples": "max_examples",
            "seed": "seed", "broker": "broker", "threads": "agent_threads",
            "round_policy": "round_policy", "buffer_size": "buffer_size",
-           "max_message_bytes": "max_message_bytes"}
+           "max_message_bytes": "max_message_bytes", "downlink": "downlink",
+           "eval_dataset": "eval_dataset", "eval_fraction": "eval_fraction",
+           "eval_only_agents": "eval_only_agents"}
 
 
 def apply_preset(args: argparse.Namespace) -> argparse.Namespace:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 from fedmq.net.mqtt import MqttSettings
 from fedmq.topics import Topics
 from fedmq_ops.observer import FleetObserver, FleetView
 
-__all__ = ["add_parser", "render"]
+__all__ = ["add_parser", "federated_summary", "render"]
 
 
 def _age(ts: float, now: float) -> str:
@@ -23,6 +24,24 @@ def _age(ts: float, now: float) -> str:
         return "-"
     s = max(0.0, now - ts)
     return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.0f}h"
+
+
+def federated_summary(metrics: Mapping[str, float]) -> str:
+    """", federated accuracy ..." of a model's metrics (the devices' held-out evaluation of
+    the version the round started from; docs/strategies.md), or "" without one."""
+    acc = metrics.get("fed_accuracy")
+    if acc is None:
+        return ""
+    devices = int(metrics.get("fed_eval_devices", 0))
+    lo, hi = metrics.get("fed_accuracy_min", acc), metrics.get("fed_accuracy_max", acc)
+    out = (f", federated accuracy {acc * 100:.2f}% ({devices} device(s), "
+           f"{lo * 100:.1f}-{hi * 100:.1f}%")
+    version = metrics.get("fed_eval_version")
+    out += f", of version {int(version)})" if version is not None else ")"
+    pers = metrics.get("fed_personal_accuracy")
+    if pers is not None:
+        out += f", personalized {pers * 100:.2f}%"
+    return out
 
 
 def render(view: FleetView, fleet: str, out: TextIO, now: float | None = None) -> None:
@@ -35,6 +54,7 @@ def render(view: FleetView, fleet: str, out: TextIO, now: float | None = None) -
     if model is not None:
         acc = model.metrics.get("accuracy")
         acc_s = f", accuracy {acc * 100:.2f}%" if acc is not None else ""
+        acc_s += federated_summary(model.metrics)
         eps = model.metrics.get("dp_epsilon")
         if eps is not None:  # DP: the central epsilon spent so far (docs/privacy.md)
             acc_s += f", DP epsilon {eps:.3f}"
@@ -59,7 +79,7 @@ def render(view: FleetView, fleet: str, out: TextIO, now: float | None = None) -
     if devices:
         print(
             f"  {'device':<20} {'state':<9} {'round':>5} {'loss':>7} {'examples':>8} "
-            f"{'train s':>7} {'seen':>5}  runtime",
+            f"{'train s':>7} {'eval acc':>8} {'seen':>5}  runtime",
             file=out,
         )
     for name in sorted(devices):
@@ -69,8 +89,9 @@ def render(view: FleetView, fleet: str, out: TextIO, now: float | None = None) -
         ex = f"{m['examples']:.0f}" if "examples" in m else "-"
         tr = f"{m['train_seconds']:.1f}" if "train_seconds" in m else "-"
         rid = "-" if s.round_id is None else str(s.round_id)
+        ev = f"{m['eval_accuracy'] * 100:.1f}%" if "eval_accuracy" in m else "-"
         print(
-            f"  {name:<20} {s.state:<9} {rid:>5} {loss:>7} {ex:>8} {tr:>7} "
+            f"  {name:<20} {s.state:<9} {rid:>5} {loss:>7} {ex:>8} {tr:>7} {ev:>8} "
             f"{_age(s.created_at, now):>5}  {s.runtime}",
             file=out,
         )

@@ -25,6 +25,7 @@ from typing import Any
 from aggregator.policies import DEFAULT_ROUND_POLICY, round_policy_names
 from fedmq import wire
 from fedmq.chunks import MIN_MESSAGE_BYTES
+from fedmq.downlink import DOWNLINK_FULL, downlink_modes
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.net.localbroker import BrokerOptions, LocalBroker
 from fedmq.net.mqtt import MqttSettings
@@ -66,6 +67,13 @@ class FederationSpec:
     round_policy: str = DEFAULT_ROUND_POLICY  # a registered round policy ("sync", "fedbuff")
     buffer_size: int | None = None  # fedbuff: updates per new model; None = aggregator default
     max_message_bytes: int = 0  # chunk messages above this size (aggregator and agents); 0 = never
+    # How the model reaches devices: "full" every version, or deltas in a codec
+    # (the aggregator's `downlink` key, docs/protocol.md "Compressed downlink").
+    downlink: str = DOWNLINK_FULL
+    # Federated evaluation (docs/strategies.md): each agent's held-out fraction (0 = off);
+    # the last eval_only_agents agents never train and only evaluate each round's model.
+    eval_fraction: float = 0.0
+    eval_only_agents: int = 0
     extra_agent: dict[str, Any] = field(default_factory=dict)
     extra_aggregator: dict[str, Any] = field(default_factory=dict)
 
@@ -78,8 +86,16 @@ class FederationSpec:
             raise ConfigError(
                 f"round_policy must be one of {round_policy_names()}, got {self.round_policy!r}"
             )
+        if not 0 <= self.eval_only_agents < self.agents:
+            raise ConfigError(
+                f"eval_only_agents must be in [0, {self.agents}): some agent must train"
+            )
         if self.buffer_size is not None and self.buffer_size < 1:
             raise ConfigError(f"buffer_size must be at least 1, got {self.buffer_size}")
+        if self.downlink not in downlink_modes():
+            raise ConfigError(
+                f"downlink must be one of {downlink_modes()}, got {self.downlink!r}"
+            )
         if self.max_message_bytes != 0 and self.max_message_bytes < MIN_MESSAGE_BYTES:
             raise ConfigError(
                 f"max_message_bytes must be 0 (no chunking) or >= {MIN_MESSAGE_BYTES}, "
@@ -97,10 +113,14 @@ class RoundRow:
     # The aggregator's own count of update bytes it received this round (devices' uplink).
     bytes_in: int
     # What the devices downloaded: model and round announcement, once per device (fan-out;
-    # the aggregator itself publishes each once, its bytes_out).
+    # the aggregator itself publishes each once, its bytes_out). With a compressed downlink
+    # the model part is the index and the version's delta (a device that kept up).
     bytes_delivered: int
     seconds: float
     wall: float
+    # The devices' federated evaluation of the round's base model (nan: none reported).
+    fed_accuracy: float = float("nan")
+    fed_loss: float = float("nan")
 
 
 @dataclass
@@ -121,6 +141,12 @@ class FederationResult:
     def final_accuracy(self) -> float:
         return self.rows[-1].accuracy if self.rows else float("nan")
 
+    def downlink_per_device(self) -> float:
+        agents = int(self.spec.get("agents", 1)) or 1
+        if not self.rows:
+            return float("nan")
+        return sum(r.bytes_delivered for r in self.rows) / len(self.rows) / agents
+
     def to_json(self) -> dict[str, Any]:
         return {
             "spec": self.spec,
@@ -129,6 +155,8 @@ class FederationResult:
             "wall_seconds": self.wall_seconds,
             "bytes_in": sum(r.bytes_in for r in self.rows),
             "bytes_delivered": sum(r.bytes_delivered for r in self.rows),
+            # Model and announcement bytes one device downloads per round, on average.
+            "downlink_bytes_per_device_per_round": self.downlink_per_device(),
             "broker": self.broker,
             "model_bytes": self.model_bytes,
             "agent_peak_rss_mb": self.agent_peak_rss_mb,
@@ -201,6 +229,8 @@ class _RoundRecorder:
                     bytes_delivered=down,
                     seconds=float(m.get("round_seconds", now - self._last)),
                     wall=now - self._t0,
+                    fed_accuracy=float(m.get("fed_accuracy", float("nan"))),
+                    fed_loss=float(m.get("fed_loss", float("nan"))),
                 )
             )
         self._last = now
@@ -221,7 +251,8 @@ def write_configs(
 ) -> tuple[Path, list[Path]]:
     """Write ``aggregator.toml`` and one ``agent-NNN.toml`` per agent into ``workdir`` for a
     broker at ``host:port``; the paths (aggregator, agents in order)."""
-    per_round = spec.clients_per_round or spec.agents
+    # eval-only agents report on each round but never count towards its updates
+    per_round = spec.clients_per_round or spec.agents - spec.eval_only_agents
     chunking = {"max_message_bytes": spec.max_message_bytes}
     common = {
         "fleet": spec.fleet,
@@ -239,6 +270,7 @@ def write_configs(
         "clients_per_round": per_round,
         "min_updates": spec.min_updates or per_round,
         "min_devices": per_round,
+        **({"selection": "any"} if spec.eval_only_agents else {}),
         "round_timeout": spec.round_timeout,
         "epochs": spec.epochs,
         "lr": spec.lr,
@@ -248,6 +280,7 @@ def write_configs(
         "server_lr": spec.server_lr,
         "round_policy": spec.round_policy,
         "buffer_size": spec.buffer_size,
+        "downlink": spec.downlink,
         **chunking,
         **spec.extra_aggregator,
     }
@@ -266,6 +299,7 @@ def write_configs(
             "seed": spec.seed,
             "num_threads": spec.agent_threads,
             "max_examples": spec.max_examples or None,
+            **_eval_settings(spec, i),
             **chunking,
             **spec.extra_agent,
         }
@@ -273,6 +307,13 @@ def write_configs(
         _write_toml(path, "agent", agent_cfg)
         agent_paths.append(path)
     return agg_path, agent_paths
+
+
+def _eval_settings(spec: FederationSpec, index: int) -> dict[str, Any]:
+    """Agent ``index``'s federated-evaluation keys (none when off: the agent defaults)."""
+    if index >= spec.agents - spec.eval_only_agents:
+        return {"eval_only": True}
+    return {"eval_fraction": spec.eval_fraction} if spec.eval_fraction else {}
 
 
 def run_federation(

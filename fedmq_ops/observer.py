@@ -121,14 +121,14 @@ class FleetObserver:
                     view.round, view.round_bytes = rnd, len(payload)
                     view.changed.notify_all()
             elif topic == t.model:
-                model = wire.decode_model(payload)
+                model, size = _model_view(payload)
                 with view.lock:
                     newer = model.version > view.version
-                    view.model_bytes = len(payload)
+                    view.model_bytes = size
                     if newer:
                         view.model = model
                         if self._on_model is not None:
-                            self._on_model(model, len(payload))
+                            self._on_model(model, size)
                     view.changed.notify_all()
             elif t.device_of(topic) is not None and payload:  # empty = retained one cleared
                 status = wire.decode_status(payload)
@@ -164,3 +164,17 @@ class FleetObserver:
                     alive()
                 finally:
                     view.lock.acquire()
+
+
+def _model_view(payload: bytes) -> tuple[wire.ModelMessage, int]:
+    """The model topic's message as a model, and the bytes a device that held the previous
+    version downloads for it. With a compressed downlink (a model index) that is the index
+    plus the new version's delta, and the model carries the index's facts, no tensors."""
+    if wire.message_type(payload) != "model-index":
+        return wire.decode_model(payload), len(payload)
+    idx = wire.decode_model_index(payload)
+    model = wire.ModelMessage(
+        fleet=idx.fleet, version=idx.version, round_id=idx.round_id, model_id=idx.model_id,
+        tensors=(), metrics=idx.metrics, created_at=idx.created_at, epoch=idx.epoch,
+    )
+    return model, len(payload) + dict(idx.deltas).get(idx.version, 0)

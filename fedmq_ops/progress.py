@@ -21,7 +21,7 @@ def format_bytes(n: float) -> str:
 def print_header(out: TextIO) -> None:
     print(
         f"{'round':>5} {'devices':>7} {'accuracy':>9} {'loss':>7} {'up':>9} {'down':>9} "
-        f"{'round s':>8} {'elapsed':>8}",
+        f"{'round s':>8} {'elapsed':>8} {'fed acc':>8}",
         file=out,
         flush=True,
     )
@@ -31,10 +31,17 @@ def print_row(row: Any, out: TextIO) -> None:
     print(
         f"{row.round_id:>5} {row.participants:>7} {row.accuracy * 100:>8.2f}% {row.loss:>7.3f} "
         f"{format_bytes(row.bytes_in):>9} {format_bytes(row.bytes_delivered):>9} "
-        f"{row.seconds:>8.1f} {row.wall:>7.1f}s",
+        f"{row.seconds:>8.1f} {row.wall:>7.1f}s {_percent(getattr(row, 'fed_accuracy', None)):>8}",
         file=out,
         flush=True,
     )
+
+
+def _percent(value: float | None) -> str:
+    """A federated accuracy as a percentage, "-" when the devices reported none."""
+    if value is None or value != value:  # nan: no federated evaluation this round
+        return "-"
+    return f"{value * 100:.2f}%"
 
 
 def print_summary(result: Any, out: TextIO) -> None:

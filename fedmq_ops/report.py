@@ -51,6 +51,15 @@ class RoundRow:
     seconds: float | None
     rejected: int = 0
     epsilon: float | None = None  # DP: central epsilon spent after this round (docs/privacy.md)
+    # Federated evaluation (docs/strategies.md): the devices' held-out figures of the model
+    # version ``fed_version`` (the round's base), example-weighted, with the spread.
+    fed_accuracy: float | None = None
+    fed_accuracy_min: float | None = None
+    fed_accuracy_max: float | None = None
+    fed_loss: float | None = None
+    fed_personal_accuracy: float | None = None
+    fed_version: float | None = None
+    fed_devices: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,12 @@ def load_report(state_dir: str | Path) -> Report:
                 accuracy=_num(m, "accuracy"), loss=_num(m, "loss"), bytes_in=r.bytes_in,
                 bytes_out=None if bytes_out is None else int(bytes_out), seconds=seconds,
                 rejected=rejects.get(r.round_id, 0), epsilon=_num(m, "dp_epsilon"),
+                fed_accuracy=_num(m, "fed_accuracy"),
+                fed_accuracy_min=_num(m, "fed_accuracy_min"),
+                fed_accuracy_max=_num(m, "fed_accuracy_max"), fed_loss=_num(m, "fed_loss"),
+                fed_personal_accuracy=_num(m, "fed_personal_accuracy"),
+                fed_version=_num(m, "fed_eval_version"),
+                fed_devices=int(_num(m, "fed_eval_devices") or 0),
             )
         )
     return Report(str(state_dir), fleet, model_id, initial, tuple(rows))
@@ -121,6 +136,12 @@ _COLUMNS = (
 )
 
 
+#: Federated evaluation columns (shown when a round has them): weighted accuracy, its min and
+#: max across devices, weighted loss, devices reporting; fed_pers: personalized accuracy.
+_FED_COLUMNS = (("fed_acc", 8), ("fed_min", 8), ("fed_max", 8), ("fed_loss", 8),
+                ("fed_devs", 8))
+
+
 def format_table(report: Report) -> str:
     """A fixed-width table, one line per round (header first)."""
     lines = [
@@ -132,7 +153,11 @@ def format_table(report: Report) -> str:
             f"loss {_fmt(_num(report.initial, 'loss'), '.4f')}"
         )
     private = any(r.epsilon is not None for r in report.rounds)
+    federated = any(r.fed_accuracy is not None for r in report.rounds)
+    personal = any(r.fed_personal_accuracy is not None for r in report.rounds)
     columns = _COLUMNS + ((("epsilon", 8),) if private else ())
+    columns += _FED_COLUMNS if federated else ()
+    columns += (("fed_pers", 8),) if personal else ()
     lines.append(" ".join(name.rjust(width) for name, width in columns))
     for r in report.rounds:
         cells: tuple[str, ...] = (
@@ -142,6 +167,12 @@ def format_table(report: Report) -> str:
         )
         if private:
             cells += (_fmt(r.epsilon, ".4f"),)
+        if federated:
+            cells += (_fmt(r.fed_accuracy, ".4f"), _fmt(r.fed_accuracy_min, ".4f"),
+                      _fmt(r.fed_accuracy_max, ".4f"), _fmt(r.fed_loss, ".4f"),
+                      str(r.fed_devices))
+        if personal:
+            cells += (_fmt(r.fed_personal_accuracy, ".4f"),)
         lines.append(" ".join(c.rjust(w) for c, (_, w) in zip(cells, columns, strict=True)))
     closed = report.closed
     lines.append(
@@ -176,9 +207,11 @@ def plot_report(report: Report, path: str | Path) -> Path:
                 if value is not None:
                     xs.append(r.round_id)
                     ys.append(value)
-            ax.plot(xs, ys, marker="o", markersize=3)
+            if xs:
+                ax.plot(xs, ys, marker="o", markersize=3, label=f"server {label}")
             ax.set_ylabel(label)
             ax.grid(True, alpha=0.3)
+        _plot_federated(report, ax_acc, ax_loss)
         eps = [(r.round_id, r.epsilon) for r in closed if r.epsilon is not None]
         if eps:  # DP: the privacy spent, on the accuracy panel's right axis
             ax_eps = ax_acc.twinx()
@@ -204,6 +237,36 @@ def plot_report(report: Report, path: str | Path) -> Path:
         plt.close(fig)
     log.info("wrote %s", path)
     return path
+
+
+def _plot_federated(report: Report, ax_acc: Any, ax_loss: Any) -> None:
+    """The devices' held-out figures (federated evaluation), drawn at the round that made
+    the evaluated model (its version; the curve the server would draw with a test set),
+    with the min-max band across devices and the personalized accuracy."""
+    rows = sorted(
+        (r for r in report.rounds if r.fed_accuracy is not None),
+        key=lambda r: (r.fed_version if r.fed_version is not None else r.round_id - 1),
+    )
+    if not rows:
+        return
+    xs = [r.fed_version if r.fed_version is not None else r.round_id - 1 for r in rows]
+    ax_acc.plot(xs, [r.fed_accuracy for r in rows], marker="^", markersize=3,
+                color="tab:green", label="federated (devices' held-out)")
+    lo = [r.fed_accuracy_min if r.fed_accuracy_min is not None else r.fed_accuracy
+          for r in rows]
+    hi = [r.fed_accuracy_max if r.fed_accuracy_max is not None else r.fed_accuracy
+          for r in rows]
+    ax_acc.fill_between(xs, lo, hi, color="tab:green", alpha=0.15, label="min-max of devices")
+    pers = [(x, r.fed_personal_accuracy) for x, r in zip(xs, rows, strict=True)
+            if r.fed_personal_accuracy is not None]
+    if pers:
+        ax_acc.plot([x for x, _ in pers], [a for _, a in pers], marker="v", markersize=3,
+                    color="tab:purple", label="personalized (after local training)")
+    ax_acc.legend(loc="lower right", fontsize="small")
+    losses = [(x, r.fed_loss) for x, r in zip(xs, rows, strict=True) if r.fed_loss is not None]
+    ax_loss.plot([x for x, _ in losses], [v for _, v in losses], marker="^", markersize=3,
+                 color="tab:green", label="federated")
+    ax_loss.legend(loc="upper right", fontsize="small")
 
 
 def _command(args: argparse.Namespace) -> int:

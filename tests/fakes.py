@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from fedmq.evaluation import EvalReport
 from fedmq.net.localbroker import LocalBroker
 from fedmq.net.procs import stop_process
 from fedmq.signing import DeviceKey, sign_update
@@ -92,14 +93,16 @@ def make_update(
     update_id: str | None = None,
     seed: int = 0,
     key: DeviceKey | None = None,
+    steps: int = 0,
+    evaluation: EvalReport | None = None,
 ) -> bytes:
     """An encoded update message for ``delta`` (the real codecs and wire format); with
-    ``key``, the signed envelope of it."""
+    ``key``, the signed envelope of it; ``steps``/``evaluation`` as a device reports them."""
     tensors = codecs.encode_delta(delta, codec, np.random.default_rng(seed))
     msg = UpdateMessage(
         fleet=fleet, round_id=round_id, base_version=base_version, device=device,
         update_id=update_id or uuid.uuid4().hex, num_examples=num_examples, codec=codec,
-        tensors=tensors, created_at=time.time(),
+        tensors=tensors, created_at=time.time(), steps=steps, evaluation=evaluation,
     )
     return encode(msg) if key is None else sign_update(msg, key)
 

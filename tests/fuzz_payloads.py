@@ -7,7 +7,10 @@ shape, params and data), NaN/Inf floats, huge or negative dimensions, wrong dtyp
 extension types, deeply nested maps, oversized strings, duplicate tensor names, a device id
 that differs from the topic's, a wrong fleet/round/base version, int8 with an absurd scale,
 signed envelopes (a valid or mutated body, damaged envelope fields, nested envelopes), and
-damaged sparse and 4-bit tensors (:func:`sparse_damage`: positions out of range, duplicated,
+model deltas and model indexes of the compressed downlink (:func:`fuzz_downlink`: the
+same field, tensor, sparse and byte damage plus a wrong base version, a version 0, unknown
+codecs and broken delta lists), damaged sparse and 4-bit tensors
+(:func:`sparse_damage`: positions out of range, duplicated,
 k larger than the tensor, wrong counts, bad or trailing varints, bitmap padding, packed int4
 counts and padding nibbles, NaN or negative scales). :func:`fuzz_chunks` damages the
 chunk stream of a chunked transfer (:data:`CHUNK_DAMAGE`: wrong index or count, a
@@ -29,17 +32,20 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from fedmq.evaluation import EvalReport
 from fedmq.update import codecs
 from fedmq.update.codecs.lowbit import pack_nibbles
 from fedmq.update.codecs.positions import bitmap_bytes, varint_encode
-from fedmq.wire import UpdateMessage, encode
+from fedmq.wire import ModelDelta, ModelIndex, UpdateMessage, encode
 
 __all__ = [
     "CHUNK_DAMAGE",
+    "DOWNLINK_DAMAGE",
     "KINDS",
     "LOW_BIT_CODECS",
     "SPARSE_DAMAGE",
     "fuzz_chunks",
+    "fuzz_downlink",
     "fuzz_payload",
     "sparse_damage",
     "valid_update_map",
@@ -49,7 +55,7 @@ Obj = dict[str, Any]
 
 _TOP_FIELDS = (
     "v", "type", "fleet", "round", "base_version", "device", "update_id", "num_examples",
-    "codec", "tensors", "metrics", "created_at", "signature",
+    "codec", "tensors", "metrics", "created_at", "signature", "steps", "eval",
 )
 _TENSOR_FIELDS = ("name", "dtype", "shape", "params", "data")
 
@@ -72,7 +78,10 @@ def valid_update_map(
         fleet=fleet, round_id=round_id, base_version=base_version, device=device,
         update_id=f"{rng.getrandbits(64):016x}", num_examples=rng.randint(1, 500), codec=codec,
         tensors=_encode(codec, delta, rng, nrng), metrics={"loss": 0.5},
-        created_at=1.7e9,
+        created_at=1.7e9, steps=rng.randint(1, 100),
+        evaluation=EvalReport(loss=rng.random() * 3, accuracy=rng.random(),
+                              count=rng.randint(1, 400), personal_loss=0.25,
+                              personal_accuracy=rng.random()),
     )
     obj = msgpack.unpackb(encode(msg), raw=False)
     assert isinstance(obj, dict)
@@ -140,7 +149,21 @@ def _field_value(rng: random.Random, field: str, base: Obj) -> Any:
         "metrics": [{"loss": float("nan")}, {"x": "y"}, {str(i): 1.0 for i in range(300)}],
         "created_at": [float("inf"), float("nan"), "now"],
         "signature": [b"\x00" * 513, "sig", 1],
-        "tensors": [[], [{}], [1, 2], [base["tensors"][0]] * 5000],
+        "tensors": [[{}], [1, 2], [base["tensors"][0]] * 5000],
+        "steps": [0, -1, 10**9 + 1, 1.5, True, "3"],
+        "eval": [
+            {"loss": float("nan"), "accuracy": 0.5, "count": 3},
+            {"loss": 0.1, "accuracy": 1.5, "count": 3},
+            {"loss": -0.1, "accuracy": 0.5, "count": 3},
+            {"loss": 0.1, "accuracy": 0.5, "count": 0},
+            {"loss": 0.1, "accuracy": 0.5, "count": 2**40 + 1},
+            {"loss": 0.1, "accuracy": 0.5, "count": 3.0},
+            {"loss": 0.1, "accuracy": 0.5, "count": 3, "pickle": 1},
+            {"loss": 0.1, "accuracy": 0.5, "count": 3, "personal_loss": 0.2},
+            {"loss": 0.1, "accuracy": True, "count": 3},
+            {"accuracy": 0.5, "count": 3},
+            [0.1, 0.5, 3], "eval", b"\x00",
+        ],
     }
     return rng.choice(specific.get(field, [None]))
 
@@ -575,3 +598,96 @@ def fuzz_secagg(
     except (ValueError, OverflowError, TypeError):
         return "bytes", _byte_mutation(rng, signed)
     return kind, _pack({"v": 2, "type": "signed", "body": raw, "sig": sign(raw)})
+# ------------------------------------------------------------------------- downlink
+
+DOWNLINK_DAMAGE = (
+    "bytes", "field", "delete", "tensor", "sparse", "base", "codec", "deltas", "extra",
+)
+_DELTA_FIELDS = ("v", "type", "fleet", "version", "base_version", "round", "model_id", "codec",
+                 "tensors", "created_at", "epoch")
+_INDEX_FIELDS = ("v", "type", "fleet", "version", "round", "model_id", "codec",
+                 "snapshot_version", "snapshot_bytes", "deltas", "metrics", "created_at",
+                 "epoch")
+
+
+def valid_delta_map(
+    rng: random.Random, template: Mapping[str, tuple[int, ...]], fleet: str, version: int,
+    codec: str | None = None,
+) -> Obj:
+    """A valid model delta (the msgpack map) of ``version`` for ``template``."""
+    codec = codec or rng.choice(codecs.codec_names())
+    nrng = np.random.default_rng(rng.getrandbits(32))
+    delta = {n: nrng.normal(0, 0.05, s).astype(np.float32) for n, s in template.items()}
+    msg = ModelDelta(fleet, version, version - 1, version, "m", codec,
+                     tuple(_encode(codec, delta, rng, nrng)), 1.7e9, "e" * 16)
+    obj = msgpack.unpackb(encode(msg), raw=False)
+    assert isinstance(obj, dict)
+    return obj
+
+
+def valid_index_map(rng: random.Random, fleet: str, version: int) -> Obj:
+    snap = rng.randint(max(0, version - 5), version)
+    deltas = tuple((v, rng.randint(1, 10**6)) for v in range(max(1, version - 8), version + 1))
+    msg = ModelIndex(fleet, version, version, "m", rng.choice(codecs.codec_names()), snap,
+                     rng.randint(1, 10**7), deltas, {"accuracy": 0.5}, 1.7e9, "e" * 16)
+    obj = msgpack.unpackb(encode(msg), raw=False)
+    assert isinstance(obj, dict)
+    return obj
+
+
+def fuzz_downlink(rng: random.Random, base: Obj, kind: str | None = None) -> tuple[str, bytes]:
+    """One mutated payload of a valid model delta or index map; (kind, payload)."""
+    kind = kind or rng.choice(DOWNLINK_DAMAGE)
+    obj = copy.deepcopy(base)
+    is_delta = obj.get("type") == "model-delta"
+    fields = _DELTA_FIELDS if is_delta else _INDEX_FIELDS
+    if kind == "bytes":
+        return kind, _byte_mutation(rng, _pack(obj))
+    if kind == "field":
+        obj[rng.choice(fields)] = _generic_value(rng)
+    elif kind == "delete":
+        for field in rng.sample(fields, rng.randint(1, 3)):
+            obj.pop(field, None)
+    elif kind == "tensor" and is_delta:
+        _tensor_mutation(rng, obj)
+    elif kind == "sparse" and is_delta:
+        codec = rng.choice(LOW_BIT_CODECS)
+        nrng = np.random.default_rng(rng.getrandbits(32))
+        delta = {t["name"]: nrng.normal(0, 0.05, t["shape"]).astype(np.float32)
+                 for t in obj["tensors"]}
+        obj["codec"] = codec
+        obj["tensors"] = [t.to_map() for t in _encode(codec, delta, rng, nrng)]
+        sparse_damage(rng, obj, rng.choice(SPARSE_DAMAGE))
+    elif kind == "base":
+        key = "base_version" if is_delta else "snapshot_version"
+        obj[key] = rng.choice([obj["version"], obj["version"] + 1, obj["version"] - 2, -1,
+                               2**62 + 1])
+        if rng.random() < 0.3:
+            obj["version"] = 0
+    elif kind == "codec":
+        obj["codec"] = rng.choice(["int9", "", "float64", "x" * 17, "INT8", 8])
+    elif kind == "deltas" and not is_delta:
+        d = obj["deltas"]
+        op = rng.randrange(6)
+        if op == 0 and d:
+            d.reverse() if len(d) > 1 else d.append(d[0])
+        elif op == 1 and d:
+            del d[rng.randrange(len(d))]
+        elif op == 2:
+            obj["deltas"] = [[v, 1] for v in range(1, rng.choice([1025, 5000]))]
+        elif op == 3 and d:
+            d[rng.randrange(len(d))] = rng.choice([[1], [1, 2, 3], "x", [-1, 5], [2, 0],
+                                                   [True, 1], [1.5, 2]])
+        elif op == 4 and d:
+            d[-1][0] = obj["version"] + rng.randint(1, 3)
+        else:
+            obj["deltas"] = _generic_value(rng)
+    else:  # extra fields, or a mutation that does not fit this message: damage bytes
+        if kind == "extra":
+            obj[rng.choice(["x", "pickle", "__class__", ""])] = _generic_value(rng)
+        else:
+            return "bytes", _byte_mutation(rng, _pack(obj))
+    try:
+        return kind, _pack(obj)
+    except (ValueError, OverflowError, TypeError):
+        return "bytes", _byte_mutation(rng, _pack(base))

@@ -73,6 +73,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _ROUND_STREAM = 0x6D71  # separates round-batch streams from any other use of the seed
+_HELDOUT_STREAM = 0x6576  # the held-out split's permutation (split_heldout)
 
 
 def _text(value: str) -> str:
@@ -401,6 +402,7 @@ class LocalData:
         self._max = max_examples
         self._balanced = bool(class_balanced)
         self._augment_cfg = AugmentConfig.parse(augment)
+        self._image_shape = image_shape
         self._augment = make_augmenter(self._augment_cfg, dataset.layout, image_shape)
 
     @classmethod
@@ -454,6 +456,34 @@ class LocalData:
         y = self._dataset.y[idx]
         x = self._augment(x, rng)
         return np.ascontiguousarray(x, dtype=np.float32), y
+
+
+    def split_heldout(self, fraction: float) -> tuple[LocalData, Dataset]:
+        """(this data without a held-out split, the held-out split): ``fraction`` of the
+        examples (at least 1, at most all but 1), chosen by a permutation of (seed, client)
+        so a restarted device holds out the same examples. The held-out examples are never
+        trained on and never leave the device (federated evaluation)."""
+        n = len(self._dataset)
+        if not (0 < fraction < 1):
+            raise DataError(f"the held-out fraction must be in (0, 1), got {fraction}")
+        if n < 2:
+            raise DataError(f"dataset {self._dataset.name!r} has {n} example: none to hold out")
+        k = min(n - 1, max(1, round(n * fraction)))
+        rng = np.random.default_rng(
+            np.random.SeedSequence([self._seed, self._client + 1, _HELDOUT_STREAM])
+        )
+        order = rng.permutation(n)
+        held, kept = np.sort(order[:k]), np.sort(order[k:])
+        ds = self._dataset
+        train = LocalData(
+            Dataset(ds.x[kept], ds.y[kept], ds.num_classes, ds.name, ds.layout),
+            seed=self._seed, client_index=None if self._client < 0 else self._client,
+            sample_fraction=self._fraction, max_examples=self._max,
+            class_balanced=self._balanced, augment=self._augment_cfg,
+            image_shape=self._image_shape,
+        )
+        return train, Dataset(ds.x[held], ds.y[held], ds.num_classes, f"{ds.name}:heldout",
+                              ds.layout)
 
 
 class PluginData(LocalData):
@@ -528,6 +558,12 @@ class PluginData(LocalData):
     @property
     def dataset(self) -> Dataset:
         raise DataError(f"{self.name} hands over its examples round by round (round_batch)")
+
+    def split_heldout(self, fraction: float) -> tuple[LocalData, Dataset]:
+        raise DataError(
+            f"{self.name} hands over its examples round by round: no held-out split "
+            "(set eval_fraction = 0)"
+        )
 
     @property
     def num_classes(self) -> int:

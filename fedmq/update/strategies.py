@@ -8,7 +8,8 @@ weights (:meth:`~Strategy.aggregate`) and keeps its server state (``state``/``lo
 A :class:`StrategyWrapper` delegates all of it to an inner strategy and overrides what it
 changes (DP noise, norm bounding): :class:`ClipMeanDelta` is the worked example.
 
-FedAvg adds the mean delta (server learning rate 1), FedAvgM adds server momentum, FedAdam,
+FedAvg adds the mean delta (server learning rate 1), FedNova the step-normalized one (a
+streaming :class:`~fedmq.update.normalized.NormalizedSum`), FedAvgM adds server momentum, FedAdam,
 FedYogi and FedAdagrad are Reddi et al.'s adaptive servers (:class:`AdaptiveServer`). The
 robust aggregators and wrappers (median, trimmed mean, Multi-Krum, norm bounding, outlier
 zeroing) are in :mod:`fedmq.update.robust`. :func:`make_strategy` reads the registry
@@ -28,6 +29,7 @@ import numpy as np
 
 from fedmq.errors import ConfigError
 from fedmq.update.accumulate import Accumulated, Accumulator, WeightedSum, Weights
+from fedmq.update.normalized import NormalizedSum
 from fedmq.wire import TrainingConfig
 
 __all__ = [
@@ -377,12 +379,12 @@ def fednova_delta(updates: Sequence[StepsDelta]) -> Weights:
 
 
 @dataclass
-class FedNova:
-    """FedNova: ``w <- w + server_lr * fednova_delta(updates)``. Needs each update's step
-    count (devices report ``steps`` in their metrics): :meth:`aggregate_steps` takes them
-    with the decoded deltas. Not yet selectable in the aggregator's config (its ingest does
-    not hand per-update metrics to strategies); used in-process (bench/bench_local_variants.py).
-    """
+class FedNova(FedAvg):
+    """FedNova: ``w <- w + server_lr * fednova_delta(updates)``, streamed. Devices report
+    their local step count with each update (``steps``); the round folds into a
+    :class:`~fedmq.update.normalized.NormalizedSum` (O(model), no buffer) whose result is
+    FedNova's normalized step, which :class:`FedAvg` then applies. :meth:`aggregate_steps`
+    computes the same from decoded updates in-process (bench/bench_local_variants.py)."""
 
     server_lr: float = 1.0
     name: str = "fednova"
@@ -391,12 +393,13 @@ class FedNova:
         if not (math.isfinite(self.server_lr) and self.server_lr > 0):
             raise ConfigError(f"fednova: server_lr must be > 0, got {self.server_lr}")
 
+    def new_accumulator(self, shapes: Mapping[str, tuple[int, ...]]) -> Accumulator:
+        return NormalizedSum(shapes)
+
     def aggregate_steps(
         self, global_weights: Mapping[str, np.ndarray], updates: Sequence[StepsDelta]
     ) -> Weights:
-        lr = np.float32(self.server_lr)
-        step = fednova_delta(updates)
-        return {n: (global_weights[n] + lr * d).astype(np.float32) for n, d in step.items()}
+        return self.apply(global_weights, fednova_delta(updates))
 
 
 class StrategyWrapper:
@@ -473,7 +476,7 @@ class StrategyOptions:
     (updates averaged; 0 = n - f). Wrappers: ``clip_updates`` (``off``/``fixed``/
     ``adaptive``) with ``clip_norm`` or ``clip_multiplier``; ``zero_outliers_k`` (0 = off).
     ``fedprox``: ``prox_mu``. ``fedsgd``: ``grad_examples``, ``server_adam`` (with ``beta1``,
-    ``beta2``, ``tau``).
+    ``beta2``, ``tau``). ``fednova``: ``server_lr`` only (no wrappers: it streams).
     """
 
     server_lr: float | None = None
@@ -574,14 +577,21 @@ def make_strategy(
     options: StrategyOptions | None = None,
 ) -> Strategy:
     """Strategy by registered name (``fedavg``, ``fedavgm``, ``fedadam``, ``fedyogi``,
-    ``fedadagrad``, ``median``, ``trimmed_mean``, ``krum`` and any added), wrapped as
-    ``options`` asks (outermost first: outlier zeroing, then norm bounding).
+    ``fedadagrad``, ``fedprox``, ``fednova``, ``fedsgd``, ``median``, ``trimmed_mean``,
+    ``krum`` and any added), wrapped as ``options`` asks (outermost first: outlier
+    zeroing, then norm bounding).
     ``options`` replaces ``server_lr`` and ``momentum`` when given."""
     factory = _STRATEGIES.get(name)
     if factory is None:
         raise ConfigError(f"unknown strategy {name!r} ({', '.join(_STRATEGIES)})")
     opts = options or StrategyOptions(server_lr=server_lr, momentum=momentum)
     strategy = factory(opts)
+    wrapped = opts.clip_updates != "off" or opts.zero_outliers_k > 0
+    if wrapped and isinstance(strategy.new_accumulator({"probe": (1,)}), NormalizedSum):
+        raise ConfigError(
+            f"strategy {name!r} normalises each update by its step count while it streams; "
+            "clip_updates and zero_outliers_k buffer the updates instead: not supported together"
+        )
     if opts.clip_updates != "off":
         strategy = _robust.NormBound(
             strategy,
@@ -620,6 +630,9 @@ for _key, _cls in (("fedadam", FedAdam), ("fedyogi", FedYogi), ("fedadagrad", Fe
     register_strategy_with_options(_key, _adaptive(_cls))
 register_strategy_with_options(
     "fedprox", lambda o: FedProx(server_lr=_default(o.server_lr, 1.0), mu=o.prox_mu)
+)
+register_strategy_with_options(
+    "fednova", lambda o: FedNova(server_lr=_default(o.server_lr, 1.0))
 )
 register_strategy_with_options(
     "fedsgd",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from fedmq.chunks import chunk_wildcard
+from fedmq.downlink import downlink_topics
 from fedmq.errors import ConfigError
 from fedmq.topics import Topics
 from fedmq_ops.broker.settings import AGGREGATOR_USER, MONITOR_USER, BrokerSettings
@@ -29,6 +30,7 @@ def render_acl(s: BrokerSettings, devices: Mapping[str, str]) -> str:
             f"topic read {t.status_wildcard}",
             f"topic readwrite {t.model}",
             f"topic readwrite {chunk_wildcard(t.model)}",
+            *(f"topic readwrite {x}" for x in downlink_topics(t)),
             f"topic readwrite {t.round}",
             f"topic write {t.base}/ack/+",
             f"topic read {t.secagg_in_wildcard}",
@@ -43,6 +45,7 @@ def render_acl(s: BrokerSettings, devices: Mapping[str, str]) -> str:
                 f"topic read {t.status_wildcard}",
                 f"topic read {t.model}",
                 f"topic read {chunk_wildcard(t.model)}",
+                *(f"topic read {x}" for x in downlink_topics(t)),
                 f"topic read {t.round}",
             ]
         lines.append("topic read $SYS/#")
@@ -58,6 +61,7 @@ def render_acl(s: BrokerSettings, devices: Mapping[str, str]) -> str:
             f"topic write {t.status(name)}",
             f"topic read {t.model}",
             f"topic read {chunk_wildcard(t.model)}",
+            *(f"topic read {x}" for x in downlink_topics(t)),
             f"topic read {t.round}",
             f"topic read {t.ack(name)}",
             f"topic write {t.secagg_in(name)}",

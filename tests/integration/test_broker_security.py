@@ -331,6 +331,26 @@ def test_device_reads_the_retained_model_and_round(secure: Secure, peers: list[P
     assert (T.model, b"model-v1") in got
 
 
+def test_device_reads_the_downlink_snapshot_and_deltas(
+    secure: Secure, peers: list[Peer]
+) -> None:
+    """Compressed downlink: the snapshot, delta and chunk topics are readable by devices
+    and writable only by the aggregator."""
+    snap, delta = f"{T.model}/snapshot", f"{T.model}/delta/7"
+    topics = (snap, f"{snap}/chunk/0", delta, f"{delta}/chunk/1")
+    agg = _online(peers, secure.settings("aggregator"))
+    for t in topics:
+        assert not agg.publish(t, b"x-" + t.encode(), retain=True).is_failure
+    dev = _online(peers, secure.settings("dev-a"))
+    for t in topics:
+        assert dev.publish(t, b"forged", retain=True).value == NOT_AUTHORIZED
+    dev.subscribe(snap, f"{snap}/chunk/+", f"{T.model}/delta/+", f"{T.model}/delta/+/chunk/+")
+    got = dev.drain(topics[-1], b"x-" + topics[-1].encode())
+    assert {t for t, _ in got} == set(topics), got
+    for t in topics:  # leave nothing retained for the tests that subscribe to "#"
+        assert not agg.publish(t, b"", retain=True).is_failure
+
+
 def test_monitor_reads_but_cannot_publish(secure: Secure, peers: list[Peer]) -> None:
     agg = _online(peers, secure.settings("aggregator"))
     agg.subscribe(T.update_wildcard, T.status_wildcard)

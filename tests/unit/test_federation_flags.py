@@ -16,6 +16,7 @@ from fedmq_ops.localfleet import FederationSpec, write_configs
 
 
 def _written(spec: FederationSpec, tmp_path: Path) -> tuple[Path, list[Path]]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     return write_configs(spec, tmp_path, "127.0.0.1", 18830, "5")
 
 
@@ -73,3 +74,49 @@ def test_bad_federation_settings_are_config_errors(kw: dict[str, object], messag
     with pytest.raises(ConfigError) as err:
         FederationSpec(**kw)  # type: ignore[arg-type]
     assert message in str(err.value)
+
+
+def test_every_strategy_and_its_options_are_selectable_from_the_flags(tmp_path: Path) -> None:
+    from fedmq.update.strategies import strategy_names
+
+    assert {"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "fednova",
+            "fedsgd", "median", "trimmed_mean", "krum"} <= set(strategy_names())
+    for name in strategy_names():
+        build_parser().parse_args(["demo", "--strategy", name])  # a valid choice
+    args = build_parser().parse_args([
+        "demo", "--agents", "6", "--strategy", "krum", "--krum-f", "1", "--krum-m", "2",
+        "--robust-buffer", "8", "--clip-updates", "adaptive", "--clip-multiplier", "2.5",
+        "--zero-outliers-k", "4", "--bias-correction", "true", "--server-beta1", "0.8",
+    ])
+    agg = load_aggregator_config(_written(spec_from_args(args), tmp_path / "k")[0], environ={})
+    assert (agg.strategy, agg.krum_f, agg.krum_m, agg.robust_buffer, agg.clip_updates,
+            agg.clip_multiplier, agg.zero_outliers_k, agg.bias_correction,
+            agg.server_beta1) == ("krum", 1, 2, 8, "adaptive", 2.5, 4.0, True, 0.8)
+    args = build_parser().parse_args([
+        "demo", "--strategy", "fedsgd", "--grad-examples", "32", "--server-adam", "yes",
+        "--server-lr", "0.01",
+    ])
+    agg = load_aggregator_config(_written(spec_from_args(args), tmp_path / "s")[0], environ={})
+    assert (agg.strategy, agg.grad_examples, agg.server_adam) == ("fedsgd", 32, True)
+    args = apply_preset(build_parser().parse_args(
+        ["experiment", "fmnist-cnn", "--strategy", "fedprox", "--prox-mu", "0.1"]))
+    agg_path, _ = _written(spec_from_args(args), tmp_path / "p")
+    agg = load_aggregator_config(agg_path, environ={})
+    assert (agg.strategy, agg.prox_mu) == ("fedprox", 0.1)
+    assert "server_momentum" not in agg_path.read_text()  # unset: the aggregator's default
+
+
+def test_federated_evaluation_flags_reach_the_agents(tmp_path: Path) -> None:
+    args = build_parser().parse_args([
+        "demo", "--agents", "4", "--strategy", "fednova", "--eval-dataset", "none",
+        "--eval-fraction", "0.2", "--eval-only-agents", "1",
+    ])
+    agg_path, agent_paths = _written(spec_from_args(args), tmp_path)
+    agg = load_aggregator_config(agg_path, environ={})
+    assert (agg.strategy, agg.eval_dataset, agg.clients_per_round, agg.min_updates,
+            agg.selection) == ("fednova", "none", 3, 3, "any")
+    agents = [load_agent_config(p, environ={}) for p in agent_paths]
+    assert [(a.eval_fraction, a.eval_only) for a in agents] == [
+        (0.2, False), (0.2, False), (0.2, False), (0.0, True)]
+    with pytest.raises(ConfigError, match="eval_only_agents"):
+        FederationSpec(agents=2, eval_only_agents=2)

@@ -22,32 +22,43 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aggregator.round_state import RoundPlan, RoundState
+from edge_agent.downlink import DownlinkReceiver
 from fedmq.chunks import Reassembler, ReassemblyLimits, transfer_id
+from fedmq.downlink import apply_delta, delta_topic
 from fedmq.errors import Rejected, WireError
 from fedmq.secagg import messages as secagg_messages
+from fedmq.topics import Topics
 from fedmq.update.accumulate import CheckedUpdate, WeightedSum
 from fedmq.wire import (
     Limits,
+    ModelIndex,
     TrainingConfig,
     decode_ack,
     decode_chunk,
     decode_manifest,
     decode_model,
+    decode_model_delta,
+    decode_model_index,
     decode_round,
     decode_status,
     decode_update,
+    encode,
     message_type,
 )
 from tests.fuzz_payloads import (
     CHUNK_DAMAGE,
+    DOWNLINK_DAMAGE,
     KINDS,
     LOW_BIT_CODECS,
     SECAGG_DAMAGE,
     SPARSE_DAMAGE,
     fuzz_chunks,
+    fuzz_downlink,
     fuzz_payload,
     fuzz_secagg,
     sparse_damage,
+    valid_delta_map,
+    valid_index_map,
     valid_update_map,
 )
 
@@ -67,6 +78,7 @@ _SETTINGS = {
 _OTHER_DECODERS: tuple[Callable[[bytes], object], ...] = (
     decode_model, decode_round, decode_ack, decode_status, message_type, decode_chunk,
     decode_manifest, secagg_messages.decode, secagg_messages.decode_signed,
+    decode_model_delta, decode_model_index,
 )
 
 
@@ -462,3 +474,47 @@ def _mutate_bytes(rng: random.Random, data: bytes) -> bytearray:
     if rng.random() < 0.3:
         del out[rng.randrange(len(out)):]
     return out
+@pytest.mark.timeout(120)
+def test_damaged_model_deltas_and_indexes_are_refused_or_rebuild_a_finite_model() -> None:
+    """Compressed downlink: every damaged delta or index either fails with a WireError, or
+    decodes to one whose deltas a device applies to a finite model or refuses (WireError);
+    the device's receiver never raises anything else."""
+    tally = _Tally()
+    topics = Topics(FLEET)
+    base = {n: np.zeros(s, np.float32) for n, s in TEMPLATE.items()}
+
+    @settings(max_examples=1500, **_SETTINGS)  # type: ignore[arg-type]
+    @given(rng=st.randoms(use_true_random=False), kind=st.sampled_from(DOWNLINK_DAMAGE),
+           delta=st.booleans())
+    def check(rng: random.Random, kind: str, delta: bool) -> None:
+        valid = (valid_delta_map(rng, TEMPLATE, FLEET, 3) if delta
+                 else valid_index_map(rng, FLEET, rng.randint(0, 40)))
+        kind, payload = fuzz_downlink(rng, valid, kind)
+        tally.n += 1
+        tally.kinds[kind] += 1
+        try:
+            if delta:
+                msg = decode_model_delta(payload)
+                out = apply_delta(base, msg.tensors, msg.codec, TEMPLATE)
+                assert all(np.isfinite(v).all() for v in out.values())
+            else:
+                decode_model_index(payload)
+        except WireError as exc:
+            assert exc.reason
+            tally.outcomes[exc.code] += 1
+        else:
+            tally.outcomes["accepted"] += 1
+        # the receiver: as an index on the model topic, or as delta 3 it waits for
+        rx = DownlinkReceiver(topics, FLEET, TEMPLATE)
+        rx.version, rx.weights, rx.epoch = 2, dict(base), "e" * 16
+        with contextlib.suppress(WireError):
+            rx.on_index(encode(ModelIndex(FLEET, 3, 3, "m", "int8", 0, 10**6,
+                                          ((1, 9), (2, 9), (3, 9)), epoch="e" * 16)))
+            rx.on_payload(delta_topic(topics, 3), payload)
+        with contextlib.suppress(WireError):
+            rx.on_index(payload)
+
+    check()
+    tally.report("downlink deltas and indexes")
+    assert tally.n >= 1500
+    assert sum(n for k, n in tally.outcomes.items() if k != "accepted") > tally.n * 0.6

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from fedmq import wire
 from fedmq.errors import RejectReason, WireError
+from fedmq.evaluation import EvalReport
 from fedmq.wire import (
     AckMessage,
     Limits,
@@ -57,8 +58,21 @@ def tensors(draw: st.DrawFn) -> Tensor:
 
 
 @st.composite
+def eval_reports(draw: st.DrawFn) -> EvalReport:
+    personal = draw(st.booleans())
+    unit = st.floats(0, 1)
+    return EvalReport(
+        loss=draw(st.floats(0, 1e6)), accuracy=draw(unit), count=draw(st.integers(1, 2**40)),
+        personal_loss=draw(st.floats(0, 1e6)) if personal else None,
+        personal_accuracy=draw(unit) if personal else None,
+    )
+
+
+@st.composite
 def updates(draw: st.DrawFn) -> UpdateMessage:
-    ts = draw(st.lists(tensors(), max_size=4, unique_by=lambda t: t.name))
+    evaluation = draw(st.none() | eval_reports())
+    ts = draw(st.lists(tensors(), min_size=0 if evaluation else 1, max_size=4,
+                       unique_by=lambda t: t.name))
     return UpdateMessage(
         fleet=draw(device_ids),
         round_id=draw(st.integers(0, 2**40)),
@@ -70,6 +84,8 @@ def updates(draw: st.DrawFn) -> UpdateMessage:
         tensors=tuple(ts),
         metrics=draw(st.dictionaries(names, finite, max_size=3)),
         created_at=draw(st.floats(0, 2e9)),
+        steps=draw(st.just(0) | st.integers(1, wire.MAX_STEPS)),
+        evaluation=evaluation,
     )
 
 
@@ -363,3 +379,88 @@ def test_epoch_round_trips_is_optional_and_bounded() -> None:
         obj["epoch"] = bad
         with pytest.raises(WireError, match="epoch"):
             wire.decode_update(msgpack.packb(obj))
+
+
+# ---------------------------------------------------------------- compressed downlink
+GOLDEN_DELTA = (
+    "8ba17602a474797065ab6d6f64656c2d64656c7461a5666c656574a3666c74a776657273696f6e05ac6261"
+    "73655f76657273696f6e04a5726f756e6404a86d6f64656c5f6964a26d31a5636f646563a4696e7438a774"
+    "656e736f72739185a46e616d65a177a56474797065a4696e7438a57368617065920103a6706172616d7381"
+    "a57363616c65cb3f50624dd2f1a9fca464617461c403ff0081aa637265617465645f6174cb41d000000000"
+    "0000a565706f6368a26531"
+)
+GOLDEN_INDEX = (
+    "8da17602a474797065ab6d6f64656c2d696e646578a5666c656574a3666c74a776657273696f6e05a5726f"
+    "756e6404a86d6f64656c5f6964a26d31a5636f646563a4696e7438b0736e617073686f745f76657273696f"
+    "6e03ae736e617073686f745f6279746573cd0fa0a664656c7461739392037892047992057aa76d65747269"
+    "637381a86163637572616379cb3fe0000000000000aa637265617465645f6174cb41d0000000000000a565"
+    "706f6368a26531"
+)
+
+
+def _golden_delta() -> wire.ModelDelta:
+    t = Tensor.from_array("w", np.array([[-1, 0, -127]], np.int8), {"scale": 0.001})
+    return wire.ModelDelta("flt", 5, 4, 4, "m1", "int8", (t,), 1073741824.0, "e1")
+
+
+def _golden_index() -> wire.ModelIndex:
+    return wire.ModelIndex("flt", 5, 4, "m1", "int8", 3, 4000, ((3, 120), (4, 121), (5, 122)),
+                           {"accuracy": 0.5}, 1073741824.0, "e1")
+
+
+def test_downlink_golden_bytes_pinned() -> None:
+    assert wire.encode(_golden_delta()).hex() == GOLDEN_DELTA
+    assert wire.decode_model_delta(bytes.fromhex(GOLDEN_DELTA)) == _golden_delta()
+    assert wire.encode(_golden_index()).hex() == GOLDEN_INDEX
+    assert wire.decode_model_index(bytes.fromhex(GOLDEN_INDEX)) == _golden_index()
+    assert wire.message_type(bytes.fromhex(GOLDEN_INDEX)) == "model-index"
+
+
+def _delta_map(**changes: object) -> bytes:
+    obj = msgpack.unpackb(bytes.fromhex(GOLDEN_DELTA), raw=False)
+    obj.update(changes)
+    return _pack({k: v for k, v in obj.items() if v is not None})
+
+
+def _index_map(**changes: object) -> bytes:
+    obj = msgpack.unpackb(bytes.fromhex(GOLDEN_INDEX), raw=False)
+    obj.update(changes)
+    return _pack({k: v for k, v in obj.items() if v is not None})
+
+
+@pytest.mark.parametrize(
+    ("payload", "code", "match"),
+    [
+        (_delta_map(base_version=3), RejectReason.WRONG_BASE, "base version 3"),
+        (_delta_map(version=0, base_version=0), RejectReason.MALFORMED, "version"),
+        (_delta_map(codec="int9"), RejectReason.BAD_CODEC, "unknown codec"),
+        (_delta_map(type="model"), RejectReason.MALFORMED, "expected a 'model-delta'"),
+        (_delta_map(v=1), RejectReason.SCHEMA, "schema version"),
+        (_delta_map(tensors=None), RejectReason.MALFORMED, "tensors"),
+        (_delta_map(epoch="\x00"), RejectReason.MALFORMED, "epoch"),
+    ],
+)
+def test_bad_model_deltas_are_refused(payload: bytes, code: str, match: str) -> None:
+    with pytest.raises(WireError, match=match) as info:
+        wire.decode_model_delta(payload)
+    assert info.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        (_index_map(snapshot_version=6), "snapshot version 6"),
+        (_index_map(deltas=[[3, 120], [5, 122]]), "misses the deltas"),
+        (_index_map(deltas=[[4, 1], [3, 1], [5, 1]]), "out of order"),
+        (_index_map(deltas=[[3, 1], [4, 1], [5, 1], [6, 1]]), "out of order"),
+        (_index_map(deltas=[[3, 1], [4, 0], [5, 1]]), "bytes"),
+        (_index_map(deltas=[[3, 1, 2]]), "pairs"),
+        (_index_map(deltas=[[v, 1] for v in range(1, 1100)], version=2000), "1024"),
+        (_index_map(snapshot_bytes=0), "snapshot_bytes"),
+        (_index_map(metrics={"accuracy": float("nan")}), "not finite"),
+        (_index_map(codec="int9"), "unknown codec"),
+    ],
+)
+def test_bad_model_indexes_are_refused(payload: bytes, match: str) -> None:
+    with pytest.raises(WireError, match=match):
+        wire.decode_model_index(payload)
