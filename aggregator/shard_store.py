@@ -1,0 +1,269 @@
+"""The sharded ingest's shared store, in Redis: the open round, per-device claims, each
+worker's committed partial sum and the coordinator's model. docs/scaling.md has the layout.
+
+Every state change is ONE Lua script, which Redis runs atomically:
+
+- :meth:`ShardStore.commit` (a worker, per update): if the round is still open and the
+  device has no claim in (epoch, round), set the claim AND the worker's new partial sum
+  together; else nothing changes and the caller learns why (closed, or who claimed it).
+  The worker sends its MQTT PUBACK only after this returns, so an update is either in a
+  committed partial (and claimed) or still owned by the broker (redelivered).
+- :meth:`ShardStore.close` (the coordinator): mark the round closed and read every partial;
+  after it no commit of that round can land, so the merge sees a final set.
+- :meth:`ShardStore.finish` (the coordinator): store the next model and strategy state and
+  open the next round, dropping the closed round's claims and partials, only if that round
+  is still the closed one (a restarted coordinator finishing twice changes nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import msgpack
+import numpy as np
+import redis
+
+from fedmq.errors import StateError, WireError
+from fedmq.topics import validate_name
+
+__all__ = ["CommitResult", "OpenRound", "ShardStore", "pack_arrays", "unpack_arrays"]
+
+log = logging.getLogger(__name__)
+
+_COMMIT = """
+if redis.call('GET', KEYS[4]) ~= ARGV[7] then return {'fenced', ''} end
+local st = redis.call('HMGET', KEYS[1], 'epoch', 'round_id', 'state')
+if st[1] ~= ARGV[1] or st[2] ~= ARGV[2] or st[3] ~= 'open' then return {'closed', ''} end
+local prev = redis.call('HGET', KEYS[2], ARGV[3])
+if prev then return {'claimed', prev} end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+redis.call('HSET', KEYS[3], ARGV[5], ARGV[6])
+return {'ok', ''}
+"""
+
+_CLOSE = """
+local st = redis.call('HMGET', KEYS[1], 'epoch', 'round_id', 'state')
+if st[1] ~= ARGV[1] or st[2] ~= ARGV[2] then return false end
+if st[3] == 'open' then redis.call('HSET', KEYS[1], 'state', 'closed') end
+local out = redis.call('HGETALL', KEYS[3])
+table.insert(out, 1, 'ok')
+return out
+"""
+
+_FINISH = """
+local st = redis.call('HMGET', KEYS[1], 'epoch', 'round_id', 'state')
+if st[1] ~= ARGV[1] or st[2] ~= ARGV[2] or st[3] ~= 'closed' then return 0 end
+redis.call('HSET', KEYS[4], 'version', ARGV[3], 'weights', ARGV[4], 'strategy', ARGV[5],
+           'round_id', ARGV[2], 'epoch', ARGV[1], 'contributors', ARGV[6])
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('HSET', KEYS[1], 'round_id', ARGV[7], 'base_version', ARGV[3], 'deadline', ARGV[8],
+           'target', ARGV[9], 'state', 'open')
+return 1
+"""
+
+
+def pack_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """Named float32 arrays to bytes (model weights, strategy state)."""
+    obj = {
+        n: {"shape": list(a.shape), "data": np.ascontiguousarray(a, "<f4").tobytes()}
+        for n, a in arrays.items()
+    }
+    out = msgpack.packb(obj, use_bin_type=True)
+    assert isinstance(out, bytes)
+    return out
+
+
+def unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
+    try:
+        obj = msgpack.unpackb(data, raw=False, max_ext_len=0)
+        out = {}
+        for n, item in obj.items():
+            shape = tuple(int(d) for d in item["shape"])
+            out[str(n)] = np.frombuffer(item["data"], "<f4").reshape(shape).copy()
+        return out
+    except Exception as exc:  # any damage: one error naming the store
+        raise WireError(f"stored arrays are unreadable: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class OpenRound:
+    """The round as the store has it; ``state`` is ``open`` or ``closed``."""
+
+    epoch: str
+    round_id: int
+    base_version: int
+    deadline: float
+    target: int
+    state: str
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """``status``: ``ok`` (claimed and committed), ``closed`` (round not open: nothing
+    changed), ``fenced`` (a newer process of this worker name runs: nothing changed) or
+    ``claimed`` (the device already has a claim: ``claim`` names its worker and
+    update id)."""
+
+    status: str
+    claim: str = ""
+
+
+class ShardStore:
+    """One fleet's keys (``fedmq:<fleet>:*``) in a Redis database."""
+
+    def __init__(self, url: str, fleet: str, *, timeout: float = 5.0) -> None:
+        validate_name(fleet, "fleet")
+        self.fleet = fleet
+        self.url = url
+        self.r = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            retry_on_timeout=False,
+        )
+        self._commit = self.r.register_script(_COMMIT)
+        self._close = self.r.register_script(_CLOSE)
+        self._finish = self.r.register_script(_FINISH)
+
+    # -- keys --------------------------------------------------------------------------------
+    def _k(self, *parts: object) -> str:
+        return ":".join(["fedmq", self.fleet, *map(str, parts)])
+
+    @property
+    def round_key(self) -> str:
+        return self._k("round")
+
+    @property
+    def model_key(self) -> str:
+        return self._k("model")
+
+    def claims_key(self, epoch: str, round_id: int) -> str:
+        return self._k("claims", epoch, round_id)
+
+    def partials_key(self, epoch: str, round_id: int) -> str:
+        return self._k("partials", epoch, round_id)
+
+    # -- reads --------------------------------------------------------------------------------
+    def ping(self) -> None:
+        self.r.ping()
+
+    def open_round(self) -> OpenRound | None:
+        raw = cast(dict[bytes, bytes], self.r.hgetall(self.round_key))
+        if not raw:
+            return None
+        try:
+            return OpenRound(
+                epoch=raw[b"epoch"].decode(),
+                round_id=int(raw[b"round_id"]),
+                base_version=int(raw[b"base_version"]),
+                deadline=float(raw[b"deadline"]),
+                target=int(raw[b"target"]),
+                state=raw[b"state"].decode(),
+            )
+        except (KeyError, ValueError) as exc:
+            raise StateError(f"the store's round record {self.round_key} is damaged") from exc
+
+    def claim_count(self, epoch: str, round_id: int) -> int:
+        return int(self.r.hlen(self.claims_key(epoch, round_id)))
+
+    def claims(self, epoch: str, round_id: int) -> dict[str, str]:
+        raw = cast(dict[bytes, bytes], self.r.hgetall(self.claims_key(epoch, round_id)))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def partial(self, epoch: str, round_id: int, worker: str) -> bytes | None:
+        return cast(bytes | None, self.r.hget(self.partials_key(epoch, round_id), worker))
+
+    def model_version(self) -> int | None:
+        raw = self.r.hget(self.model_key, "version")
+        return None if raw is None else int(cast(bytes, raw))
+
+    def model(self) -> dict[str, Any] | None:
+        """``version``, ``weights``, ``strategy`` (state arrays), ``round_id``, ``epoch``,
+        ``contributors`` of the newest model; None before the first."""
+        raw = cast(dict[bytes, bytes], self.r.hgetall(self.model_key))
+        if not raw:
+            return None
+        return {
+            "version": int(raw[b"version"]),
+            "weights": unpack_arrays(raw[b"weights"]),
+            "strategy": unpack_arrays(raw[b"strategy"]),
+            "round_id": int(raw[b"round_id"]),
+            "epoch": raw[b"epoch"].decode(),
+            "contributors": int(raw[b"contributors"]),
+        }
+
+    # -- writes -------------------------------------------------------------------------------
+    def init(
+        self, epoch: str, weights: Mapping[str, np.ndarray], round_id: int, deadline: float,
+        target: int,
+    ) -> bool:
+        """The first model (version 0) and round, unless the fleet already has state."""
+        if self.r.hsetnx(self.model_key, "version", 0) == 0:
+            return False
+        self.r.hset(self.model_key, mapping={
+            "weights": pack_arrays(weights), "strategy": pack_arrays({}),
+            "round_id": 0, "epoch": epoch, "contributors": 0,
+        })
+        self.r.hset(self.round_key, mapping={
+            "epoch": epoch, "round_id": round_id, "base_version": 0, "deadline": repr(deadline),
+            "target": target, "state": "open",
+        })
+        return True
+
+    def register_worker(self, worker: str) -> int:
+        """A new generation for ``worker``: commits of an older process with the same name
+        are refused from now on (``fenced``), so two processes never overwrite one partial."""
+        return int(self.r.incr(self._k("worker", worker, "generation")))
+
+    def commit(
+        self, epoch: str, round_id: int, device: str, update_id: str, worker: str,
+        partial: bytes, generation: int,
+    ) -> CommitResult:
+        """Claim ``device`` for (epoch, round) and store ``worker``'s partial, atomically,
+        if ``generation`` is still the worker's newest."""
+        out = self._commit(
+            keys=[self.round_key, self.claims_key(epoch, round_id),
+                  self.partials_key(epoch, round_id), self._k("worker", worker, "generation")],
+            args=[epoch, str(round_id), device, f"{worker} {update_id}", worker, partial,
+                  str(generation)],
+        )
+        status, claim = [*cast(list[bytes], out), b"", b""][:2]
+        return CommitResult(status.decode(), claim.decode())
+
+    def close(self, epoch: str, round_id: int) -> dict[str, bytes] | None:
+        """Close (epoch, round) if open; every worker's partial. None: not the store's round."""
+        out = self._close(
+            keys=[self.round_key, self.claims_key(epoch, round_id),
+                  self.partials_key(epoch, round_id)],
+            args=[epoch, str(round_id)],
+        )
+        if not out:
+            return None
+        items = cast(list[bytes], out)[1:]
+        return {items[i].decode(): items[i + 1] for i in range(0, len(items), 2)}
+
+    def finish(
+        self, epoch: str, round_id: int, version: int, weights: Mapping[str, np.ndarray],
+        strategy: Mapping[str, np.ndarray], contributors: int, next_deadline: float,
+        target: int,
+    ) -> bool:
+        """Store model ``version`` and open round ``round_id + 1``; False when (epoch, round)
+        is not the closed round (already finished)."""
+        done = self._finish(
+            keys=[self.round_key, self.claims_key(epoch, round_id),
+                  self.partials_key(epoch, round_id), self.model_key],
+            args=[epoch, str(round_id), str(version), pack_arrays(weights),
+                  pack_arrays(strategy), str(contributors), str(round_id + 1),
+                  repr(next_deadline), str(target)],
+        )
+        return bool(done)
+
+    def extend(self, epoch: str, round_id: int, deadline: float) -> None:
+        """A new deadline for the open round (nothing arrived in time)."""
+        current = self.open_round()
+        if current and current.epoch == epoch and current.round_id == round_id:
+            self.r.hset(self.round_key, "deadline", repr(deadline))
+
+    def close_connection(self) -> None:
+        self.r.close()

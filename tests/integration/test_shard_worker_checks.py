@@ -1,0 +1,126 @@
+"""The worker's per-update path and the coordinator's close/finish against a real Redis (no
+MQTT): every refusal leaves the committed partial and the claims unchanged, resends are
+duplicates, a second process of the same worker name fences the first, a round closed by a
+coordinator that died is finished once by the next."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.shard_coordinator import ShardCoordinator
+from aggregator.shard_store import ShardStore
+from aggregator.shard_worker import Fenced, ShardWorker
+from fedmq.net.localredis import LocalRedis, RedisOptions, redis_server_path
+from fedmq.topics import Topics
+from fedmq.update.codecs import get_codec
+from fedmq.update.fixedpoint import FixedPointSum
+from fedmq.update.strategies import FedAvg
+from fedmq.wire import UpdateMessage, decode_update, encode
+from tests.integration.shard_fleet import BUNDLE, TEMPLATE
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[ShardStore]:
+    if redis_server_path() is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server)")
+    with LocalRedis(RedisOptions(appendonly=False), workdir=tmp_path / "redis") as server:
+        s = ShardStore(server.url, "lab")
+        s.init("e1", BUNDLE.initial_trainable(), 1, time.time() + 60, 100)
+        yield s
+        s.close_connection()
+
+
+def _update(device: str, *, round_id: int = 1, base: int = 0, fleet: str = "lab",
+            seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    delta = {n: (rng.standard_normal(s) * 0.01).astype(np.float32) for n, s in TEMPLATE.items()}
+    tensors = tuple(get_codec("int8").encode(delta, rng).tensors)
+    return encode(UpdateMessage(fleet, round_id, base, device, uuid.uuid4().hex[:12], 7, "int8",
+                                tensors, epoch="e1"))
+
+
+def _partial(store: ShardStore, worker: str = "w1") -> bytes | None:
+    return store.partial("e1", 1, worker)
+
+
+def test_refusals_change_nothing_and_resends_are_duplicates(store: ShardStore) -> None:
+    w = ShardWorker(store, TEMPLATE, "w1")
+    first = _update("d1")
+    ack = w.handle("d1", first, 0.0)
+    assert (ack.accepted, ack.code) == (True, "ok")
+    committed = _partial(store)
+    assert committed is not None
+    cases = {
+        "malformed": ("d2", b"\x93garbage"),
+        "wrong_fleet": ("d2", _update("d2", fleet="other")),
+        "device_mismatch": ("d3", _update("d2")),
+        "wrong_round": ("d2", _update("d2", round_id=2)),
+        "wrong_base_version": ("d2", _update("d2", base=1)),
+    }
+    for code, (device, payload) in cases.items():
+        ack = w.handle(device, payload, 0.0)
+        assert (ack.accepted, ack.code) == (False, code)
+    ack = w.handle("d1", first, 0.0)  # the same update again (a lost ack): not counted twice
+    assert (ack.accepted, ack.code) == (True, "duplicate")
+    other = ShardWorker(store, TEMPLATE, "w2")
+    ack = other.handle("d1", first, 0.0)  # ... also when the other worker gets it
+    assert (ack.accepted, ack.code) == (True, "duplicate")
+    ack = other.handle("d1", _update("d1", seed=1), 0.0)  # a second update of d1
+    assert (ack.accepted, ack.code) == (False, "duplicate")
+    assert _partial(store) == committed and _partial(store, "w2") is None
+    assert store.claims("e1", 1) == {"d1": f"w1 {decode_update(first).update_id}"}
+    # after the round closed: round_closed, the partial exactly as committed
+    assert store.close("e1", 1) is not None
+    ack = w.handle("d4", _update("d4"), 0.0)
+    assert (ack.accepted, ack.code) == (False, "round_closed")
+    assert _partial(store) == committed
+    assert w.acc.to_bytes() == committed
+
+
+def test_a_second_process_with_the_same_name_fences_the_first(store: ShardStore) -> None:
+    old = ShardWorker(store, TEMPLATE, "w1")
+    assert old.handle("d1", _update("d1"), 0.0).code == "ok"
+    new = ShardWorker(store, TEMPLATE, "w1")  # a restart while the old one still runs
+    with pytest.raises(Fenced):
+        old.handle("d2", _update("d2"), 0.0)
+    assert new.handle("d2", _update("d2"), 0.0).code == "ok"  # continues the partial
+    blob = _partial(store)
+    assert blob is not None
+    assert FixedPointSum.from_bytes(blob, TEMPLATE).count == 2
+    assert set(store.claims("e1", 1)) == {"d1", "d2"}
+
+
+def test_a_coordinator_killed_between_close_and_finish_finishes_once(
+    store: ShardStore,
+) -> None:
+    w1, w2 = ShardWorker(store, TEMPLATE, "w1"), ShardWorker(store, TEMPLATE, "w2")
+    payloads = [_update(f"d{i}", seed=i) for i in range(6)]
+    for i, p in enumerate(payloads):
+        assert (w1 if i % 2 else w2).handle(f"d{i}", p, 0.0).code == "ok"
+    assert store.close("e1", 1) is not None  # the first coordinator died right after this
+    assert w1.handle("d9", _update("d9"), 0.0).code == "round_closed"
+    published: list[tuple[str, bytes]] = []
+    coord = ShardCoordinator(store, BUNDLE, Topics("lab"), lambda t, p: published.append((t, p)),
+                             target=100)
+    assert coord.tick(time.time())  # a closed round is merged and finished at once
+    assert not coord.tick(time.time())  # round 2 is open and empty: nothing to do
+    model = store.model()
+    assert model is not None and model["version"] == 1 and model["contributors"] == 6
+    ref = FixedPointSum(TEMPLATE)
+    for p in payloads:
+        m = decode_update(p)
+        ref.fold(m.tensors, m.codec, float(m.num_examples))
+    want = FedAvg(1.0).aggregate(BUNDLE.initial_trainable(), ref.result())
+    assert all(model["weights"][n].tobytes() == want[n].tobytes() for n in want)
+    # finishing round 1 again (a second coordinator) changes nothing
+    assert not store.finish("e1", 1, 2, want, {}, 6, time.time() + 60, 100)
+    assert store.model_version() == 1
+    rnd = store.open_round()
+    assert rnd is not None and (rnd.round_id, rnd.base_version, rnd.state) == (2, 1, "open")
+    assert {t for t, _ in published} == {"fl/lab/model", "fl/lab/round"}
