@@ -4,10 +4,15 @@ Two bounds, both relative to the fleet so an operator need not guess absolute nu
 
 - **Update norm.** The L2 norm of the decoded delta (:func:`update_norm`, computed once per
   update on the wire arrays, no float copy of an int8 update). Over the bound the update is
-  rejected ``norm_bound``: a device can resend, while clipping would silently change what it
-  sent. The bound is ``max_update_norm`` (``norm_bound = "fixed"``), or ``norm_multiplier``
-  times the median of the fleet's recent norms (``"adaptive"``, with ``max_update_norm`` as
-  an extra ceiling when set), or none (``"off"``).
+  clipped (``norm_action = "clip"``, the default, as norm-bounding defences do, Sun et al.
+  2019): its decoded delta is folded scaled by ``bound / norm``, so an update of any size
+  moves the model no more than an honest one at the bound, and an honest device whose
+  non-IID share makes its update large still counts. The factor is journaled (the adaptive
+  bound moves) so a restart re-folds the same scale. ``norm_action = "reject"`` refuses it
+  ``norm_bound`` instead (the device does not resend). The bound is ``max_update_norm``
+  (``norm_bound = "fixed"``), or ``norm_multiplier`` times the median of the fleet's recent
+  norms (``"adaptive"``, with ``max_update_norm`` as an extra ceiling when set), or none
+  (``"off"``).
 - **Fold weight.** A device's claimed ``num_examples`` is folded with weight
   ``min(claimed, registry cap, weight_cap_multiplier * median of recent claims)``. The
   update is not changed, only its weight; the weight used is journaled so that a restart
@@ -37,6 +42,7 @@ from fedmq.update.codecs import get_codec
 from fedmq.wire import Tensor
 
 __all__ = [
+    "NORM_ACTIONS",
     "NORM_BOUNDS",
     "BoundsConfig",
     "Contribution",
@@ -47,6 +53,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 NORM_BOUNDS = ("adaptive", "fixed", "off")
+NORM_ACTIONS = ("clip", "reject")
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,7 @@ class BoundsConfig:
     """The ingest bounds' settings (the aggregator config keys of the same names)."""
 
     norm_bound: str = "adaptive"
+    norm_action: str = "clip"  # over the bound: "clip" (scale to it) or "reject"
     max_update_norm: float = 0.0  # 0 = no fixed ceiling
     norm_multiplier: float = 3.0
     weight_cap_multiplier: float = 2.0  # 0 = no relative weight cap
@@ -79,6 +87,10 @@ class BoundsConfig:
     def __post_init__(self) -> None:
         if self.norm_bound not in NORM_BOUNDS:
             raise ValueError(f"norm_bound must be one of {NORM_BOUNDS}, got {self.norm_bound!r}")
+        if self.norm_action not in NORM_ACTIONS:
+            raise ValueError(
+                f"norm_action must be one of {NORM_ACTIONS}, got {self.norm_action!r}"
+            )
         if not (math.isfinite(self.max_update_norm) and self.max_update_norm >= 0):
             raise ValueError(f"max_update_norm must be >= 0, got {self.max_update_norm}")
         if self.norm_bound == "fixed" and self.max_update_norm == 0:
@@ -173,16 +185,20 @@ class FleetBounds:
             ))
         return min(limits) if limits else None
 
-    def check_norm(self, device: str, norm: float) -> None:
-        """Raise ``norm_bound`` when ``norm`` is over the bound; remember it either way."""
+    def check_norm(self, device: str, norm: float) -> float:
+        """The factor to fold the update's delta with: 1.0 within the bound, ``bound / norm``
+        over it (``norm_action = "clip"``); raise ``norm_bound`` over it with ``"reject"`` (or
+        for a non-finite norm). The norm is remembered either way."""
         limit = self.norm_limit()
         if math.isfinite(norm):
             self._norms.put(device, norm)
-        if limit is not None and not norm <= limit[0]:
-            raise Rejected(
-                f"update L2 norm {norm:.4g} exceeds the bound {limit[0]:.4g} ({limit[1]})",
-                RejectReason.NORM_BOUND,
-            )
+        if limit is None or norm <= limit[0]:
+            return 1.0
+        what = f"update L2 norm {norm:.4g} exceeds the bound {limit[0]:.4g} ({limit[1]})"
+        if self.config.norm_action == "reject" or not math.isfinite(norm) or limit[0] <= 0:
+            raise Rejected(what, RejectReason.NORM_BOUND)
+        # Rounded down a hair so the folded norm is at (never above) the bound in float64.
+        return limit[0] / norm * (1 - 1e-9)
 
     def observe_norm(self, device: str, norm: float) -> None:
         """Remember an accepted update's norm without checking it (re-fold after restart)."""

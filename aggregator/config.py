@@ -172,6 +172,9 @@ class AggregatorConfig:
     # L2-norm bound of an update: "adaptive" (norm_multiplier x the median of the fleet's
     # recent norms, once bounds_warmup devices are known), "fixed" (max_update_norm) or "off".
     norm_bound: str = "adaptive"
+    # Over the bound: "clip" (fold the delta scaled down to the bound; acked accepted) or
+    # "reject" (ack norm_bound; the device's work is lost).
+    norm_action: str = "clip"
     max_update_norm: float = 0.0  # a fixed ceiling on the L2 norm; 0 = none
     norm_multiplier: float = 3.0
     # Fold weight = min(num_examples, the registry's max_weight for the device,
@@ -441,6 +444,7 @@ class AggregatorConfig:
     def bounds_config(self) -> BoundsConfig:
         return BoundsConfig(
             norm_bound=self.norm_bound,
+            norm_action=self.norm_action,
             max_update_norm=self.max_update_norm,
             norm_multiplier=self.norm_multiplier,
             weight_cap_multiplier=self.weight_cap_multiplier,

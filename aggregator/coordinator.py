@@ -489,9 +489,13 @@ class Coordinator:
         self.ingest.end()
         self.round = None
         self.metrics.rounds_abandoned.labels(reason="no_quorum").inc()
+        when = "by its deadline" if now >= state.plan.abandon_at else (
+            f"and every selected device answered ({len(state.refused)} finally rejected): "
+            "no more can come"
+        )
         log.warning(
-            "round %d abandoned: %d of %d required update(s) by its deadline",
-            state.round_id, state.count, state.plan.min_updates,
+            "round %d abandoned: %d of %d required update(s) %s",
+            state.round_id, state.count, state.plan.min_updates, when,
         )
         self._results.append(
             RoundResult(

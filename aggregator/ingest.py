@@ -9,6 +9,7 @@ MQTT PUBACK afterwards. Memory is O(model): decoded updates are folded and dropp
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -22,7 +23,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.evaluation import RoundEvaluations
 from aggregator.metrics import AggregatorMetrics
 from aggregator.outgoing import Outgoing, RoundTraffic
-from aggregator.round_state import RoundState, check_route
+from aggregator.round_state import FINAL_REJECTIONS, RoundState, check_route
 from aggregator.store import Store
 from fedmq.errors import (
     ConfigError,
@@ -36,7 +37,7 @@ from fedmq.errors import (
 from fedmq.privacy.dp_fedavg import ClippedSum
 from fedmq.signing import Registry, verify_update
 from fedmq.topics import Topics, validate_name
-from fedmq.update.accumulate import Accumulator, CheckedUpdate
+from fedmq.update.accumulate import Accumulator, CheckedUpdate, scaled
 from fedmq.update.normalized import check_update, fold_update
 from fedmq.wire import (
     AckMessage,
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 _BOUNDS_META = "ingest_bounds"  # the fleet's recent norms and claims (aggregator.bounds)
 _EVAL_ONLY_META = "eval_only_reports"  # the open round's eval-only reports (not journaled)
+_REFUSED_META = "round_refused"  # selected devices of the open round finally rejected
 
 
 def _peek_ids(payload: bytes, max_bytes: int) -> tuple[int | None, str]:
@@ -144,7 +146,7 @@ class Ingest:
             weight = float(entry.num_examples) if entry.weight is None else entry.weight
             try:
                 msg = decode_update(entry.payload, self.limits)
-                fold_update(self.fold, msg.tensors, msg.codec, weight, msg.steps)
+                fold_update(self.fold, msg.tensors, msg.codec, weight, msg.steps, entry.scale)
                 if isinstance(self.fold, ClippedSum):
                     self.fold.note_metrics(msg.metrics)
             except (Rejected, ValueError) as exc:
@@ -154,14 +156,15 @@ class Ingest:
             norm = update_norm(msg.tensors, msg.codec)
             self.bounds.observe_norm(entry.device, norm)
             self.bounds.observe_claim(entry.device, entry.num_examples)
-            self.contributions.append(
-                Contribution(entry.update_id, entry.device, entry.num_examples, weight, norm)
-            )
+            self.contributions.append(Contribution(
+                entry.update_id, entry.device, entry.num_examples, weight, norm * entry.scale
+            ))
             self.round.record(entry.update_id, entry.device, entry.num_examples)
             self.evaluations.note(msg)
             self.traffic.bytes_in += len(entry.payload)
             n += 1
         self.evaluations.load_eval_only(self.store.get_meta(_EVAL_ONLY_META))
+        self._load_refused()
         log.info("round %d reopened with %d journaled update(s) re-folded", self.round.round_id, n)
         return n
 
@@ -242,7 +245,7 @@ class Ingest:
             )
             checked = self._check(msg, topic_device, weight)
             norm = update_norm(checked.tensors, msg.codec)  # the one norm of this update
-            self.bounds.check_norm(msg.device, norm)
+            clip = self.bounds.check_norm(msg.device, norm)
         except Rejected as exc:
             return self._reject(topic_device, payload, exc, now, msg)
         assert self.round is not None and self.fold is not None
@@ -251,30 +254,39 @@ class Ingest:
         try:
             self.store.append_update(
                 msg.update_id, self.round.round_id, msg.device, msg.num_examples, payload, now,
-                checked.weight,
+                checked.weight, clip,
             )
         except StorageFullError as exc:
             raise StorageFullError(
                 exc.directory, exc.detail, update_id=msg.update_id, device=msg.device
             ) from exc
-        self.fold.add(checked)
+        self.fold.add(scaled(checked, clip))
         if isinstance(self.fold, ClippedSum):  # DP: the device's clip bit (adaptive clip)
             self.fold.note_metrics(msg.metrics)
         self.round.record(msg.update_id, msg.device, msg.num_examples)
         self.evaluations.note(msg)
         self.bounds.observe_claim(msg.device, msg.num_examples)
         self.contributions.append(
-            Contribution(msg.update_id, msg.device, msg.num_examples, checked.weight, norm)
+            Contribution(msg.update_id, msg.device, msg.num_examples, checked.weight, norm * clip)
         )
         if math.isfinite(norm):  # NaN: an encrypted update's norm is unknown
             self.metrics.update_norm.observe(norm)
+        note = _staleness_note(self.round, msg, weight, checked.weight)
+        reason = note
+        if clip < 1.0:
+            self.metrics.updates_clipped.inc()
+            clipped = (
+                f"update L2 norm {norm:.4g} over the bound: delta folded scaled by {clip:.6g} "
+                f"(to norm {norm * clip:.4g})"
+            )
+            log.info("update %s from %s: %s", msg.update_id, msg.device, clipped)
+            reason = f"{note}; {clipped}" if note else clipped
         if weight < msg.num_examples:
             self.metrics.weights_capped.inc()
             log.info(
                 "update %s from %s claims %d examples: folded with weight %.6g (capped)",
                 msg.update_id, msg.device, msg.num_examples, weight,
             )
-        note = _staleness_note(self.round, msg, weight, checked.weight)
         if note:
             log.info(
                 "update %s from %s trained on version %d (round %d): %s",
@@ -290,7 +302,7 @@ class Ingest:
         )
         return AckMessage(
             fleet=self.config.fleet, round_id=msg.round_id, device=topic_device,
-            update_id=msg.update_id, accepted=True, code="ok", reason=note, created_at=now,
+            update_id=msg.update_id, accepted=True, code="ok", reason=reason, created_at=now,
         )
 
     def _evaluation_only(
@@ -316,6 +328,41 @@ class Ingest:
             update_id=msg.update_id, accepted=True, code="ok",
             reason="evaluation recorded; nothing folded", created_at=now,
         )
+
+    def _note_refused(self, device: str, msg: UpdateMessage, code: str) -> None:
+        """A selected device's update of the open (synchronous) round finally rejected: note
+        it (durably, for a restart) so the round need not wait for it (docs/rounds.md)."""
+        state = self.round
+        if (
+            state is None or state.plan.staleness is not None or code not in FINAL_REJECTIONS
+            or msg.device != device or msg.round_id != state.round_id
+            or (msg.epoch and msg.epoch != state.plan.epoch)
+            or not state.refuse(device)
+        ):
+            return
+        self.store.set_meta(_REFUSED_META, json.dumps(
+            {"round": state.round_id, "epoch": state.plan.epoch, "devices": sorted(state.refused)}
+        ))
+        log.info(
+            "round %d: %s's update was finally rejected (%s): the round does not wait for it "
+            "(%d of %d selected device(s) answered)", state.round_id, device, code,
+            len(state.devices | state.refused), len(state.plan.selected),
+        )
+
+    def _load_refused(self) -> None:
+        """After a restart: the open round's finally rejected devices (see _note_refused)."""
+        assert self.round is not None
+        text = self.store.get_meta(_REFUSED_META)
+        if text is None:
+            return
+        try:
+            obj = json.loads(text)
+            plan = self.round.plan
+            if int(obj["round"]) == plan.round_id and obj.get("epoch", "") == plan.epoch:
+                for device in obj["devices"]:
+                    self.round.refuse(str(device))
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("stored refused devices are unreadable (%s): waiting for all", exc)
 
     def ack_outgoing(self, ack: AckMessage) -> Outgoing | None:
         """The ack as a message to publish (None when the device id cannot be a topic)."""
@@ -421,6 +468,8 @@ class Ingest:
         current = self.round.round_id if self.round is not None else self.last_round_id
         self.metrics.updates_rejected.labels(reason=err.code).inc()
         self.store.add_reject(current, err.code)
+        if msg is not None:
+            self._note_refused(device, msg, err.code)
         log.warning(
             "rejected update %s from %s (%d bytes, round %s): %s: %s",
             update_id or "?", device, len(payload),

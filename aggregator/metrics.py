@@ -55,6 +55,11 @@ class AggregatorMetrics:
             buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000, 1e4, 1e5),
             registry=r,
         )
+        self.updates_clipped = Counter(
+            "fedmq_updates_clipped",
+            "Accepted updates whose delta was scaled down to the norm bound (norm_action clip)",
+            registry=r,
+        )
         self.weights_capped = Counter(
             "fedmq_update_weights_capped",
             "Accepted updates folded with less weight than the num_examples they claimed",

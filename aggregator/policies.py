@@ -86,8 +86,9 @@ class SyncRounds:
     Opens a round once ``min_devices`` devices are online. ``selection="sample"`` names a
     seeded sample of ``clients_per_round`` online devices (too few for the quorum: any device
     may contribute); the target is the number selected, else ``clients_per_round``. Ready
-    when ``min_updates`` are in and every selected device is in, the target is reached or the
-    deadline passed; abandoned without quorum at ``deadline + abandon_after``.
+    when ``min_updates`` are in and every selected device is in or was finally rejected
+    (``RoundState.refuse``), the target is reached or the deadline passed; abandoned without
+    quorum at ``deadline + abandon_after``, or at once when every selected device answered.
 
     Under DP with ``dp_sampling = "poisson"`` the selection is :func:`poisson_sample` with
     rate ``clients_per_round / dp_population`` (the accountant's rate), never widened to
@@ -138,10 +139,12 @@ class SyncRounds:
         p = state.plan
         if state.count < p.min_updates:
             return False
-        return state.all_selected_in() or state.count >= p.target or now >= p.deadline
+        return state.all_selected_answered() or state.count >= p.target or now >= p.deadline
 
     def is_abandoned(self, state: RoundState, now: float) -> bool:
-        return state.count < state.plan.min_updates and now >= state.plan.abandon_at
+        if state.count >= state.plan.min_updates:
+            return False
+        return now >= state.plan.abandon_at or state.all_selected_answered()
 
 
 class FedBuffRounds:

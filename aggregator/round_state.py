@@ -19,7 +19,18 @@ from aggregator.staleness import StalenessRule
 from fedmq.errors import Rejected, RejectReason, StateError
 from fedmq.wire import RoundAnnouncement, TrainingConfig, UpdateMessage
 
-__all__ = ["RoundPlan", "RoundState", "check_route", "select_devices"]
+__all__ = ["FINAL_REJECTIONS", "RoundPlan", "RoundState", "check_route", "select_devices"]
+
+# Rejections of an update of the open round that end the device's part in it: the edge agent
+# settles every rejected update (edge_agent.core on_ack) and trains once per round, so a
+# synchronous round need not wait for it. Not here: answers about another round or a copy
+# (wrong_round, round_closed, duplicate), and authentication failures (unsigned,
+# bad_signature, unknown_device: without a valid signature the update may not be the
+# device's, and a forger must not end a device's round).
+FINAL_REJECTIONS = frozenset({
+    RejectReason.WRONG_BASE, RejectReason.SHAPE, RejectReason.NON_FINITE,
+    RejectReason.BAD_CODEC, RejectReason.NORM_BOUND, RejectReason.MALFORMED,
+})
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,9 @@ class RoundState:
         self._update_ids: set[str] = set()
         self._devices: set[str] = set()
         self._selected = frozenset(plan.selected)
+        # Selected devices whose update for this round was finally rejected (FINAL_REJECTIONS):
+        # the device settles it and does not train again for the round, so none will come.
+        self._refused: set[str] = set()
         self.num_examples = 0
 
     @property
@@ -254,6 +268,22 @@ class RoundState:
 
     def all_selected_in(self) -> bool:
         return bool(self._selected) and self._selected <= self._devices
+
+    @property
+    def refused(self) -> frozenset[str]:
+        return frozenset(self._refused)
+
+    def refuse(self, device: str) -> bool:
+        """Note that a selected device's update was finally rejected; True when newly noted
+        (a device not selected, or already in, changes nothing)."""
+        if device not in self._selected or device in self._devices or device in self._refused:
+            return False
+        self._refused.add(device)
+        return True
+
+    def all_selected_answered(self) -> bool:
+        """Every selected device is in or was finally rejected: nothing more will come."""
+        return bool(self._selected) and self._selected <= (self._devices | self._refused)
 
 
 def check_route(

@@ -127,6 +127,7 @@ class JournalEntry:
     payload: bytes
     received_at: float
     weight: float | None = None  # the fold weight used; None (older journals) = num_examples
+    scale: float = 1.0  # the norm clip's factor on the decoded delta (NULL/older: 1.0)
 
 
 def _add_journal_weight(db: sqlite3.Connection) -> None:
@@ -134,6 +135,8 @@ def _add_journal_weight(db: sqlite3.Connection) -> None:
     columns = {str(row[1]) for row in db.execute("PRAGMA table_info(journal)")}
     if "weight" not in columns:
         db.execute("ALTER TABLE journal ADD COLUMN weight REAL")
+    if "scale" not in columns:  # journals written before the norm clip (aggregator.bounds)
+        db.execute("ALTER TABLE journal ADD COLUMN scale REAL")
 
 
 _FILE_MODE = 0o600
@@ -473,18 +476,21 @@ class Store:
         payload: bytes,
         now: float,
         weight: float | None = None,
+        scale: float = 1.0,
     ) -> None:
         """Journal an accepted update; returns once it is durable (committed, fsynced).
 
         ``weight`` is the fold weight actually used when it differs from ``num_examples``
-        (a capped claim), so that a restart re-folds identically.
+        (a capped claim), and ``scale`` the norm clip's factor on its delta (the adaptive
+        bound moves, so it is stored, not recomputed), so that a restart re-folds identically.
         """
         try:
             with self._tx() as db:
                 db.execute(
                     "INSERT INTO journal (update_id, round_id, device, num_examples, payload, "
-                    "received_at, weight) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (update_id, round_id, device, num_examples, bytes(payload), now, weight),
+                    "received_at, weight, scale) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (update_id, round_id, device, num_examples, bytes(payload), now, weight,
+                     None if scale == 1.0 else scale),
                 )
         except sqlite3.IntegrityError as exc:
             raise StateError(f"update {update_id!r} is already journaled") from exc
@@ -496,14 +502,15 @@ class Store:
         ).fetchall()
         for (update_id,) in ids:
             row = self._one(
-                "SELECT update_id, round_id, device, num_examples, payload, received_at, weight "
-                "FROM journal WHERE update_id = ?",
+                "SELECT update_id, round_id, device, num_examples, payload, received_at, weight, "
+                "scale FROM journal WHERE update_id = ?",
                 (update_id,),
             )
             if row is not None:
                 yield JournalEntry(
                     str(row[0]), int(row[1]), str(row[2]), int(row[3]), bytes(row[4]),
                     float(row[5]), None if row[6] is None else float(row[6]),
+                    1.0 if row[7] is None else float(row[7]),
                 )
 
     def folded_update(self, update_id: str) -> tuple[int, str] | None:

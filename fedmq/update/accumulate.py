@@ -16,6 +16,7 @@ accumulator of the same kind (partial sums of several workers) and serialises it
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
@@ -37,6 +38,7 @@ __all__ = [
     "WeightedDelta",
     "WeightedSum",
     "Weights",
+    "scaled",
 ]
 
 Weights = dict[str, np.ndarray]
@@ -48,13 +50,32 @@ _FORMAT = 1
 @dataclass(frozen=True)
 class CheckedUpdate:
     """An update one accumulator checked: its tensors in model order, codec, weight and the
-    per-tensor ``weight * bound`` magnitudes. Only that accumulator adds it."""
+    per-tensor ``weight * scale * bound`` magnitudes. Only that accumulator adds it.
+
+    ``scale`` (<= 1, see :func:`scaled`) multiplies the decoded delta, not the weight: the
+    update counts with its full weight in the total but its delta is shrunk (a norm clip).
+    """
 
     tensors: tuple[Tensor, ...]
     codec: Codec
     weight: float
     magnitudes: tuple[float, ...]
     owner: object = field(repr=False, compare=False)
+    scale: float = 1.0
+
+
+def scaled(checked: CheckedUpdate, factor: float) -> CheckedUpdate:
+    """``checked`` with its decoded delta to be folded times ``factor`` (0 < factor <= 1):
+    a clip applied inside the codec's fold, O(model) memory, any codec (sparse included)."""
+    if factor == 1.0:
+        return checked
+    if not (math.isfinite(factor) and 0 < factor <= 1):
+        raise ValueError(f"a delta scale must be in (0, 1], got {factor}")
+    return dataclasses.replace(
+        checked,
+        scale=checked.scale * factor,
+        magnitudes=tuple(m * factor for m in checked.magnitudes),
+    )
 
 
 @dataclass(frozen=True)
@@ -275,7 +296,9 @@ class WeightedSum(_ModelChecked):
 
     def _add(self, checked: CheckedUpdate) -> None:
         for t in checked.tensors:
-            checked.codec.add_into(self._sum[t.name], t, checked.weight, self._scratch[t.name])
+            checked.codec.add_into(
+                self._sum[t.name], t, checked.weight * checked.scale, self._scratch[t.name]
+            )
 
     def result(self) -> Accumulated:
         if self._count == 0 or self._total_weight <= 0:
@@ -368,8 +391,9 @@ class BufferedUpdates(_ModelChecked):
         for item in self._items:
             delta: Weights = {}
             for t in item.tensors:
-                item.codec.add_into(sums[t.name], t, item.weight, scratch[t.name])
-                delta[t.name] = item.codec.decode(t)
+                item.codec.add_into(sums[t.name], t, item.weight * item.scale, scratch[t.name])
+                decoded = item.codec.decode(t)
+                delta[t.name] = decoded if item.scale == 1.0 else decoded * np.float32(item.scale)
             updates.append(WeightedDelta(delta, item.weight))
         inv = np.float32(1.0 / self._total_weight)
         mean = {n: s * inv for n, s in sums.items()}
@@ -386,7 +410,8 @@ class BufferedUpdates(_ModelChecked):
                 RejectReason.ROUND_CLOSED,
             )
         self._items += [
-            CheckedUpdate(i.tensors, i.codec, i.weight, i.magnitudes, self) for i in other._items
+            CheckedUpdate(i.tensors, i.codec, i.weight, i.magnitudes, self, i.scale)
+            for i in other._items
         ]
         self._merge_counts(other)
 
@@ -399,6 +424,7 @@ class BufferedUpdates(_ModelChecked):
                     "codec": i.codec.name,
                     "weight": i.weight,
                     "tensors": [t.to_map() for t in i.tensors],
+                    **({} if i.scale == 1.0 else {"scale": i.scale}),
                 }
                 for i in self._items
             ],
@@ -427,8 +453,15 @@ class BufferedUpdates(_ModelChecked):
             weight = _nonneg_float(item.get("weight"), "weight")
             if weight <= 0:
                 raise WireError("serialised buffer: weights must be > 0")
+            scale = _nonneg_float(item.get("scale", 1.0), "scale")
+            if not 0 < scale <= 1:
+                raise WireError("serialised buffer: scales must be in (0, 1]")
             try:
-                acc.fold([tensor_from_map(t, max_bytes) for t in tensors], item["codec"], weight)
+                acc.add(scaled(
+                    acc.check([tensor_from_map(t, max_bytes) for t in tensors], item["codec"],
+                              weight),
+                    scale,
+                ))
             except WireError:
                 raise
             except Rejected as exc:  # an update that does not fit the model: damaged bytes

@@ -35,6 +35,7 @@ from fedmq.update.accumulate import (
     Shapes,
     WeightedSum,
     _nonneg_float,
+    scaled,
 )
 
 __all__ = ["NormalizedSum", "StepsChecked", "check_update", "fold_update"]
@@ -96,7 +97,7 @@ class NormalizedSum(WeightedSum):
 
     def _add(self, checked: CheckedUpdate) -> None:
         assert isinstance(checked, StepsChecked)
-        fold_weight = checked.weight / checked.steps
+        fold_weight = checked.weight / checked.steps * checked.scale
         for t in checked.tensors:
             checked.codec.add_into(self._sum[t.name], t, fold_weight, self._scratch[t.name])
 
@@ -154,7 +155,13 @@ def check_update(
 
 
 def fold_update(
-    fold: Accumulator, tensors: Iterable[Tensor], codec: str, weight: float, steps: int
+    fold: Accumulator,
+    tensors: Iterable[Tensor],
+    codec: str,
+    weight: float,
+    steps: int,
+    scale: float = 1.0,
 ) -> None:
-    """``fold.fold`` with the update's ``steps`` (as :func:`check_update`)."""
-    fold.add(check_update(fold, tensors, codec, weight, steps))
+    """``fold.fold`` with the update's ``steps`` (as :func:`check_update`), its decoded delta
+    times ``scale`` (a norm clip, :func:`~fedmq.update.accumulate.scaled`)."""
+    fold.add(scaled(check_update(fold, tensors, codec, weight, steps), scale))

@@ -1,8 +1,9 @@
 """One enrolled device must not steer or stall the fleet (issue 8, findings 1 and 2), through a
-real Mosquitto and a real aggregator process with its default bounds: an update scaled 1000x
-is rejected ``norm_bound``, a float32 update on an int8 round is ``bad_codec``, and a device
-claiming 10,000,000 examples is folded with a capped weight, so the global model moves by no
-more than an honest device's share."""
+real Mosquitto and a real aggregator process with its default bounds and ``norm_action =
+"reject"``: an update scaled 1000x is rejected ``norm_bound``, a float32 update on an int8
+round is ``bad_codec``, and a device claiming 10,000,000 examples is folded with a capped
+weight, so the global model moves by no more than an honest device's share (the default
+``"clip"`` case: tests/unit/test_norm_clip.py)."""
 
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ def _flat(w: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def test_scaled_update_rejected_and_ten_million_examples_capped(
-    broker: LocalBroker, topic_prefix: str, tmp_path: Path
+    broker: LocalBroker, topic_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("FEDMQ_AGGREGATOR_NORM_ACTION", "reject")  # clip: test_norm_clip.py
     topics = Topics("f1", topic_prefix)
     acks = AckCollector(broker, topics)
     watcher = Watcher(broker, topics)

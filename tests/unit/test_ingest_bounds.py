@@ -71,7 +71,7 @@ def test_update_norm_is_the_norm_of_the_decoded_delta(codec: str) -> None:
 
 
 def test_adaptive_norm_bound_warm_up_attacker_and_fleet_wide_growth() -> None:
-    b = FleetBounds(BoundsConfig(norm_multiplier=3.0, bounds_warmup=3))
+    b = FleetBounds(BoundsConfig(norm_multiplier=3.0, bounds_warmup=3, norm_action="reject"))
     for dev in ("a", "b"):
         b.check_norm(dev, 1.0)
     assert b.norm_limit() is None  # warm-up: two devices known, three needed
@@ -99,7 +99,8 @@ def test_adaptive_norm_bound_warm_up_attacker_and_fleet_wide_growth() -> None:
 
 
 def test_fixed_norm_bound_claims_window_and_config_checks() -> None:
-    fixed = FleetBounds(BoundsConfig(norm_bound="fixed", max_update_norm=2.0))
+    fixed = FleetBounds(BoundsConfig(norm_bound="fixed", max_update_norm=2.0,
+                                     norm_action="reject"))
     fixed.check_norm("a", 2.0)
     with pytest.raises(Rejected, match=r"2\.5 exceeds the bound 2 \(max_update_norm\)"):
         fixed.check_norm("a", 2.5)
@@ -117,7 +118,7 @@ def test_fixed_norm_bound_claims_window_and_config_checks() -> None:
     with pytest.raises(ValueError):
         BoundsConfig(norm_bound="fixed")
     for bad in ({"norm_bound": "median"}, {"norm_multiplier": 0.5},
-                {"weight_cap_multiplier": 0.5}, {"bounds_warmup": 0},
+                {"weight_cap_multiplier": 0.5}, {"bounds_warmup": 0}, {"norm_action": "drop"},
                 {"max_model_weight": float("inf")}, {"max_update_norm": -1.0}):
         with pytest.raises(ConfigError):
             load_aggregator_config(overrides=bad, environ={})
@@ -145,7 +146,7 @@ def test_registry_max_weight(tmp_path: Path) -> None:
 def test_one_device_claiming_ten_million_examples_gets_an_honest_share(
     tmp_path: Path, bundle: ModelBundle
 ) -> None:
-    cfg = _config(tmp_path)
+    cfg = _config(tmp_path, norm_action="reject")  # the clip case: tests/unit/test_norm_clip.py
     engine = Engine(cfg, Store(cfg.state_dir), bundle)
     out = engine.start(T0)
     w0 = _model(out)
