@@ -126,7 +126,7 @@ class CkksSum:
             read_ciphertext(self.he, t.data, size, f"tensor {t.name!r}")
             for t, size in zip(ordered, self.sizes, strict=True)
         )
-        return CheckedCiphertexts(ordered, c, float(weight), (), self, vectors)
+        return CheckedCiphertexts(ordered, c, float(weight), (), self, vectors=vectors)
 
     def _check_room(self) -> None:
         if self._sealed is not None:
