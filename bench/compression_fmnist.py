@@ -40,7 +40,7 @@ LAST_K = 5
 FULL = "full"  # the downlink as it is without the downlink setting: the float32 model
 DEFAULT_SETTINGS = (
     "int8", "topk-int8@0.05", "topk-int8@0.1", "stc@0.05", "topk-int8@0.01", "float32",
-    "int4", "topk-f16@0.05", "topk-f16@0.01", "topk-f16@0.1",
+    "int4", "topk-f16@0.05", "topk-int4@0.05", "topk-f16@0.01", "topk-f16@0.1",
 )
 MODELS_DIR = Path(tempfile.gettempdir()) / "fedmq-compression-models"
 
@@ -233,6 +233,7 @@ def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, s
 def plot_front(summary: dict[str, dict[str, Any]], runs: list[dict[str, Any]], rounds: int,
                path: Path, title: str) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -261,6 +262,8 @@ def plot_front(summary: dict[str, dict[str, Any]], runs: list[dict[str, Any]], r
         ax.axvline(goal / 1e3, color="tab:red", linestyle=":", label="float32/16 (goal)")
         ax.axvline(stretch / 1e3, color="tab:purple", linestyle=":", label="float32/64 (stretch)")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("uplink KB per device per round (whole update message, log scale)")
     ax.set_ylabel(f"final test accuracy after {rounds} rounds, % (bars: seed min-max)")
     ax.set_title(title, fontsize=10)

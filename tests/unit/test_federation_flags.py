@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.config import load_aggregator_config
+from aggregator.config import AggregatorConfig, load_aggregator_config
 from edge_agent.config import load_agent_config
 from fedmq.errors import ConfigError
 from fedmq.update.codecs import codec_names, get_codec
-from fedmq.update.strategies import make_strategy
+from fedmq.update.strategies import make_strategy, strategy_names
 from fedmq_ops.cli import build_parser
 from fedmq_ops.demo import spec_from_args
 from fedmq_ops.experiment import apply_preset
@@ -144,3 +144,9 @@ def test_topk_fraction_from_the_environment(tmp_path: Path) -> None:
         "FEDMQ_AGGREGATOR_CODEC": "topk-f16", "FEDMQ_AGGREGATOR_TOPK_FRACTION": "0.02",
     })
     assert agg.training_config().params == {"topk_fraction": 0.02}
+
+
+def test_every_strategy_announces_the_operators_topk_fraction() -> None:
+    base = AggregatorConfig(codec="stc", topk_fraction=0.05).training_config()
+    for name in strategy_names():
+        assert make_strategy(name).configure(1, base).params["topk_fraction"] == 0.05, name
