@@ -224,6 +224,8 @@ def main() -> None:
     ap.add_argument("--timing-devices", type=int, default=4)
     ap.add_argument("--report-only", action="store_true",
                     help="fmnist: no runs; rebuild the table and PNG from the results file")
+    ap.add_argument("--markdown", action="store_true", help="fmnist: also print the table "
+                    "as Markdown")
     ap.add_argument("--models-dir", type=Path, default=fm.MODELS_DIR,
                     help="fmnist: where each run's mid-run global model is kept (timing)")
     ap.add_argument("--broker", default="auto", help="auto | mosquitto | amqtt | HOST:PORT")
@@ -311,6 +313,8 @@ def fmnist_main(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     title = (f"{base.model}, {base.agents} devices, {base.partition}, {base.epochs} epoch, "
              f"lr {base.lr}, {args.rounds} rounds")
     fm.print_table(summary, title)
+    if args.markdown:
+        print(fm.markdown_table(summary))
     png = out.with_suffix(".png")
     fm.plot_front(summary, report["runs"], args.rounds, png, f"FMNIST task: {title}")
     print(f"wrote {out} and {png}")

@@ -28,8 +28,8 @@ from fedmq_ops.experiment import PRESETS
 from fedmq_ops.localfleet import FederationSpec, RoundRow, run_federation
 
 __all__ = [
-    "DEFAULT_SETTINGS", "base_spec", "merge_runs", "parse_setting", "plot_front", "print_table",
-    "run_setting", "summarize", "timing",
+    "DEFAULT_SETTINGS", "base_spec", "markdown_table", "merge_runs", "parse_setting",
+    "plot_front", "print_table", "run_setting", "summarize", "timing",
 ]
 
 REFERENCE = "int8"
@@ -219,6 +219,30 @@ def print_table(summary: dict[str, dict[str, Any]], title: str) -> None:
               f"{s['fold_mb_per_s']:>9.0f} {s['fold_updates_per_s']:>7.0f}  {mark}")
     print(f"goal: uplink <= {goal:,.0f} B (float32/{GOAL_DIVISOR}) at >= -{GOAL_POINTS} point "
           f"vs int8; stretch <= {stretch:,.0f} B (float32/{STRETCH_DIVISOR})")
+
+
+def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
+    """The table as Markdown (docs/codecs.md, README)."""
+    lines = [
+        "| setting | seeds | final accuracy | vs int8 (points) | last-5 mean"
+        " | uplink B/device/round | vs float32 | downlink B/device/round | device encode ms"
+        " | decode+fold MB/s | updates/s | goal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, s in summary.items():
+        acc = f"{100 * s['mean_final_accuracy']:.2f} %"
+        if len(s["seeds"]) > 1:
+            acc += f" +- {100 * s['stdev_final_accuracy']:.2f}"
+        mark = ("stretch" if s["meets_stretch"] else "yes" if s["meets_goal"] else "no")
+        ref = " (reference)" if key == REFERENCE else ""
+        lines.append(
+            f"| `{key}`{ref} | {len(s['seeds'])} | {acc} | {s['points_vs_int8']:+.2f} | "
+            f"{100 * s['mean_last5_accuracy']:.2f} % | {s['uplink_bytes_per_device_round']:,.0f} | "
+            f"1/{s['uplink_ratio_vs_float32']:.1f} | {s['downlink_bytes_per_device_round']:,.0f} | "
+            f"{s['encode_ms']:.2f} | {s['fold_mb_per_s']:,.0f} | {s['fold_updates_per_s']:,.0f} | "
+            f"{mark} |"
+        )
+    return "\n".join(lines)
 
 
 def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
