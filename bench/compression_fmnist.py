@@ -302,6 +302,7 @@ def plot_front(summary: dict[str, dict[str, Any]], runs: list[dict[str, Any]], r
         ax.axvline(goal / 1e3, color="tab:red", linestyle=":", label="float32/16 (goal)")
         ax.axvline(stretch / 1e3, color="tab:purple", linestyle=":", label="float32/64 (stretch)")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([1, 2, 5, 10, 20, 50, 100, 200, 500]))
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("uplink KB per device per round (whole update message, log scale)")
