@@ -63,8 +63,13 @@ def label(codec: str, fraction: float | None) -> str:
 
 
 def base_spec(rounds: int, broker: str) -> FederationSpec:
-    """The `fedmq experiment fmnist-cnn` preset (10 agents, dirichlet:0.5, 1 epoch, lr 0.2)."""
-    return dataclasses.replace(PRESETS["fmnist-cnn"], rounds=rounds, broker=broker)
+    """The `fedmq experiment fmnist-cnn` preset (10 agents, dirichlet:0.5, 1 epoch, lr 0.2)
+    with the aggregator's norm bound off: every round needs all 10 updates, and the adaptive
+    bound (3 x the median L2 norm) refused an honest device's int8 update in round 10 of
+    seed 1 (norm 4.65 against a bound of 4.50), so the round waited out its deadline. The
+    bound only refuses, so runs without a refusal are the same with it off."""
+    return dataclasses.replace(PRESETS["fmnist-cnn"], rounds=rounds, broker=broker,
+                               extra_aggregator={"norm_bound": "off"})
 
 
 def _with_downlink(spec: FederationSpec, downlink: str | None) -> FederationSpec:
