@@ -28,6 +28,7 @@ from fedmq.prune.strategy import PruneSchedule, check_prune_settings
 from fedmq.topics import Topics, validate_name
 from fedmq.update.accumulate import BufferedUpdates
 from fedmq.update.codecs import codec_names
+from fedmq.update.codecs.topk import check_topk_fraction, topk_params
 from fedmq.update.strategies import StrategyOptions, make_strategy, strategy_names
 from fedmq.wire import TrainingConfig
 
@@ -97,6 +98,9 @@ class AggregatorConfig:
     epochs: int = 1
     lr: float = 0.05
     codec: str = "int8"
+    # top-k codecs (topk-f16/int8/int4, stc): the round's params["topk_fraction"]; None = the
+    # codec's default (docs/codecs.md). Refused with any other codec.
+    topk_fraction: float | None = None
     train_max_examples: int | None = None
     sample_fraction: float | None = None
     strategy: str = "fedavg"
@@ -228,6 +232,7 @@ class AggregatorConfig:
             raise ConfigError("round_timeout must be > 0")
         if self.codec not in codec_names():
             raise ConfigError(f"codec must be one of {codec_names()}, got {self.codec!r}")
+        check_topk_fraction(self.codec, self.topk_fraction)
         if self.strategy not in strategy_names():
             raise ConfigError(
                 f"strategy must be one of {strategy_names()}, got {self.strategy!r}"
@@ -433,6 +438,7 @@ class AggregatorConfig:
             codec=self.codec,
             max_examples=self.train_max_examples,
             sample_fraction=self.sample_fraction,
+            params=topk_params(self.topk_fraction),
         )
 
     def downlink_settings(self) -> DownlinkSettings:

@@ -6,14 +6,31 @@ aggregator and agent processes); runs differ only in the codec. One run's final 
 noisy, so the digits comparison (digits-mlp, 8 agents, dirichlet:0.5, 2 local epochs, lr 0.2,
 20 rounds, ~5-10 s per run) is repeated over ``--seeds`` seeds (seed = partition + initial
 sampling; the agents' shuffling is not seeded, so even two runs of one seed differ a little)
-and the codecs are interleaved per seed so machine-load drift hits them alike. ``--fmnist``
-adds one Fashion-MNIST run per codec (fmnist-cnn, 10 agents, 20 rounds, lr 0.2, ~4 min each).
+and the codecs are interleaved per seed so machine-load drift hits them alike.
 
 Bytes per update = update payload bytes received by the aggregator (whole msgpack message:
 header, tensor metadata and data) / accepted updates. Prints a table and writes
 bench/results/compression.json.
 
-    .venv/bin/python bench/bench_compression.py [--seeds 3] [--rounds 20] [--fmnist]
+``--task fmnist`` is issue 9's communication measurement on the FMNIST task (the
+`fedmq experiment fmnist-cnn` preset: fmnist-cnn, 10 devices, Dirichlet(0.5), 1 local epoch,
+batch 32, lr 0.2, 20 rounds, every device every round): one real federation per setting
+and seed, settings ``codec`` or ``codec@fraction`` (the rounds' ``topk_fraction``). Per
+setting: final accuracy (round 20, and the mean of the last 5 rounds), uplink bytes per
+device per round (the aggregator's count of update bytes / accepted updates), downlink
+bytes per device per round (the model and round announcement every device receives: the
+run's ``bytes_delivered`` / devices / rounds), and with ``--timing`` the device encode ms
+and aggregator decode+fold MB/s and updates/s on real fmnist-cnn deltas (bench/codec_timing.py:
+one local epoch from the mid-run global model v10 of an int8 run). Results are merged into
+``--out`` (bench/results/compression_fmnist.json; a run of the same setting, seed and
+downlink replaces the older one), so the grid can run in pieces; the table and the PNG of
+accuracy vs uplink bytes (bench/results/compression_fmnist.png, the Pareto front) are
+rebuilt from every run in the file.
+
+    .venv/bin/python bench/bench_compression.py [--seeds 3] [--rounds 20]
+    .venv/bin/python bench/bench_compression.py --task fmnist --codecs int8,topk-int8@0.05 \
+        --seeds 0,1 [--downlink int8] [--timing]
+    .venv/bin/python bench/bench_compression.py --task fmnist --report-only
 """
 
 from __future__ import annotations
@@ -26,12 +43,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import compression_fmnist as fm
 import numpy as np
 from machine import machine_info as _machine_info
 
+from fedmq.errors import ConfigError
 from fedmq.models.spec import load_bundle, prebuilt_bundle_path
 from fedmq.update.codecs import codec_names, encode_delta, encoded_nbytes
-from fedmq_ops.experiment import PRESETS
 from fedmq_ops.localfleet import FederationResult, FederationSpec, run_federation
 
 __all__ = ["main", "run_one", "summarize"]
@@ -39,6 +57,7 @@ __all__ = ["main", "run_one", "summarize"]
 TARGET_RATIO = 4.0
 TARGET_LOSS_POINTS = 0.5
 LAST_K = 5  # rounds averaged for the (less noisy) "last-5" accuracy
+RESULTS = Path(__file__).parent / "results"
 
 
 def machine_info() -> dict[str, Any]:
@@ -181,18 +200,45 @@ def compare(
     return runs, summary
 
 
+def _seed_list(text: str) -> list[int]:
+    """``a,b,...`` = those seeds (``0`` = seed 0)."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=3, help="digits runs per codec (seeds 0..N-1)")
+    ap.add_argument("--task", choices=("digits", "fmnist"), default="digits")
+    ap.add_argument("--seeds", default=None,
+                    help="digits: N runs per codec (seeds 0..N-1, default 3); fmnist: the "
+                    "seeds, a list a,b (default 0)")
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--codecs", default=",".join(codec_names()), help="comma-separated codecs")
-    ap.add_argument("--fmnist", action="store_true", help="also fmnist-cnn, one seed (~12 min)")
+    ap.add_argument("--codecs", default=None,
+                    help="comma-separated codecs; fmnist: codec or codec@topk_fraction "
+                    f"(default: digits every codec, fmnist {','.join(fm.DEFAULT_SETTINGS)})")
+    ap.add_argument("--downlink", default=None,
+                    help="fmnist: FederationSpec.downlink for these runs (default: not set, "
+                    "the full float32 model)")
+    ap.add_argument("--timing", action="store_true",
+                    help="fmnist: device encode ms and decode+fold on real deltas for every "
+                    "setting in the results file and --codecs")
+    ap.add_argument("--timing-devices", type=int, default=4)
+    ap.add_argument("--report-only", action="store_true",
+                    help="fmnist: no runs; rebuild the table and PNG from the results file")
+    ap.add_argument("--markdown", action="store_true", help="fmnist: also print the table "
+                    "as Markdown")
+    ap.add_argument("--models-dir", type=Path, default=fm.MODELS_DIR,
+                    help="fmnist: where each run's mid-run global model is kept (timing)")
     ap.add_argument("--broker", default="auto", help="auto | mosquitto | amqtt | HOST:PORT")
-    ap.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "compression.json"
-    )
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON (default bench/results/compression.json, or "
+                    "compression_fmnist.json with --task fmnist; its PNG beside it)")
     args = ap.parse_args()
-    codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
+    if args.task == "fmnist":
+        fmnist_main(ap, args)
+        return
+    seeds = list(range(int(args.seeds or "3")))
+    out = args.out or RESULTS / "compression.json"
+    codecs = [c.strip() for c in (args.codecs or ",".join(codec_names())).split(",") if c.strip()]
     if "float32" not in codecs:
         codecs.insert(0, "float32")
     unknown = [c for c in codecs if c not in codec_names()]
@@ -208,17 +254,70 @@ def main() -> None:
         "machine": machine_info(),
         "targets": {"int8_ratio_vs_float32": TARGET_RATIO, "max_points_lost": TARGET_LOSS_POINTS},
     }
-    runs, summary = compare(digits, list(range(args.seeds)), codecs, "digits")
+    runs, summary = compare(digits, seeds, codecs, "digits")
     report["digits"] = {"spec": _spec_json(digits), "summary": summary, "runs": runs}
-    if args.fmnist:
-        # The `fedmq experiment fmnist-cnn` preset (10 agents, dirichlet:0.5, 1 epoch, lr 0.2).
-        fmnist = dataclasses.replace(PRESETS["fmnist-cnn"], rounds=args.rounds, broker=args.broker)
-        runs, summary = compare(fmnist, [0], codecs, "fmnist")
-        report["fmnist"] = {"spec": _spec_json(fmnist), "summary": summary, "runs": runs}
     report["total_seconds"] = time.monotonic() - t0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out} ({report['total_seconds']:.0f} s)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out} ({report['total_seconds']:.0f} s)")
+
+
+def fmnist_main(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The FMNIST grid: run the settings x seeds asked for, merge them into the results
+    file, then rebuild the table and the PNG from every run in it."""
+    out = args.out or RESULTS / "compression_fmnist.json"
+    settings = [c.strip() for c in (args.codecs or ",".join(fm.DEFAULT_SETTINGS)).split(",")
+                if c.strip()]
+    try:
+        settings = [fm.label(*fm.parse_setting(c)) for c in settings]
+    except ConfigError as exc:
+        ap.error(str(exc))
+    seeds = _seed_list(args.seeds or "0")
+    base = fm.base_spec(args.rounds, args.broker)
+    report = fm.load_report(out)
+    if not args.report_only:
+        for seed in seeds:
+            for setting in settings:
+                print(f"run {setting} seed {seed} downlink {args.downlink or fm.FULL}: "
+                      f"{base.model}, {base.agents} agents, {base.rounds} rounds", flush=True)
+                try:
+                    run = fm.run_setting(base, setting, seed, args.downlink, args.models_dir)
+                except ConfigError as exc:
+                    ap.error(str(exc))
+                print(f"  {setting} seed {seed}: final {100 * run['final_accuracy']:6.2f} %  "
+                      f"last-5 {100 * run['last5_accuracy']:6.2f} %  up "
+                      f"{run['uplink_bytes_per_device_round']:>9,.0f} B  down "
+                      f"{run['downlink_bytes_per_device_round']:>9,.0f} B per device per "
+                      f"round  {run['wall_seconds']:5.0f} s", flush=True)
+                report = fm.load_report(out)  # another piece may have written meanwhile
+                report["runs"] = fm.merge_runs(report["runs"], [run])
+                report["spec"] = _spec_json(base)
+                report["machine"] = machine_info()
+                fm.write_report(out, report)
+    if args.timing:
+        known = sorted({r["setting"] for r in report["runs"]} | set(settings))
+        report = fm.load_report(out)
+        report["timing"] = fm.timing(known, args.models_dir, base, args.timing_devices)
+        fm.write_report(out, report)
+    timings = report.get("timing", {}).get("settings", {})
+    summary = fm.summarize(report["runs"], args.rounds, timings)
+    report["summary"] = summary
+    goal, stretch = fm.goal_bytes(summary)
+    report["goal"] = {
+        "uplink_bytes": goal, "stretch_uplink_bytes": stretch,
+        "max_points_below_int8": fm.GOAL_POINTS,
+        "meets_goal": [k for k, s in summary.items() if s["meets_goal"]],
+        "meets_stretch": [k for k, s in summary.items() if s["meets_stretch"]],
+    }
+    fm.write_report(out, report)
+    title = (f"{base.model}, {base.agents} devices, {base.partition}, {base.epochs} epoch, "
+             f"lr {base.lr}, {args.rounds} rounds")
+    fm.print_table(summary, title)
+    if args.markdown:
+        print(fm.markdown_table(summary))
+    png = out.with_suffix(".png")
+    fm.plot_front(summary, report["runs"], args.rounds, png, f"FMNIST task: {title}")
+    print(f"wrote {out} and {png}")
 
 
 def _spec_json(spec: FederationSpec) -> dict[str, Any]:

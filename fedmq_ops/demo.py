@@ -57,7 +57,16 @@ def add_federation_arguments(
         default=d.partition,
         help="iid | dirichlet:ALPHA | classes:K | quantity:ALPHA",
     )
-    p.add_argument("--codec", default=d.codec, choices=codec_names())
+    p.add_argument(
+        "--codec", default=d.codec, choices=codec_names(), help="uplink update codec"
+    )
+    p.add_argument(
+        "--topk-fraction",
+        type=float,
+        default=d.topk_fraction,
+        help="top-k codecs (topk-f16/int8/int4, stc): fraction of each tensor's values sent "
+        "per update, in (0, 1] (default: the codec's, 0.01)",
+    )
     p.add_argument("--epochs", type=int, default=d.epochs, help="local epochs per round")
     p.add_argument("--lr", type=float, default=d.lr, help="local SGD learning rate")
     p.add_argument(
@@ -208,6 +217,7 @@ def spec_from_args(args: argparse.Namespace, **extra: Any) -> FederationSpec:
         model=args.model,
         partition=args.partition,
         codec=args.codec,
+        topk_fraction=args.topk_fraction,
         epochs=args.epochs,
         lr=args.lr,
         strategy=args.strategy,
@@ -235,9 +245,10 @@ def run_from_args(
     args: argparse.Namespace, title: str, reference: float | None = None, **extra: Any
 ) -> int:
     spec = spec_from_args(args, **extra)
+    codec = spec.codec if spec.topk_fraction is None else f"{spec.codec}@{spec.topk_fraction:g}"
     print(
         f"{title}: {spec.agents} agents, {spec.dataset} split {spec.partition}, model "
-        f"{spec.model}, {spec.codec} updates, {spec.epochs} local epoch(s), {spec.rounds} rounds"
+        f"{spec.model}, {codec} updates, {spec.epochs} local epoch(s), {spec.rounds} rounds"
         + (f", {spec.downlink} downlink" if spec.downlink != "full" else ""),
         flush=True,
     )
@@ -260,7 +271,7 @@ def run_from_args(
             result.rows,
             args.plot,
             f"{title}: {spec.model} on {spec.dataset}, "
-            f"{spec.agents} devices, {spec.partition}, {spec.codec}",
+            f"{spec.agents} devices, {spec.partition}, {codec}",
             reference=reference,
         )
         print(f"wrote {args.plot}")

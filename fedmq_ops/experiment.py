@@ -68,7 +68,8 @@ def add_parser(subparsers: Any) -> None:
 
 # argparse destination -> FederationSpec field, for flags that presets define.
 _FIELDS = {"agents": "agents", "rounds": "rounds", "dataset": "dataset", "model": "model",
-           "partition": "partition", "codec": "codec", "epochs": "epochs", "lr": "lr",
+           "partition": "partition", "codec": "codec",
+           "topk_fraction": "topk_fraction", "epochs": "epochs", "lr": "lr",
            "clients_per_round": "clients_per_round", "round_timeout": "round_timeout",
            "strategy": "strategy", "server_lr": "server_lr", "max_examples": "max_examples",
            "seed": "seed", "broker": "broker", "threads": "agent_threads",

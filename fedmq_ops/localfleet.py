@@ -31,6 +31,7 @@ from fedmq.net.localbroker import BrokerOptions, LocalBroker
 from fedmq.net.mqtt import MqttSettings
 from fedmq.net.procs import stop_processes
 from fedmq.topics import Topics
+from fedmq.update.codecs.topk import check_topk_fraction
 from fedmq_ops.observer import FleetObserver
 
 __all__ = [
@@ -48,6 +49,7 @@ class FederationSpec:
     model: str = "digits-mlp"
     partition: str = "dirichlet:0.5"
     codec: str = "int8"
+    topk_fraction: float | None = None  # top-k codecs: the rounds' topk_fraction; None = default
     epochs: int = 2
     lr: float = 0.2
     seed: int = 0
@@ -81,6 +83,7 @@ class FederationSpec:
     def __post_init__(self) -> None:
         if self.agents < 1 or self.rounds < 1:
             raise ConfigError("agents and rounds must be at least 1")
+        check_topk_fraction(self.codec, self.topk_fraction)
         if self.clients_per_round > self.agents:
             raise ConfigError("clients_per_round cannot exceed the number of agents")
         if self.round_policy not in round_policy_names():
@@ -278,6 +281,7 @@ def write_configs(
         "epochs": spec.epochs,
         "lr": spec.lr,
         "codec": spec.codec,
+        "topk_fraction": spec.topk_fraction,
         "seed": spec.seed,
         "strategy": spec.strategy,
         "server_lr": spec.server_lr,

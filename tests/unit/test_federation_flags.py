@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from aggregator.config import load_aggregator_config
+from aggregator.config import AggregatorConfig, load_aggregator_config
 from edge_agent.config import load_agent_config
 from fedmq.errors import ConfigError
+from fedmq.update.codecs import codec_names, get_codec
+from fedmq.update.strategies import make_strategy, strategy_names
 from fedmq_ops.cli import build_parser
 from fedmq_ops.demo import spec_from_args
 from fedmq_ops.experiment import apply_preset
@@ -133,3 +136,75 @@ def test_prune_flag_reaches_the_aggregator(tmp_path: Path) -> None:
         assert agg.prune_target == want and agg.codec == "int8"
     with pytest.raises(ConfigError, match="prune"):
         FederationSpec(prune=1.0)
+def test_topk_fraction_flag_reaches_the_rounds_and_the_device_encode(tmp_path: Path) -> None:
+    args = build_parser().parse_args(
+        ["demo", "--agents", "1", "--codec", "topk-int8", "--topk-fraction", "0.1"]
+    )
+    agg_path, _ = _written(spec_from_args(args), tmp_path)
+    assert "topk_fraction = 0.1" in agg_path.read_text()
+    agg = load_aggregator_config(agg_path, environ={})
+    # What the round announcement carries, through the strategy's per-round configure.
+    training = make_strategy(agg.strategy).configure(3, agg.training_config())
+    assert training.params == {"topk_fraction": 0.1}
+    # The device's codec set up by those params keeps ceil(0.1 * n) values per tensor.
+    rng = np.random.default_rng(0)
+    delta = {"w": rng.normal(size=(20, 50)).astype(np.float32), "b": np.ones(7, np.float32)}
+    tensors = get_codec(training.codec).configure(training.params).encode(delta, rng).tensors
+    assert [int(t.params["k"]) for t in tensors] == [100, 1]
+
+
+def test_experiment_topk_fraction_overrides_the_preset_and_defaults_to_unset(
+    tmp_path: Path,
+) -> None:
+    parse = build_parser().parse_args
+    spec = spec_from_args(apply_preset(parse(
+        ["experiment", "fmnist-cnn", "--codec", "stc", "--topk-fraction", "0.05"]
+    )))
+    assert (spec.codec, spec.topk_fraction) == ("stc", 0.05)
+    plain = spec_from_args(apply_preset(parse(["experiment", "fmnist-cnn", "--codec", "stc"])))
+    assert plain.topk_fraction is None
+    agg_path, _ = _written(plain, tmp_path)
+    assert "topk_fraction =" not in agg_path.read_text()
+    agg = load_aggregator_config(agg_path, environ={})
+    assert agg.topk_fraction is None and agg.training_config().params == {}
+
+
+def test_every_registered_codec_is_a_codec_choice() -> None:
+    for codec in codec_names():
+        args = build_parser().parse_args(["experiment", "fmnist-cnn", "--codec", codec])
+        assert spec_from_args(apply_preset(args)).codec == codec
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"codec": "int8", "topk_fraction": 0.05},
+     "topk_fraction applies only to the top-k codecs (topk-f16, topk-int8, topk-int4, stc), "
+     "not to codec 'int8'"),
+    ({"codec": "stc", "topk_fraction": 0.0}, "topk_fraction must be a number in (0, 1], got 0.0"),
+    ({"codec": "stc", "topk_fraction": 1.5}, "topk_fraction must be a number in (0, 1], got 1.5"),
+    ({"codec": "stc", "topk_fraction": float("nan")}, "topk_fraction must be a number in (0, 1]"),
+])
+def test_bad_topk_fraction_is_a_config_error_everywhere(
+    kw: dict[str, object], message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        FederationSpec(**kw)  # type: ignore[arg-type]
+    assert message in str(err.value)
+    toml = tmp_path / "aggregator.toml"
+    codec, fraction = kw["codec"], kw["topk_fraction"]
+    toml.write_text(f'[aggregator]\ncodec = "{codec}"\ntopk_fraction = {fraction}\n')
+    with pytest.raises(ConfigError) as err:
+        load_aggregator_config(toml, environ={})
+    assert message in str(err.value)
+
+
+def test_topk_fraction_from_the_environment(tmp_path: Path) -> None:
+    agg = load_aggregator_config(None, environ={
+        "FEDMQ_AGGREGATOR_CODEC": "topk-f16", "FEDMQ_AGGREGATOR_TOPK_FRACTION": "0.02",
+    })
+    assert agg.training_config().params == {"topk_fraction": 0.02}
+
+
+def test_every_strategy_announces_the_operators_topk_fraction() -> None:
+    base = AggregatorConfig(codec="stc", topk_fraction=0.05).training_config()
+    for name in strategy_names():
+        assert make_strategy(name).configure(1, base).params["topk_fraction"] == 0.05, name

@@ -35,11 +35,12 @@ from typing import ClassVar
 
 import numpy as np
 
-from fedmq.errors import RejectReason, WireError
+from fedmq.errors import ConfigError, RejectReason, WireError
 from fedmq.tensor import Tensor
 from fedmq.update.codecs.base import Codec, CodecState, Encoded, finite_input
 from fedmq.update.codecs.lowbit import INT4_LEVELS, pack_nibbles, stochastic_levels, unpack_nibbles
 from fedmq.update.codecs.positions import POSITION_FIELDS, decode_positions, encode_positions
+from fedmq.update.codecs.registry import codec_names, get_codec
 
 __all__ = [
     "DEFAULT_FRACTION",
@@ -49,7 +50,10 @@ __all__ = [
     "TopKF16",
     "TopKInt4",
     "TopKInt8",
+    "check_topk_fraction",
+    "topk_codec_names",
     "topk_count",
+    "topk_params",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,32 @@ _MAX_SCALE = 1e30
 def topk_count(n: int, fraction: float) -> int:
     """Values kept of an ``n``-value tensor: ``ceil(fraction * n)``, at least 1 (if n > 0)."""
     return min(n, max(1, math.ceil(fraction * n))) if n else 0
+
+
+def topk_codec_names() -> tuple[str, ...]:
+    """The registered codecs that take a ``topk_fraction`` (top-k and stc)."""
+    return tuple(n for n in codec_names() if isinstance(get_codec(n), TopK))
+
+
+def check_topk_fraction(codec: str, fraction: float | None) -> None:
+    """An operator's ``topk_fraction`` setting for rounds in ``codec``: None (the codec's
+    default) or a number in (0, 1] with a top-k codec; anything else is a ConfigError."""
+    if fraction is None:
+        return
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not (
+        math.isfinite(fraction) and 0.0 < fraction <= 1.0
+    ):
+        raise ConfigError(f"{FRACTION_PARAM} must be a number in (0, 1], got {fraction!r}")
+    if codec not in topk_codec_names():
+        raise ConfigError(
+            f"{FRACTION_PARAM} applies only to the top-k codecs "
+            f"({', '.join(topk_codec_names())}), not to codec {codec!r}"
+        )
+
+
+def topk_params(fraction: float | None) -> dict[str, float]:
+    """The round params that announce ``fraction`` (none for the codec's default)."""
+    return {} if fraction is None else {FRACTION_PARAM: float(fraction)}
 
 
 class TopK(Codec):
