@@ -16,7 +16,8 @@ replaces its cell) and redraws the table and the PNG from everything the file ho
     PYTHONPATH=. .venv/bin/python bench/bench_strategies.py --report   # table + PNG only
 
 Uplink bytes = update payload bytes the aggregator received over the run (its own count,
-whole messages). Wall time = spawning the processes to the last round's model.
+whole messages). Wall time = spawning the processes to the last round's model. Last-5 mean
+= the mean accuracy of the last 5 rounds (less noisy than the final round's).
 """
 
 from __future__ import annotations
@@ -125,6 +126,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "mean_final_accuracy": statistics.fmean(acc),
             "min_final_accuracy": min(acc),
             "max_final_accuracy": max(acc),
+            "mean_last5_accuracy": statistics.fmean(
+                statistics.fmean(r["curve"][-5:]) for r in rs
+            ),
             "rounds_to_target": [r["rounds_to_target"] for r in rs],
             "mean_uplink_bytes": statistics.fmean(r["uplink_bytes"] for r in rs),
             "mean_wall_seconds": statistics.fmean(r["wall_seconds"] for r in rs),
@@ -134,8 +138,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table(summary: list[dict[str, Any]]) -> str:
     lines = [
-        "| partition | strategy | seeds | final accuracy | rounds to 85 % | uplink MB | wall s |",
-        "|---|---|---|---|---|---|---|",
+        "| partition | strategy | seeds | final accuracy | last-5 mean | rounds to 85 % | "
+        "uplink MB | wall s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         acc = f"{s['mean_final_accuracy']:.3f}"
@@ -143,7 +148,8 @@ def table(summary: list[dict[str, Any]]) -> str:
             acc += f" [{s['min_final_accuracy']:.3f}-{s['max_final_accuracy']:.3f}]"
         rt = ", ".join("-" if r is None else str(r) for r in s["rounds_to_target"])
         lines.append(
-            f"| {s['partition']} | {s['strategy']} | {len(s['seeds'])} | {acc} | {rt} | "
+            f"| {s['partition']} | {s['strategy']} | {len(s['seeds'])} | {acc} | "
+            f"{s['mean_last5_accuracy']:.3f} | {rt} | "
             f"{s['mean_uplink_bytes'] / 1e6:.2f} | {s['mean_wall_seconds']:.0f} |"
         )
     return "\n".join(lines)
