@@ -12,7 +12,8 @@ test examples, evaluated by the aggregator) reaches ``--target``.
 ``--task fmnist-cnn``: the FMNIST task instead (fmnist-cnn, ``--agents 10`` on a Dirichlet 0.5
 split of Fashion-MNIST, lr 0.2, 1 local epoch of batch 32, int8; target 0.85 on
 ``--eval-examples`` 2,000 test images; 3 slow agents, delays 2 s and 20 s, FedBuff buffer
-5) unless flags say otherwise. Its defaults write bench/results/fedbuff_fmnist.json.
+5 with server lr 0.5, half the fleet and the half step that worked on digits, see
+docs/rounds.md) unless flags say otherwise. Its defaults write bench/results/fedbuff_fmnist.json.
 
 Prints a table and writes bench/results/fedbuff.json.
 
@@ -148,6 +149,7 @@ TASKS: dict[str, dict[str, Any]] = {
     "fmnist-cnn": {"dataset": "fashion-mnist", "agents": 10, "slow": 3, "fast_delay": 2.0,
                    "slow_delay": 20.0, "target": 0.85, "eval_examples": 2000,
                    "partition": "dirichlet:0.5", "timeout": 1200.0, "buffer_size": 5,
+                   "fedbuff_server_lr": 0.5,
                    "out": "fedbuff_fmnist.json"},
 }
 
