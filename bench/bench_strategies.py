@@ -55,11 +55,20 @@ STRATEGIES: dict[str, tuple[str, float | None, dict[str, Any]]] = {
 }
 
 
+# The aggregator's ingest bound (norm_bound "adaptive", 3 x the median norm) is off: every
+# device is in every round (quorum 10 of 10), so one rejected update holds the round until
+# its 600 s deadline and the round is then abandoned and run again, which measures the
+# guard, not the strategy. Seen once, FedAvgM at Dirichlet 0.5 (an update of L2 norm 9.3
+# against a bound of 8.2 in round 4). A run without such a stall never hit the bound, so
+# runs made before it was switched off (see each run's spec) are comparable.
+AGGREGATOR_EXTRA: dict[str, Any] = {"norm_bound": "off"}
+
+
 def spec_for(label: str, partition: str, seed: int, rounds: int) -> FederationSpec:
     name, server_lr, extra = STRATEGIES[label]
     return dataclasses.replace(
         PRESETS["fmnist-cnn"], strategy=name, server_lr=server_lr, partition=partition,
-        seed=seed, rounds=rounds, extra_aggregator=dict(extra),
+        seed=seed, rounds=rounds, extra_aggregator={**AGGREGATOR_EXTRA, **extra},
     )  # fmt: skip
 
 
