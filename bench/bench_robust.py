@@ -44,6 +44,7 @@ from aggregator.evaluate import TFLiteEvaluator
 from edge_agent.trainer import LiteRTTrainer
 from fedmq.data.datasets import load_dataset
 from fedmq.data.local import LocalData, LocalDataConfig
+from fedmq.errors import ModelError
 from fedmq.update import codecs
 from fedmq.update.strategies import Strategy, StrategyOptions, make_strategy
 
@@ -71,27 +72,40 @@ ATTACKS: dict[str, tuple[int, Callable[[np.ndarray], np.ndarray]]] = {
 def run(strategy: Strategy, attack: str, devices: list[LocalData], trainer: LiteRTTrainer,
         evaluate: Callable[[Mapping[str, np.ndarray]], dict[str, float]],
         initial: Mapping[str, np.ndarray], rounds: int, epochs: int, lr: float,
-        codec: str, seed: int) -> list[float]:
-    """Accuracy after each round."""
+        codec: str, seed: int) -> tuple[list[float], int]:
+    """Accuracy after each round, and how many device trainings failed.
+
+    A device whose training diverges (``ModelError``: a non-finite loss, e.g. on a global model
+    an attack has blown up) skips the round and sends nothing, as the edge agent does; a round
+    without any update leaves the model as it was. The aggregator's publication guard (which
+    refuses a model with ``|w| > max_model_weight``) is not modelled."""
     bad, corrupt = ATTACKS[attack]
     weights = {k: v.copy() for k, v in initial.items()}
     shapes = {k: v.shape for k, v in weights.items()}
     curve = []
+    failures = 0
     for r in range(1, rounds + 1):
         acc = strategy.new_accumulator(shapes)
+        folded = 0
         for i, data in enumerate(devices):
             x, y = data.round_batch(r)
             trainer.set_weights(weights)
             rng = np.random.default_rng([seed, i, r])
-            trainer.fit(x, y, epochs=epochs, lr=lr, rng=rng)
+            try:
+                trainer.fit(x, y, epochs=epochs, lr=lr, rng=rng)
+            except ModelError:
+                failures += 1
+                continue
             local = trainer.get_weights()
             delta = {k: (local[k] - weights[k]).astype(np.float32) for k in weights}
             if i < bad:
                 delta = {k: corrupt(v).astype(np.float32) for k, v in delta.items()}
             acc.fold(codecs.encode_delta(delta, codec, rng), codec, float(len(y)))
-        weights = strategy.aggregate(weights, acc.result())
-        curve.append(evaluate(weights)["accuracy"])
-    return curve
+            folded += 1
+        if folded:
+            weights = strategy.aggregate(weights, acc.result())
+        curve.append(float(evaluate(weights)["accuracy"]))
+    return curve, failures
 
 
 # task -> (model, dataset, defaults for --rounds, --lr, --seeds, strategies, --out)
@@ -176,14 +190,16 @@ def main() -> None:
         name, options = STRATEGIES[label]
         for attack in attacks:
             t_cell = time.perf_counter()
-            curves = [
+            runs = [
                 run(make_strategy(name, options=options), attack, devices, trainer, evaluate,
                     initial, args.rounds, args.epochs, args.lr, args.codec, seed)
                 for seed, devices in enumerate(fleets)
             ]
+            curves = [c for c, _ in runs]
             finals = [c[-1] for c in curves]
             results.append({"strategy": label, "attack": attack, "finals": finals,
                             "accuracy": float(np.mean(finals)), "curves": curves,
+                            "failed_trainings": [f for _, f in runs],
                             "seconds": round(time.perf_counter() - t_cell, 1)})
             _write(args.out, task_json, results, old.get("seconds", 0.0) + time.perf_counter()
                    - t0)
