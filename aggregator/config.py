@@ -153,6 +153,9 @@ class AggregatorConfig:
     max_message_bytes: int = 0
     chunk_timeout: float = 300.0  # an update's transfer without a new chunk this long expires
     max_transfers_per_device: int = 2  # chunked transfers in progress per device
+    # Bytes of received messages waiting for the main thread (docs/scaling.md, "Ingest
+    # queue"); above it paho stops reading and the backlog stays in the broker.
+    ingest_queue_bytes: int = 16 * 1024 * 1024
     # Compressed downlink (docs/protocol.md): "full" model every version, or a codec name:
     # deltas in that codec, a full snapshot every `snapshot_every` versions, deltas of the
     # last `downlink_window` versions retained; sparse codecs keep `downlink_fraction`.
@@ -257,6 +260,7 @@ class AggregatorConfig:
         _at_least(self.max_update_bytes, 1024, "max_update_bytes")
         _check_chunking(self.max_message_bytes, self.chunk_timeout)
         _at_least(self.max_transfers_per_device, 1, "max_transfers_per_device")
+        _at_least(self.ingest_queue_bytes, 65536, "ingest_queue_bytes")
         check_downlink_settings(
             self.downlink, self.snapshot_every, self.downlink_window, self.downlink_fraction
         )

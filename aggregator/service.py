@@ -1,9 +1,11 @@
 """The MQTT shell around :class:`~aggregator.engine.Engine` (paho-mqtt 2.x, MQTT v5).
 
 paho's network thread only queues what arrives; the calling thread runs the engine, so the
-engine needs no locks. Updates are received with ``manual_ack``: the PUBACK goes out only
-after the engine journaled (or rejected) the update, and the fixed client id with a
-persistent session makes the broker keep QoS 1 updates while the aggregator is down.
+engine needs no locks. The queue is bounded (``ingest_queue_bytes``, :mod:`aggregator.inbox`):
+when it is full paho stops reading and the backlog stays in the broker. Updates are received
+with ``manual_ack``: the PUBACK goes out only after the engine journaled (or rejected) the
+update, and the fixed client id with a persistent session makes the broker keep QoS 1
+updates while the aggregator is down.
 
 A full state directory stops nothing: an update that cannot be journaled is not
 acknowledged (one ERROR line) and kept in memory to be retried every ``tick_interval``
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import signal
 import sqlite3
 import threading
@@ -39,6 +40,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.engine import Engine, Outgoing, RoundResult, resolve_bundle
 from aggregator.evaluate import Evaluator, TFLiteEvaluator, load_eval_set
 from aggregator.he import he_mode, install_he
+from aggregator.inbox import Inbox
 from aggregator.metrics import AggregatorMetrics
 from aggregator.secagg import SECAGG_POLICY, SecAggDriver
 from aggregator.store import Store
@@ -127,7 +129,10 @@ class AggregatorService:
         self.secagg = (SecAggDriver(config, self.engine, time.time())
                        if config.round_policy == SECAGG_POLICY else None)
         self._settings = config.mqtt_settings()
-        self._inbox: queue.Queue[_Inbound | _Connected] = queue.Queue()
+        # bounded: a full inbox blocks on_message, so the backlog stays in the broker; a put
+        # waits at most keepalive / 4 so PINGREQs still go out (aggregator.inbox)
+        self._inbox: Inbox[_Inbound | _Connected] = Inbox(
+            config.ingest_queue_bytes, self._settings.keepalive / 4)
         self._generation = 0
         self._connected = False
         self._stopping = False
@@ -166,7 +171,7 @@ class AggregatorService:
             self._generation += 1
             client.subscribe(self._subscriptions())
             present = bool(getattr(flags, "session_present", False))
-            self._inbox.put(_Connected(self._generation, present))
+            self._inbox.put(_Connected(self._generation, present), control=True)
         except Exception:
             log.exception("error in on_connect")
 
@@ -189,7 +194,8 @@ class AggregatorService:
                 _Inbound(
                     self._generation, msg.topic, bytes(msg.payload), msg.mid, msg.qos,
                     bool(msg.retain),
-                )
+                ),
+                len(msg.payload),
             )
         except Exception:
             log.exception("error queueing a message on %s", getattr(msg, "topic", "?"))
@@ -436,10 +442,7 @@ class AggregatorService:
         done_since = 0.0
         try:
             while not stop.is_set():
-                try:
-                    item = self._inbox.get(timeout=cfg.tick_interval)
-                except queue.Empty:
-                    item = None
+                item = self._inbox.get(timeout=cfg.tick_interval)
                 if isinstance(item, _Connected):
                     self._handle_connected(item)
                     if next_tick == float("inf"):
@@ -482,15 +485,15 @@ class AggregatorService:
     def _drain(self) -> None:
         """Answer what already arrived (late updates get a definitive ack) before leaving."""
         while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
+            item = self._inbox.get(0)
+            if item is None:
                 return
             if isinstance(item, _Inbound):
                 self._handle_inbound(item)
 
     def _shutdown(self) -> None:
         self._stopping = True
+        self._inbox.close()  # a network thread blocked in put must not hold up loop_stop
         if self._connected:
             deadline = time.monotonic() + 10.0
             for info in self._last_infos:
