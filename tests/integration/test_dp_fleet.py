@@ -70,7 +70,7 @@ def test_dp_rounds_epsilon_clip_bound_and_budget_stop(
         settings = ShardSettings(host=broker.host, port=broker.port, fleet=FLEET,
                                  topic_prefix=topic_prefix, rounds=2, timeout=90,
                                  unclipped=unclipped)
-        report = run_fleet(FleetSpec(plan, settings, processes=1))
+        report = run_fleet(FleetSpec(plan, settings, processes=2))
         print("\n".join(report.lines()))
         assert report.completed
         anns = [watcher.round(r, timeout=10) for r in (1, 2)]
