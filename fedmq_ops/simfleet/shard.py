@@ -454,8 +454,8 @@ class Shard:
         self._at(when, lambda: self._send(d, p))
 
     def _payload(self, d: _Device, p: _Pending) -> tuple[str, bytes] | None:
-        """The update's id and signed bytes (kept for resends), or None when the round's DP
-        params are malformed (logged once; the device does not take part)."""
+        """The update's id and signed bytes (trained ones kept for resends), or None when the
+        round's DP params are malformed (logged once; the device does not take part)."""
         uid = self.plan.update_id(d.id, p.epoch, p.round_id)
         if p.payload is not None:
             return uid, p.payload
@@ -484,8 +484,10 @@ class Shard:
             device=d.id, update_id=uid, num_examples=examples, codec=codec, tensors=tensors,
             epoch=p.epoch, metrics=metrics,
         )
-        p.payload = sign_update(msg, d.key) if d.key is not None else encode(msg)
-        return uid, p.payload
+        payload = sign_update(msg, d.key) if d.key is not None else encode(msg)
+        if self._trainer is not None:  # synthetic deltas are rebuilt (seeded) for a resend
+            p.payload = payload
+        return uid, payload
 
     def _publish(self, d: _Device, payload: bytes) -> None:
         if d.client is not None and d.connected:
@@ -520,8 +522,9 @@ class Shard:
             return
         p.attempts += 1
         self.result.resent += 1
-        assert p.payload is not None  # made by _send
-        self._publish(d, p.payload)
+        made = self._payload(d, p)  # the same bytes (seeded), or the kept trained payload
+        if made is not None:
+            self._publish(d, made[1])
         factor = min(2 ** p.attempts, _MAX_BACKOFF_FACTOR)
         self._at(time.time() + self.settings.ack_timeout * factor, lambda: self._resend(d, uid))
 

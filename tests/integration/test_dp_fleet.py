@@ -58,7 +58,7 @@ def test_dp_rounds_epsilon_clip_bound_and_budget_stop(
         "[aggregator]\n"
         'eval_dataset = "none"\ncodec = "int8"\nselection = "sample"\n'
         f"clients_per_round = {PER_ROUND}\nmin_updates = 1\nmin_devices = {N}\n"
-        "round_timeout = 3.0\n"
+        "round_timeout = 8.0\n"  # the round waits for the rejected ones until then
         'norm_bound = "off"\ndp = true\n'
         f"dp_population = {N}\ndp_noise_multiplier = {Z}\ndp_clip = {CLIP}\n"
         f"dp_delta = {DELTA}\ndp_epsilon_budget = {budget}\ndp_seed = 7\n"
