@@ -134,10 +134,10 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--devices", type=int, default=600)
-    p.add_argument("--per-round", type=int, default=60)
-    p.add_argument("--rounds", type=int, default=40)
-    p.add_argument("--noise", default="0,0.5,1.0,1.5", help="comma-separated z values")
+    p.add_argument("--devices", type=int, default=500)
+    p.add_argument("--per-round", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--noise", default="0.5,1.0,1.5", help="comma-separated z values")
     p.add_argument("--clip", type=float, default=0.3)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=0.1)
