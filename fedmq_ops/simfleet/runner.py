@@ -50,6 +50,7 @@ class FleetSpec:
         plan["arrival"] = str(self.plan.arrival)
         settings = asdict(self.settings)
         settings["passwords"] = dict(self.settings.passwords or {}) or None
+        settings["unclipped"] = sorted(self.settings.unclipped)
         return json.dumps({"plan": plan, "settings": settings, "processes": self.processes})
 
     @classmethod
@@ -58,7 +59,9 @@ class FleetSpec:
         plan = dict(raw["plan"])
         plan["arrival"] = Arrival.parse(plan["arrival"])
         plan["examples"] = tuple(plan["examples"])
-        return cls(FleetPlan(**plan), ShardSettings(**raw["settings"]), int(raw["processes"]))
+        settings = dict(raw["settings"])
+        settings["unclipped"] = frozenset(settings.get("unclipped", ()))
+        return cls(FleetPlan(**plan), ShardSettings(**settings), int(raw["processes"]))
 
 
 @dataclass

@@ -54,6 +54,7 @@ from fedmq.wire import (
 )
 from fedmq_ops.simfleet.limits import raise_nofile
 from fedmq_ops.simfleet.plan import FleetPlan
+from fedmq_ops.simfleet.privacy import privatize_round
 
 if TYPE_CHECKING:
     from fedmq_ops.simfleet.training import ShardTrainer
@@ -92,6 +93,8 @@ class ShardSettings:
     train_dataset: str = ""
     train_model: str = "digits-mlp"
     train_partition: str = "iid"
+    # misbehaving devices (tests of the aggregator's DP bound): they never clip in DP rounds
+    unclipped: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -450,27 +453,39 @@ class Shard:
         p = _Pending(ann.round_id, ann.epoch, ann.base_version, ann.config)
         self._at(when, lambda: self._send(d, p))
 
-    def _payload(self, d: _Device, p: _Pending) -> tuple[str, bytes]:
+    def _payload(self, d: _Device, p: _Pending) -> tuple[str, bytes] | None:
+        """The update's id and signed bytes (trained ones kept for resends), or None when the
+        round's DP params are malformed (logged once; the device does not take part)."""
         uid = self.plan.update_id(d.id, p.epoch, p.round_id)
         if p.payload is not None:
             return uid, p.payload
         codec = p.config.codec
+        seed, crc = self.plan.seed & 0xFFFFFFFF, zlib.crc32(d.id.encode())
         if self._trainer is None:
             shapes = self._shapes[(p.epoch, p.base_version)]
-            tensors = self.plan.encoded_delta(d.id, p.round_id, shapes, codec)
+            delta = self.plan.synthetic_delta(d.id, p.round_id, shapes)
             examples = self.plan.num_examples(d.id, p.round_id)
         else:
             delta, examples = self._trainer.delta(
                 d.id, p.round_id, self._weights[(p.epoch, p.base_version)], p.config)
-            tensors = encode_delta(delta, codec, np.random.default_rng(
-                [self.plan.seed, zlib.crc32(d.id.encode()), p.round_id, 4]))
+        # DP rounds: clip (and locally noise) BEFORE encoding, exactly as the edge agent does
+        # (docs/privacy.md); a no-op outside DP rounds, so the bytes are unchanged there.
+        try:
+            delta, metrics = privatize_round(
+                delta, p.config.params, np.random.default_rng([seed, crc, p.round_id, 5]),
+                d.id in self.settings.unclipped)
+        except ValueError as exc:
+            self._warn_once(f"dp {p.round_id}", "round %d: %s; no device takes part",
+                            p.round_id, exc)
+            return None
+        tensors = encode_delta(delta, codec, np.random.default_rng([seed, crc, p.round_id, 4]))
         msg = UpdateMessage(
             fleet=self.settings.fleet, round_id=p.round_id, base_version=p.base_version,
             device=d.id, update_id=uid, num_examples=examples, codec=codec, tensors=tensors,
-            epoch=p.epoch,
+            epoch=p.epoch, metrics=metrics,
         )
         payload = sign_update(msg, d.key) if d.key is not None else encode(msg)
-        if self._trainer is not None:
+        if self._trainer is not None:  # synthetic deltas are rebuilt (seeded) for a resend
             p.payload = payload
         return uid, payload
 
@@ -479,7 +494,10 @@ class Shard:
             d.client.publish(self.topics.update(d.id), payload, qos=1)
 
     def _send(self, d: _Device, p: _Pending) -> None:
-        uid, payload = self._payload(d, p)
+        made = self._payload(d, p)
+        if made is None:
+            return
+        uid, payload = made
         d.pending[uid] = p
         self._pending += 1
         self._publish(d, payload)
@@ -504,7 +522,9 @@ class Shard:
             return
         p.attempts += 1
         self.result.resent += 1
-        self._publish(d, self._payload(d, p)[1])
+        made = self._payload(d, p)  # the same bytes (seeded), or the kept trained payload
+        if made is not None:
+            self._publish(d, made[1])
         factor = min(2 ** p.attempts, _MAX_BACKOFF_FACTOR)
         self._at(time.time() + self.settings.ack_timeout * factor, lambda: self._resend(d, uid))
 
