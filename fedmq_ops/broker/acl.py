@@ -43,8 +43,10 @@ def render_acl(s: BrokerSettings, devices: Mapping[str, str]) -> str:
             f"topic write {t.secagg_out}",
             f"topic write {t.secagg_out}/+",
         ]
+        # Homomorphic aggregation: a sum above max_message_bytes goes out as retained chunks.
         he_sum, he_mean = he_topics(t.base)
-        lines += [f"topic write {he_sum}", f"topic read {he_mean}"]
+        lines += [f"topic write {he_sum}", f"topic write {chunk_wildcard(he_sum)}",
+                  f"topic read {he_mean}"]
     if s.monitor:
         lines += ["", f"user {MONITOR_USER}"]
         for fleet in s.fleets:
@@ -58,11 +60,12 @@ def render_acl(s: BrokerSettings, devices: Mapping[str, str]) -> str:
             ]
         lines.append("topic read $SYS/#")
     if s.decryptor:
-        # The sum is one retained message (never chunked); only the decryptor writes the mean.
+        # Reads the (possibly chunked) sum; the only identity that may write the mean.
         lines += ["", f"user {DECRYPTOR_USER}"]
         for fleet in s.fleets:
             he_sum, he_mean = he_topics(Topics(fleet, s.topic_prefix).base)
-            lines += [f"topic read {he_sum}", f"topic write {he_mean}"]
+            lines += [f"topic read {he_sum}", f"topic read {chunk_wildcard(he_sum)}",
+                      f"topic write {he_mean}"]
     for name in sorted(devices):
         fleet = devices[name]
         if fleet not in s.fleets:

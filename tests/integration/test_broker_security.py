@@ -372,18 +372,21 @@ def test_only_the_decryptor_writes_the_he_mean(secure: Secure, peers: list[Peer]
     agg = _online(peers, secure.settings("aggregator"))
     agg.subscribe(he_mean)
     dec = _online(peers, secure.settings("decryptor"))
-    dec.subscribe(he_sum)
+    dec.subscribe(he_sum, f"{he_sum}/chunk/+")
+    assert not agg.publish(f"{he_sum}/chunk/0", b"chunk-0", retain=True).is_failure
     assert not agg.publish(he_sum, b"sum-1", retain=True).is_failure
-    assert dec.drain(he_sum, b"sum-1") == [(he_sum, b"sum-1")]
+    assert dec.drain(he_sum, b"sum-1") == [(f"{he_sum}/chunk/0", b"chunk-0"), (he_sum, b"sum-1")]
     dev = _online(peers, secure.settings("dev-a"))
     mon = _online(peers, secure.settings("monitor"))
     for peer in (dev, mon, agg):
         assert peer.publish(he_mean, b"forged-mean").value == NOT_AUTHORIZED
     for peer in (dev, mon, dec):
-        assert peer.publish(he_sum, b"forged-sum").value == NOT_AUTHORIZED
+        for topic in (he_sum, f"{he_sum}/chunk/0"):
+            assert peer.publish(topic, b"forged-sum").value == NOT_AUTHORIZED
     assert not dec.publish(he_mean, b"mean-1", retain=True).is_failure
     assert agg.drain(he_mean, b"mean-1") == [(he_mean, b"mean-1")]
-    for peer, topic in ((agg, he_sum), (dec, he_mean)):  # nothing retained for "#" readers
+    for peer, topic in ((agg, f"{he_sum}/chunk/0"), (agg, he_sum), (dec, he_mean)):
+        # leave nothing retained for the tests that subscribe to "#"
         assert not peer.publish(topic, b"", retain=True).is_failure
 
 

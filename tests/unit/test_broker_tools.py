@@ -205,10 +205,13 @@ def test_acl_confines_each_identity() -> None:
         "topic write fl/f1/secagg/out",
         "topic write fl/f1/secagg/out/+",
         "topic write fl/f1/he/sum",
+        "topic write fl/f1/he/sum/chunk/+",
         "topic read fl/f1/he/mean",
     ]
     # Homomorphic aggregation: the key holder reads the sum and alone writes the mean.
-    assert blocks["decryptor"] == ["topic read fl/f1/he/sum", "topic write fl/f1/he/mean"]
+    assert blocks["decryptor"] == [
+        "topic read fl/f1/he/sum", "topic read fl/f1/he/sum/chunk/+", "topic write fl/f1/he/mean",
+    ]
     he_writers = {u for u, lines in blocks.items() for x in lines
                   if x.startswith(("topic write", "topic readwrite")) and "/he/mean" in x}
     assert he_writers == {"decryptor"}
@@ -391,8 +394,9 @@ def test_decryptor_identity_on_and_off(broker_dir: Path) -> None:
     env = lay.credentials("decryptor").read_text()
     assert f"FEDMQ_DECRYPTOR_MQTT_PASSWORD={r.passwords['decryptor']}\n" in env
     assert lay.credentials("decryptor").stat().st_mode & 0o777 == 0o600
-    assert "user decryptor\ntopic read fl/f1/he/sum\ntopic write fl/f1/he/mean\n" \
-        "topic read fl/f2/he/sum\ntopic write fl/f2/he/mean\n" in lay.acl.read_text()
+    assert "user decryptor\n" + "".join(
+        f"topic read fl/{f}/he/sum\ntopic read fl/{f}/he/sum/chunk/+\ntopic write fl/{f}/he/mean\n"
+        for f in ("f1", "f2")) in lay.acl.read_text()
     init_broker(broker_dir, BrokerSettings(fleets=("f1", "f2"), decryptor=False))
     assert "decryptor" not in parse_passwd(lay.passwd.read_text())
     assert not lay.credentials("decryptor").exists()
