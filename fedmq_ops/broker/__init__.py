@@ -1,6 +1,7 @@
 """``fedmq broker``: the files a production Mosquitto needs (TLS, passwords, ACL, config).
 
     fedmq broker init --dir DIR [--fleet F ...] [--hostname H ...] [--days N] [--monitor]
+                      [--decryptor]
     fedmq broker add-device NAME --dir DIR [--fleet F] [--password P | --rotate] [--cert]
     fedmq broker remove-device NAME --dir DIR
     fedmq broker list --dir DIR
@@ -50,6 +51,7 @@ from fedmq_ops.broker.provision import (
 )
 from fedmq_ops.broker.settings import (
     AGGREGATOR_USER,
+    DECRYPTOR_USER,
     MONITOR_USER,
     PACKET_OVERHEAD,
     RESERVED_USERS,
@@ -60,6 +62,7 @@ from fedmq_ops.broker.state import load_settings
 
 __all__ = [
     "AGGREGATOR_USER",
+    "DECRYPTOR_USER",
     "MONITOR_USER",
     "PACKET_OVERHEAD",
     "PBKDF2_ITERATIONS",

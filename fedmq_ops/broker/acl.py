@@ -7,8 +7,14 @@ from collections.abc import Mapping
 from fedmq.chunks import chunk_wildcard
 from fedmq.downlink import downlink_topics
 from fedmq.errors import ConfigError
+from fedmq.privacy.he_decrypt import he_topics
 from fedmq.topics import Topics
-from fedmq_ops.broker.settings import AGGREGATOR_USER, MONITOR_USER, BrokerSettings
+from fedmq_ops.broker.settings import (
+    AGGREGATOR_USER,
+    DECRYPTOR_USER,
+    MONITOR_USER,
+    BrokerSettings,
+)
 
 __all__ = ["render_acl"]
 
@@ -37,6 +43,10 @@ def render_acl(s: BrokerSettings, devices: Mapping[str, str]) -> str:
             f"topic write {t.secagg_out}",
             f"topic write {t.secagg_out}/+",
         ]
+        # Homomorphic aggregation: a sum above max_message_bytes goes out as retained chunks.
+        he_sum, he_mean = he_topics(t.base)
+        lines += [f"topic write {he_sum}", f"topic write {chunk_wildcard(he_sum)}",
+                  f"topic read {he_mean}"]
     if s.monitor:
         lines += ["", f"user {MONITOR_USER}"]
         for fleet in s.fleets:
@@ -49,6 +59,13 @@ def render_acl(s: BrokerSettings, devices: Mapping[str, str]) -> str:
                 f"topic read {t.round}",
             ]
         lines.append("topic read $SYS/#")
+    if s.decryptor:
+        # Reads the (possibly chunked) sum; the only identity that may write the mean.
+        lines += ["", f"user {DECRYPTOR_USER}"]
+        for fleet in s.fleets:
+            he_sum, he_mean = he_topics(Topics(fleet, s.topic_prefix).base)
+            lines += [f"topic read {he_sum}", f"topic read {chunk_wildcard(he_sum)}",
+                      f"topic write {he_mean}"]
     for name in sorted(devices):
         fleet = devices[name]
         if fleet not in s.fleets:

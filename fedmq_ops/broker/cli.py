@@ -42,7 +42,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
             changes[f"{key}s"] = tuple(dict.fromkeys(value))
     for key in ("topic_prefix", "tls_port", "config_root", "data_dir", "days", "bind_clientid",
                 "max_queued_messages", "max_queued_bytes", "max_message_bytes", "monitor",
-                "require_client_cert"):
+                "decryptor", "require_client_cert"):
         value = getattr(args, key)
         if value is not None:
             changes[key] = value
@@ -140,6 +140,9 @@ def add_parser(subparsers: Any) -> None:
                    "on this host from DIR (config root = DIR, data = DIR/data)")
     i.add_argument("--monitor", action=argparse.BooleanOptionalAction, default=None,
                    help="a read-only 'monitor' user (status, model, round, $SYS)")
+    i.add_argument("--decryptor", action=argparse.BooleanOptionalAction, default=None,
+                   help="a 'decryptor' user for `fedmq he decrypt` (reads he/sum, the only "
+                   "writer of he/mean)")
     i.add_argument("--require-client-cert", action=argparse.BooleanOptionalAction,
                    default=None, help="require a CA-signed client certificate in addition "
                    "to the password")

@@ -27,6 +27,7 @@ from fedmq_ops.broker.lock import locked
 from fedmq_ops.broker.passwords import format_passwd, hash_password, new_password
 from fedmq_ops.broker.settings import (
     AGGREGATOR_USER,
+    DECRYPTOR_USER,
     MONITOR_USER,
     RESERVED_USERS,
     BrokerLayout,
@@ -49,6 +50,8 @@ def _credentials_text(state: BrokerState, name: str, password: str) -> str:
         prefix, fleets = "FEDMQ_AGGREGATOR_MQTT_", ", ".join(s.fleets)
     elif name == MONITOR_USER:
         prefix, fleets = "FEDMQ_MONITOR_", ", ".join(s.fleets)
+    elif name == DECRYPTOR_USER:  # `fedmq he decrypt` reads FEDMQ_DECRYPTOR_MQTT_PASSWORD
+        prefix, fleets = "FEDMQ_DECRYPTOR_MQTT_", ", ".join(s.fleets)
     else:
         prefix, fleets = "FEDMQ_AGENT_MQTT_", state.devices[name]
         extra.append(f"FEDMQ_AGENT_DEVICE_ID={name}")
@@ -163,14 +166,16 @@ def init_broker(
             os.chown(layout.server_key, *owner)
 
         passwd = read_passwd(layout)
-        wanted = {AGGREGATOR_USER} | ({MONITOR_USER} if settings.monitor else set())
+        optional = {MONITOR_USER: settings.monitor, DECRYPTOR_USER: settings.decryptor}
+        wanted = {AGGREGATOR_USER} | {ident for ident, on in optional.items() if on}
         for ident in sorted(wanted):
             if ident not in passwd:
                 passwords[ident] = _set_password(layout, state, passwd, ident, None, True)
                 created.append(str(layout.credentials(ident)))
-        if not settings.monitor and MONITOR_USER in passwd:
-            del passwd[MONITOR_USER]
-            layout.credentials(MONITOR_USER).unlink(missing_ok=True)
+        for ident, on in optional.items():
+            if not on and ident in passwd:
+                del passwd[ident]
+                layout.credentials(ident).unlink(missing_ok=True)
         stale = set(passwd) - wanted - set(devices)
         if stale:
             log.warning("password file users without an ACL block (they can connect but "

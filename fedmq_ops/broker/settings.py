@@ -14,6 +14,7 @@ from fedmq_ops.broker.certs import subject_alt_name
 
 __all__ = [
     "AGGREGATOR_USER",
+    "DECRYPTOR_USER",
     "MONITOR_USER",
     "PACKET_OVERHEAD",
     "RESERVED_USERS",
@@ -24,7 +25,10 @@ __all__ = [
 
 AGGREGATOR_USER = "aggregator"
 MONITOR_USER = "monitor"
-RESERVED_USERS = frozenset({AGGREGATOR_USER, MONITOR_USER})
+# Homomorphic aggregation's key holder (`fedmq he decrypt`): reads the encrypted sum,
+# the only identity that may write the decrypted mean.
+DECRYPTOR_USER = "decryptor"
+RESERVED_USERS = frozenset({AGGREGATOR_USER, MONITOR_USER, DECRYPTOR_USER})
 # Room for the fixed header, the topic and the MQTT v5 properties around a payload.
 PACKET_OVERHEAD = 4096
 _MQTT_MAX_PACKET = 268_435_455
@@ -49,6 +53,7 @@ class BrokerSettings:
     # Mosquitto started as root drops to this user before it reads the password file.
     run_as: str = "mosquitto"
     monitor: bool = False
+    decryptor: bool = False
     # Client id := username, so no client can take over (kick off) another's session.
     bind_clientid: bool = True
     require_client_cert: bool = False

@@ -34,6 +34,7 @@ from fedmq.net.localbroker import (
     wait_for_port,
 )
 from fedmq.net.mqtt import MqttSettings, connect, make_client
+from fedmq.privacy.he_decrypt import he_topics
 from fedmq.topics import Topics
 from fedmq_ops.broker import (
     PACKET_OVERHEAD,
@@ -110,7 +111,7 @@ def _secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
         health_port=free_port(), config_root=str(root), data_dir=f"{root}/data/",
         # As root, Mosquitto would switch to 'mosquitto', who cannot read pytest's tmp dirs.
         run_as="root" if os.geteuid() == 0 else "mosquitto",
-        monitor=True, max_message_bytes=MAX_MESSAGE,
+        monitor=True, decryptor=True, max_message_bytes=MAX_MESSAGE,
     )
     result = init_broker(root, settings)
     secure = Secure(SecuredBroker(BrokerLayout(root), settings), BrokerLayout(root))
@@ -362,6 +363,31 @@ def test_monitor_reads_but_cannot_publish(secure: Secure, peers: list[Peer]) -> 
     assert not dev.publish(T.status("dev-b"), b"idle").is_failure
     assert (T.status("dev-b"), b"idle") in mon.drain(T.status("dev-b"), b"idle")
     assert agg.drain(T.status("dev-b"), b"idle", retained=False) == [(T.status("dev-b"), b"idle")]
+
+
+def test_only_the_decryptor_writes_the_he_mean(secure: Secure, peers: list[Peer]) -> None:
+    """Homomorphic aggregation: the aggregator posts the encrypted sum, the decryptor reads it
+    and is the only identity that may post the mean the aggregator reads back."""
+    he_sum, he_mean = he_topics(T.base)
+    agg = _online(peers, secure.settings("aggregator"))
+    agg.subscribe(he_mean)
+    dec = _online(peers, secure.settings("decryptor"))
+    dec.subscribe(he_sum, f"{he_sum}/chunk/+")
+    assert not agg.publish(f"{he_sum}/chunk/0", b"chunk-0", retain=True).is_failure
+    assert not agg.publish(he_sum, b"sum-1", retain=True).is_failure
+    assert dec.drain(he_sum, b"sum-1") == [(f"{he_sum}/chunk/0", b"chunk-0"), (he_sum, b"sum-1")]
+    dev = _online(peers, secure.settings("dev-a"))
+    mon = _online(peers, secure.settings("monitor"))
+    for peer in (dev, mon, agg):
+        assert peer.publish(he_mean, b"forged-mean").value == NOT_AUTHORIZED
+    for peer in (dev, mon, dec):
+        for topic in (he_sum, f"{he_sum}/chunk/0"):
+            assert peer.publish(topic, b"forged-sum").value == NOT_AUTHORIZED
+    assert not dec.publish(he_mean, b"mean-1", retain=True).is_failure
+    assert agg.drain(he_mean, b"mean-1") == [(he_mean, b"mean-1")]
+    for peer, topic in ((agg, f"{he_sum}/chunk/0"), (agg, he_sum), (dec, he_mean)):
+        # leave nothing retained for the tests that subscribe to "#"
+        assert not peer.publish(topic, b"", retain=True).is_failure
 
 
 def test_a_device_cannot_take_over_the_aggregator_session(

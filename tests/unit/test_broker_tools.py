@@ -70,7 +70,7 @@ def test_repository_config_is_the_rendered_default() -> None:
 
 
 def test_repository_acl_example_is_rendered() -> None:
-    s = BrokerSettings(monitor=True)
+    s = BrokerSettings(monitor=True, decryptor=True)
     assert (REPO / "broker" / "acl.example").read_text() == render_acl(
         s, {"device-001": "default", "device-002": "default"}
     )
@@ -173,7 +173,7 @@ def _blocks(acl: str) -> dict[str, list[str]]:
 
 
 def test_acl_confines_each_identity() -> None:
-    s = BrokerSettings(fleets=("f1",), monitor=True)
+    s = BrokerSettings(fleets=("f1",), monitor=True, decryptor=True)
     blocks = _blocks(render_acl(s, {"dev-a": "f1", "dev-b": "f1"}))
     assert blocks["dev-a"] == [
         "topic write fl/f1/update/dev-a",
@@ -204,7 +204,18 @@ def test_acl_confines_each_identity() -> None:
         "topic read fl/f1/secagg/in/+",
         "topic write fl/f1/secagg/out",
         "topic write fl/f1/secagg/out/+",
+        "topic write fl/f1/he/sum",
+        "topic write fl/f1/he/sum/chunk/+",
+        "topic read fl/f1/he/mean",
     ]
+    # Homomorphic aggregation: the key holder reads the sum and alone writes the mean.
+    assert blocks["decryptor"] == [
+        "topic read fl/f1/he/sum", "topic read fl/f1/he/sum/chunk/+", "topic write fl/f1/he/mean",
+    ]
+    he_writers = {u for u, lines in blocks.items() for x in lines
+                  if x.startswith(("topic write", "topic readwrite")) and "/he/mean" in x}
+    assert he_writers == {"decryptor"}
+    assert not any("/he/" in x for x in blocks["dev-a"] + blocks["monitor"])
     assert all(line.startswith("topic read ") for line in blocks["monitor"])
     for user, lines in blocks.items():
         if user != "monitor":
@@ -221,6 +232,7 @@ def test_acl_with_prefix_and_fleets() -> None:
     s = BrokerSettings(fleets=("f1", "f2"), topic_prefix="site1")
     blocks = _blocks(render_acl(s, {"d2": "f2"}))
     assert "monitor" not in blocks
+    assert "decryptor" not in blocks
     assert "topic write site1/fl/f2/update/d2" in blocks["d2"]
     assert "topic read site1/fl/f1/update/+" in blocks["aggregator"]
     assert "topic read site1/fl/f2/update/+" in blocks["aggregator"]
@@ -372,6 +384,25 @@ def test_monitor_identity_on_and_off(broker_dir: Path) -> None:
     assert not lay.credentials("monitor").exists()
 
 
+def test_decryptor_identity_on_and_off(broker_dir: Path) -> None:
+    lay = BrokerLayout(broker_dir)
+    r = init_broker(broker_dir, BrokerSettings(fleets=("f1", "f2"), decryptor=True))
+    assert set(r.passwords) == {"decryptor"}
+    assert verify_password(parse_passwd(lay.passwd.read_text())["decryptor"],
+                           r.passwords["decryptor"])
+    # the variable `fedmq he decrypt` reads its password from
+    env = lay.credentials("decryptor").read_text()
+    assert f"FEDMQ_DECRYPTOR_MQTT_PASSWORD={r.passwords['decryptor']}\n" in env
+    assert lay.credentials("decryptor").stat().st_mode & 0o777 == 0o600
+    assert "user decryptor\n" + "".join(
+        f"topic read fl/{f}/he/sum\ntopic read fl/{f}/he/sum/chunk/+\ntopic write fl/{f}/he/mean\n"
+        for f in ("f1", "f2")) in lay.acl.read_text()
+    init_broker(broker_dir, BrokerSettings(fleets=("f1", "f2"), decryptor=False))
+    assert "decryptor" not in parse_passwd(lay.passwd.read_text())
+    assert not lay.credentials("decryptor").exists()
+    assert "user decryptor" not in lay.acl.read_text()
+
+
 # ------------------------------------------------------------------------------ devices
 
 
@@ -413,6 +444,7 @@ def test_add_device_is_idempotent_and_rotates(broker_dir: Path) -> None:
     [
         ("aggregator", {}, "reserved"),
         ("monitor", {}, "reserved"),
+        ("decryptor", {}, "reserved"),
         ("bad/name", {}, "device"),
         ("+", {}, "device"),
         ("dev-a", {"fleet": "nope"}, "not served"),
