@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmq.errors import ConfigError
-from fedmq.net.procs import stop_process
+from fedmq.net.procs import LocalServerFiles, stop_process
 
 __all__ = ["BrokerOptions", "LocalBroker", "free_port", "mosquitto_path", "wait_for_port"]
 
@@ -65,7 +65,7 @@ class BrokerOptions:
     extra_config: str = ""
 
 
-class LocalBroker:
+class LocalBroker(LocalServerFiles):
     """A broker child process on 127.0.0.1 with its own directory, config and log."""
 
     def __init__(
@@ -168,17 +168,6 @@ class LocalBroker:
     def restart(self, timeout: float = 15.0) -> None:
         self.stop()
         self.start(timeout)
-
-    def read_log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def cleanup(self) -> None:
-        self.stop()
-        if self._owns_dir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> LocalBroker:
         return self.start()

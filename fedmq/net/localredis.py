@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fedmq.errors import ConfigError
 from fedmq.net.localbroker import free_port, wait_for_port
-from fedmq.net.procs import stop_process
+from fedmq.net.procs import LocalServerFiles, stop_process
 
 __all__ = ["LocalRedis", "RedisOptions", "redis_server_path"]
 
@@ -41,7 +41,7 @@ class RedisOptions:
     appendfsync: str = "always"
 
 
-class LocalRedis:
+class LocalRedis(LocalServerFiles):
     """A redis-server child process on 127.0.0.1 with its own directory, config and log."""
 
     def __init__(self, options: RedisOptions | None = None, workdir: Path | None = None) -> None:
@@ -119,17 +119,6 @@ class LocalRedis:
         proc, self._proc = self._proc, None
         if proc is not None:
             stop_process(proc, timeout, kill_timeout=timeout)
-
-    def read_log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def cleanup(self) -> None:
-        self.stop()
-        if self._owns_dir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> LocalRedis:
         return self.start()

@@ -6,13 +6,15 @@ The one way the local broker, the local fleet runner and the tests stop what the
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["stop_process", "stop_processes"]
+__all__ = ["LocalServerFiles", "stop_process", "stop_processes"]
 
 log = logging.getLogger(__name__)
 
@@ -46,3 +48,27 @@ def stop_process(
 ) -> int | None:
     """:func:`stop_processes` for one process; its exit code."""
     return stop_processes([proc], timeout, kill_timeout)[0]
+
+
+class LocalServerFiles:
+    """The files of a server started on loopback (Mosquitto, Redis): its log and its work
+    directory, removed on :meth:`cleanup` when the server made it. Subclasses set
+    ``workdir``, ``log_path`` and ``_owns_dir`` and implement :meth:`stop`."""
+
+    workdir: Path
+    log_path: Path
+    _owns_dir: bool
+
+    def stop(self, timeout: float = 10.0) -> None:
+        raise NotImplementedError
+
+    def read_log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._owns_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
