@@ -15,14 +15,14 @@ import pytest
 
 from aggregator.bounds import BoundsConfig, FleetBounds, update_norm
 from aggregator.config import AggregatorConfig, load_aggregator_config
-from aggregator.engine import Engine, Outgoing, resolve_bundle
+from aggregator.engine import Engine, resolve_bundle
 from aggregator.store import Store
 from fedmq.errors import ConfigError, Rejected, RejectReason, SecurityError
 from fedmq.models.spec import ModelBundle
 from fedmq.signing import DeviceKey, Registry
 from fedmq.update import codecs
-from fedmq.wire import decode_model
-from tests.fakes import exact_delta, make_update, model_weights
+from tests.engine_kit import engine_config, published_weights, scaled_delta
+from tests.fakes import exact_delta, make_update
 
 T0 = 1_000.0
 HONEST = {"h0": 100, "h1": 120, "h2": 80, "h3": 150}  # claimed num_examples
@@ -33,23 +33,12 @@ def bundle() -> ModelBundle:
     return resolve_bundle("digits-mlp")
 
 
+ROUND = {"selection": "any", "clients_per_round": 5, "min_updates": 5, "round_timeout": 60.0,
+         "abandon_after": 30.0}
+
+
 def _config(tmp_path: Path, **kw: Any) -> AggregatorConfig:
-    base: dict[str, Any] = {
-        "fleet": "f", "state_dir": tmp_path / "state", "eval_dataset": "none", "codec": "float32",
-        "selection": "any", "clients_per_round": 5, "min_updates": 5, "round_timeout": 60.0,
-        "abandon_after": 30.0, "max_update_bytes": 256 * 1024,
-    }
-    base.update(kw)
-    return AggregatorConfig(**base)
-
-
-def _model(out: list[Outgoing]) -> dict[str, np.ndarray]:
-    [payload] = [o.payload for o in out if o.topic.endswith("/model")]
-    return model_weights(decode_model(payload))
-
-
-def _scaled(d: Mapping[str, np.ndarray], k: float) -> dict[str, np.ndarray]:
-    return {n: (v * np.float32(k)).astype(np.float32) for n, v in d.items()}
+    return engine_config(tmp_path, **(ROUND | kw))
 
 
 def _flat(w: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -149,7 +138,7 @@ def test_one_device_claiming_ten_million_examples_gets_an_honest_share(
     cfg = _config(tmp_path, norm_action="reject")  # the clip case: tests/unit/test_norm_clip.py
     engine = Engine(cfg, Store(cfg.state_dir), bundle)
     out = engine.start(T0)
-    w0 = _model(out)
+    w0 = published_weights(out)
     shapes = {k: v.shape for k, v in w0.items()}
     # Round 1: the honest fleet (the warm-up of the medians).
     for i, (dev, n) in enumerate(HONEST.items()):
@@ -159,10 +148,10 @@ def test_one_device_claiming_ten_million_examples_gets_an_honest_share(
     assert engine.tick(T0 + 2) == [] and engine.pop_results() == []  # five wanted, four in
     honest1 = make_update("f", 1, 0, "h4", exact_delta(shapes, 4), 110)
     assert engine.handle_update("h4", honest1, T0 + 2).accepted
-    w1 = _model(engine.tick(T0 + 3))
+    w1 = published_weights(engine.tick(T0 + 3))
     # Round 2: the attacker goes first, after the warm-up.
     honest = {dev: exact_delta(shapes, 10 + i) for i, dev in enumerate(HONEST)}
-    scaled = make_update("f", 2, 1, "evil", _scaled(honest["h0"], 1000), 100, update_id="big")
+    scaled = make_update("f", 2, 1, "evil", scaled_delta(honest["h0"], 1000), 100, update_id="big")
     ack = engine.handle_update("evil", scaled, T0 + 4)
     assert (ack.accepted, ack.code) == (False, RejectReason.NORM_BOUND), ack.reason
     assert ack.reason.startswith("update L2 norm ") and "x median" in ack.reason
@@ -183,7 +172,7 @@ def test_one_device_claiming_ten_million_examples_gets_an_honest_share(
     engine.store.close()  # the process dies before the round closes ...
     engine = Engine(cfg, Store(cfg.state_dir), bundle)  # ... and re-folds the journal
     assert engine.start(T0 + 6, tick=False) and engine.round is not None
-    w2 = _model(engine.tick(T0 + 7))
+    w2 = published_weights(engine.tick(T0 + 7))
     engine.store.close()
 
     total = cap + sum(HONEST.values())
@@ -216,12 +205,12 @@ def test_registry_caps_the_fold_weight(tmp_path: Path, bundle: ModelBundle) -> N
                   clients_per_round=2)
     engine = Engine(cfg, Store(cfg.state_dir), bundle)
     try:
-        w0 = _model(engine.start(T0))
+        w0 = published_weights(engine.start(T0))
         shapes = {k: v.shape for k, v in w0.items()}
         da, db = exact_delta(shapes, 1), exact_delta(shapes, 2)
         assert engine.handle_update("a", make_update("f", 1, 0, "a", da, 1000), T0).accepted
         assert engine.handle_update("b", make_update("f", 1, 0, "b", db, 1), T0).accepted
-        w1 = _model(engine.tick(T0 + 1))
+        w1 = published_weights(engine.tick(T0 + 1))
         for name in shapes:  # weights 3 and 1: exact in float32
             want = w0[name] + (3 * da[name] + db[name]) / np.float32(4)
             np.testing.assert_array_equal(w1[name], want)
@@ -236,7 +225,7 @@ def test_a_journal_without_the_weight_column_refolds_with_num_examples(
     """State directories of older versions: the column is added, NULL = num_examples."""
     cfg = _config(tmp_path, min_updates=2, clients_per_round=2)
     engine = Engine(cfg, Store(cfg.state_dir), bundle)
-    w0 = _model(engine.start(T0))
+    w0 = published_weights(engine.start(T0))
     engine.store.close()
     shapes = {k: v.shape for k, v in w0.items()}
     deltas = [exact_delta(shapes, 1), exact_delta(shapes, 2)]
@@ -254,7 +243,7 @@ def test_a_journal_without_the_weight_column_refolds_with_num_examples(
     try:
         engine.start(T0 + 1, tick=False)
         assert [e.weight for e in engine.store.journal(1)] == [None, None]
-        w1 = _model(engine.tick(T0 + 2))
+        w1 = published_weights(engine.tick(T0 + 2))
         for name in shapes:
             want = w0[name] + (deltas[0][name] + 3 * deltas[1][name]) / np.float32(4)
             np.testing.assert_array_equal(w1[name], want)

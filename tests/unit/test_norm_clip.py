@@ -21,15 +21,16 @@ import pytest
 
 from aggregator.bounds import BoundsConfig, FleetBounds, update_norm
 from aggregator.config import AggregatorConfig, load_aggregator_config
-from aggregator.engine import Engine, Outgoing, resolve_bundle
+from aggregator.engine import Engine, resolve_bundle
 from aggregator.store import Store
 from fedmq.errors import ConfigError, RejectReason
 from fedmq.models.spec import ModelBundle
 from fedmq.update import codecs
 from fedmq.update.accumulate import BufferedUpdates, WeightedSum, scaled
 from fedmq.update.normalized import NormalizedSum, check_update
-from fedmq.wire import StatusMessage, decode_model, decode_update, encode
-from tests.fakes import exact_delta, make_update, model_weights
+from fedmq.wire import StatusMessage, decode_update, encode
+from tests.engine_kit import engine_config, published_weights, scaled_delta
+from tests.fakes import exact_delta, make_update
 
 T0 = 1_000.0
 HONEST = {"h0": 100, "h1": 120, "h2": 80, "h3": 150}
@@ -40,23 +41,12 @@ def bundle() -> ModelBundle:
     return resolve_bundle("digits-mlp")
 
 
+ROUND = {"selection": "any", "clients_per_round": 5, "min_updates": 5, "round_timeout": 600.0,
+         "abandon_after": 60.0}
+
+
 def _config(tmp_path: Path, **kw: Any) -> AggregatorConfig:
-    base: dict[str, Any] = {
-        "fleet": "f", "state_dir": tmp_path / "state", "eval_dataset": "none", "codec": "float32",
-        "selection": "any", "clients_per_round": 5, "min_updates": 5, "round_timeout": 600.0,
-        "abandon_after": 60.0, "max_update_bytes": 256 * 1024,
-    }
-    base.update(kw)
-    return AggregatorConfig(**base)
-
-
-def _model(out: list[Outgoing]) -> dict[str, np.ndarray]:
-    [payload] = [o.payload for o in out if o.topic.endswith("/model")]
-    return model_weights(decode_model(payload))
-
-
-def _scaled(d: Mapping[str, np.ndarray], k: float) -> dict[str, np.ndarray]:
-    return {n: (v * np.float32(k)).astype(np.float32) for n, v in d.items()}
+    return engine_config(tmp_path, **(ROUND | kw))
 
 
 def _decoded(payload: bytes) -> dict[str, np.ndarray]:
@@ -97,7 +87,7 @@ def test_sync_round_closes_at_once_when_the_missing_device_was_finally_rejected(
     for dev in "ab":
         assert engine.handle_update(dev, make_update("f", 1, 0, dev, deltas[dev], 10),
                                     T0 + 1).accepted
-    big = make_update("f", 1, 0, "d", _scaled(deltas["a"], 1000), 10)
+    big = make_update("f", 1, 0, "d", scaled_delta(deltas["a"], 1000), 10)
     ack = engine.handle_update("d", big, T0 + 2)
     assert (ack.accepted, ack.code) == (False, RejectReason.NORM_BOUND)
     # An answer about another round does not end d's part in this one.
@@ -110,7 +100,7 @@ def test_sync_round_closes_at_once_when_the_missing_device_was_finally_rejected(
     assert engine.round is not None and engine.round.refused == {"d"}
     assert engine.handle_update("c", make_update("f", 1, 0, "c", deltas["c"], 10),
                                 T0 + 4).accepted
-    w1 = _model(engine.tick(T0 + 5))  # at once, not at the deadline T0 + 600
+    w1 = published_weights(engine.tick(T0 + 5))  # at once, not at the deadline T0 + 600
     [res] = engine.pop_results()
     assert (res.status, res.participants) == ("closed", 3)
     for name in shapes:  # three equal weights: exact multiples of 1/16 summed, / 3
@@ -129,7 +119,7 @@ def test_sync_round_without_quorum_is_abandoned_at_once_with_a_reason(
         assert engine.handle_update(dev, make_update("f", 1, 0, dev, exact_delta(shapes, i), 10),
                                     T0 + 1).accepted
     assert engine.tick(T0 + 2) == []
-    big = make_update("f", 1, 0, "d", _scaled(exact_delta(shapes, 0), 1000), 10)
+    big = make_update("f", 1, 0, "d", scaled_delta(exact_delta(shapes, 0), 1000), 10)
     assert engine.handle_update("d", big, T0 + 3).code == RejectReason.NORM_BOUND
     with caplog.at_level(logging.WARNING):
         engine.tick(T0 + 4)
@@ -187,12 +177,12 @@ def test_a_1000x_update_is_clipped_to_the_bound_and_refolded_identically(
 ) -> None:
     cfg = _config(tmp_path, codec="int8")  # defaults: adaptive bound, 3 x median, clip
     engine = Engine(cfg, Store(cfg.state_dir), bundle)
-    w0 = _model(engine.start(T0))
+    w0 = published_weights(engine.start(T0))
     shapes = {k: v.shape for k, v in w0.items()}
     for i, (dev, n) in enumerate({**HONEST, "h4": 110}.items()):  # warm-up of the median
         payload = make_update("f", 1, 0, dev, exact_delta(shapes, i), n, codec="int8")
         assert engine.handle_update(dev, payload, T0 + 1).accepted
-    w1 = _model(engine.tick(T0 + 2))
+    w1 = published_weights(engine.tick(T0 + 2))
     norms = sorted(
         update_norm(decode_update(make_update("f", 1, 0, d, exact_delta(shapes, i), 1,
                                               codec="int8")).tensors, "int8")
@@ -205,7 +195,7 @@ def test_a_1000x_update_is_clipped_to_the_bound_and_refolded_identically(
                          update_id=f"{dev}-2")
         for i, (dev, n) in enumerate(HONEST.items())
     }
-    payloads["evil"] = make_update("f", 2, 1, "evil", _scaled(exact_delta(shapes, 10), 1000),
+    payloads["evil"] = make_update("f", 2, 1, "evil", scaled_delta(exact_delta(shapes, 10), 1000),
                                    100, codec="int8", update_id="big")
     with caplog.at_level(logging.INFO, logger="aggregator.ingest"):
         ack = engine.handle_update("evil", payloads["evil"], T0 + 3)
@@ -228,7 +218,7 @@ def test_a_1000x_update_is_clipped_to_the_bound_and_refolded_identically(
     assert engine.start(T0 + 5, tick=False) and engine.round is not None
     limit = engine.ingest.bounds.norm_limit()  # the re-fold moved the median ...
     assert limit is not None and limit[0] != pytest.approx(bound, rel=1e-3)
-    w2 = _model(engine.tick(T0 + 6))  # ... but the journaled scale is what is re-folded
+    w2 = published_weights(engine.tick(T0 + 6))  # ... but the journaled scale is what is re-folded
     engine.store.close()
     weights = {**{f"{d}-2": float(n) for d, n in HONEST.items()}, "big": 100.0}
     devs = {**{f"{d}-2": d for d in HONEST}, "big": "evil"}
