@@ -14,6 +14,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,23 @@ def _check_model(prev: dict[str, np.ndarray], new: dict[str, np.ndarray],
         np.testing.assert_allclose(new[name], expected, rtol=0, atol=1e-6, err_msg=name)
 
 
+@contextmanager
+def _aggregator(broker: LocalBroker, topic_prefix: str, state: Path,
+                *args: str) -> Iterator[tuple[AggregatorProcess, Watcher]]:
+    """A real aggregator process and a watcher of the fleet's retained topics; the
+    aggregator's log is printed when the test fails, and both are stopped at the end."""
+    watcher = Watcher(broker, Topics(FLEET, topic_prefix))
+    agg = AggregatorProcess(broker, topic_prefix, state, *args).start()
+    try:
+        yield agg, watcher
+    except BaseException:
+        print(agg.log()[-8000:])
+        raise
+    finally:
+        agg.stop()
+        watcher.close()
+
+
 def test_200_devices_two_rounds_exact(
     broker: LocalBroker, topic_prefix: str, tmp_path: Path
 ) -> None:
@@ -54,14 +73,12 @@ def test_200_devices_two_rounds_exact(
     assert enroll_fleet(plan, registry) == n
     assert enroll_fleet(plan, registry) == 0  # idempotent
     state = tmp_path / "state"
-    watcher = Watcher(broker, Topics(FLEET, topic_prefix))
-    agg = AggregatorProcess(
+    with _aggregator(
         broker, topic_prefix, state,
         "--eval-dataset", "none", "--codec", "int8", "--selection", "any",
         "--clients-per-round", str(n), "--min-updates", str(n), "--rounds", "2",
         "--round-timeout", "300", "--registry", str(registry),
-    ).start()
-    try:
+    ) as (agg, watcher):
         settings = ShardSettings(host=broker.host, port=broker.port, fleet=FLEET,
                                  topic_prefix=topic_prefix, sign=True, rounds=2, timeout=120)
         report = run_fleet(FleetSpec(plan, settings, processes=2))
@@ -94,12 +111,6 @@ def test_200_devices_two_rounds_exact(
         w0, w1, w2 = model_weights(v0), model_weights(v1), model_weights(v2)
         _check_model(w0, w1, plan.expected_mean(plan.device_ids(), 1, shapes, "int8"))
         _check_model(w1, w2, plan.expected_mean(plan.device_ids(), 2, shapes, "int8"))
-    except BaseException:
-        print(agg.log()[-8000:])
-        raise
-    finally:
-        agg.stop()
-        watcher.close()
 
 
 def test_dropout_fraction_sends_the_rest(
@@ -110,15 +121,13 @@ def test_dropout_fraction_sends_the_rest(
     senders = plan.senders(1)
     assert len(senders) == 90 and len(plan.dropped(1)) == 30
     state = tmp_path / "state"
-    watcher = Watcher(broker, Topics(FLEET, topic_prefix))
     # The round opens once all 120 are online; it closes at its deadline with the 90.
-    agg = AggregatorProcess(
+    with _aggregator(
         broker, topic_prefix, state,
         "--eval-dataset", "none", "--codec", "int8", "--selection", "any",
         "--clients-per-round", str(n), "--min-updates", "10", "--min-devices", str(n),
         "--rounds", "1", "--round-timeout", "6",
-    ).start()
-    try:
+    ) as (agg, watcher):
         settings = ShardSettings(host=broker.host, port=broker.port, fleet=FLEET,
                                  topic_prefix=topic_prefix, rounds=1, timeout=90)
         # 120 connections, one thread: no paho network thread is ever started.
@@ -154,12 +163,6 @@ def test_dropout_fraction_sends_the_rest(
         shapes = {t.name: tuple(t.shape) for t in v0.tensors}
         _check_model(model_weights(v0), model_weights(v1),
                      plan.expected_mean(senders, 1, shapes, "int8"))
-    except BaseException:
-        print(agg.log()[-8000:])
-        raise
-    finally:
-        agg.stop()
-        watcher.close()
 
 
 def test_devices_train_for_real_on_their_own_shards(
@@ -171,14 +174,12 @@ def test_devices_train_for_real_on_their_own_shards(
     n = 30
     plan = FleetPlan(n, seed=2, name="trn")
     state = tmp_path / "state"
-    watcher = Watcher(broker, Topics(FLEET, topic_prefix))
-    agg = AggregatorProcess(
+    with _aggregator(
         broker, topic_prefix, state,
         "--eval-dataset", "digits", "--codec", "int8", "--selection", "any",
         "--clients-per-round", str(n), "--min-updates", str(n), "--rounds", "3",
         "--round-timeout", "120", "--epochs", "2", "--lr", "0.1",
-    ).start()
-    try:
+    ) as (agg, watcher):
         settings = ShardSettings(host=broker.host, port=broker.port, fleet=FLEET,
                                  topic_prefix=topic_prefix, rounds=3, timeout=120,
                                  train_dataset="digits", train_model="digits-mlp")
@@ -198,12 +199,6 @@ def test_devices_train_for_real_on_their_own_shards(
         print(f"accuracy: v0 {v0.metrics.get('accuracy')}, v3 {v3.metrics['accuracy']}")
         # 30 devices of ~45 examples, 3 rounds: from chance (~10 %) to well above it
         assert v3.metrics["accuracy"] > v0.metrics["accuracy"] + 0.3
-    except BaseException:
-        print(agg.log()[-8000:])
-        raise
-    finally:
-        agg.stop()
-        watcher.close()
 
 
 def test_unanswered_updates_are_resent_and_counted_once(
@@ -216,15 +211,13 @@ def test_unanswered_updates_are_resent_and_counted_once(
     n = 60
     plan = FleetPlan(n, seed=8, name="rsd")
     state = tmp_path / "state"
-    watcher = Watcher(broker, Topics(FLEET, topic_prefix))
-    agg = AggregatorProcess(
+    results: list[FleetReport] = []
+    with _aggregator(
         broker, topic_prefix, state,
         "--eval-dataset", "none", "--codec", "int8", "--selection", "any",
         "--clients-per-round", str(n), "--min-updates", str(n), "--rounds", "1",
         "--round-timeout", "300",
-    ).start()
-    results: list[FleetReport] = []
-    try:
+    ) as (agg, watcher):
         watcher.round(1, timeout=30)
         assert agg.stop() == 0  # the retained model and round stay; its session queues
         settings = ShardSettings(host=broker.host, port=broker.port, fleet=FLEET,
@@ -251,9 +244,3 @@ def test_unanswered_updates_are_resent_and_counted_once(
         shapes = {t.name: tuple(t.shape) for t in v0.tensors}
         _check_model(model_weights(v0), model_weights(v1),
                      plan.expected_mean(plan.device_ids(), 1, shapes, "int8"))
-    except BaseException:
-        print(agg.log()[-8000:])
-        raise
-    finally:
-        agg.stop()
-        watcher.close()
