@@ -6,6 +6,7 @@ Only for integration tests against a real broker: the devices speak the real wir
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -42,6 +43,7 @@ from fedmq.wire import (
 __all__ = [
     "AckCollector",
     "AckLog",
+    "AgentProcess",
     "AggregatorProcess",
     "FakeDevice",
     "Watcher",
@@ -312,3 +314,47 @@ class AggregatorProcess:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+
+class AgentProcess:
+    """``python -m edge_agent`` as a child process: the real agent on its IID share of the
+    digits data (``index`` of ``num_clients``), log and state under ``root``."""
+
+    def __init__(self, b: LocalBroker, prefix: str, device: str, index: int, root: Path,
+                 fleet: str, num_clients: int) -> None:
+        self.device = device
+        self.state_dir = root / f"agent-{device}"
+        self.log_path = root / f"agent-{device}.log"
+        cmd = [
+            sys.executable, "-m", "edge_agent", "-v",
+            "--device-id", device, "--fleet", fleet, "--host", b.host, "--port", str(b.port),
+            "--topic-prefix", prefix, "--state-dir", str(self.state_dir),
+            "--model", "digits-mlp", "--source", "digits", "--partition", "iid",
+            "--num-clients", str(num_clients), "--client-index", str(index),
+            "--reconnect-min", "1", "--reconnect-max", "1", "--ack-timeout", "4",
+        ]
+        env = {**os.environ, "PYTHONPATH": str(_ROOT)}
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                         cwd=_ROOT)
+
+    def stop(self) -> int | None:
+        """SIGTERM (SIGKILL after 20 s); the exit code, None if it had to be killed."""
+        return stop_process(self.proc, 20)
+
+    def outbox_size(self) -> int:
+        """Updates waiting for an ack (read-only: an ``Outbox`` object would remove the
+        temp files of a write in progress)."""
+        return len(list((self.state_dir / "outbox").glob("*.update")))
+
+    def submitted(self, round_id: int) -> str | None:
+        """The update id the agent recorded for ``round_id`` (after training), if any."""
+        try:
+            obj = json.loads((self.state_dir / "state.json").read_text())
+        except (OSError, ValueError):
+            return None
+        uid = obj.get("submitted", {}).get(str(round_id))
+        return uid if isinstance(uid, str) else None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -15,10 +15,6 @@ journal/contributions); redeliveries acked ``duplicate`` are fine. Prints the fi
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -35,17 +31,15 @@ from aggregator.store import Store
 from edge_agent.state import StateStore
 from fedmq.errors import RejectReason
 from fedmq.net.localbroker import LocalBroker
-from fedmq.net.procs import stop_process
 from fedmq.topics import Topics
 from fedmq.wire import AckMessage, decode_ack, decode_update
-from tests.fakes import AggregatorProcess, Watcher
+from tests.fakes import AgentProcess, AggregatorProcess, Watcher
 
 pytestmark = pytest.mark.integration
 
 FLEET = "f1"
 DEVICES = ("pi-a", "pi-b", "pi-c")
 EPOCHS = 150  # a few seconds of LiteRT training per agent (3 agents on 2 cores)
-_ROOT = Path(__file__).resolve().parents[2]
 
 
 class _Spy:
@@ -95,47 +89,6 @@ class _Spy:
         self.client.loop_stop()
 
 
-class _AgentProcess:
-    """``python -m edge_agent`` as a child process."""
-
-    def __init__(self, b: LocalBroker, prefix: str, device: str, index: int, root: Path) -> None:
-        self.device = device
-        self.state_dir = root / f"agent-{device}"
-        self.log_path = root / f"agent-{device}.log"
-        cmd = [
-            sys.executable, "-m", "edge_agent", "-v",
-            "--device-id", device, "--fleet", FLEET, "--host", b.host, "--port", str(b.port),
-            "--topic-prefix", prefix, "--state-dir", str(self.state_dir),
-            "--model", "digits-mlp", "--source", "digits", "--partition", "iid",
-            "--num-clients", str(len(DEVICES)), "--client-index", str(index),
-            "--reconnect-min", "1", "--reconnect-max", "1", "--ack-timeout", "4",
-        ]
-        env = {**os.environ, "PYTHONPATH": str(_ROOT)}
-        with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                         cwd=_ROOT)
-
-    def stop(self) -> int:
-        return stop_process(self.proc, 20)
-
-    def outbox_size(self) -> int:
-        """Updates waiting for an ack (read-only: an ``Outbox`` object would remove the
-        temp files of a write in progress)."""
-        return len(list((self.state_dir / "outbox").glob("*.update")))
-
-    def submitted(self, round_id: int) -> str | None:
-        """The update id the agent recorded for ``round_id`` (after training), if any."""
-        try:
-            obj = json.loads((self.state_dir / "state.json").read_text())
-        except (OSError, ValueError):
-            return None
-        uid = obj.get("submitted", {}).get(str(round_id))
-        return uid if isinstance(uid, str) else None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-
 def _wait(pred: Callable[[], bool], what: str, timeout: float) -> None:
     end = time.monotonic() + timeout
     while not pred():
@@ -163,7 +116,8 @@ def test_broker_restart_and_kill_mid_round(
         "--rounds", "2", "--epochs", str(EPOCHS), "--round-timeout", "120",
     ).start()
     agents = [
-        _AgentProcess(fresh_broker, topic_prefix, d, i, tmp_path) for i, d in enumerate(DEVICES)
+        AgentProcess(fresh_broker, topic_prefix, d, i, tmp_path, FLEET, len(DEVICES))
+        for i, d in enumerate(DEVICES)
     ]
     t0 = time.monotonic()
     try:
