@@ -93,6 +93,11 @@ class Topics:
     def gateway_ack(self, gateway: str) -> str:
         return f"{self.base}/gateway/{validate_name(gateway, 'gateway')}/ack"
 
+    def gateway_bridge(self, gateway: str) -> str:
+        """The site broker's retained bridge state ("1" up, "0" down; Mosquitto's
+        notification topic, set by the generated gateway config)."""
+        return f"{self.base}/gateway/{validate_name(gateway, 'gateway')}/bridge"
+
     @property
     def gateway_partial_wildcard(self) -> str:
         return f"{self.base}/gateway/+/partial"
