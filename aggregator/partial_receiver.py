@@ -42,10 +42,10 @@ from fedmq.logs import setup_logging
 from fedmq.net.mqtt import MqttSettings, connect, make_client
 from fedmq.signing import Registry, verify_site_partial
 from fedmq.topics import Topics, validate_name
-from fedmq.update.fixedpoint import FixedPointSum
-from fedmq.wire import AckMessage, Limits, encode, receive_site_partial
+from fedmq.update.fixedpoint import DEFAULT_SCALE_BITS, FixedPointSum
+from fedmq.wire import AckMessage, Limits, SitePartial, encode, receive_site_partial
 
-__all__ = ["PartialReceiver", "main", "receiver_client_id"]
+__all__ = ["PartialReceiver", "main", "read_partial", "receiver_client_id"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,27 @@ EXIT_STORE = 3  # the store failed: the partial in hand was not acknowledged
 
 def receiver_client_id(fleet: str) -> str:
     return f"fedmq-partials-{validate_name(fleet, 'fleet')}"
+
+
+def read_partial(
+    msg: SitePartial, template: dict[str, tuple[int, ...]], max_bytes: int,
+) -> FixedPointSum:
+    """A site partial's sum checked against the model (pure; raises :class:`Rejected`): a
+    serialised :class:`FixedPointSum` of these tensors at the cloud's scale, one update per
+    listed device, every integer sum within the bound it declares (``from_bytes``) and
+    mergeable without overflow."""
+    try:
+        acc = FixedPointSum.from_bytes(msg.partial, template, max_bytes)
+    except WireError as exc:
+        raise Rejected(exc.reason, RejectReason.SHAPE) from exc
+    if acc.scale_bits != DEFAULT_SCALE_BITS:
+        raise Rejected(f"fixed-point scale 2**{acc.scale_bits}, the cloud's is "
+                       f"2**{DEFAULT_SCALE_BITS}", RejectReason.SHAPE)
+    if acc.count != len(msg.devices):
+        raise Rejected(f"the partial holds {acc.count} updates for {len(msg.devices)} devices",
+                       RejectReason.MALFORMED)
+    FixedPointSum(template).merge(acc)  # raises Rejected when it could overflow
+    return acc
 
 
 class PartialReceiver:
@@ -72,7 +93,6 @@ class PartialReceiver:
         self.template = template
         self.gateways = gateways
         self.limits = Limits(max_bytes=max_partial_bytes)
-        self.scale_bits = FixedPointSum(template).scale_bits
         self.committed = 0
 
     def handle(self, topic_gateway: str, payload: bytes, now: float) -> AckMessage:
@@ -118,15 +138,9 @@ class PartialReceiver:
                           f"folded on version {msg.base_version}, the round's base is "
                           f"{rnd.base_version}")
         try:
-            acc = FixedPointSum.from_bytes(msg.partial, self.template, self.limits.max_bytes)
-        except WireError as exc:
-            return answer(RejectReason.SHAPE, exc.reason)
-        if acc.scale_bits != self.scale_bits:
-            return answer(RejectReason.SHAPE, f"fixed-point scale 2**{acc.scale_bits}, the "
-                                              f"cloud's is 2**{self.scale_bits}")
-        if acc.count != len(msg.devices):
-            return answer(RejectReason.MALFORMED, f"the partial holds {acc.count} updates "
-                                                  f"for {len(msg.devices)} devices")
+            acc = read_partial(msg, self.template, self.limits.max_bytes)
+        except Rejected as exc:
+            return answer(exc.code, exc.reason)
         cap = self.gateways.max_weight(msg.gateway)
         if cap is not None and acc.total_weight > cap * acc.count:
             return answer(RejectReason.NORM_BOUND,
