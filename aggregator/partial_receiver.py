@@ -12,7 +12,8 @@ bounds) holding exactly one update per listed device, at most the gateway's ``ma
 per device when its enrolment has one. Then ONE atomic Redis script
 (:meth:`~aggregator.shard_store.ShardStore.commit_partial`) claims every device and stores the
 partial, or changes nothing: a resent partial (the gateway's journal, a bridge redelivery) is
-answered ``duplicate`` and counted once; a partial naming a device that another worker or
+answered ``duplicate`` and counted once, also after its round closed (the store remembers
+each gateway's last committed partial); a partial naming a device that another worker or
 gateway already claimed is refused whole (a device is enrolled in exactly one place).
 
 The MQTT shell subscribes to ``fl/<fleet>/gateway/+/partial`` with a fixed client id and a
@@ -129,6 +130,10 @@ class PartialReceiver:
         if msg.fleet != self.fleet:
             return answer(RejectReason.WRONG_FLEET, f"partial is for fleet {msg.fleet!r}")
         rnd = self.store.open_round()
+        if (rnd is None or (msg.epoch, msg.round_id) != (rnd.epoch, rnd.round_id)
+                or rnd.state != "open") and self._committed_before(msg):
+            return answer(RejectReason.DUPLICATE, f"partial {msg.partial_id} was already "
+                                                  "committed", accepted=True)
         if rnd is None or msg.epoch != rnd.epoch or msg.round_id > rnd.round_id:
             return answer(RejectReason.WRONG_ROUND, f"round {msg.round_id} is not open")
         if msg.round_id < rnd.round_id or rnd.state != "open":
@@ -154,6 +159,9 @@ class PartialReceiver:
                      msg.partial_id, msg.gateway, rnd.round_id, acc.count, acc.total_weight)
             return answer("ok", "", accepted=True)
         if res.status == "closed":
+            if self._committed_before(msg):
+                return answer(RejectReason.DUPLICATE, f"partial {msg.partial_id} was already "
+                                                      "committed", accepted=True)
             return answer(RejectReason.ROUND_CLOSED, f"round {msg.round_id} closed meanwhile")
         if res.status == "conflict":
             device, _, claim = res.claim.partition(" ")
@@ -172,6 +180,15 @@ class PartialReceiver:
                           f"{rnd.round_id}", accepted=True)
         return answer(RejectReason.DUPLICATE, f"gateway {msg.gateway} already has a partial "
                                               f"in round {rnd.round_id}")
+
+
+    def _committed_before(self, msg: SitePartial) -> bool:
+        """A copy of a partial committed in a round that has closed since (claims gone)."""
+        if self.store.gateway_committed(msg.epoch, msg.round_id, msg.gateway, msg.partial_id):
+            log.info("partial %s of gateway %s was already committed (round %d, closed "
+                     "since): answered duplicate", msg.partial_id, msg.gateway, msg.round_id)
+            return True
+        return False
 
 
 class _Runner:

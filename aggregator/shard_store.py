@@ -11,7 +11,8 @@ Every state change is ONE Lua script, which Redis runs atomically:
 - :meth:`ShardStore.commit_partial` (a site gateway's partial, docs/scaling.md "Site
   gateways"): if the round is open, the gateway has no partial of it yet and none of its
   devices has a claim, claim every device AND store the partial as ``gateway:<name>``
-  together; else nothing changes. The coordinator merges it like a worker's.
+  together (and remember it as the gateway's last committed partial); else nothing
+  changes. The coordinator merges it like a worker's.
 - :meth:`ShardStore.close` (the coordinator): mark the round closed and read every partial;
   after it no commit of that round can land, so the merge sees a final set.
 - :meth:`ShardStore.finish` (the coordinator): store the next model and strategy state and
@@ -68,6 +69,7 @@ for i = 6, #ARGV do
 end
 for i = 6, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], ARGV[4]) end
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[5])
+redis.call('SET', KEYS[4], ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. ARGV[4])
 return {'ok', ''}
 """
 
@@ -199,6 +201,11 @@ class ShardStore:
     def partials_key(self, epoch: str, round_id: int) -> str:
         return self._k("partials", epoch, round_id)
 
+    def gateway_last_key(self, gateway: str) -> str:
+        """``<epoch> <round> gateway:<gw> <partial id>`` of the gateway's last committed
+        partial: a copy arriving after its round closed is still known as committed."""
+        return self._k("gateway", validate_name(gateway, "gateway"), "last")
+
     # -- reads --------------------------------------------------------------------------------
     def ping(self) -> None:
         self.r.ping()
@@ -297,12 +304,19 @@ class ShardStore:
             raise ValueError("a gateway's partial holds at least one device")
         out = self._commit_partial(
             keys=[self.round_key, self.claims_key(epoch, round_id),
-                  self.partials_key(epoch, round_id)],
+                  self.partials_key(epoch, round_id), self.gateway_last_key(gateway)],
             args=[epoch, str(round_id), gateway_partial_key(gateway),
                   f"{gateway_partial_key(gateway)} {partial_id}", partial, *devices],
         )
         status, claim = [*cast(list[bytes], out), b"", b""][:2]
         return CommitResult(status.decode(), claim.decode())
+
+    def gateway_committed(self, epoch: str, round_id: int, gateway: str,
+                          partial_id: str) -> bool:
+        """Whether this partial is the gateway's last committed one (a late copy of it)."""
+        raw = self.r.get(self.gateway_last_key(gateway))
+        want = f"{epoch} {round_id} {gateway_partial_key(gateway)} {partial_id}"
+        return raw is not None and cast(bytes, raw).decode() == want
 
     def close(self, epoch: str, round_id: int) -> dict[str, bytes] | None:
         """Close (epoch, round) if open; every worker's partial. None: not the store's round."""

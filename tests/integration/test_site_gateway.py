@@ -262,10 +262,15 @@ def test_two_tiers_cloud_down_for_a_round_loses_and_doubles_nothing(
         assert topics.gateway_partial(GATEWAY) in seen
         receiver = fleet.log("receiver")
         assert receiver.count("committed partial") == 3
+        assert "rejected partial" not in receiver  # late copies are duplicates, not refusals
+        up = [p for t, p in spy.got if t == topics.gateway_partial(GATEWAY)]
+        site_bytes = sum(len(fleet.sent[(r, d)]) for r in (1, 2, 3) for d in SITE_DEVICES)
         journal.close_connection()
         print(f"\ntwo tiers, 3 rounds of {len(SITE_DEVICES)} site + {len(CLOUD_DEVICES)} "
               f"direct devices: {time.monotonic() - started:.1f}s; cloud down -> round 2 "
-              f"published {recovered:.1f}s after the outage began")
+              f"published {recovered:.1f}s after the outage began; upstream: "
+              f"{len(up)} partial(s) of {max(map(len, up))} bytes at most for "
+              f"{site_bytes // 3} bytes of site updates per round")
     finally:
         for c in (spy, devices):
             if c is not None:
@@ -325,4 +330,85 @@ def test_partial_receiver_commits_once_and_refuses_whole(redis_server: LocalRedi
     assert list(store.close("ep", 1) or {}) == ["gateway:gw-1"]
     late = rx.handle("gw-3", partial("gw-3", ("e",), "q6"), 0.0)
     assert (late.accepted, late.code) == (False, RejectReason.ROUND_CLOSED)
+    # a late copy of the committed partial is still a duplicate, also once the round is
+    # finished and its claims are gone (a bridge or journal copy racing the close)
+    assert store.finish("ep", 1, 1, BUNDLE.initial_trainable(), {}, 2, time.time() + 60, 100)
+    for _ in range(2):
+        copy = rx.handle("gw-1", good, 0.0)
+        assert (copy.accepted, copy.code) == (True, RejectReason.DUPLICATE)
     store.close_connection()
+
+
+def test_site_broker_killed_with_the_partial_queued_the_journal_resends_it(
+    fresh_broker: LocalBroker, redis_server: LocalRedis, topic_prefix: str, tmp_path: Path,
+) -> None:
+    """The cloud is down and the site broker is SIGKILLed with the sealed partial in its
+    bridge queue (not yet autosaved): the restarted site broker has lost it, the site
+    aggregator re-sends it from its journal on reconnect, and the model is exact."""
+    cloud = fresh_broker
+    fleet = ShardFleet(cloud, redis_server, topic_prefix, tmp_path)
+    topics = fleet.topics
+    devices_ids = SITE_DEVICES[:6]
+    keys = {d: DeviceKey.generate() for d in devices_ids}
+    site_registry = Registry(tmp_path / "site.json")
+    for d in devices_ids:
+        site_registry.enroll(d, keys[d].public_hex)
+    gw_key = create_key(tmp_path / "gw.key")
+    Registry(tmp_path / "gateways.json").enroll(GATEWAY, gw_key.public_hex)
+    settings = GatewayBrokerSettings(
+        fleet.fleet, GATEWAY, cloud.host, cloud.port, topic_prefix=topic_prefix,
+        listen_port=free_port(), listen_address="127.0.0.1",
+        data_dir=f"{tmp_path / 'site-broker'}/", site_devices=len(devices_ids),
+        run_as="root" if os.geteuid() == 0 else getpass.getuser(),
+        restart_base=1, restart_cap=2, autosave_interval=3600,  # nothing saved before the kill
+    )
+    site = GatewayBroker(settings, tmp_path / "site-broker").start()
+    devices = None
+    try:
+        devices = Client(site.port, f"site-devices-{fleet.fleet}",
+                         [topics.round, f"{topics.base}/ack/+"])
+        for name, module, args in (
+            ("receiver", "aggregator.partial_receiver",
+             [*fleet.common(), "--gateways", str(tmp_path / "gateways.json")]),
+            ("gateway", "aggregator.site_gateway",
+             ["--fleet", fleet.fleet, "--gateway", GATEWAY, "--key", str(tmp_path / "gw.key"),
+              "--state", str(tmp_path / "site.db"), "--registry", str(tmp_path / "site.json"),
+              "--host", "127.0.0.1", "--port", str(site.port), "--prefix", topic_prefix,
+              "--expect", str(len(devices_ids)), "--lead", "1"]),
+        ):
+            ready = tmp_path / f"{name}.ready"
+            fleet._spawn(name, ["-m", module, *args, "--ready-file", str(ready)])
+            wait_for(ready.exists, 30, f"{name} to subscribe")
+        fleet.start_coordinator(target=len(devices_ids), rounds=1)
+        wait_for(lambda: bool(devices.received("/round")), 30, "round 1 at the site")
+        ann = decode_round(devices.received("/round")[-1])
+        cloud.stop()
+        rng = np.random.default_rng(5)
+        for d in devices_ids:
+            delta = {n: (rng.standard_normal(s) * 0.01).astype(np.float32)
+                     for n, s in TEMPLATE.items()}
+            msg = UpdateMessage(fleet.fleet, 1, ann.base_version, d, uuid.uuid4().hex[:16],
+                                int(rng.integers(1, 300)), "int8",
+                                tuple(get_codec("int8").encode(delta, rng).tensors),
+                                epoch=ann.epoch)
+            fleet.sent[(1, d)] = sign_update(msg, keys[d])
+            devices.publish(topics.update(d), fleet.sent[(1, d)])
+        wait_for(lambda: "round 1 sealed: partial" in fleet.log("gateway"), 30, "the seal")
+        time.sleep(0.3)  # the partial is in the site broker's bridge queue
+        site.kill()
+        site.start()
+        wait_for(lambda: "sending partial" in fleet.log("gateway"), 30,
+                 "the site aggregator's re-send to the restarted site broker")
+        cloud.start()
+        fleet.wait_version(1, 60)
+        assert_exact(_retained_model(cloud.port, topics.model, 1),
+                     fleet.reference([set(devices_ids)]))
+        assert "round 1 closed: 6 update(s) from 1 worker(s)" in fleet.log("coordinator")
+        receiver = fleet.log("receiver")
+        assert receiver.count("committed partial") == 1
+        assert "rejected partial" not in receiver
+    finally:
+        if devices is not None:
+            devices.stop()
+        fleet.stop()
+        site.stop()
