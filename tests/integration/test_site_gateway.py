@@ -62,8 +62,9 @@ class GatewayBroker(LocalBroker):
 
 
 class Client:
-    """A paho client that records what it receives (persistent session: it keeps its
-    subscriptions across a broker restart)."""
+    """A paho client that records what it receives; it subscribes again on every (re)connect:
+    its first connect sets clean start, and Mosquitto 2.0.11 did not restore such a session's
+    subscriptions after a restart (the services connect with clean start off: theirs are)."""
 
     def __init__(self, port: int, name: str, topics: list[str]) -> None:
         self.got: list[tuple[str, bytes]] = []
@@ -73,13 +74,13 @@ class Client:
         self.c.max_queued_messages_set(0)
         self.c.reconnect_delay_set(0.2, 1)
         self.c.on_message = self._on_message
+        self.c.on_connect = lambda c, u, f, rc, p=None: [c.subscribe(t, qos=1) for t in topics]
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
         self.c.connect("127.0.0.1", port, clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY,
                        properties=props)
         self.c.loop_start()
-        for t in topics:
-            self.c.subscribe(t, qos=1)
+        wait_for(self.c.is_connected, 10, f"{name} to connect")
 
     def _on_message(self, client: mqtt.Client, userdata: object, m: mqtt.MQTTMessage) -> None:
         with self.lock:
