@@ -171,7 +171,8 @@ class SiteStore:
     def open(self, epoch: str, round_id: int, base_version: int, deadline: float,
              target: int) -> bool:
         """Make (epoch, round) the site's round, open, unless it already is the site's round
-        (open or sealed): True when it changed. The claims and partials of other rounds go."""
+        (open or sealed): True when it changed. The claims and partials of other rounds go,
+        and so do journaled partials the cloud has answered."""
         def open_(db: sqlite3.Connection) -> bool:
             st = db.execute("SELECT epoch, round_id FROM round WHERE id = 1").fetchone()
             if st is not None and tuple(st) == (epoch, round_id):
@@ -185,6 +186,7 @@ class SiteStore:
                        (epoch, round_id))
             db.execute("DELETE FROM partials WHERE NOT (epoch = ? AND round_id = ?)",
                        (epoch, round_id))
+            db.execute("DELETE FROM outbox WHERE answer != ''")  # answered: never re-sent
             return True
 
         return bool(self._tx(open_))

@@ -118,6 +118,8 @@ def test_the_journal_resends_the_same_bytes_after_a_restart_until_answered(
     assert site.gw.on_ack(encode(ack)) is not None
     assert site.gw.pending() == []
     assert site.gw.on_ack(encode(ack)) is None  # answered once
+    site.gw.on_round(_round(2, 1), 99.0)  # the next round drops answered journal entries
+    assert site.store._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
 
 
 def test_a_new_round_seals_the_open_one_and_a_stale_announcement_changes_nothing(
