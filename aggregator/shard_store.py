@@ -8,6 +8,11 @@ Every state change is ONE Lua script, which Redis runs atomically:
   together; else nothing changes and the caller learns why (closed, or who claimed it).
   The worker sends its MQTT PUBACK only after this returns, so an update is either in a
   committed partial (and claimed) or still owned by the broker (redelivered).
+- :meth:`ShardStore.commit_partial` (a site gateway's partial, docs/scaling.md "Site
+  gateways"): if the round is open, the gateway has no partial of it yet and none of its
+  devices has a claim, claim every device AND store the partial as ``gateway:<name>``
+  together (and remember it as the gateway's last committed partial); else nothing
+  changes. The coordinator merges it like a worker's.
 - :meth:`ShardStore.close` (the coordinator): mark the round closed and read every partial;
   after it no commit of that round can land, so the merge sees a final set.
 - :meth:`ShardStore.finish` (the coordinator): store the next model and strategy state and
@@ -20,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import msgpack
 import numpy as np
@@ -29,7 +34,15 @@ import redis
 from fedmq.errors import StateError, WireError
 from fedmq.topics import validate_name
 
-__all__ = ["CommitResult", "OpenRound", "ShardStore", "pack_arrays", "unpack_arrays"]
+__all__ = [
+    "CommitResult",
+    "IngestStore",
+    "OpenRound",
+    "ShardStore",
+    "gateway_partial_key",
+    "pack_arrays",
+    "unpack_arrays",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +54,22 @@ local prev = redis.call('HGET', KEYS[2], ARGV[3])
 if prev then return {'claimed', prev} end
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 redis.call('HSET', KEYS[3], ARGV[5], ARGV[6])
+return {'ok', ''}
+"""
+
+_COMMIT_PARTIAL = """
+local st = redis.call('HMGET', KEYS[1], 'epoch', 'round_id', 'state')
+if st[1] ~= ARGV[1] or st[2] ~= ARGV[2] or st[3] ~= 'open' then return {'closed', ''} end
+if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 1 then
+  return {'claimed', redis.call('HGET', KEYS[2], ARGV[6]) or ''}
+end
+for i = 6, #ARGV do
+  local prev = redis.call('HGET', KEYS[2], ARGV[i])
+  if prev then return {'conflict', ARGV[i] .. ' ' .. prev} end
+end
+for i = 6, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], ARGV[4]) end
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[5])
+redis.call('SET', KEYS[4], ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. ARGV[4])
 return {'ok', ''}
 """
 
@@ -63,6 +92,11 @@ redis.call('HSET', KEYS[1], 'round_id', ARGV[7], 'base_version', ARGV[3], 'deadl
            'target', ARGV[9], 'state', 'open')
 return 1
 """
+
+
+def gateway_partial_key(gateway: str) -> str:
+    """The field of a gateway's partial in a round's partials (a worker name has no ':')."""
+    return f"gateway:{validate_name(gateway, 'gateway')}"
 
 
 def pack_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -105,10 +139,32 @@ class CommitResult:
     """``status``: ``ok`` (claimed and committed), ``closed`` (round not open: nothing
     changed), ``fenced`` (a newer process of this worker name runs: nothing changed) or
     ``claimed`` (the device already has a claim: ``claim`` names its worker and
-    update id)."""
+    update id; for a gateway's partial: the gateway already has one, ``claim`` is the claim
+    of the partial's first device) or ``conflict`` (a gateway's partial: ``claim`` is
+    ``<device> <its claim>`` of a device claimed elsewhere; nothing changed)."""
 
     status: str
     claim: str = ""
+
+
+class IngestStore(Protocol):
+    """What a :class:`~aggregator.shard_worker.ShardWorker` needs from its store: the Redis
+    :class:`ShardStore` (cloud workers) or a site gateway's local
+    :class:`~aggregator.site_store.SiteStore`."""
+
+    @property
+    def fleet(self) -> str: ...
+
+    def open_round(self) -> OpenRound | None: ...
+
+    def partial(self, epoch: str, round_id: int, worker: str) -> bytes | None: ...
+
+    def register_worker(self, worker: str) -> int: ...
+
+    def commit(
+        self, epoch: str, round_id: int, device: str, update_id: str, worker: str,
+        partial: bytes, generation: int,
+    ) -> CommitResult: ...
 
 
 class ShardStore:
@@ -123,6 +179,7 @@ class ShardStore:
             retry_on_timeout=False,
         )
         self._commit = self.r.register_script(_COMMIT)
+        self._commit_partial = self.r.register_script(_COMMIT_PARTIAL)
         self._close = self.r.register_script(_CLOSE)
         self._finish = self.r.register_script(_FINISH)
 
@@ -143,6 +200,11 @@ class ShardStore:
 
     def partials_key(self, epoch: str, round_id: int) -> str:
         return self._k("partials", epoch, round_id)
+
+    def gateway_last_key(self, gateway: str) -> str:
+        """``<epoch> <round> gateway:<gw> <partial id>`` of the gateway's last committed
+        partial: a copy arriving after its round closed is still known as committed."""
+        return self._k("gateway", validate_name(gateway, "gateway"), "last")
 
     # -- reads --------------------------------------------------------------------------------
     def ping(self) -> None:
@@ -230,6 +292,31 @@ class ShardStore:
         )
         status, claim = [*cast(list[bytes], out), b"", b""][:2]
         return CommitResult(status.decode(), claim.decode())
+
+    def commit_partial(
+        self, epoch: str, round_id: int, gateway: str, partial_id: str,
+        devices: tuple[str, ...], partial: bytes,
+    ) -> CommitResult:
+        """Claim every one of ``devices`` for (epoch, round) as ``gateway:<name> <partial id>``
+        and store the gateway's partial, atomically, unless the round is not open, the
+        gateway already has a partial of it, or a device is claimed (see the module)."""
+        if not devices:
+            raise ValueError("a gateway's partial holds at least one device")
+        out = self._commit_partial(
+            keys=[self.round_key, self.claims_key(epoch, round_id),
+                  self.partials_key(epoch, round_id), self.gateway_last_key(gateway)],
+            args=[epoch, str(round_id), gateway_partial_key(gateway),
+                  f"{gateway_partial_key(gateway)} {partial_id}", partial, *devices],
+        )
+        status, claim = [*cast(list[bytes], out), b"", b""][:2]
+        return CommitResult(status.decode(), claim.decode())
+
+    def gateway_committed(self, epoch: str, round_id: int, gateway: str,
+                          partial_id: str) -> bool:
+        """Whether this partial is the gateway's last committed one (a late copy of it)."""
+        raw = self.r.get(self.gateway_last_key(gateway))
+        want = f"{epoch} {round_id} {gateway_partial_key(gateway)} {partial_id}"
+        return raw is not None and cast(bytes, raw).decode() == want
 
     def close(self, epoch: str, round_id: int) -> dict[str, bytes] | None:
         """Close (epoch, round) if open; every worker's partial. None: not the store's round."""

@@ -43,7 +43,7 @@ import paho.mqtt.client as mqtt
 import redis
 
 from aggregator.bundles import resolve_bundle
-from aggregator.shard_store import ShardStore
+from aggregator.shard_store import IngestStore, ShardStore
 from fedmq.errors import ConfigError, Rejected, RejectReason, SecurityError, WireError
 from fedmq.logs import setup_logging
 from fedmq.net.mqtt import MqttSettings, connect, make_client
@@ -72,7 +72,7 @@ class ShardWorker:
 
     def __init__(
         self,
-        store: ShardStore,
+        store: IngestStore,
         template: dict[str, tuple[int, ...]],
         worker: str,
         *,

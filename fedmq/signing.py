@@ -35,7 +35,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from fedmq.errors import Rejected, RejectReason, SecurityError
 from fedmq.fsutil import atomic_write
 from fedmq.topics import validate_name
-from fedmq.wire import ReceivedUpdate, SignedUpdate, UpdateMessage, encode
+from fedmq.wire import (
+    ReceivedSitePartial,
+    ReceivedUpdate,
+    SignedUpdate,
+    SitePartial,
+    UpdateMessage,
+    encode,
+)
 
 __all__ = [
     "DeviceKey",
@@ -43,7 +50,9 @@ __all__ = [
     "create_key",
     "load_key",
     "load_or_create_key",
+    "sign_site_partial",
     "sign_update",
+    "verify_site_partial",
     "verify_update",
 ]
 
@@ -159,20 +168,42 @@ def _public_key(hex_key: str) -> Ed25519PublicKey:
         raise SecurityError(f"not an Ed25519 public key: {hex_key!r}") from exc
 
 
+def _verify(
+    signature: bytes | None, body: bytes, public_key_hex: str | None, who: str, what: str
+) -> None:
+    """Raise Rejected (unknown_device / unsigned / bad_signature) unless ``signature`` holds
+    over the exact ``body`` bytes for the key enrolled for ``who``."""
+    if public_key_hex is None:
+        raise Rejected(f"{who} is not enrolled", RejectReason.UNKNOWN_DEVICE)
+    if not signature:
+        raise Rejected(f"{what} is not signed", RejectReason.UNSIGNED)
+    try:
+        _public_key(public_key_hex).verify(signature, body)
+    except InvalidSignature as exc:
+        raise Rejected(f"signature does not verify for {who}",
+                       RejectReason.BAD_SIGNATURE) from exc
+
+
 def verify_update(received: ReceivedUpdate, public_key_hex: str | None) -> None:
     """Raise Rejected (unknown_device / unsigned / bad_signature) unless the envelope's
     signature holds over the exact body bytes received."""
-    device = received.message.device
-    if public_key_hex is None:
-        raise Rejected(f"device {device!r} is not enrolled", RejectReason.UNKNOWN_DEVICE)
-    if not received.signature:
-        raise Rejected("update is not signed", RejectReason.UNSIGNED)
-    try:
-        _public_key(public_key_hex).verify(received.signature, received.body)
-    except InvalidSignature as exc:
-        raise Rejected(
-            f"signature does not verify for device {device!r}", RejectReason.BAD_SIGNATURE
-        ) from exc
+    _verify(received.signature, received.body, public_key_hex,
+            f"device {received.message.device!r}", "update")
+
+
+def sign_site_partial(partial: SitePartial, key: DeviceKey) -> bytes:
+    """The signed envelope payload of a gateway's site partial: its encoding, signed as is
+    with the gateway's key (the same envelope as a signed update; the body's ``type`` says
+    what it holds)."""
+    body = encode(partial)
+    return encode(SignedUpdate(body, key.sign(body)))
+
+
+def verify_site_partial(received: ReceivedSitePartial, public_key_hex: str | None) -> None:
+    """Like :func:`verify_update`, for a site partial and its gateway's enrolled key (the
+    gateway registry, a separate file from the device registry: docs/scaling.md)."""
+    _verify(received.signature, received.body, public_key_hex,
+            f"gateway {received.message.gateway!r}", "site partial")
 
 
 class Registry:

@@ -85,6 +85,29 @@ class Topics:
         rest = topic[len(head) :] if topic.startswith(head) else ""
         return rest if rest and "/" not in rest else None
 
+    # Site gateways (docs/scaling.md): a gateway's signed partial goes up on
+    # gateway/<gw>/partial (bridged out), the cloud's answer comes down on gateway/<gw>/ack.
+    def gateway_partial(self, gateway: str) -> str:
+        return f"{self.base}/gateway/{validate_name(gateway, 'gateway')}/partial"
+
+    def gateway_ack(self, gateway: str) -> str:
+        return f"{self.base}/gateway/{validate_name(gateway, 'gateway')}/ack"
+
+    def gateway_bridge(self, gateway: str) -> str:
+        """The site broker's retained bridge state ("1" up, "0" down; Mosquitto's
+        notification topic, set by the generated gateway config)."""
+        return f"{self.base}/gateway/{validate_name(gateway, 'gateway')}/bridge"
+
+    @property
+    def gateway_partial_wildcard(self) -> str:
+        return f"{self.base}/gateway/+/partial"
+
+    def gateway_of(self, topic: str) -> str | None:
+        """The gateway of a ``gateway/<gw>/partial`` topic of this fleet, else None."""
+        head = f"{self.base}/gateway/"
+        parts = topic[len(head):].split("/") if topic.startswith(head) else []
+        return parts[0] if len(parts) == 2 and parts[1] == "partial" and parts[0] else None
+
     def shared_updates(self, group: str) -> str:
         """MQTT v5 shared subscription for several aggregator workers."""
         return f"$share/{validate_name(group, 'group')}/{self.update_wildcard}"

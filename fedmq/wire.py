@@ -44,7 +44,9 @@ __all__ = [
     "ModelMessage",
     "ReceivedUpdate",
     "RoundAnnouncement",
+    "ReceivedSitePartial",
     "SignedUpdate",
+    "SitePartial",
     "StatusMessage",
     "Tensor",
     "TrainingConfig",
@@ -57,10 +59,12 @@ __all__ = [
     "decode_model_delta",
     "decode_model_index",
     "decode_round",
+    "decode_site_partial",
     "decode_status",
     "decode_update",
     "encode",
     "message_type",
+    "receive_site_partial",
     "receive_update",
 ]
 
@@ -428,9 +432,50 @@ class ModelIndex:
             )
 
 
+@dataclass(frozen=True)
+class SitePartial:
+    """A site gateway's fold of one round (docs/scaling.md, "Site gateways"): ``partial`` is
+    the :class:`~fedmq.update.fixedpoint.FixedPointSum` serialisation (``to_bytes``) of the
+    accepted updates of ``devices`` (sorted, unique, at least one) in round ``round_id`` of
+    ``epoch``, trained on ``base_version``. ``partial_id`` names this fold: a resend carries
+    the same one. Whether ``partial`` fits the model (and holds ``len(devices)`` updates) is
+    the receiver's check (``FixedPointSum.from_bytes``), like a tensor's codec check."""
+
+    fleet: str
+    epoch: str
+    round_id: int
+    base_version: int
+    gateway: str
+    partial_id: str
+    devices: tuple[str, ...]
+    partial: bytes
+    created_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.epoch:
+            raise WireError("a site partial must name its epoch")
+        if not self.devices:
+            raise WireError("a site partial must hold at least one device")
+        if any(a >= b for a, b in zip(self.devices, self.devices[1:], strict=False)):
+            raise WireError("a site partial's devices must be sorted and unique")
+        if not isinstance(self.partial, bytes) or not self.partial:
+            raise WireError("field 'partial' must be non-empty bytes")
+
+
+@dataclass(frozen=True)
+class ReceivedSitePartial:
+    """A site partial payload as received: ``message`` decoded from the exact ``body`` bytes
+    and the envelope's ``signature`` over them (None when unsigned). Built only by
+    :func:`receive_site_partial`."""
+
+    message: SitePartial
+    body: bytes
+    signature: bytes | None = None
+
+
 Message = (
     ModelMessage | RoundAnnouncement | UpdateMessage | SignedUpdate | AckMessage | StatusMessage
-    | ChunkMessage | ChunkManifest | ModelDelta | ModelIndex
+    | ChunkMessage | ChunkManifest | ModelDelta | ModelIndex | SitePartial
 )
 STATUS_STATES = ("online", "offline", "training", "idle")
 
@@ -563,6 +608,19 @@ def _to_map(msg: Message) -> dict[str, Any]:
             "created_at": float(msg.created_at),
         }
         _put_epoch(body, msg.epoch)
+    elif isinstance(msg, SitePartial):
+        body = {
+            "type": "site-partial",
+            "fleet": msg.fleet,
+            "epoch": msg.epoch,
+            "round": msg.round_id,
+            "base_version": msg.base_version,
+            "gateway": msg.gateway,
+            "partial_id": msg.partial_id,
+            "devices": list(msg.devices),
+            "partial": bytes(msg.partial),
+            "created_at": float(msg.created_at),
+        }
     else:  # pragma: no cover - typing makes this unreachable
         raise TypeError(f"not a fedmq message: {type(msg).__name__}")
     head.update(body)
@@ -964,3 +1022,53 @@ def decode_model_index(payload: bytes, limits: Limits | None = None) -> ModelInd
         created_at=_float(obj, "created_at") if _opt(obj, "created_at") else 0.0,
         epoch=_epoch(obj),
     )
+
+
+def _site_partial(obj: Mapping[str, Any], limits: Limits) -> SitePartial:
+    _expect_type(obj, "site-partial")
+    unknown = set(obj) - {"v", "type", "fleet", "epoch", "round", "base_version", "gateway",
+                          "partial_id", "devices", "partial", "created_at"}
+    if unknown:
+        raise WireError(f"unknown site partial fields {sorted(map(str, unknown))}")
+    raw = _get(obj, "devices", list, "a list")
+    if not 1 <= len(raw) <= limits.max_devices:
+        raise WireError(f"field 'devices' must list 1-{limits.max_devices} devices",
+                        RejectReason.TOO_LARGE if raw else RejectReason.MALFORMED)
+    devices = tuple(_device_id({"device": d}) for d in raw)
+    partial_id = _str(obj, "partial_id", 64)
+    if not partial_id.isprintable():
+        raise WireError("field 'partial_id' is not printable")
+    epoch = _epoch(obj)
+    if not epoch:
+        raise WireError("missing field 'epoch'")
+    return SitePartial(
+        fleet=_str(obj, "fleet", 64),
+        epoch=epoch,
+        round_id=_int(obj, "round"),
+        base_version=_int(obj, "base_version"),
+        gateway=_device_id(obj, "gateway"),
+        partial_id=partial_id,
+        devices=devices,
+        partial=_get(obj, "partial", bytes, "bytes"),
+        created_at=_float(obj, "created_at") if _opt(obj, "created_at") else 0.0,
+    )
+
+
+def receive_site_partial(payload: bytes, limits: Limits | None = None) -> ReceivedSitePartial:
+    """Decode a site partial payload, bare or in a signed envelope (the same envelope as a
+    signed update), keeping the exact body bytes and the signature for
+    :func:`fedmq.signing.verify_site_partial`."""
+    lim = limits or Limits()
+    obj = _unpack(payload, lim)
+    if obj.get("type") != "signed":
+        return ReceivedSitePartial(_site_partial(obj, lim), bytes(payload), None)
+    body = _get(obj, "body", bytes, "bytes")
+    sig = _get(obj, "sig", bytes, "bytes")
+    if not 0 < len(sig) <= _MAX_SIGNATURE:
+        raise WireError(f"field 'sig' must be 1-{_MAX_SIGNATURE} bytes")
+    return ReceivedSitePartial(_site_partial(_unpack(body, lim), lim), body, sig)
+
+
+def decode_site_partial(payload: bytes, limits: Limits | None = None) -> SitePartial:
+    """The site partial in a payload, bare or signed (the signature is not checked here)."""
+    return receive_site_partial(payload, limits).message

@@ -38,7 +38,8 @@ from fedmq.evaluation import EvalReport
 from fedmq.update import codecs
 from fedmq.update.codecs.lowbit import pack_nibbles
 from fedmq.update.codecs.positions import bitmap_bytes, varint_encode
-from fedmq.wire import ModelDelta, ModelIndex, UpdateMessage, encode
+from fedmq.update.fixedpoint import FixedPointSum
+from fedmq.wire import ModelDelta, ModelIndex, SitePartial, UpdateMessage, encode
 
 __all__ = [
     "CHUNK_DAMAGE",
@@ -745,3 +746,98 @@ def fuzz_mask(rng: random.Random, mask_bytes: bytes, op: str | None = None) -> t
     elif op == "not_list":
         obj["tensors"] = rng.choice([{}, "x", 3, None])
     return op, _pack(obj)
+
+
+# -- site gateways' partials (fedmq.wire.SitePartial) ----------------------------------------
+SITE_PARTIAL_DAMAGE = ("bytes", "field", "delete", "devices", "partial", "signed", "extra")
+_SITE_FIELDS = ("v", "type", "fleet", "epoch", "round", "base_version", "gateway", "partial_id",
+                "devices", "partial", "created_at")
+
+
+def valid_site_partial_map(
+    rng: random.Random, template: Mapping[str, tuple[int, ...]], fleet: str, n: int,
+) -> Obj:
+    """A valid site partial (the msgpack map): ``n`` devices' updates folded exactly."""
+    nrng = np.random.default_rng(rng.getrandbits(32))
+    acc = FixedPointSum(template)
+    for _ in range(n):
+        codec = rng.choice(["float32", "int8", "float16"])
+        delta = {k: nrng.normal(0, 0.05, s).astype(np.float32) for k, s in template.items()}
+        acc.fold(_encode(codec, delta, rng, nrng), codec, float(rng.randint(1, 500)))
+    devices = tuple(sorted(f"d{i:04d}" for i in range(n)))
+    msg = SitePartial(fleet, "e" * 16, 3, 2, "gw-1", "gw-1-3-abc", devices, acc.to_bytes(),
+                      1.7e9)
+    obj = msgpack.unpackb(encode(msg), raw=False)
+    assert isinstance(obj, dict)
+    return obj
+
+
+def _partial_damage(rng: random.Random, blob: bytes) -> bytes:
+    """The serialised FixedPointSum damaged: bytes, or a field of its map."""
+    if rng.random() < 0.4:
+        return _byte_mutation(rng, blob)
+    obj = msgpack.unpackb(blob, raw=False)
+    key = rng.choice(["accumulator", "format", "shapes", "scale_bits", "count", "weight_q",
+                      "bound", "sum"])
+    if key == "sum" and rng.random() < 0.6:
+        name = rng.choice(sorted(obj["sum"]))
+        raw = obj["sum"][name]
+        obj["sum"][name] = rng.choice([raw[:-8], raw + b"\0" * 8, b"",
+                                       b"\xff" * len(raw), raw[::-1]])
+    elif key == "bound" and rng.random() < 0.6:
+        name = rng.choice(sorted(obj["bound"]))
+        obj["bound"][name] = rng.choice([-1.0, float("inf"), float("nan"), 2.0**63, True])
+    elif key in ("count", "weight_q") and rng.random() < 0.6:
+        obj[key] = rng.choice([0, -1, obj[key] + 1, 2**64 - 1, 1.5])
+    else:
+        obj[key] = _generic_value(rng)
+    try:
+        return _pack(obj)
+    except (ValueError, OverflowError, TypeError):
+        return _byte_mutation(rng, blob)
+
+
+def fuzz_site_partial(
+    rng: random.Random, base: Obj, kind: str | None = None,
+) -> tuple[str, bytes]:
+    """One mutated payload of a valid site partial map (bare or signed); (kind, payload)."""
+    kind = kind or rng.choice(SITE_PARTIAL_DAMAGE)
+    obj = copy.deepcopy(base)
+    if kind == "bytes":
+        return kind, _byte_mutation(rng, _pack(obj))
+    if kind == "field":
+        obj[rng.choice(_SITE_FIELDS)] = _generic_value(rng)
+    elif kind == "delete":
+        for field in rng.sample(_SITE_FIELDS, rng.randint(1, 3)):
+            obj.pop(field, None)
+    elif kind == "devices":
+        d = obj["devices"]
+        op = rng.randrange(5)
+        if op == 0:
+            d.reverse()
+        elif op == 1:
+            d.append(d[0])
+        elif op == 2:
+            d.pop()
+        elif op == 3:
+            d[rng.randrange(len(d))] = rng.choice(["a/b", "+", "", "x" * 65, 7, None])
+        else:
+            obj["devices"] = [f"d{i:06d}" for i in range(rng.choice([0, 100_001]))]
+    elif kind == "partial":
+        obj["partial"] = _partial_damage(rng, obj["partial"])
+    elif kind == "signed":
+        body = _pack(obj)
+        sig = bytes(rng.getrandbits(8) for _ in range(64))
+        envelope = {"v": 2, "type": "signed", "body": body, "sig": sig}
+        key = rng.choice(["body", "sig", "type", "v", None])
+        if key == "body":
+            envelope["body"] = _byte_mutation(rng, body)
+        elif key is not None:
+            envelope[key] = _generic_value(rng)
+        return kind, _pack(envelope)
+    else:
+        obj[rng.choice(["x", "pickle", "__class__", ""])] = _generic_value(rng)
+    try:
+        return kind, _pack(obj)
+    except (ValueError, OverflowError, TypeError):
+        return "bytes", _byte_mutation(rng, _pack(base))

@@ -173,7 +173,13 @@ class FixedPointSum(_ModelChecked):
             size = int(np.prod(shape, dtype=np.int64))
             if not isinstance(blob, bytes) or len(blob) != 8 * size:
                 raise WireError(f"serialised fixed-point sum: bad sum of {name!r}")
-            acc._sum[name][...] = np.frombuffer(blob, "<i8").reshape(shape)
+            sums = np.frombuffer(blob, "<i8").reshape(shape)
+            # Every update adds at most weight * |delta| * 2**scale_bits + 0.5 per value, so a
+            # sum beyond its bound is damage (and could wrap the int64 additions of a merge).
+            top = float(np.abs(sums.astype(np.float64)).max(initial=0.0))
+            if top > float(b) * acc._scale * (1 + 1e-9) + count:
+                raise WireError(f"serialised fixed-point sum: sum of {name!r} exceeds its bound")
+            acc._sum[name][...] = sums
             acc._bound[name] = float(b)
         acc._count, acc._weight_q = count, weight_q
         acc._total_weight = weight_q / acc._scale

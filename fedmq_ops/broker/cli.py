@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from fedmq.errors import ConfigError
+from fedmq_ops.broker.files import write_file
+from fedmq_ops.broker.gateway import GatewayBrokerSettings, render_gateway_conf
 from fedmq_ops.broker.provision import add_device, init_broker, list_devices, remove_device
 from fedmq_ops.broker.settings import BrokerLayout, BrokerSettings
 from fedmq_ops.broker.state import load_settings
@@ -102,8 +104,35 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gateway_conf(args: argparse.Namespace) -> int:
+    password = ""
+    if args.remote_password_file:
+        try:
+            password = Path(args.remote_password_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {args.remote_password_file}: "
+                              f"{exc.strerror or exc}") from exc
+    settings = GatewayBrokerSettings(
+        fleet=args.fleet, gateway=args.gateway, cloud_host=args.cloud_host,
+        cloud_port=args.cloud_port, topic_prefix=args.topic_prefix,
+        listen_port=args.listen_port, listen_address=args.listen_address,
+        password_file=args.password_file, acl_file=args.acl_file, data_dir=args.data_dir,
+        run_as=args.run_as, site_devices=args.site_devices, outage_rounds=args.outage_rounds,
+        max_queued_messages=args.max_queued_messages,
+        max_message_bytes=args.max_message_bytes, autosave_interval=args.autosave_interval,
+        cafile=args.cafile, certfile=args.certfile, keyfile=args.keyfile,
+        remote_username=args.remote_username, remote_password=password,
+        restart_base=args.restart_timeout[0], restart_cap=args.restart_timeout[1],
+    )
+    # 0600 when it holds the bridge's password
+    write_file(Path(args.out), render_gateway_conf(settings), 0o600 if password else 0o644)
+    print(f"gateway broker config {args.out}: bridge {settings.cloud_host}:"
+          f"{settings.cloud_port}, bridge state on {settings.notification_topic}")
+    return 0
+
+
 def add_parser(subparsers: Any) -> None:
-    """Register ``fedmq broker {init,add-device,remove-device,list}``."""
+    """Register ``fedmq broker {init,add-device,remove-device,list,gateway-conf}``."""
     p = subparsers.add_parser(
         "broker", help="create and manage the production Mosquitto files (TLS, ACL, users)",
         description="Create a CA, the broker's TLS certificate, a password file, a per-user "
@@ -181,6 +210,43 @@ def add_parser(subparsers: Any) -> None:
     r.add_argument("name", help="device id")
     common(r)
     r.set_defaults(func=_cmd_remove)
+
+    gw = sub.add_parser("gateway-conf", help="a site gateway's mosquitto.conf, bridged to the "
+                        "cloud broker", description="Render the site broker's config: its "
+                        "listener, persistence, queue limits and the bridge that carries the "
+                        "gateway's partials up and the round, model and answers down. See "
+                        "docs/scaling.md, \"Site gateways\".")
+    d = GatewayBrokerSettings("f", "g", "h")
+    gw.add_argument("--out", required=True, type=Path, help="the mosquitto.conf to write")
+    gw.add_argument("--fleet", required=True)
+    gw.add_argument("--gateway", required=True, help="the gateway's name (its enrolment in "
+                    "the cloud's gateway registry)")
+    gw.add_argument("--cloud-host", required=True, help="the cloud broker")
+    gw.add_argument("--cloud-port", type=int, default=d.cloud_port)
+    gw.add_argument("--topic-prefix", default="")
+    gw.add_argument("--listen-port", type=int, default=d.listen_port)
+    gw.add_argument("--listen-address", default="", help="bind address (default: all)")
+    gw.add_argument("--password-file", default="", help="site users (default: anonymous)")
+    gw.add_argument("--acl-file", default="")
+    gw.add_argument("--data-dir", default=d.data_dir, help="persistence directory")
+    gw.add_argument("--run-as", default=d.run_as)
+    gw.add_argument("--site-devices", type=int, default=d.site_devices,
+                    help="devices at the site (queue budget)")
+    gw.add_argument("--outage-rounds", type=int, default=d.outage_rounds,
+                    help="rounds a cloud outage may last without loss (queue budget)")
+    gw.add_argument("--max-queued-messages", type=int, default=d.max_queued_messages)
+    gw.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
+    gw.add_argument("--autosave-interval", type=int, default=d.autosave_interval)
+    gw.add_argument("--cafile", default="", help="CA of the cloud broker's TLS certificate")
+    gw.add_argument("--certfile", default="", help="the bridge's client certificate")
+    gw.add_argument("--keyfile", default="")
+    gw.add_argument("--remote-username", default="", help="the bridge's login at the cloud")
+    gw.add_argument("--remote-password-file", default="", help="file holding its password "
+                    "(the rendered config is then 0600)")
+    gw.add_argument("--restart-timeout", type=int, nargs=2, metavar=("BASE", "CAP"),
+                    default=(d.restart_base, d.restart_cap),
+                    help="bridge reconnect backoff in seconds")
+    gw.set_defaults(func=_cmd_gateway_conf)
 
     ls = sub.add_parser("list", help="list the devices and their fleets")
     ls.add_argument("--dir", required=True, type=Path, help="the broker directory")

@@ -104,3 +104,23 @@ def test_damaged_bytes_are_a_wire_error() -> None:
             FixedPointSum.from_bytes(bad, SHAPES)
     with pytest.raises(WireError):
         FixedPointSum.from_bytes(data, {"w": (16, 8), "b": (9,)})
+
+
+def test_a_sum_beyond_its_declared_bound_is_a_wire_error() -> None:
+    """A partial read back (a site gateway's, from the network) whose integers exceed the bound
+    it declares would wrap the int64 additions of a merge: refused when read."""
+    import msgpack
+
+    acc = _sum(_updates(40))
+    assert FixedPointSum.from_bytes(acc.to_bytes(), SHAPES).count == 40  # real sums fit
+    for _ in range(30):  # removals keep the bound and the sums consistent
+        tensors, codec, w = _updates(1, seed=9)[0]
+        checked = acc.check(tensors, codec, w)
+        acc.add(checked)
+        acc.remove(checked)
+    FixedPointSum.from_bytes(acc.to_bytes(), SHAPES)
+    obj = msgpack.unpackb(acc.to_bytes(), raw=False)
+    big = np.full(8, 2**62, np.int64)
+    obj["sum"]["b"] = big.astype("<i8").tobytes()
+    with pytest.raises(WireError, match="exceeds its bound"):
+        FixedPointSum.from_bytes(msgpack.packb(obj, use_bin_type=True), SHAPES)

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from aggregator.partial_receiver import read_partial
 from aggregator.round_state import RoundPlan, RoundState
 from edge_agent.downlink import DownlinkReceiver
 from fedmq.chunks import Reassembler, ReassemblyLimits, transfer_id
@@ -29,6 +30,7 @@ from fedmq.errors import Rejected, WireError
 from fedmq.secagg import messages as secagg_messages
 from fedmq.topics import Topics
 from fedmq.update.accumulate import CheckedUpdate, WeightedSum
+from fedmq.update.fixedpoint import FixedPointSum
 from fedmq.wire import (
     Limits,
     ModelIndex,
@@ -40,10 +42,12 @@ from fedmq.wire import (
     decode_model_delta,
     decode_model_index,
     decode_round,
+    decode_site_partial,
     decode_status,
     decode_update,
     encode,
     message_type,
+    receive_site_partial,
 )
 from tests.fuzz_payloads import (
     CHUNK_DAMAGE,
@@ -51,14 +55,17 @@ from tests.fuzz_payloads import (
     KINDS,
     LOW_BIT_CODECS,
     SECAGG_DAMAGE,
+    SITE_PARTIAL_DAMAGE,
     SPARSE_DAMAGE,
     fuzz_chunks,
     fuzz_downlink,
     fuzz_payload,
     fuzz_secagg,
+    fuzz_site_partial,
     sparse_damage,
     valid_delta_map,
     valid_index_map,
+    valid_site_partial_map,
     valid_update_map,
 )
 
@@ -78,7 +85,7 @@ _SETTINGS = {
 _OTHER_DECODERS: tuple[Callable[[bytes], object], ...] = (
     decode_model, decode_round, decode_ack, decode_status, message_type, decode_chunk,
     decode_manifest, secagg_messages.decode, secagg_messages.decode_signed,
-    decode_model_delta, decode_model_index,
+    decode_model_delta, decode_model_index, decode_site_partial,
 )
 
 
@@ -518,3 +525,38 @@ def test_damaged_model_deltas_and_indexes_are_refused_or_rebuild_a_finite_model(
     tally.report("downlink deltas and indexes")
     assert tally.n >= 1500
     assert sum(n for k, n in tally.outcomes.items() if k != "accepted") > tally.n * 0.6
+
+
+@pytest.mark.timeout(180)
+def test_damaged_site_partials_are_refused_or_merge_into_a_finite_sum() -> None:
+    """Site gateways: every damaged partial (bare or in a signed envelope) is refused with a
+    reason when decoded or when the receiver reads its sum against the model
+    (``read_partial``); what passes both holds one update per device and merges into a
+    finite mean."""
+    tally = _Tally()
+
+    @settings(max_examples=800, **_SETTINGS)  # type: ignore[arg-type]
+    @given(rng=st.randoms(use_true_random=False), kind=st.sampled_from(SITE_PARTIAL_DAMAGE))
+    def check(rng: random.Random, kind: str) -> None:
+        valid = valid_site_partial_map(rng, TEMPLATE, FLEET, rng.randint(1, 4))
+        kind, payload = fuzz_site_partial(rng, valid, kind)
+        tally.n += 1
+        tally.kinds[kind] += 1
+        try:
+            msg = receive_site_partial(payload, LIMITS).message
+            acc = read_partial(msg, TEMPLATE, LIMITS.max_bytes)  # the receiver's model check
+        except Rejected as exc:  # WireError included
+            assert exc.reason and exc.code
+            tally.outcomes[exc.code] += 1
+            return
+        assert list(msg.devices) == sorted(set(msg.devices)) and msg.epoch
+        assert acc.count == len(msg.devices) >= 1
+        total = FixedPointSum(TEMPLATE)
+        total.merge(acc)
+        assert all(np.isfinite(v).all() for v in total.result().mean.values())
+        tally.outcomes["accepted"] += 1
+
+    check()
+    tally.report("site partials")
+    assert tally.n >= 800
+    assert sum(n for k, n in tally.outcomes.items() if k != "accepted") > tally.n * 0.5

@@ -464,3 +464,85 @@ def test_bad_model_deltas_are_refused(payload: bytes, code: str, match: str) -> 
 def test_bad_model_indexes_are_refused(payload: bytes, match: str) -> None:
     with pytest.raises(WireError, match=match):
         wire.decode_model_index(payload)
+
+
+# ---------------------------------------------------------------- site gateways
+# A gateway's partial (docs/scaling.md, "Site gateways"); `partial` is opaque to the wire
+# (the FixedPointSum serialisation, checked against the model by the receiver).
+GOLDEN_SITE_PARTIAL = (
+    "8ba17602a474797065ac736974652d7061727469616ca5666c656574a3666c74a565706f6368a26531a572"
+    "6f756e6404ac626173655f76657273696f6e03a767617465776179a467772d31aa7061727469616c5f6964"
+    "a27031a76465766963657392a26431a26432a77061727469616cc4020102aa637265617465645f6174cb41"
+    "d0000000000000"
+)
+GOLDEN_SIGNED_SITE_PARTIAL = (
+    "84a17602a474797065a67369676e6564a4626f6479c488" + GOLDEN_SITE_PARTIAL + "a3736967c440"
+    + GOLDEN_SIG.hex()
+)
+
+
+def _golden_site_partial() -> wire.SitePartial:
+    return wire.SitePartial("flt", "e1", 4, 3, "gw-1", "p1", ("d1", "d2"), b"\x01\x02",
+                            1073741824.0)
+
+
+def test_site_partial_golden_bytes_pinned() -> None:
+    assert wire.encode(_golden_site_partial()).hex() == GOLDEN_SITE_PARTIAL
+    body = bytes.fromhex(GOLDEN_SITE_PARTIAL)
+    assert wire.decode_site_partial(body) == _golden_site_partial()
+    assert wire.message_type(body) == "site-partial"
+    assert wire.encode(SignedUpdate(body, GOLDEN_SIG)).hex() == GOLDEN_SIGNED_SITE_PARTIAL
+    received = wire.receive_site_partial(bytes.fromhex(GOLDEN_SIGNED_SITE_PARTIAL))
+    assert received == wire.ReceivedSitePartial(_golden_site_partial(), body, GOLDEN_SIG)
+    # a site partial is not an update, and an update is not a site partial
+    _reject(body, RejectReason.MALFORMED)
+    with pytest.raises(WireError, match="expected a 'site-partial'"):
+        wire.receive_site_partial(bytes.fromhex(GOLDEN_SIGNED))
+
+
+def _site_map(**changes: object) -> bytes:
+    obj = msgpack.unpackb(bytes.fromhex(GOLDEN_SITE_PARTIAL), raw=False)
+    obj.update(changes)
+    return _pack({k: v for k, v in obj.items() if v is not None})
+
+
+@pytest.mark.parametrize(
+    ("payload", "code", "match"),
+    [
+        (_site_map(v=1), RejectReason.SCHEMA, "schema version"),
+        (_site_map(epoch=None), RejectReason.MALFORMED, "epoch"),
+        (_site_map(epoch=""), RejectReason.MALFORMED, "epoch"),
+        (_site_map(devices=[]), RejectReason.MALFORMED, "1-100000 devices"),
+        (_site_map(devices=["d2", "d1"]), RejectReason.MALFORMED, "sorted and unique"),
+        (_site_map(devices=["d1", "d1"]), RejectReason.MALFORMED, "sorted and unique"),
+        (_site_map(devices=["d/1"]), RejectReason.MALFORMED, "device id"),
+        (_site_map(devices="d1"), RejectReason.MALFORMED, "devices"),
+        (_site_map(gateway="gw+"), RejectReason.MALFORMED, "gateway"),
+        (_site_map(partial=b""), RejectReason.MALFORMED, "partial"),
+        (_site_map(partial="x"), RejectReason.MALFORMED, "partial"),
+        (_site_map(partial_id="\x00"), RejectReason.MALFORMED, "partial_id"),
+        (_site_map(round=-1), RejectReason.MALFORMED, "round"),
+        (_site_map(base_version=True), RejectReason.MALFORMED, "base_version"),
+        (_site_map(created_at=float("inf")), RejectReason.NON_FINITE, "created_at"),
+        (_site_map(pickle=b"x"), RejectReason.MALFORMED, "unknown site partial fields"),
+    ],
+)
+def test_bad_site_partials_are_refused(payload: bytes, code: str, match: str) -> None:
+    with pytest.raises(WireError, match=match) as info:
+        wire.decode_site_partial(payload)
+    assert info.value.code == code
+
+
+def test_site_partial_device_list_is_bounded_before_it_is_read() -> None:
+    devices = [f"d{i:06d}" for i in range(11)]
+    with pytest.raises(WireError, match="1-10 devices") as info:
+        wire.decode_site_partial(_site_map(devices=devices), Limits(max_devices=10))
+    assert info.value.code == RejectReason.TOO_LARGE
+
+
+@given(devices=st.lists(device_ids, min_size=1, max_size=30, unique=True),
+       partial=st.binary(min_size=1, max_size=64), round_id=st.integers(0, 2**40))
+def test_site_partial_round_trip(devices: list[str], partial: bytes, round_id: int) -> None:
+    msg = wire.SitePartial("f", "e" * 16, round_id, 7, "gw", "p" * 64, tuple(sorted(devices)),
+                           partial, 1.5)
+    assert wire.decode_site_partial(wire.encode(msg)) == msg

@@ -1,0 +1,415 @@
+"""Two tiers end to end (docs/scaling.md, "Site gateways"): a cloud Mosquitto, real Redis, the
+cloud's ingest worker, partial receiver and coordinator; a site Mosquitto run from the config
+`fedmq broker gateway-conf` renders, bridged to the cloud; the site aggregator; devices sending
+real encoded, signed updates of digits-mlp at the site and directly to the cloud. The cloud
+broker is down for a whole round (the site keeps acking its devices, its partial waits in the
+bridge queue, the site aggregator is SIGKILLed and re-sends it from its journal) and comes
+back: the published model is exactly the one-process model of every device, each once."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from aggregator.partial_receiver import PartialReceiver
+from aggregator.shard_store import ShardStore
+from aggregator.site_store import SiteStore
+from fedmq.errors import RejectReason
+from fedmq.net.localbroker import BrokerOptions, LocalBroker, free_port
+from fedmq.net.localredis import LocalRedis, RedisOptions, redis_server_path
+from fedmq.signing import DeviceKey, Registry, create_key, sign_site_partial, sign_update
+from fedmq.update.codecs import get_codec
+from fedmq.update.fixedpoint import FixedPointSum
+from fedmq.wire import (
+    RoundAnnouncement,
+    SitePartial,
+    UpdateMessage,
+    decode_ack,
+    decode_model,
+    decode_round,
+    decode_update,
+)
+from fedmq_ops.broker.gateway import GatewayBrokerSettings, render_gateway_conf
+from tests.integration.shard_fleet import BUNDLE, TEMPLATE, ShardFleet, assert_exact, wait_for
+
+pytestmark = pytest.mark.timeout(180)
+
+SITE_DEVICES = [f"s-{i:02d}" for i in range(12)]
+CLOUD_DEVICES = [f"c-{i:02d}" for i in range(4)]
+GATEWAY = "gw-1"
+
+
+class GatewayBroker(LocalBroker):
+    """The site Mosquitto, run from the rendered gateway config."""
+
+    def __init__(self, settings: GatewayBrokerSettings, workdir: Path) -> None:
+        super().__init__(BrokerOptions(port=settings.listen_port), workdir, kind="mosquitto")
+        self.settings = settings
+
+    def mosquitto_config(self) -> str:
+        return render_gateway_conf(self.settings)
+
+
+class Client:
+    """A paho client that records what it receives; it subscribes again on every (re)connect:
+    its first connect sets clean start, and Mosquitto 2.0.11 did not restore such a session's
+    subscriptions after a restart (the services connect with clean start off: theirs are)."""
+
+    def __init__(self, port: int, name: str, topics: list[str]) -> None:
+        self.got: list[tuple[str, bytes]] = []
+        self.lock = threading.Lock()
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name,
+                             protocol=mqtt.MQTTv5)
+        self.c.max_queued_messages_set(0)
+        self.c.reconnect_delay_set(0.2, 1)
+        self.c.on_message = self._on_message
+        self.c.on_connect = lambda c, u, f, rc, p=None: [c.subscribe(t, qos=1) for t in topics]
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.c.connect("127.0.0.1", port, clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                       properties=props)
+        self.c.loop_start()
+        wait_for(self.c.is_connected, 10, f"{name} to connect")
+
+    def _on_message(self, client: mqtt.Client, userdata: object, m: mqtt.MQTTMessage) -> None:
+        with self.lock:
+            self.got.append((m.topic, bytes(m.payload)))
+
+    def received(self, suffix: str) -> list[bytes]:
+        with self.lock:
+            return [p for t, p in self.got if t.endswith(suffix)]
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.c.publish(topic, payload, qos=1).wait_for_publish(10)
+
+    def stop(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[LocalRedis]:
+    if redis_server_path() is None:
+        pytest.fail("redis-server is not installed: `make test` installs it")
+    server = LocalRedis(RedisOptions(appendfsync="always"), workdir=tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+def _retained_model(port: int, topic: str, version: int) -> dict[str, np.ndarray]:
+    c = Client(port, f"reader-{uuid.uuid4().hex[:8]}", [topic])
+    try:
+        wait_for(lambda: any(decode_model(p).version == version for p in c.received("model")),
+                 30, f"model version {version} retained on port {port}")
+        msg = next(m for m in map(decode_model, c.received("model")) if m.version == version)
+        return {t.name: t.array() for t in msg.tensors}
+    finally:
+        c.stop()
+
+
+def test_two_tiers_cloud_down_for_a_round_loses_and_doubles_nothing(
+    fresh_broker: LocalBroker, redis_server: LocalRedis, topic_prefix: str, tmp_path: Path,
+) -> None:
+    started = time.monotonic()
+    cloud = fresh_broker  # persistence on: sessions and queues survive its restart
+    fleet = ShardFleet(cloud, redis_server, topic_prefix, tmp_path)
+    topics = fleet.topics
+    keys = {d: DeviceKey.generate() for d in SITE_DEVICES + CLOUD_DEVICES}
+    site_registry, cloud_registry = Registry(tmp_path / "site.json"), Registry(
+        tmp_path / "cloud.json")
+    for d in SITE_DEVICES:
+        site_registry.enroll(d, keys[d].public_hex)
+    for d in CLOUD_DEVICES:
+        cloud_registry.enroll(d, keys[d].public_hex)
+    gw_key = create_key(tmp_path / "gw.key")
+    Registry(tmp_path / "gateways.json").enroll(GATEWAY, gw_key.public_hex)
+
+    settings = GatewayBrokerSettings(
+        fleet.fleet, GATEWAY, cloud.host, cloud.port, topic_prefix=topic_prefix,
+        listen_port=free_port(), listen_address="127.0.0.1",
+        data_dir=f"{tmp_path / 'site-broker'}/", site_devices=len(SITE_DEVICES),
+        run_as="root" if os.geteuid() == 0 else getpass.getuser(),
+        restart_base=1, restart_cap=2, autosave_interval=1,
+    )
+    site = GatewayBroker(settings, tmp_path / "site-broker").start()
+    spy = devices = None
+    try:
+        # everything the cloud broker ever carries for this fleet
+        spy = Client(cloud.port, f"spy-{fleet.fleet}", [f"{topics.base}/#"])
+        devices = Client(site.port, f"site-devices-{fleet.fleet}",
+                         [topics.round, f"{topics.base}/ack/+"])
+
+        def start(name: str, module: str, *args: str) -> None:
+            ready = tmp_path / f"{name}.ready"
+            ready.unlink(missing_ok=True)
+            fleet._spawn(name, ["-m", module, *args, "--ready-file", str(ready)])
+            wait_for(ready.exists, 30, f"{name} to subscribe")
+
+        start("w1", "aggregator.shard_worker", *fleet.common(), "--worker", "w1",
+              "--registry", str(tmp_path / "cloud.json"))
+        start("receiver", "aggregator.partial_receiver", *fleet.common(),
+              "--gateways", str(tmp_path / "gateways.json"))
+        fleet.start_coordinator(target=len(SITE_DEVICES) + len(CLOUD_DEVICES), rounds=3)
+        gateway_args = [
+            "--fleet", fleet.fleet, "--gateway", GATEWAY, "--key", str(tmp_path / "gw.key"),
+            "--state", str(tmp_path / "site.db"), "--registry", str(tmp_path / "site.json"),
+            "--host", "127.0.0.1", "--port", str(site.port), "--prefix", topic_prefix,
+            "--expect", str(len(SITE_DEVICES)), "--lead", "1",
+        ]
+        start("gateway", "aggregator.site_gateway", *gateway_args)
+        rng = np.random.default_rng(11)
+
+        def site_round(r: int) -> RoundAnnouncement:
+            """The round as the SITE sees it: the cloud's announcement, down the bridge."""
+            wait_for(lambda: any(decode_round(p).round_id == r
+                                 for p in devices.received("/round")), 30,
+                     f"round {r} announced at the site")
+            return next(a for a in map(decode_round, devices.received("/round"))
+                        if a.round_id == r)
+
+        def update(r: int, ann: RoundAnnouncement, device: str) -> bytes:
+            codec = ("float32", "int8", "float16")[len(fleet.sent) % 3]
+            delta = {n: (rng.standard_normal(s) * 0.01).astype(np.float32)
+                     for n, s in TEMPLATE.items()}
+            msg = UpdateMessage(fleet.fleet, r, ann.base_version, device, uuid.uuid4().hex[:16],
+                                int(rng.integers(1, 300)), codec,
+                                tuple(get_codec(codec).encode(delta, rng).tensors),
+                                epoch=ann.epoch)
+            fleet.sent[(r, device)] = sign_update(msg, keys[device])
+            return fleet.sent[(r, device)]
+
+        def site_acked(r: int) -> set[str]:
+            """Site devices whose round-``r`` update the site answered accepted."""
+            with devices.lock:
+                acks = [decode_ack(p) for t, p in devices.got if "/ack/" in t]
+            return {a.device for a in acks if a.accepted and (r, a.device) in fleet.sent
+                    and decode_update(fleet.sent[(r, a.device)]).update_id == a.update_id}
+
+        def send_site(r: int, ann: RoundAnnouncement) -> None:
+            for d in SITE_DEVICES:
+                devices.publish(topics.update(d), update(r, ann, d))
+
+        def send_cloud(r: int, ann: RoundAnnouncement) -> None:
+            for d in CLOUD_DEVICES:
+                update(r, ann, d)
+                fleet.publish(r, d)
+
+        # -- round 1: both tiers up ------------------------------------------------------------
+        ann = site_round(1)
+        send_cloud(1, ann)
+        send_site(1, ann)
+        fleet.wait_version(1, 30)
+        assert site_acked(1) == set(SITE_DEVICES)
+
+        # -- round 2: the cloud broker is down for the whole site round --------------------------
+        ann = site_round(2)
+        send_cloud(2, ann)  # the direct devices of round 2 are in before the outage
+        wait_for(lambda: fleet.store.claim_count(ann.epoch, 2) == len(CLOUD_DEVICES), 30,
+                 "the direct devices' commits")
+        outage = time.monotonic()
+        cloud.stop()
+        send_site(2, ann)
+        wait_for(lambda: site_acked(2) == set(SITE_DEVICES), 30,
+                 "the site to ack its devices with the cloud down")
+        wait_for(lambda: "round 2 sealed: partial" in fleet.log("gateway"), 30, "the seal")
+        journal = SiteStore(tmp_path / "site.db", fleet.fleet)
+        pending = journal.pending()
+        assert [(o.round_id, o.devices) for o in pending] == [(2, len(SITE_DEVICES))]
+        fleet.kill("gateway")  # killed with its partial unanswered: it re-sends from its journal
+        start("gateway", "aggregator.site_gateway", *gateway_args)
+        wait_for(lambda: "sending partial" in fleet.log("gateway").split("round 2 sealed")[-1],
+                 30, "the restarted gateway's re-send")
+        time.sleep(1.0)
+        assert fleet.store.claim_count(ann.epoch, 2) == len(CLOUD_DEVICES)  # nothing reached it
+        assert fleet.store.model_version() == 1
+        cloud.start()
+        fleet.wait_version(2, 60)
+        recovered = time.monotonic() - outage
+        wait_for(lambda: journal.pending() == [], 30, "the cloud's answer at the gateway")
+        wait_for(lambda: "was already committed" in fleet.log("receiver"), 30,
+                 "the re-sent copy answered duplicate")
+
+        # -- round 3: both tiers up again ------------------------------------------------------
+        ann = site_round(3)
+        send_cloud(3, ann)
+        send_site(3, ann)
+        fleet.wait_version(3, 30)
+
+        rounds = [set(SITE_DEVICES) | set(CLOUD_DEVICES) for _ in range(3)]
+        want = fleet.reference(rounds)
+        assert_exact(_retained_model(cloud.port, topics.model, 3), want)
+        assert_exact(_retained_model(site.port, topics.model, 3), want)  # down the bridge
+        model = fleet.store.model()
+        assert model is not None and model["contributors"] == 16
+        coordinator = fleet.log("coordinator")
+        for r in (1, 2, 3):
+            assert f"round {r} closed: 16 update(s) from 2 worker(s)" in coordinator
+        # devices' updates never left the site: the cloud saw only the direct devices'
+        # updates and the gateway's partials
+        seen = {t for t, _ in spy.got}
+        assert not [t for t in seen if "/update/s-" in t or "/ack/s-" in t]
+        assert topics.gateway_partial(GATEWAY) in seen
+        receiver = fleet.log("receiver")
+        assert receiver.count("committed partial") == 3
+        assert "rejected partial" not in receiver  # late copies are duplicates, not refusals
+        up = [p for t, p in spy.got if t == topics.gateway_partial(GATEWAY)]
+        site_bytes = sum(len(fleet.sent[(r, d)]) for r in (1, 2, 3) for d in SITE_DEVICES)
+        journal.close_connection()
+        print(f"\ntwo tiers, 3 rounds of {len(SITE_DEVICES)} site + {len(CLOUD_DEVICES)} "
+              f"direct devices: {time.monotonic() - started:.1f}s; cloud down -> round 2 "
+              f"published {recovered:.1f}s after the outage began; upstream: "
+              f"{len(up)} partial(s) of {max(map(len, up))} bytes at most for "
+              f"{site_bytes // 3} bytes of site updates per round")
+    finally:
+        for c in (spy, devices):
+            if c is not None:
+                c.stop()
+        fleet.stop()
+        site.stop()
+
+
+def test_partial_receiver_commits_once_and_refuses_whole(redis_server: LocalRedis,
+                                                         tmp_path: Path) -> None:
+    """The cloud end on real Redis (no broker): a partial is committed with its devices'
+    claims in one step, a resend is a duplicate, anything else is refused whole."""
+    fleet = f"rx{uuid.uuid4().hex[:8]}"
+    store = ShardStore(redis_server.url, fleet)
+    assert store.init("ep", BUNDLE.initial_trainable(), 1, time.time() + 60, 100)
+    gateways = Registry(tmp_path / "gateways.json")
+    keys = {g: DeviceKey.generate() for g in ("gw-1", "gw-2", "gw-3")}
+    for g, k in keys.items():
+        gateways.enroll(g, k.public_hex)
+    rx = PartialReceiver(store, TEMPLATE, gateways)
+    rng = np.random.default_rng(5)
+
+    def partial(gateway: str, devices: tuple[str, ...], pid: str, base: int = 0,
+                key: DeviceKey | None = None, weight: float = 10.0) -> bytes:
+        acc = FixedPointSum(TEMPLATE)
+        for _ in devices:
+            delta = {n: (rng.standard_normal(s) * 0.01).astype(np.float32)
+                     for n, s in TEMPLATE.items()}
+            acc.fold(get_codec("float32").encode(delta, rng).tensors, "float32", weight)
+        msg = SitePartial(fleet, "ep", 1, base, gateway, pid, devices, acc.to_bytes())
+        return sign_site_partial(msg, key or keys[gateway])
+
+    good = partial("gw-1", ("a", "b"), "p1")
+    assert rx.handle("gw-1", good, 0.0).code == "ok"
+    again = rx.handle("gw-1", good, 0.0)
+    assert (again.accepted, again.code) == (True, RejectReason.DUPLICATE)
+    refused = {
+        "second partial of gw-1": (rx.handle("gw-1", partial("gw-1", ("c",), "p2"), 0.0),
+                                   RejectReason.DUPLICATE),
+        "device claimed by gw-1": (rx.handle("gw-2", partial("gw-2", ("b", "d"), "q1"), 0.0),
+                                   RejectReason.DUPLICATE),
+        "on gw-3's topic": (rx.handle("gw-3", partial("gw-2", ("e",), "q2"), 0.0),
+                            RejectReason.DEVICE_MISMATCH),
+        "signed by gw-3": (rx.handle("gw-2", partial("gw-2", ("e",), "q3", key=keys["gw-3"]),
+                                     0.0), RejectReason.BAD_SIGNATURE),
+        "unknown gateway": (rx.handle("gw-9", partial("gw-9", ("e",), "q4",
+                                                      key=keys["gw-1"]), 0.0),
+                            RejectReason.UNKNOWN_DEVICE),
+        "wrong base": (rx.handle("gw-3", partial("gw-3", ("e",), "q5", base=4), 0.0),
+                       RejectReason.WRONG_BASE),
+        "garbage": (rx.handle("gw-3", b"\x93\x01", 0.0), RejectReason.MALFORMED),
+    }
+    for what, (ack, code) in refused.items():
+        assert (ack.accepted, ack.code) == (False, code), what
+    # only gw-1's two devices are claimed, and its partial is the only one
+    assert store.claims("ep", 1) == {"a": "gateway:gw-1 p1", "b": "gateway:gw-1 p1"}
+    assert list(store.close("ep", 1) or {}) == ["gateway:gw-1"]
+    late = rx.handle("gw-3", partial("gw-3", ("e",), "q6"), 0.0)
+    assert (late.accepted, late.code) == (False, RejectReason.ROUND_CLOSED)
+    # a late copy of the committed partial is still a duplicate, also once the round is
+    # finished and its claims are gone (a bridge or journal copy racing the close)
+    assert store.finish("ep", 1, 1, BUNDLE.initial_trainable(), {}, 2, time.time() + 60, 100)
+    for _ in range(2):
+        copy = rx.handle("gw-1", good, 0.0)
+        assert (copy.accepted, copy.code) == (True, RejectReason.DUPLICATE)
+    store.close_connection()
+
+
+def test_site_broker_killed_with_the_partial_queued_the_journal_resends_it(
+    fresh_broker: LocalBroker, redis_server: LocalRedis, topic_prefix: str, tmp_path: Path,
+) -> None:
+    """The cloud is down and the site broker is SIGKILLed with the sealed partial in its
+    bridge queue (not yet autosaved): the restarted site broker has lost it, the site
+    aggregator re-sends it from its journal on reconnect, and the model is exact."""
+    cloud = fresh_broker
+    fleet = ShardFleet(cloud, redis_server, topic_prefix, tmp_path)
+    topics = fleet.topics
+    devices_ids = SITE_DEVICES[:6]
+    keys = {d: DeviceKey.generate() for d in devices_ids}
+    site_registry = Registry(tmp_path / "site.json")
+    for d in devices_ids:
+        site_registry.enroll(d, keys[d].public_hex)
+    gw_key = create_key(tmp_path / "gw.key")
+    Registry(tmp_path / "gateways.json").enroll(GATEWAY, gw_key.public_hex)
+    settings = GatewayBrokerSettings(
+        fleet.fleet, GATEWAY, cloud.host, cloud.port, topic_prefix=topic_prefix,
+        listen_port=free_port(), listen_address="127.0.0.1",
+        data_dir=f"{tmp_path / 'site-broker'}/", site_devices=len(devices_ids),
+        run_as="root" if os.geteuid() == 0 else getpass.getuser(),
+        restart_base=1, restart_cap=2, autosave_interval=3600,  # nothing saved before the kill
+    )
+    site = GatewayBroker(settings, tmp_path / "site-broker").start()
+    devices = None
+    try:
+        devices = Client(site.port, f"site-devices-{fleet.fleet}",
+                         [topics.round, f"{topics.base}/ack/+"])
+        for name, module, args in (
+            ("receiver", "aggregator.partial_receiver",
+             [*fleet.common(), "--gateways", str(tmp_path / "gateways.json")]),
+            ("gateway", "aggregator.site_gateway",
+             ["--fleet", fleet.fleet, "--gateway", GATEWAY, "--key", str(tmp_path / "gw.key"),
+              "--state", str(tmp_path / "site.db"), "--registry", str(tmp_path / "site.json"),
+              "--host", "127.0.0.1", "--port", str(site.port), "--prefix", topic_prefix,
+              "--expect", str(len(devices_ids)), "--lead", "1"]),
+        ):
+            ready = tmp_path / f"{name}.ready"
+            fleet._spawn(name, ["-m", module, *args, "--ready-file", str(ready)])
+            wait_for(ready.exists, 30, f"{name} to subscribe")
+        fleet.start_coordinator(target=len(devices_ids), rounds=1)
+        wait_for(lambda: bool(devices.received("/round")), 30, "round 1 at the site")
+        ann = decode_round(devices.received("/round")[-1])
+        cloud.stop()
+        rng = np.random.default_rng(5)
+        for d in devices_ids:
+            delta = {n: (rng.standard_normal(s) * 0.01).astype(np.float32)
+                     for n, s in TEMPLATE.items()}
+            msg = UpdateMessage(fleet.fleet, 1, ann.base_version, d, uuid.uuid4().hex[:16],
+                                int(rng.integers(1, 300)), "int8",
+                                tuple(get_codec("int8").encode(delta, rng).tensors),
+                                epoch=ann.epoch)
+            fleet.sent[(1, d)] = sign_update(msg, keys[d])
+            devices.publish(topics.update(d), fleet.sent[(1, d)])
+        wait_for(lambda: "round 1 sealed: partial" in fleet.log("gateway"), 30, "the seal")
+        time.sleep(0.3)  # the partial is in the site broker's bridge queue
+        site.kill()
+        site.start()
+        wait_for(lambda: "sending partial" in fleet.log("gateway"), 30,
+                 "the site aggregator's re-send to the restarted site broker")
+        cloud.start()
+        fleet.wait_version(1, 60)
+        assert_exact(_retained_model(cloud.port, topics.model, 1),
+                     fleet.reference([set(devices_ids)]))
+        assert "round 1 closed: 6 update(s) from 1 worker(s)" in fleet.log("coordinator")
+        receiver = fleet.log("receiver")
+        assert receiver.count("committed partial") == 1
+        assert "rejected partial" not in receiver
+    finally:
+        if devices is not None:
+            devices.stop()
+        fleet.stop()
+        site.stop()
