@@ -26,9 +26,9 @@ class Evaluator(Protocol):
     def __call__(self, weights: Mapping[str, np.ndarray]) -> dict[str, float]: ...
 
 
-def load_eval_set(name: str, max_examples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def load_eval_set(name: str, eval_examples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The test split of a named dataset (or an ``.npz`` with ``x``/``y``), at most
-    ``max_examples`` examples (a seeded subset when larger; 0 = all)."""
+    ``eval_examples`` examples (a seeded subset when larger; 0 = all)."""
     from fedmq.data.datasets import load_dataset, load_npz
 
     if name.endswith(".npz") or Path(name).is_file():
@@ -38,8 +38,8 @@ def load_eval_set(name: str, max_examples: int, seed: int = 0) -> tuple[np.ndarr
     x, y = ds.x, ds.y
     if len(x) == 0:
         raise DataError(f"evaluation set {name!r} is empty")
-    if 0 < max_examples < len(x):
-        idx = np.sort(np.random.default_rng(seed).choice(len(x), max_examples, replace=False))
+    if 0 < eval_examples < len(x):
+        idx = np.sort(np.random.default_rng(seed).choice(len(x), eval_examples, replace=False))
         x, y = x[idx], y[idx]
     return np.ascontiguousarray(x, dtype=np.float32), np.asarray(y, dtype=np.int32)
 

@@ -130,10 +130,12 @@ class RoundPlan:
 class RoundState:
     """Accepted updates of one open round (ids, devices, weight): O(devices), no tensors."""
 
-    def __init__(self, fleet: str, plan: RoundPlan, max_examples: int | None = None) -> None:
+    def __init__(
+        self, fleet: str, plan: RoundPlan, max_claimed_examples: int | None = None
+    ) -> None:
         self.fleet = fleet
         self.plan = plan
-        self.max_examples = max_examples
+        self.max_claimed_examples = max_claimed_examples
         self._update_ids: set[str] = set()
         self._devices: set[str] = set()
         self._selected = frozenset(plan.selected)
@@ -211,9 +213,10 @@ class RoundState:
             )
         if check_tensors is not None:
             check_tensors(msg)
-        if self.max_examples is not None and msg.num_examples > self.max_examples:
+        if (self.max_claimed_examples is not None
+                and msg.num_examples > self.max_claimed_examples):
             raise Rejected(
-                f"num_examples {msg.num_examples} exceeds the cap of {self.max_examples}",
+                f"num_examples {msg.num_examples} exceeds the cap of {self.max_claimed_examples}",
                 RejectReason.MALFORMED,
             )
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from fedmq.errors import ConfigError
 from fedmq.fsutil import atomic_write
+from fedmq.net.procs import stop_processes
 from fedmq.signing import Registry
 from fedmq_ops.simfleet.limits import raise_nofile
 from fedmq_ops.simfleet.plan import Arrival, FleetPlan
@@ -29,6 +30,9 @@ from fedmq_ops.simfleet.shard import RoundTally, Shard, ShardResult, ShardSettin
 __all__ = ["FleetReport", "FleetSpec", "enroll_fleet", "run_fleet", "shard_main"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds the shard processes get after SIGTERM before SIGKILL when the run is cut short.
+STOP_GRACE = 30.0
 
 
 @dataclass(frozen=True)
@@ -203,10 +207,7 @@ def _run_processes(spec: FleetSpec, env: Mapping[str, str] | None) -> FleetRepor
                     continue
                 report.shards.append(_result_from_json(out.read_text()))
         finally:
-            for proc, _ in procs:
-                if proc.poll() is None:
-                    proc.terminate()
-                    proc.wait(30)
+            stop_processes([proc for proc, _ in procs], STOP_GRACE)
     return report
 
 

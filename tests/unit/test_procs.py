@@ -46,3 +46,29 @@ def test_many_at_once_and_already_exited() -> None:
     done.wait()
     procs = [_start(_EXITS_ON_TERM), done, _start(_IGNORES_TERM)]
     assert stop_processes(procs, timeout=0.5) == [3, 7, -signal.SIGKILL]
+
+
+def test_no_other_module_stops_processes_by_hand() -> None:
+    """One process-stop helper: outside fedmq/net/procs.py no project module or bench sends
+    SIGTERM itself (``terminate``, ``send_signal``, ``os.kill``); a deliberate SIGKILL to
+    simulate a crash (``LocalBroker.kill``) is not a stop and stays allowed."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    helper = root / "fedmq" / "net" / "procs.py"
+    found = []
+    for package in ("fedmq", "edge_agent", "aggregator", "fedmq_ops", "bench"):
+        for path in sorted((root / package).rglob("*.py")):
+            if path == helper:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                    continue
+                func = node.func
+                by_os = isinstance(func.value, ast.Name) and func.value.id == "os"
+                if func.attr in ("terminate", "send_signal") or (
+                    by_os and func.attr in ("kill", "killpg")
+                ):
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {func.attr}")
+    assert not found, "use fedmq.net.procs.stop_processes:\n" + "\n".join(found)

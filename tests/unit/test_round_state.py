@@ -113,7 +113,7 @@ def test_examples_cap_and_tensor_check_order() -> None:
         calls.append(m.update_id)
         raise WireError("bad shape", RejectReason.SHAPE)
 
-    s = RoundState("f", _plan(), max_examples=5)
+    s = RoundState("f", _plan(), max_claimed_examples=5)
     with pytest.raises(Rejected) as info:
         s.check(_msg(num_examples=6), "d1", check_tensors)
     assert info.value.code == RejectReason.SHAPE and calls == ["u1"]
