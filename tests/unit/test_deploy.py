@@ -608,3 +608,13 @@ def test_container_tests_allow_for_cold_image_builds() -> None:
 
     [mark] = [m for m in test_container.pytestmark if m.name == "timeout"]
     assert mark.args[0] >= 3 * test_container.BUILD_TIMEOUT + 300
+
+
+
+def test_arm64_install_tests_allow_for_a_cold_root() -> None:
+    """Likewise the arm64 root (debootstrap under qemu, bound TIMEOUT) is built inside the
+    first arm64 test: its pytest-timeout must exceed that bound (cold: 381 s under load)."""
+    from tests.integration import test_arm64_install
+
+    [mark] = [m for m in test_arm64_install.pytestmark if m.name == "timeout"]
+    assert mark.args[0] >= test_arm64_install.TIMEOUT + 300
