@@ -326,6 +326,7 @@ class Coordinator:
         if after <= budget:
             return True
         self.budget_exhausted = True
+        self.metrics.dp_budget_exhausted.set(1)
         log.error(
             "privacy budget reached: round %d would bring epsilon from %.4g to %.4g at delta "
             "%g, above dp_epsilon_budget %g; no new round opens (model version %d stays "
@@ -338,6 +339,7 @@ class Coordinator:
     def _set_epsilon_gauge(self) -> None:
         if self.private is not None:
             self.metrics.dp_epsilon.set(self.private.epsilon())
+            self.metrics.dp_epsilon_budget.set(self.config.dp_epsilon_budget)
 
     def current_messages(self, now: float) -> list[Outgoing]:
         """The retained state to republish on every (re)connect, finished or not: the model,

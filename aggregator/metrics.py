@@ -125,6 +125,16 @@ class AggregatorMetrics:
             "Central DP epsilon spent so far at the configured delta (0 without dp)",
             registry=r,
         )
+        self.dp_epsilon_budget = Gauge(
+            "fedmq_dp_epsilon_budget",
+            "dp_epsilon_budget: no round opens that would take epsilon above it (0: no budget)",
+            registry=r,
+        )
+        self.dp_budget_exhausted = Gauge(
+            "fedmq_dp_budget_exhausted",
+            "1 when the next round would exceed dp_epsilon_budget, so no round opens any more",
+            registry=r,
+        )
         self.publish_failures = Counter(
             "fedmq_publish_failures",
             "Messages the broker did not accept (PUBACK reason >= 0x80), by reason",

@@ -598,3 +598,23 @@ def test_install_script_real_install_into_prefix(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (etc / "agent.toml").read_text() == edited
     assert "is up to date" in proc.stdout
+
+
+def test_container_tests_allow_for_cold_image_builds() -> None:
+    """The image builds run inside the first container test that needs them (session
+    fixtures), so its pytest-timeout must cover base + aggregator + mosquitto builds: with
+    the default 600 s, a fresh machine under load failed (base image 493 s)."""
+    from tests.integration import test_container
+
+    [mark] = [m for m in test_container.pytestmark if m.name == "timeout"]
+    assert mark.args[0] >= 3 * test_container.BUILD_TIMEOUT + 300
+
+
+
+def test_arm64_install_tests_allow_for_a_cold_root() -> None:
+    """Likewise the arm64 root (debootstrap under qemu, bound TIMEOUT) is built inside the
+    first arm64 test: its pytest-timeout must exceed that bound (cold: 381 s under load)."""
+    from tests.integration import test_arm64_install
+
+    [mark] = [m for m in test_arm64_install.pytestmark if m.name == "timeout"]
+    assert mark.args[0] >= test_arm64_install.TIMEOUT + 300

@@ -226,6 +226,18 @@ def test_rules_query_only_exported_or_documented_series(aggregator_series: set[s
         assert f"`{name}`" in docs, f"{name} (needed by the rules) is not in {DOCS}"
 
 
+def test_privacy_budget_alerts_read_the_dp_gauges(aggregator_series: set[str]) -> None:
+    """With `dp = true` and a `dp_epsilon_budget`: one alert when 90 % of it is spent, one
+    when the next round would exceed it (no round opens any more)."""
+    rules = {r["alert"]: r for r in alert_rules()}
+    nearly = rules["FedmqPrivacyBudgetNearlySpent"]["expr"]
+    assert metric_names(nearly) == {"fedmq_dp_epsilon", "fedmq_dp_epsilon_budget"}
+    assert "0.9 * fedmq_dp_epsilon_budget" in nearly
+    exhausted = rules["FedmqPrivacyBudgetExhausted"]["expr"]
+    assert metric_names(exhausted) == {"fedmq_dp_budget_exhausted"}
+    assert {"fedmq_dp_epsilon_budget", "fedmq_dp_budget_exhausted"} <= aggregator_series
+
+
 # --------------------------------------------------------------------------- dashboard
 def dashboard() -> dict[str, Any]:
     data: dict[str, Any] = json.loads(DASHBOARD.read_text())

@@ -244,6 +244,8 @@ def test_budget_stops_the_federation_before_it_is_exceeded(
     engine = Engine(cfg, Store(cfg.state_dir), bundle)
     engine.start(T0)
     devices = ["a", "b", "c", "d"]
+    assert engine.metrics.value("fedmq_dp_epsilon_budget") == budget
+    assert engine.metrics.value("fedmq_dp_budget_exhausted") == 0.0
     now = T0
     shapes = dict(engine.template)
     out = _online(engine, devices, now) + engine.tick(now)
@@ -263,6 +265,9 @@ def test_budget_stops_the_federation_before_it_is_exceeded(
     records = [engine.store.round(r) for r in (1, 2)]
     assert [r.metrics["dp_epsilon"] for r in records] == [plan.epsilon(1), plan.epsilon(2)]
     assert engine.metrics.dp_epsilon._value.get() == plan.epsilon(2)
+    # the gauges the privacy alerts read (deploy/monitoring/alerts.yml)
+    assert engine.metrics.value("fedmq_dp_epsilon_budget") == budget
+    assert engine.metrics.value("fedmq_dp_budget_exhausted") == 1.0
     assert [decode_model(o.payload).version for o in out if o.topic.endswith("/model")] == [2]
     assert not [o for o in out if o.topic.endswith("/round") and o.payload]  # no round 3
     lines = [r.getMessage() for r in caplog.records if "privacy budget" in r.getMessage()]
