@@ -1,0 +1,295 @@
+"""A sharded ingest worker on a NATS cluster: the JetStream shell of
+:class:`~aggregator.shard_worker.ShardWorker` (docs/scaling.md "Clustered broker: NATS").
+
+Devices publish their updates over MQTT 3.1.1 (QoS 1) to any node of the cluster; NATS'
+MQTT gateway turns ``fl/<fleet>/update/<device>`` into the subject
+``fl.<fleet>.update.<device>``, which a JetStream stream (file storage, ``--replicas``
+copies, work-queue retention) captures. Every worker of the fleet pulls from ONE durable
+consumer of that stream, so JetStream spreads the updates over the live workers. Per
+message the worker runs the unchanged :meth:`ShardWorker.handle` (decode, checks, claim and
+atomic partial commit in Redis), publishes the device's ack, and only then acknowledges the
+JetStream message. A message a worker fetched and never acknowledged (it died, hung or lost
+the store) is redelivered to a live worker after ``--ack-wait`` seconds; one that was
+committed but not acknowledged is answered ``duplicate`` (accepted) by the claim and counted
+once. This is what Mosquitto's ``$share`` cannot do (a dead member's messages stay with its
+session).
+
+The worker creates the stream and the durable consumer when they are missing (both
+idempotent). The stream must exist before devices publish: NATS' MQTT gateway acknowledges a
+QoS 1 publish that no stream captures, and the update is gone.
+
+Device acks go out as core NATS messages on ``fl.<fleet>.ack.<device>``; the gateway hands
+them to MQTT subscribers at QoS 0 (a device that misses its ack resends and gets
+``duplicate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+import nats.errors
+import nats.js.errors
+import redis
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import api as js_api
+from nats.js.client import JetStreamContext
+
+from aggregator.bundles import resolve_bundle
+from aggregator.shard_store import ShardStore
+from aggregator.shard_worker import EXIT_STORE, ShardWorker, worker_client_id
+from fedmq.errors import ConfigError, WireError
+from fedmq.logs import setup_logging
+from fedmq.signing import Registry
+from fedmq.topics import Topics
+from fedmq.wire import encode
+
+__all__ = ["NatsIngest", "NatsSettings", "main", "nats_subject", "stream_name"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DURABLE = "fedmq-ingest"
+
+
+def nats_subject(topic: str) -> str:
+    """The subject NATS' MQTT gateway (2.9) uses for an MQTT topic or filter: levels joined
+    by '.', '+' -> '*', '#' -> '>'. Topics it cannot carry are refused here (a '.' or a
+    space in a level, empty levels), so a fleet or device id with a '.' fails at start, not
+    silently."""
+    levels = topic.split("/")
+    for level in levels:
+        if not level or "." in level or " " in level:
+            raise ConfigError(
+                f"MQTT topic {topic!r} cannot be carried by NATS: its levels must be non-empty "
+                "and hold no '.' or space (fleet, device and prefix names without '.')"
+            )
+    return ".".join({"+": "*", "#": ">"}.get(level, level) for level in levels)
+
+
+def stream_name(fleet: str) -> str:
+    """The JetStream stream of a fleet's updates (stream names cannot hold '.')."""
+    if "." in fleet:
+        raise ConfigError(f"fleet {fleet!r}: a fleet on NATS cannot have a '.' in its name")
+    return f"fedmq-updates-{fleet}"
+
+
+@dataclass(frozen=True)
+class NatsSettings:
+    """``servers``: client URLs of the cluster's nodes (tried in order); ``ack_wait``:
+    seconds after which JetStream redelivers a fetched, unacknowledged update to another
+    worker; ``replicas``: copies of the stream (3 survives one node); ``max_age``: seconds
+    an update may wait in the stream (older ones are dropped: far past any round)."""
+
+    servers: tuple[str, ...]
+    durable: str = DEFAULT_DURABLE
+    ack_wait: float = 30.0
+    replicas: int = 3
+    batch: int = 32
+    max_ack_pending: int = 1024
+    max_age: float = 7 * 24 * 3600.0
+    fetch_timeout: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.servers or not all(s.strip() for s in self.servers):
+            raise ConfigError("nats servers: give at least one URL (nats://host:port)")
+        if self.ack_wait <= 0 or self.fetch_timeout <= 0 or self.max_age <= 0:
+            raise ConfigError("ack_wait, fetch_timeout and max_age must be > 0 seconds")
+        if not 1 <= self.replicas <= 5:
+            raise ConfigError(f"replicas must be 1..5 (JetStream's limit), not {self.replicas}")
+        if self.batch < 1 or self.max_ack_pending < self.batch:
+            raise ConfigError("batch must be >= 1 and max_ack_pending >= batch")
+
+
+class NatsIngest:
+    """The JetStream side around one :class:`ShardWorker`."""
+
+    def __init__(self, worker: ShardWorker, topics: Topics, settings: NatsSettings,
+                 ready_file: Path | None = None) -> None:
+        self.worker = worker
+        self.topics = topics
+        self.settings = settings
+        self.ready_file = ready_file
+        self.subject = nats_subject(topics.update_wildcard)
+        self.stream = stream_name(topics.fleet)
+        nats_subject(topics.ack("x"))  # the ack topics must be carriable too
+        self.stopping = asyncio.Event()
+        self.redelivered = 0
+
+    async def _connect(self) -> NatsClient:
+        async def error_cb(exc: Exception) -> None:
+            log.warning("nats: %s", exc or type(exc).__name__)
+
+        async def disconnected_cb() -> None:
+            if not nc.is_closed:
+                log.warning("nats: disconnected; reconnecting")
+
+        async def reconnected_cb() -> None:
+            url = nc.connected_url
+            log.info("nats: reconnected to %s", url.netloc if url else "?")
+
+        nc = await nats.connect(
+            servers=list(self.settings.servers),
+            name=worker_client_id(self.topics.fleet, self.worker.worker),
+            dont_randomize=True,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=2,
+            error_cb=error_cb,
+            disconnected_cb=disconnected_cb,
+            reconnected_cb=reconnected_cb,
+        )
+        return nc
+
+    async def subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
+        """The fleet's stream and the shared durable consumer (created when missing)."""
+        s = self.settings
+        try:
+            await js.add_stream(js_api.StreamConfig(
+                name=self.stream, subjects=[self.subject],
+                retention=js_api.RetentionPolicy.WORK_QUEUE,
+                storage=js_api.StorageType.FILE, num_replicas=s.replicas, max_age=s.max_age,
+            ))
+            psub = await js.pull_subscribe(
+                self.subject, durable=s.durable, stream=self.stream,
+                config=js_api.ConsumerConfig(
+                    ack_policy=js_api.AckPolicy.EXPLICIT, ack_wait=s.ack_wait,
+                    max_ack_pending=s.max_ack_pending,
+                    deliver_policy=js_api.DeliverPolicy.ALL,
+                ),
+            )
+            info = await js.consumer_info(self.stream, s.durable)
+        except nats.js.errors.APIError as exc:
+            raise ConfigError(f"JetStream refused stream {self.stream} / consumer "
+                              f"{s.durable}: {exc.description or exc}") from exc
+        if info.config.ack_wait is not None and abs(info.config.ack_wait - s.ack_wait) > 1e-3:
+            log.warning("consumer %s exists with ack_wait %.3gs, not the %.3gs asked: the "
+                        "existing one applies", s.durable, info.config.ack_wait, s.ack_wait)
+        return psub
+
+    async def _handle(self, nc: NatsClient, msg: Msg) -> bool:
+        """One update; False when the store failed (the message stays unacknowledged)."""
+        device = msg.subject.rsplit(".", 1)[-1]
+        delivered = msg.metadata.num_delivered
+        if delivered > 1:
+            self.redelivered += 1
+            log.info("update on %s redelivered (delivery %d)", msg.subject, delivered)
+        try:
+            ack = self.worker.handle(device, msg.data, time.time())
+        except (redis.RedisError, WireError, OSError) as exc:
+            log.error("store %s failed: %s; exiting without acknowledging update of %s",
+                      self.worker.store.url, exc, device)
+            return False
+        with contextlib.suppress(ConfigError):  # a device id that cannot be a topic
+            await nc.publish(nats_subject(self.topics.ack(device)), encode(ack))
+        await msg.ack()
+        return True
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        try:
+            nc = await self._connect()
+        except (nats.errors.Error, OSError) as exc:
+            raise ConfigError(f"no NATS server of {list(self.settings.servers)} "
+                              f"answered: {exc or type(exc).__name__}") from exc
+        try:
+            psub = await self.subscribe(nc.jetstream())
+            log.info("worker %s pulls %s from stream %s (durable %s, ack_wait %gs)",
+                     self.worker.worker, self.subject, self.stream, self.settings.durable,
+                     self.settings.ack_wait)
+            if self.ready_file is not None:
+                self.ready_file.write_text("ready\n")
+            return await self._loop(nc, psub)
+        finally:
+            with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+                await nc.flush(timeout=2)  # the acks of committed updates
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await nc.close()
+
+    async def _loop(self, nc: NatsClient, psub: JetStreamContext.PullSubscription) -> int:
+        s = self.settings
+        last_warning = 0.0
+        while not self.stopping.is_set():
+            try:
+                msgs = await psub.fetch(s.batch, timeout=s.fetch_timeout)
+            except TimeoutError:  # nats.errors.TimeoutError is one too
+                continue
+            except nats.errors.Error as exc:  # failover: no responders, leader elections
+                if time.monotonic() - last_warning > 10:
+                    log.warning("fetch from %s failed (%s): retrying", self.stream,
+                                exc or type(exc).__name__)
+                    last_warning = time.monotonic()
+                await asyncio.sleep(0.2)
+                continue
+            for i, msg in enumerate(msgs):
+                if self.stopping.is_set():  # hand the rest to the other workers now
+                    for rest in msgs[i:]:
+                        with contextlib.suppress(nats.errors.Error):
+                            await rest.nak()
+                    break
+                if not await self._handle(nc, msg):
+                    return EXIT_STORE
+        log.info("worker %s stopped (%d update(s) committed, %d redelivery(ies) seen)",
+                 self.worker.worker, self.worker.committed, self.redelivered)
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m aggregator.nats_worker",
+                                description="a sharded ingest worker on a NATS JetStream "
+                                            "cluster (docs/scaling.md)")
+    p.add_argument("--fleet", required=True)
+    p.add_argument("--worker", required=True, help="fixed name: partial key in the store")
+    p.add_argument("--redis", required=True, help="redis://host:port/db")
+    p.add_argument("--servers", required=True,
+                   help="comma-separated NATS client URLs of the cluster, tried in order")
+    p.add_argument("--prefix", default="", help="topic prefix (tests)")
+    p.add_argument("--model", default="digits-mlp", help="zoo model or bundle directory")
+    p.add_argument("--registry", default="", help="device registry: signatures required")
+    p.add_argument("--durable", default=DEFAULT_DURABLE, help="the shared durable consumer")
+    p.add_argument("--ack-wait", type=float, default=30.0,
+                   help="seconds before an unacknowledged update goes to another worker")
+    p.add_argument("--replicas", type=int, default=3, help="stream replicas (cluster nodes)")
+    p.add_argument("--batch", type=int, default=32, help="updates per fetch")
+    p.add_argument("--max-ack-pending", type=int, default=1024)
+    p.add_argument("--ready-file", default="", help="written once subscribed (tests)")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, False)
+    try:
+        settings = NatsSettings(
+            servers=tuple(s.strip() for s in args.servers.split(",")), durable=args.durable,
+            ack_wait=args.ack_wait, replicas=args.replicas, batch=args.batch,
+            max_ack_pending=args.max_ack_pending,
+        )
+        bundle = resolve_bundle(args.model)
+        template = {t.name: t.shape for t in bundle.spec.trainable_specs}
+        registry = Registry(Path(args.registry)) if args.registry else None
+        store = ShardStore(args.redis, args.fleet)
+        store.ping()
+        worker = ShardWorker(store, template, args.worker, registry=registry)
+        ingest = NatsIngest(worker, Topics(args.fleet, args.prefix), settings,
+                            Path(args.ready_file) if args.ready_file else None)
+        return asyncio.run(ingest.run())
+    except (ConfigError, redis.RedisError, OSError) as exc:
+        log.error("worker %s: %s", args.worker, exc)
+        return EXIT_STORE if isinstance(exc, redis.RedisError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
