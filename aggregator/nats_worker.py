@@ -57,7 +57,11 @@ __all__ = ["NatsIngest", "NatsSettings", "main", "nats_subject", "stream_name"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DURABLE = "fedmq-ingest"
+#: The NATS MQTT gateway's own stream of QoS 1 publishes (nats-server 2.9: ``$MQTT_msgs``,
+#: subjects ``$MQTT.msgs.>``, file storage, interest retention, ``mqtt.stream_replicas``).
+GATEWAY_STREAM = "$MQTT_msgs"
+GATEWAY_PREFIX = "$MQTT.msgs."
+CAPTURES = ("gateway", "stream")
 
 
 def nats_subject(topic: str) -> str:
@@ -90,7 +94,8 @@ class NatsSettings:
     an update may wait in the stream (older ones are dropped: far past any round)."""
 
     servers: tuple[str, ...]
-    durable: str = DEFAULT_DURABLE
+    capture: str = "gateway"
+    durable: str = ""
     ack_wait: float = 30.0
     replicas: int = 3
     batch: int = 32
@@ -107,6 +112,8 @@ class NatsSettings:
             raise ConfigError(f"replicas must be 1..5 (JetStream's limit), not {self.replicas}")
         if self.batch < 1 or self.max_ack_pending < self.batch:
             raise ConfigError("batch must be >= 1 and max_ack_pending >= batch")
+        if self.capture not in CAPTURES:
+            raise ConfigError(f"capture must be one of {CAPTURES}, not {self.capture!r}")
 
 
 class NatsIngest:
@@ -118,8 +125,12 @@ class NatsIngest:
         self.topics = topics
         self.settings = settings
         self.ready_file = ready_file
-        self.subject = nats_subject(topics.update_wildcard)
-        self.stream = stream_name(topics.fleet)
+        subject = nats_subject(topics.update_wildcard)
+        if settings.capture == "gateway":
+            self.stream, self.subject = GATEWAY_STREAM, GATEWAY_PREFIX + subject
+        else:
+            self.stream, self.subject = stream_name(topics.fleet), subject
+        self.durable = settings.durable or f"fedmq-ingest-{topics.fleet}"
         nats_subject(topics.ack("x"))  # the ack topics must be carriable too
         self.stopping = asyncio.Event()
         self.redelivered = 0
@@ -150,30 +161,48 @@ class NatsIngest:
         )
         return nc
 
-    async def subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
-        """The fleet's stream and the shared durable consumer (created when missing)."""
+    async def _ensure_stream(self, js: JetStreamContext) -> None:
         s = self.settings
-        try:
+        if s.capture == "stream":
             await js.add_stream(js_api.StreamConfig(
                 name=self.stream, subjects=[self.subject],
                 retention=js_api.RetentionPolicy.WORK_QUEUE,
                 storage=js_api.StorageType.FILE, num_replicas=s.replicas, max_age=s.max_age,
             ))
+            return
+        # the gateway creates its stream at the first MQTT connection to the cluster
+        waited = False
+        while not self.stopping.is_set():
+            try:
+                await js.stream_info(self.stream)
+                return
+            except nats.js.errors.NotFoundError:
+                if not waited:
+                    log.warning("stream %s does not exist yet (NATS' MQTT gateway creates it "
+                                "at the first MQTT connection): waiting", self.stream)
+                    waited = True
+                await asyncio.sleep(0.5)
+
+    async def subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
+        """The stream and the fleet's shared durable consumer (created when missing)."""
+        s = self.settings
+        try:
+            await self._ensure_stream(js)
             psub = await js.pull_subscribe(
-                self.subject, durable=s.durable, stream=self.stream,
+                self.subject, durable=self.durable, stream=self.stream,
                 config=js_api.ConsumerConfig(
                     ack_policy=js_api.AckPolicy.EXPLICIT, ack_wait=s.ack_wait,
                     max_ack_pending=s.max_ack_pending,
                     deliver_policy=js_api.DeliverPolicy.ALL,
                 ),
             )
-            info = await js.consumer_info(self.stream, s.durable)
+            info = await js.consumer_info(self.stream, self.durable)
         except nats.js.errors.APIError as exc:
             raise ConfigError(f"JetStream refused stream {self.stream} / consumer "
-                              f"{s.durable}: {exc.description or exc}") from exc
+                              f"{self.durable}: {exc.description or exc}") from exc
         if info.config.ack_wait is not None and abs(info.config.ack_wait - s.ack_wait) > 1e-3:
             log.warning("consumer %s exists with ack_wait %.3gs, not the %.3gs asked: the "
-                        "existing one applies", s.durable, info.config.ack_wait, s.ack_wait)
+                        "existing one applies", self.durable, info.config.ack_wait, s.ack_wait)
         return psub
 
     async def _handle(self, nc: NatsClient, msg: Msg) -> bool:
@@ -206,7 +235,7 @@ class NatsIngest:
         try:
             psub = await self.subscribe(nc.jetstream())
             log.info("worker %s pulls %s from stream %s (durable %s, ack_wait %gs)",
-                     self.worker.worker, self.subject, self.stream, self.settings.durable,
+                     self.worker.worker, self.subject, self.stream, self.durable,
                      self.settings.ack_wait)
             if self.ready_file is not None:
                 self.ready_file.write_text("ready\n")
@@ -257,7 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="", help="topic prefix (tests)")
     p.add_argument("--model", default="digits-mlp", help="zoo model or bundle directory")
     p.add_argument("--registry", default="", help="device registry: signatures required")
-    p.add_argument("--durable", default=DEFAULT_DURABLE, help="the shared durable consumer")
+    p.add_argument("--capture", choices=CAPTURES, default="gateway",
+                   help="consume the MQTT gateway's own stream (a PUBACKed update is stored) "
+                        "or a stream of the fleet's subject (docs/scaling.md)")
+    p.add_argument("--durable", default="", help="the shared durable consumer "
+                   "(default fedmq-ingest-<fleet>)")
     p.add_argument("--ack-wait", type=float, default=30.0,
                    help="seconds before an unacknowledged update goes to another worker")
     p.add_argument("--replicas", type=int, default=3, help="stream replicas (cluster nodes)")
@@ -274,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = NatsSettings(
             servers=tuple(s.strip() for s in args.servers.split(",")), durable=args.durable,
+            capture=args.capture,
             ack_wait=args.ack_wait, replicas=args.replicas, batch=args.batch,
             max_ack_pending=args.max_ack_pending,
         )
