@@ -1,22 +1,23 @@
 """A sharded ingest worker on a NATS cluster: the JetStream shell of
 :class:`~aggregator.shard_worker.ShardWorker` (docs/scaling.md "Clustered broker: NATS").
 
-Devices publish their updates over MQTT 3.1.1 (QoS 1) to any node of the cluster; NATS'
-MQTT gateway turns ``fl/<fleet>/update/<device>`` into the subject
-``fl.<fleet>.update.<device>``, which a JetStream stream (file storage, ``--replicas``
-copies, work-queue retention) captures. Every worker of the fleet pulls from ONE durable
-consumer of that stream, so JetStream spreads the updates over the live workers. Per
-message the worker runs the unchanged :meth:`ShardWorker.handle` (decode, checks, claim and
-atomic partial commit in Redis), publishes the device's ack, and only then acknowledges the
-JetStream message. A message a worker fetched and never acknowledged (it died, hung or lost
-the store) is redelivered to a live worker after ``--ack-wait`` seconds; one that was
-committed but not acknowledged is answered ``duplicate`` (accepted) by the claim and counted
-once. This is what Mosquitto's ``$share`` cannot do (a dead member's messages stay with its
-session).
+Devices publish their updates over MQTT 3.1.1 (QoS 1) to any node of the cluster. NATS' MQTT
+gateway (nats-server 2.9) stores each QoS 1 publish in its own replicated stream
+``$MQTT_msgs`` (subject ``$MQTT.msgs.fl.<fleet>.update.<device>``) and sends the PUBACK only
+after that store; it also delivers the message on the plain subject
+``fl.<fleet>.update.<device>``, without waiting for anyone. So by default
+(``--capture gateway``) the workers consume ``$MQTT_msgs``: a PUBACKed update is in the
+stream. ``--capture stream`` instead creates a stream ``fedmq-updates-<fleet>`` of the plain
+subject, which the PUBACK does not wait for (docs/scaling.md says what that loses).
 
-The worker creates the stream and the durable consumer when they are missing (both
-idempotent). The stream must exist before devices publish: NATS' MQTT gateway acknowledges a
-QoS 1 publish that no stream captures, and the update is gone.
+Every worker of the fleet pulls from ONE durable consumer (``fedmq-ingest-<fleet>``), so
+JetStream spreads the updates over the live workers. Per message the worker runs the
+unchanged :meth:`ShardWorker.handle` (decode, checks, claim and atomic partial commit in
+Redis), publishes the device's ack, and only then acknowledges the JetStream message. A
+message a worker fetched and never acknowledged (it died, hung or lost the store) is
+redelivered to a live worker after ``--ack-wait`` seconds; one that was committed but not
+acknowledged is answered ``duplicate`` (accepted) by the claim and counted once. This is what
+Mosquitto's ``$share`` cannot do (a dead member's messages stay with its session).
 
 Device acks go out as core NATS messages on ``fl.<fleet>.ack.<device>``; the gateway hands
 them to MQTT subscribers at QoS 0 (a device that misses its ack resends and gets
@@ -90,8 +91,9 @@ def stream_name(fleet: str) -> str:
 class NatsSettings:
     """``servers``: client URLs of the cluster's nodes (tried in order); ``ack_wait``:
     seconds after which JetStream redelivers a fetched, unacknowledged update to another
-    worker; ``replicas``: copies of the stream (3 survives one node); ``max_age``: seconds
-    an update may wait in the stream (older ones are dropped: far past any round)."""
+    worker; ``capture``: ``gateway`` (the MQTT gateway's ``$MQTT_msgs``, whose replicas are
+    the server's ``mqtt.stream_replicas``) or ``stream`` (a stream of the fleet's subject,
+    created with ``replicas`` copies and ``max_age``: older updates are dropped)."""
 
     servers: tuple[str, ...]
     capture: str = "gateway"
@@ -293,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default fedmq-ingest-<fleet>)")
     p.add_argument("--ack-wait", type=float, default=30.0,
                    help="seconds before an unacknowledged update goes to another worker")
-    p.add_argument("--replicas", type=int, default=3, help="stream replicas (cluster nodes)")
+    p.add_argument("--replicas", type=int, default=3,
+                   help="replicas of the stream that --capture stream creates")
     p.add_argument("--batch", type=int, default=32, help="updates per fetch")
     p.add_argument("--max-ack-pending", type=int, default=1024)
     p.add_argument("--ready-file", default="", help="written once subscribed (tests)")
