@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 GATEWAY_STREAM = "$MQTT_msgs"
 GATEWAY_PREFIX = "$MQTT.msgs."
 CAPTURES = ("gateway", "stream")
+SETUP_TIMEOUT = 30.0  # seconds a starting worker waits for JetStream to answer
 
 
 def nats_subject(topic: str) -> str:
@@ -186,22 +187,32 @@ class NatsIngest:
                 await asyncio.sleep(0.5)
 
     async def subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
-        """The stream and the fleet's shared durable consumer (created when missing)."""
+        """The stream and the fleet's shared durable consumer (created when missing). A
+        cluster still electing leaders (no answer, 503) is retried for SETUP_TIMEOUT seconds."""
         s = self.settings
-        try:
-            await self._ensure_stream(js)
-            psub = await js.pull_subscribe(
-                self.subject, durable=self.durable, stream=self.stream,
-                config=js_api.ConsumerConfig(
-                    ack_policy=js_api.AckPolicy.EXPLICIT, ack_wait=s.ack_wait,
-                    max_ack_pending=s.max_ack_pending,
-                    deliver_policy=js_api.DeliverPolicy.ALL,
-                ),
-            )
-            info = await js.consumer_info(self.stream, self.durable)
-        except nats.js.errors.APIError as exc:
-            raise ConfigError(f"JetStream refused stream {self.stream} / consumer "
-                              f"{self.durable}: {exc.description or exc}") from exc
+        end = time.monotonic() + SETUP_TIMEOUT
+        while True:
+            try:
+                await self._ensure_stream(js)
+                psub = await js.pull_subscribe(
+                    self.subject, durable=self.durable, stream=self.stream,
+                    config=js_api.ConsumerConfig(
+                        ack_policy=js_api.AckPolicy.EXPLICIT, ack_wait=s.ack_wait,
+                        max_ack_pending=s.max_ack_pending,
+                        deliver_policy=js_api.DeliverPolicy.ALL,
+                    ),
+                )
+                info = await js.consumer_info(self.stream, self.durable)
+                break
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                    nats.js.errors.ServiceUnavailableError) as exc:
+                if time.monotonic() > end:
+                    raise ConfigError(f"JetStream did not answer for {SETUP_TIMEOUT:.0f}s "
+                                      f"({exc or type(exc).__name__})") from exc
+                await asyncio.sleep(0.5)
+            except nats.js.errors.APIError as exc:
+                raise ConfigError(f"JetStream refused stream {self.stream} / consumer "
+                                  f"{self.durable}: {exc.description or exc}") from exc
         if info.config.ack_wait is not None and abs(info.config.ack_wait - s.ack_wait) > 1e-3:
             log.warning("consumer %s exists with ack_wait %.3gs, not the %.3gs asked: the "
                         "existing one applies", self.durable, info.config.ack_wait, s.ack_wait)
@@ -220,9 +231,12 @@ class NatsIngest:
             log.error("store %s failed: %s; exiting without acknowledging update of %s",
                       self.worker.store.url, exc, device)
             return False
-        with contextlib.suppress(ConfigError):  # a device id that cannot be a topic
+        # a device id that cannot be a topic; a closed connection: the update comes again
+        # (redelivered after ack_wait) and is answered duplicate
+        with contextlib.suppress(ConfigError, nats.errors.Error):
             await nc.publish(nats_subject(self.topics.ack(device)), encode(ack))
-        await msg.ack()
+        with contextlib.suppress(nats.errors.Error):
+            await msg.ack()
         return True
 
     async def run(self) -> int:
@@ -323,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         ingest = NatsIngest(worker, Topics(args.fleet, args.prefix), settings,
                             Path(args.ready_file) if args.ready_file else None)
         return asyncio.run(ingest.run())
-    except (ConfigError, redis.RedisError, OSError) as exc:
-        log.error("worker %s: %s", args.worker, exc)
+    except (ConfigError, redis.RedisError, OSError, nats.errors.Error) as exc:
+        log.error("worker %s: %s", args.worker, exc or type(exc).__name__)
         return EXIT_STORE if isinstance(exc, redis.RedisError) else 1
 
 
