@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import sys
 import time
@@ -139,8 +140,14 @@ class NatsIngest:
         self.redelivered = 0
 
     async def _connect(self) -> NatsClient:
+        last: dict[str, float] = {}
+
         async def error_cb(exc: Exception) -> None:
-            log.warning("nats: %s", exc or type(exc).__name__)
+            text = str(exc) or type(exc).__name__
+            now = time.monotonic()
+            if now - last.get(text, -math.inf) >= 10:  # every server down: once per 10 s
+                last[text] = now
+                log.warning("nats: %s", text)
 
         async def disconnected_cb() -> None:
             if not nc.is_closed:
