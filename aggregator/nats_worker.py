@@ -319,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=3,
                    help="replicas of the stream that --capture stream creates")
     p.add_argument("--batch", type=int, default=32, help="updates per fetch")
+    p.add_argument("--fetch-timeout", type=float, default=1.0,
+                   help="seconds one pull request waits for updates (and a stop for it)")
     p.add_argument("--max-ack-pending", type=int, default=1024)
     p.add_argument("--ready-file", default="", help="written once subscribed (tests)")
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -333,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             servers=tuple(s.strip() for s in args.servers.split(",")), durable=args.durable,
             capture=args.capture,
             ack_wait=args.ack_wait, replicas=args.replicas, batch=args.batch,
-            max_ack_pending=args.max_ack_pending,
+            max_ack_pending=args.max_ack_pending, fetch_timeout=args.fetch_timeout,
         )
         bundle = resolve_bundle(args.model)
         template = {t.name: t.shape for t in bundle.spec.trainable_specs}

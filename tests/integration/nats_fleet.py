@@ -126,6 +126,8 @@ class NatsFleet(ShardFleet):
                 "--servers", ",".join(servers), "--prefix", self.prefix, "--worker", name,
                 "--ack-wait", str(self.ack_wait), "--ready-file", str(ready[name]),
                 "--replicas", str(min(3, len(self.cluster.nodes))), "--capture", capture,
+                # a long pull: a worker stopped while idle still holds an open request
+                "--fetch-timeout", "5",
             ])
         for name, path in ready.items():
             wait_for(path.exists, 30, f"worker {name} to pull from JetStream")
