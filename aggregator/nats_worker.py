@@ -235,8 +235,8 @@ class NatsIngest:
         try:
             ack = self.worker.handle(device, msg.data, time.time())
         except (redis.RedisError, WireError, OSError) as exc:
-            log.error("store %s failed: %s; exiting without acknowledging update of %s",
-                      self.worker.store.url, exc, device)
+            log.error("store failed: %s; exiting without acknowledging update of %s",
+                      exc, device)
             return False
         # a device id that cannot be a topic; a closed connection: the update comes again
         # (redelivered after ack_wait) and is answered duplicate
