@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := mosquitto mosquitto-clients redis-server dataset-fashion-mnist prometheus podman runc debootstrap \
+APT_PACKAGES := mosquitto mosquitto-clients redis-server nats-server dataset-fashion-mnist prometheus podman runc debootstrap \
 	podman-compose shellcheck qemu-user-static binfmt-support
 
 .PHONY: demo test lint typecheck unit integration bench experiments system-deps venv clean help

@@ -32,7 +32,7 @@ from aggregator.shard_store import ShardStore
 from fedmq.errors import ConfigError, StateError
 from fedmq.logs import setup_logging
 from fedmq.models.spec import ModelBundle
-from fedmq.net.mqtt import MqttSettings, connect, make_client
+from fedmq.net.mqtt import PROTOCOLS, MqttSettings, connect, make_client
 from fedmq.tensor import Tensor
 from fedmq.topics import Topics
 from fedmq.update.fixedpoint import FixedPointSum
@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1883)
     p.add_argument("--prefix", default="", help="topic prefix (tests)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="5",
+                   help="MQTT version (3.1.1 for NATS' MQTT gateway)")
     p.add_argument("--model", default="digits-mlp", help="zoo model or bundle directory")
     p.add_argument("--strategy", default="fedavg")
     p.add_argument("--server-lr", type=float, default=1.0)
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     try:
         topics = Topics(args.fleet, args.prefix)
-        settings = MqttSettings(host=args.host, port=args.port,
+        settings = MqttSettings(host=args.host, port=args.port, protocol=args.protocol,
                                 client_id=f"fedmq-coordinator-{args.fleet}")
         client = make_client(settings)
         connect(client, settings, asynchronous=False)
