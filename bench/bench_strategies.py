@@ -198,7 +198,11 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    finished = sorted(r["finished"] for r in runs)
+    fig.text(0.01, 0.005, f"2-core shared VM (Debian 12, Python 3.11), other jobs running; "
+             f"bench/bench_strategies.py, {len(runs)} runs finished {finished[0]} to "
+             f"{finished[-1]}", fontsize=7, color="grey")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
