@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -200,7 +201,10 @@ def main() -> None:
             results.append({"strategy": label, "attack": attack, "finals": finals,
                             "accuracy": float(np.mean(finals)), "curves": curves,
                             "failed_trainings": [f for _, f in runs],
-                            "seconds": round(time.perf_counter() - t_cell, 1)})
+                            "seconds": round(time.perf_counter() - t_cell, 1),
+                            # 1/5/15-min load of the shared machine when the cell ended
+                            "load_average": [round(x, 2) for x in os.getloadavg()],
+                            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             _write(args.out, task_json, results, old.get("seconds", 0.0) + time.perf_counter()
                    - t0)
             print(f"  {label:24s} {attack:16s} {np.mean(finals):.3f} "

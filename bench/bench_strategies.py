@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -52,6 +53,8 @@ STRATEGIES: dict[str, tuple[str, float | None, dict[str, Any]]] = {
     "fedprox": ("fedprox", None, {}),  # mu 0.01
     "fedprox(mu=0.1)": ("fedprox", None, {"prox_mu": 0.1}),
     "fedsgd": ("fedsgd", None, {}),  # one 64-example gradient per device, server_lr 0.1
+    # server_lr 1; devices report their local step count with each update (``steps``)
+    "fednova": ("fednova", None, {}),
 }
 
 
@@ -78,6 +81,7 @@ def rounds_to(curve: list[float], target: float) -> int | None:
 
 def run_one(label: str, partition: str, seed: int, rounds: int) -> dict[str, Any]:
     spec = spec_for(label, partition, seed, rounds)
+    load_before = [round(x, 2) for x in os.getloadavg()]
     result = run_federation(spec)
     rows = result.rows
     curve = [r.accuracy for r in rows]
@@ -98,6 +102,9 @@ def run_one(label: str, partition: str, seed: int, rounds: int) -> dict[str, Any
         "round_wall": [round(r.wall, 1) for r in rows],
         "spec": {k: v for k, v in result.spec.items() if k not in ("workdir",)},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # 1/5/15-minute load averages of the shared 2-core machine before and after the run
+        "load_average": {"before": load_before,
+                         "after": [round(x, 2) for x in os.getloadavg()]},
     }
 
 
@@ -191,7 +198,11 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    finished = sorted(r["finished"] for r in runs)
+    fig.text(0.01, 0.005, f"2-core shared VM (Debian 12, Python 3.11), other jobs running; "
+             f"bench/bench_strategies.py, {len(runs)} runs finished {finished[0]} to "
+             f"{finished[-1]}", fontsize=7, color="grey")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
