@@ -104,3 +104,16 @@ def test_damaged_bytes_are_a_wire_error() -> None:
             FixedPointSum.from_bytes(bad, SHAPES)
     with pytest.raises(WireError):
         FixedPointSum.from_bytes(data, {"w": (16, 8), "b": (9,)})
+
+
+def test_a_scaled_update_folds_its_delta_times_the_factor_and_its_full_weight() -> None:
+    from fedmq.update.accumulate import scaled
+
+    (tensors, codec, w), = _updates(1, seed=3)
+    acc = FixedPointSum(SHAPES)
+    acc.add(scaled(acc.check(tensors, codec, w), 0.25))
+    assert acc.total_weight == w  # the clip shrinks the delta, never the weight
+    decoded = {t.name: get_codec(codec).decode(t) for t in tensors}
+    for n in SHAPES:
+        want = np.rint(decoded[n].astype(np.float64) * (w * 0.25 * 2**24)) / (w * 2**24)
+        np.testing.assert_array_equal(acc.result().mean[n], want.astype(np.float32))
