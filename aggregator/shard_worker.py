@@ -56,7 +56,7 @@ from aggregator.bundles import resolve_bundle
 from aggregator.round_state import RoundPlan, RoundState
 from aggregator.shard_config import WORKER_FLAGS, ShardConfig, add_flags, config_from_args
 from aggregator.shard_store import Fold, OpenRound, ShardStore
-from fedmq.errors import ConfigError, Rejected, RejectReason, SecurityError, WireError
+from fedmq.errors import ConfigError, Rejected, RejectReason, SecurityError, StateError, WireError
 from fedmq.logs import setup_logging
 from fedmq.net.mqtt import connect, make_client
 from fedmq.signing import Registry, verify_update
@@ -303,7 +303,7 @@ class _Runner:
         device = message.topic.rsplit("/", 1)[-1]
         try:
             ack = self.worker.handle(device, bytes(message.payload), time.time())
-        except (redis.RedisError, WireError, OSError) as exc:
+        except (redis.RedisError, WireError, StateError, OSError) as exc:
             log.error("store %s failed: %s; exiting without acknowledging update of %s",
                       self.store.url, exc, device)
             if not self.manual_ack:  # returning would let paho send the PUBACK
@@ -344,7 +344,7 @@ def command(args: argparse.Namespace) -> int:
         config = config_from_args(args, WORKER_FLAGS).for_worker()
         config.mqtt.check_files()
         return _Runner(config).run()
-    except (ConfigError, redis.RedisError, OSError) as exc:
+    except (ConfigError, StateError, redis.RedisError, OSError) as exc:
         log.error("shard worker: %s", exc)
         return EXIT_STORE if isinstance(exc, redis.RedisError) else 1
 
