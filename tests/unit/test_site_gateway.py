@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from aggregator.bounds import RoundBounds, update_norm
-from aggregator.shard_store import Fold, RoundRules
+from aggregator.shard_store import Fold, GatewayClaim, RoundRules, parse_claim
 from aggregator.site_gateway import SiteGateway, site_bounds
 from aggregator.site_store import SiteStore
 from fedmq.errors import ConfigError, RejectReason, StateError
@@ -230,3 +230,16 @@ def test_a_site_store_from_before_round_rules_is_refused_in_one_line(tmp_path: P
     db.close()
     with pytest.raises(StateError, match="before round rules"):
         SiteStore(tmp_path / "old.db", FLEET)
+
+
+def test_claims_of_both_kinds_are_read_and_garbage_is_a_state_error() -> None:
+    """A round's claims hold workers' Fold records and gateways' ``gateway:<gw> <id>``."""
+    fold = Fold("w1", "u1", 12, 12.0, 0.5, 3.25)
+    assert parse_claim(fold.to_claim()) == fold
+    gw = parse_claim("gateway:gw-1 gw-1-3-abcdef")
+    assert gw == GatewayClaim("gw-1", "gw-1-3-abcdef")
+    assert (gw.worker, gw.update_id, gw.to_claim()) == (
+        "gateway:gw-1", "gw-1-3-abcdef", "gateway:gw-1 gw-1-3-abcdef")
+    for bad in ("w1 u1", "gateway:gw-1", "gateway: p1", "[1, 2]", ""):
+        with pytest.raises(StateError):
+            parse_claim(bad)
