@@ -25,6 +25,11 @@ honest norms all grow (a higher ``lr``, more ``epochs``) moves it within a round
 of being locked out. Warm-up: a median bound applies only once ``bounds_warmup`` devices
 have a value (the pool survives restarts in the state directory); before that only the fixed
 ceiling, the registry caps and ``max_claimed_examples`` apply.
+
+The decisions themselves are pure functions of the limits in force (:func:`clip_factor`,
+:func:`capped_weight`); :class:`FleetBounds` moves the limits with every update (one
+process), :class:`RoundBounds` freezes them for a whole round, so N sharded ingest workers
+(docs/scaling.md) decide every update exactly alike whatever worker gets it.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ __all__ = [
     "BoundsConfig",
     "Contribution",
     "FleetBounds",
+    "RoundBounds",
+    "capped_weight",
+    "clip_factor",
     "update_norm",
 ]
 
@@ -113,6 +121,85 @@ def update_norm(tensors: Iterable[Tensor], codec: str) -> float:
     each codec computes its tensors' squared norms from their storage."""
     impl = get_codec(codec)
     return math.sqrt(sum(impl.squared_norm(t) for t in tensors))
+
+
+def clip_factor(norm: float, limit: tuple[float, str] | None, action: str) -> float:
+    """The factor to fold an update of L2 norm ``norm`` with under ``limit`` (the bound and
+    how it was set; None = no bound): 1.0 within it, ``bound / norm`` over it with
+    ``action == "clip"``; raise ``norm_bound`` over it with ``"reject"`` (or for a
+    non-finite norm, or a bound of 0)."""
+    if limit is None or norm <= limit[0]:
+        return 1.0
+    what = f"update L2 norm {norm:.4g} exceeds the bound {limit[0]:.4g} ({limit[1]})"
+    if action == "reject" or not math.isfinite(norm) or limit[0] <= 0:
+        raise Rejected(what, RejectReason.NORM_BOUND)
+    # Rounded down a hair so the folded norm is at (never above) the bound in float64.
+    return limit[0] / norm * (1 - 1e-9)
+
+
+def capped_weight(claimed: int, registry_cap: int | None, relative_cap: float | None) -> float:
+    """The fold weight: ``min(claimed, registry_cap, relative_cap)`` (None = no such cap)."""
+    weight = float(claimed)
+    if registry_cap is not None and registry_cap < weight:
+        weight = float(registry_cap)
+    if relative_cap is not None:
+        weight = min(weight, relative_cap)
+    return weight
+
+
+@dataclass(frozen=True)
+class RoundBounds:
+    """The limits of one round, fixed when it opens (the sharded ingest): every worker
+    clips, rejects and caps with the same values, so the round's sum does not depend on
+    which worker folded which update. ``norm_limit`` None = no norm bound,
+    ``weight_cap`` None = no relative weight cap."""
+
+    norm_action: str = "clip"
+    norm_limit: tuple[float, str] | None = None
+    weight_cap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.norm_action not in NORM_ACTIONS:
+            raise ValueError(
+                f"norm_action must be one of {NORM_ACTIONS}, got {self.norm_action!r}"
+            )
+        if self.norm_limit is not None and not (
+            math.isfinite(self.norm_limit[0]) and self.norm_limit[0] >= 0
+        ):
+            raise ValueError(f"a norm limit must be >= 0, got {self.norm_limit[0]}")
+        if self.weight_cap is not None and not (
+            math.isfinite(self.weight_cap) and self.weight_cap > 0
+        ):
+            raise ValueError(f"a weight cap must be > 0, got {self.weight_cap}")
+
+    def check_norm(self, norm: float) -> float:
+        """:func:`clip_factor` under this round's limit."""
+        return clip_factor(norm, self.norm_limit, self.norm_action)
+
+    def weight(self, claimed: int, registry_cap: int | None = None) -> float:
+        """:func:`capped_weight` under this round's relative cap."""
+        return capped_weight(claimed, registry_cap, self.weight_cap)
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "norm_action": self.norm_action,
+            "norm_limit": None if self.norm_limit is None else list(self.norm_limit),
+            "weight_cap": self.weight_cap,
+        })
+
+    @classmethod
+    def from_json(cls, text: str) -> RoundBounds:
+        try:
+            obj = json.loads(text)
+            limit = obj["norm_limit"]
+            cap = obj["weight_cap"]
+            return cls(
+                norm_action=str(obj["norm_action"]),
+                norm_limit=None if limit is None else (float(limit[0]), str(limit[1])),
+                weight_cap=None if cap is None else float(cap),
+            )
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            raise StateError(f"stored round bounds are unreadable: {exc}") from exc
 
 
 class _Recent:
@@ -192,13 +279,7 @@ class FleetBounds:
         limit = self.norm_limit()
         if math.isfinite(norm):
             self._norms.put(device, norm)
-        if limit is None or norm <= limit[0]:
-            return 1.0
-        what = f"update L2 norm {norm:.4g} exceeds the bound {limit[0]:.4g} ({limit[1]})"
-        if self.config.norm_action == "reject" or not math.isfinite(norm) or limit[0] <= 0:
-            raise Rejected(what, RejectReason.NORM_BOUND)
-        # Rounded down a hair so the folded norm is at (never above) the bound in float64.
-        return limit[0] / norm * (1 - 1e-9)
+        return clip_factor(norm, limit, self.config.norm_action)
 
     def observe_norm(self, device: str, norm: float) -> None:
         """Remember an accepted update's norm without checking it (re-fold after restart)."""
@@ -208,13 +289,18 @@ class FleetBounds:
     # -- the fold weight -------------------------------------------------------------------
     def weight(self, device: str, claimed: int, registry_cap: int | None = None) -> float:
         """The weight to fold ``device``'s update with (see the module docstring)."""
-        weight = float(claimed)
-        if registry_cap is not None and registry_cap < weight:
-            weight = float(registry_cap)
+        return capped_weight(claimed, registry_cap, self.weight_cap())
+
+    def weight_cap(self) -> float | None:
+        """The relative weight cap now (None: off, or still warming up)."""
         mult = self.config.weight_cap_multiplier
         if mult > 0 and len(self._claims) >= self.config.bounds_warmup:
-            weight = min(weight, mult * self._claims.median())
-        return weight
+            return mult * self._claims.median()
+        return None
+
+    def round_bounds(self) -> RoundBounds:
+        """The limits now, frozen for a round (the sharded ingest)."""
+        return RoundBounds(self.config.norm_action, self.norm_limit(), self.weight_cap())
 
     def observe_claim(self, device: str, claimed: int) -> None:
         """Remember an accepted update's claimed ``num_examples``."""

@@ -12,6 +12,7 @@ from aggregator.config import (
     SELECTIONS,
     load_aggregator_config,
 )
+from fedmq.errors import ConfigError
 from fedmq.update.codecs import codec_names
 from fedmq.update.strategies import strategy_names
 
@@ -130,7 +131,62 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     add_arguments(parser)
     parser.set_defaults(func=command)
+    _add_shard_roles(parser)
     return parser
+
+
+def _add_shard_roles(parser: argparse.ArgumentParser) -> None:
+    """``fedmq aggregator shard-worker`` / ``shard-coordinator`` (docs/scaling.md): the
+    sharded ingest's processes, configured by the same TOML plus a ``[shard]`` table."""
+    from aggregator.shard_config import COORDINATOR_FLAGS, WORKER_FLAGS, add_flags
+
+    roles = parser.add_subparsers(dest="shard_role", metavar="[ROLE]")
+    worker = roles.add_parser(
+        "shard-worker", help="a sharded ingest worker (docs/scaling.md)",
+        description="One sharded ingest worker: a member of the fleet's shared subscription; "
+        "it checks, bounds and folds updates into its partial sum in Redis. Every worker "
+        "needs its own fixed name (shard.worker or --worker).",
+    )
+    add_flags(worker, WORKER_FLAGS, subcommand=True)
+    worker.set_defaults(func=_shard_worker)
+    coordinator = roles.add_parser(
+        "shard-coordinator", help="the sharded ingest's coordinator (docs/scaling.md)",
+        description="The sharded ingest's coordinator: opens rounds (with their codec and "
+        "ingest bounds), merges the workers' partials exactly and publishes the model.",
+    )
+    add_flags(coordinator, COORDINATOR_FLAGS, subcommand=True)
+    coordinator.set_defaults(func=_shard_coordinator)
+
+
+def _only_role_options(args: argparse.Namespace, flags: tuple[tuple[str, str, Any, str], ...],
+                       role: str) -> None:
+    """Refuse a single-process option given before the role (it would be ignored)."""
+    allowed = {dest for _, dest, _, _ in flags}
+    given = [flag for flag, dest, _, _ in _OPTIONS
+             if dest not in allowed and getattr(args, dest, None) is not None]
+    given += [f"--{d.replace('_', '-')}" for d in ("require_signatures", "mqtt.retry_forever")
+              if getattr(args, d, None) is not None]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)}: not an option of `fedmq aggregator {role}` (set it in the "
+            "config file's [aggregator] table)"
+        )
+
+
+def _shard_worker(args: argparse.Namespace) -> int:
+    from aggregator.shard_config import WORKER_FLAGS
+    from aggregator.shard_worker import command as run_worker  # imports redis: only here
+
+    _only_role_options(args, WORKER_FLAGS, "shard-worker")
+    return run_worker(args)
+
+
+def _shard_coordinator(args: argparse.Namespace) -> int:
+    from aggregator.shard_config import COORDINATOR_FLAGS
+    from aggregator.shard_coordinator import command as run_coordinator
+
+    _only_role_options(args, COORDINATOR_FLAGS, "shard-coordinator")
+    return run_coordinator(args)
 
 
 def command(args: argparse.Namespace) -> int:

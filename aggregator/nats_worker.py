@@ -49,7 +49,7 @@ from nats.js.client import JetStreamContext
 from aggregator.bundles import resolve_bundle
 from aggregator.shard_store import ShardStore
 from aggregator.shard_worker import EXIT_STORE, ShardWorker, worker_client_id
-from fedmq.errors import ConfigError, WireError
+from fedmq.errors import ConfigError, StateError, WireError
 from fedmq.logs import setup_logging
 from fedmq.signing import Registry
 from fedmq.topics import Topics
@@ -234,7 +234,8 @@ class NatsIngest:
             log.info("update on %s redelivered (delivery %d)", msg.subject, delivered)
         try:
             ack = self.worker.handle(device, msg.data, time.time())
-        except (redis.RedisError, WireError, OSError) as exc:
+        except (redis.RedisError, WireError, StateError, OSError) as exc:
+            # StateError: an unreadable round record (e.g. a store from before round rules)
             log.error("store failed: %s; exiting without acknowledging update of %s",
                       exc, device)
             return False
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         ingest = NatsIngest(worker, Topics(args.fleet, args.prefix), settings,
                             Path(args.ready_file) if args.ready_file else None)
         return asyncio.run(ingest.run())
-    except (ConfigError, redis.RedisError, OSError, nats.errors.Error) as exc:
+    except (ConfigError, StateError, redis.RedisError, OSError, nats.errors.Error) as exc:
         log.error("worker %s: %s", args.worker, exc or type(exc).__name__)
         return EXIT_STORE if isinstance(exc, redis.RedisError) else 1
 

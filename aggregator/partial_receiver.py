@@ -37,7 +37,7 @@ import paho.mqtt.client as mqtt
 import redis
 
 from aggregator.bundles import resolve_bundle
-from aggregator.shard_store import ShardStore
+from aggregator.shard_store import GatewayClaim, ShardStore
 from fedmq.errors import ConfigError, Rejected, RejectReason, SecurityError, WireError
 from fedmq.logs import setup_logging
 from fedmq.net.mqtt import MqttSettings, connect, make_client
@@ -164,15 +164,15 @@ class PartialReceiver:
                                                       "committed", accepted=True)
             return answer(RejectReason.ROUND_CLOSED, f"round {msg.round_id} closed meanwhile")
         if res.status == "conflict":
-            device, _, claim = res.claim.partition(" ")
+            device = res.device
+            claim = "?" if res.claim is None else f"{res.claim.worker} {res.claim.update_id}"
             log.error("partial %s of gateway %s names device %s, already claimed by %s in round "
                       "%d: the whole partial (%d devices) is refused; enrol each device in "
                       "one place only", msg.partial_id, msg.gateway, device, claim,
                       rnd.round_id, len(msg.devices))
             return answer(RejectReason.DUPLICATE,
                           f"device {device} is already claimed by {claim}")
-        _, _, claimed_id = res.claim.partition(" ")
-        if claimed_id == msg.partial_id:
+        if isinstance(res.claim, GatewayClaim) and res.claim.partial_id == msg.partial_id:
             log.info("partial %s of gateway %s was already committed: answered duplicate",
                      msg.partial_id, msg.gateway)
             return answer(RejectReason.DUPLICATE,

@@ -12,6 +12,14 @@ model; a coordinator killed anywhere resumes from the store (a closed round is m
 from the same partials; :meth:`ShardStore.finish` applies once) and publishes the store's
 model and round again (retained, idempotent). Only mean-delta strategies (FedAvg, FedAvgM,
 FedAdam, FedYogi, FedAdagrad) are supported: they need the weighted mean alone.
+
+The ingest bounds (:mod:`aggregator.bounds`) are decided here, once per round: when it opens
+a round the coordinator freezes the norm bound and the relative weight cap from the fleet's
+pool of recent norms and claims (:meth:`FleetBounds.round_bounds`) into the round's
+:class:`RoundRules`, with the round's codec and the examples cap; every worker applies those.
+When a round finishes, its folds (their norms and claims, from the claims; norms of updates
+rejected for their norm) enter the pool in device order, so the next round's limits do not
+depend on which worker folded what or in which order updates arrived.
 """
 
 from __future__ import annotations
@@ -22,24 +30,35 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import redis
 
+from aggregator.bounds import BoundsConfig, FleetBounds
 from aggregator.bundles import model_id_of, resolve_bundle
-from aggregator.shard_store import ShardStore
+from aggregator.shard_config import (
+    COORDINATOR_FLAGS,
+    ShardConfig,
+    add_flags,
+    config_from_args,
+)
+from aggregator.shard_store import Fold, RoundRules, ShardStore
 from fedmq.errors import ConfigError, StateError
 from fedmq.logs import setup_logging
 from fedmq.models.spec import ModelBundle
-from fedmq.net.mqtt import PROTOCOLS, MqttSettings, connect, make_client
+from fedmq.net.mqtt import connect, make_client
 from fedmq.tensor import Tensor
 from fedmq.topics import Topics
 from fedmq.update.fixedpoint import FixedPointSum
-from fedmq.update.strategies import MeanDeltaStrategy, make_strategy
+from fedmq.update.strategies import MeanDeltaStrategy, StrategyOptions, make_strategy
 from fedmq.wire import ModelMessage, RoundAnnouncement, TrainingConfig, encode
 
-__all__ = ["ShardCoordinator", "main", "merge_partials"]
+__all__ = [
+    "ShardCoordinator", "add_arguments", "command", "from_config", "main", "merge_partials",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +84,21 @@ class ShardCoordinator:
         publish: Any,
         *,
         strategy: str = "fedavg",
-        server_lr: float = 1.0,
+        server_lr: float | None = None,
         target: int = 10,
         min_updates: int = 1,
         round_timeout: float = 60.0,
         training: TrainingConfig | None = None,
+        bounds: BoundsConfig | None = None,
+        max_claimed_examples: int = 10_000_000,
+        options: StrategyOptions | None = None,
     ) -> None:
         self.store = store
         self.bundle = bundle
         self.template = {t.name: t.shape for t in bundle.spec.trainable_specs}
         self.topics = topics
         self.publish = publish
-        built = make_strategy(strategy, server_lr)
+        built = make_strategy(strategy, server_lr, options=options)
         if not isinstance(built, MeanDeltaStrategy):
             raise ConfigError(
                 f"strategy {strategy!r} needs every update; the sharded ingest merges sums "
@@ -89,15 +111,25 @@ class ShardCoordinator:
         self.min_updates = min_updates
         self.round_timeout = round_timeout
         self.training = training or TrainingConfig(codec="float32")
+        self.bounds = bounds or BoundsConfig()
+        if max_claimed_examples < 1:
+            raise ConfigError("max_claimed_examples must be >= 1")
+        self.max_claimed_examples = max_claimed_examples
         self.model_id = model_id_of(bundle)
         self.finished: list[int] = []  # round ids this process closed
 
     def start(self, now: float) -> None:
         """Create the fleet's state (first start) and publish the store's model and round."""
+        pool = FleetBounds.from_json(self.bounds, self.store.fleet_bounds())
         if self.store.init(secrets.token_hex(4), self.bundle.initial_trainable(), 1,
-                           now + self.round_timeout, self.target):
+                           now + self.round_timeout, self.target, self.rules(1, pool)):
             log.info("sharded fleet %s initialised", self.store.fleet)
         self.publish_current(now)
+
+    def rules(self, round_id: int, pool: FleetBounds) -> RoundRules:
+        """What the workers check round ``round_id``'s updates against."""
+        return RoundRules(self.strategy.configure(round_id, self.training), pool.round_bounds(),
+                          self.max_claimed_examples)
 
     def publish_current(self, now: float) -> None:
         model = self.store.model()
@@ -111,7 +143,7 @@ class ShardCoordinator:
         )))
         self.publish(self.topics.round, encode(RoundAnnouncement(
             self.store.fleet, rnd.round_id, rnd.base_version, rnd.deadline,
-            self.strategy.configure(rnd.round_id, self.training), min_updates=self.min_updates,
+            rnd.rules.config, min_updates=self.min_updates,
             model_id=self.model_id, opened_at=now, epoch=rnd.epoch,
         )))
 
@@ -139,48 +171,63 @@ class ShardCoordinator:
                 f"round {rnd.round_id}: partials hold {merged.count} updates, claims "
                 f"{claimed}: the store is inconsistent"
             )
+        claims = self.store.claims(rnd.epoch, rnd.round_id)
+        # Only the cloud workers' folds carry a device's norm and claimed examples; a site
+        # gateway's partial holds its devices' updates summed (a GatewayClaim each), so
+        # they stay out of the fleet's norm and claim pools (docs/scaling.md).
+        folds = {d: c for d, c in claims.items() if isinstance(c, Fold)}
+        via_gateways = len(claims) - len(folds)
+        pool = FleetBounds.from_json(self.bounds, self.store.fleet_bounds())
+        for device, norm in sorted(self.store.rejected_norms(rnd.epoch, rnd.round_id).items()):
+            pool.observe_norm(device, norm)
+        for device, fold in sorted(folds.items()):
+            pool.observe_norm(device, fold.norm)
+            pool.observe_claim(device, fold.claimed)
+        clipped = sum(1 for f in folds.values() if f.scale < 1.0)
+        capped = sum(1 for f in folds.values() if f.weight < f.claimed)
         model = self.store.model()
         assert model is not None
         self.strategy.load_state(model["strategy"])
         weights = self.strategy.aggregate(model["weights"], merged.result())
         state = self.strategy.state()
         version = model["version"] + 1
+        rules = self.rules(rnd.round_id + 1, pool)
         if self.store.finish(rnd.epoch, rnd.round_id, version, weights, state, merged.count,
-                             now + self.round_timeout, self.target):
+                             now + self.round_timeout, self.target, rules, pool.to_json()):
             log.info(
-                "round %d closed: %d update(s) from %d worker(s), weight %.6g -> version %d",
-                rnd.round_id, merged.count, len(partials), merged.total_weight, version,
+                "round %d closed: %d update(s) from %d worker(s) (%d via site gateways, %d "
+                "norm-clipped, %d weight-capped), weight %.6g -> version %d; round %d: norm "
+                "bound %s, weight cap %s",
+                rnd.round_id, merged.count, len(partials), via_gateways, clipped, capped,
+                merged.total_weight, version, rnd.round_id + 1,
+                "none" if rules.bounds.norm_limit is None
+                else f"{rules.bounds.norm_limit[0]:.4g} ({rules.bounds.norm_limit[1]})",
+                "none" if rules.bounds.weight_cap is None else f"{rules.bounds.weight_cap:.6g}",
             )
             self.finished.append(rnd.round_id)
         self.publish_current(now)
         return True
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m aggregator.shard_coordinator",
-                                description="the sharded ingest's coordinator (docs/scaling.md)")
-    p.add_argument("--fleet", required=True)
-    p.add_argument("--redis", required=True, help="redis://host:port/db")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=1883)
-    p.add_argument("--prefix", default="", help="topic prefix (tests)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="5",
-                   help="MQTT version (3.1.1 for NATS' MQTT gateway)")
-    p.add_argument("--model", default="digits-mlp", help="zoo model or bundle directory")
-    p.add_argument("--strategy", default="fedavg")
-    p.add_argument("--server-lr", type=float, default=1.0)
-    p.add_argument("--target", type=int, default=10, help="updates that close a round")
-    p.add_argument("--min-updates", type=int, default=1)
-    p.add_argument("--round-timeout", type=float, default=60.0)
-    p.add_argument("--rounds", type=int, default=0, help="stop after this model version (0: never)")
-    p.add_argument("--poll", type=float, default=0.05, help="seconds between store polls")
-    p.add_argument("-v", "--verbose", action="count", default=0)
-    return p
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_flags(p, COORDINATOR_FLAGS)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose, False)
+def from_config(
+    config: ShardConfig, store: ShardStore, publish: Callable[[str, bytes], None]
+) -> ShardCoordinator:
+    """The coordinator of ``config`` (its bundle resolved) over ``store``."""
+    return ShardCoordinator(
+        store, resolve_bundle(config.model), config.topics, publish,
+        strategy=config.strategy, options=config.strategy_options(),
+        target=config.clients_per_round, min_updates=config.min_updates,
+        round_timeout=config.round_timeout, training=config.training_config(),
+        bounds=config.bounds_config(), max_claimed_examples=config.max_claimed_examples,
+    )
+
+
+def command(args: argparse.Namespace) -> int:
+    """Load the configuration from ``args`` and run the coordinator until ``rounds``."""
     stopping = False
 
     def stop(signum: int, frame: Any) -> None:
@@ -190,9 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        topics = Topics(args.fleet, args.prefix)
-        settings = MqttSettings(host=args.host, port=args.port, protocol=args.protocol,
-                                client_id=f"fedmq-coordinator-{args.fleet}")
+        config = config_from_args(args, COORDINATOR_FLAGS)
+        config.mqtt.check_files()
+        settings = replace(config.mqtt, client_id=f"fedmq-coordinator-{config.fleet}")
         client = make_client(settings)
         connect(client, settings, asynchronous=False)
         client.loop_start()
@@ -203,26 +250,36 @@ def main(argv: list[str] | None = None) -> int:
             if info.rc != mqtt.MQTT_ERR_SUCCESS or not info.is_published():
                 raise OSError(f"publish on {topic} failed: {info.rc}")
 
-        store = ShardStore(args.redis, args.fleet)
-        coord = ShardCoordinator(
-            store, resolve_bundle(args.model), topics, publish, strategy=args.strategy,
-            server_lr=args.server_lr, target=args.target, min_updates=args.min_updates,
-            round_timeout=args.round_timeout,
-        )
+        store = ShardStore(config.shard.redis, config.fleet)
+        coord = from_config(config, store, publish)
         coord.start(time.time())
         while not stopping:
             version = store.model_version()
-            if args.rounds and version is not None and version >= args.rounds:
+            if config.rounds and version is not None and version >= config.rounds:
                 log.info("model version %d reached: stopping", version)
                 break
             if not coord.tick(time.time()):
-                time.sleep(args.poll)
+                time.sleep(config.shard.poll)
         client.disconnect()  # first: wakes the network thread, so loop_stop returns at once
         client.loop_stop()
         return 0
     except (ConfigError, StateError, redis.RedisError, OSError) as exc:
         log.error("coordinator: %s", exc)
         return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m aggregator.shard_coordinator",
+                                description="the sharded ingest's coordinator (docs/scaling.md)")
+    add_arguments(p)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, False)
+    return command(args)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ Every state change is ONE Lua script, which Redis runs atomically:
 - :meth:`ShardStore.commit` (a worker, per update): if the round is still open and the
   device has no claim in (epoch, round), set the claim AND the worker's new partial sum
   together; else nothing changes and the caller learns why (closed, or who claimed it).
+  The claim records how the update was folded (:class:`Fold`: claimed examples, the capped
+  weight, the norm-clip factor, the norm), so the committed partial and its record of
+  decisions cannot disagree; nothing is decided again after a restart.
   The worker sends its MQTT PUBACK only after this returns, so an update is either in a
   committed partial (and claimed) or still owned by the broker (redelivered).
 - :meth:`ShardStore.commit_partial` (a site gateway's partial, docs/scaling.md "Site
@@ -18,29 +21,34 @@ Every state change is ONE Lua script, which Redis runs atomically:
 - :meth:`ShardStore.finish` (the coordinator): store the next model and strategy state and
   open the next round, dropping the closed round's claims and partials, only if that round
   is still the closed one (a restarted coordinator finishing twice changes nothing).
+
+Each round record carries its :class:`RoundRules` (the codec the round asked for, the
+ingest bounds frozen for the round, the examples cap), written by the coordinator when it
+opens the round: every worker checks against the same rules. The fleet's pool of recent
+norms and claims (:class:`aggregator.bounds.FleetBounds`) is stored by ``finish`` in the
+same script as the round it was updated from.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 import msgpack
 import numpy as np
 import redis
 
+from aggregator.bounds import RoundBounds
 from fedmq.errors import StateError, WireError
 from fedmq.topics import validate_name
+from fedmq.wire import TrainingConfig
 
 __all__ = [
-    "CommitResult",
-    "IngestStore",
-    "OpenRound",
-    "ShardStore",
-    "gateway_partial_key",
-    "pack_arrays",
+    "Claim", "CommitResult", "Fold", "GatewayClaim", "IngestStore", "OpenRound", "RoundRules",
+    "ShardStore", "gateway_partial_key", "pack_arrays", "parse_claim",
     "unpack_arrays",
 ]
 
@@ -65,12 +73,19 @@ if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 1 then
 end
 for i = 6, #ARGV do
   local prev = redis.call('HGET', KEYS[2], ARGV[i])
-  if prev then return {'conflict', ARGV[i] .. ' ' .. prev} end
+  if prev then return {'conflict', prev, ARGV[i]} end
 end
 for i = 6, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], ARGV[4]) end
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[5])
 redis.call('SET', KEYS[4], ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. ARGV[4])
 return {'ok', ''}
+"""
+
+_NOTE_NORM = """
+local st = redis.call('HMGET', KEYS[1], 'epoch', 'round_id', 'state')
+if st[1] ~= ARGV[1] or st[2] ~= ARGV[2] or st[3] ~= 'open' then return 0 end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+return 1
 """
 
 _CLOSE = """
@@ -87,9 +102,10 @@ local st = redis.call('HMGET', KEYS[1], 'epoch', 'round_id', 'state')
 if st[1] ~= ARGV[1] or st[2] ~= ARGV[2] or st[3] ~= 'closed' then return 0 end
 redis.call('HSET', KEYS[4], 'version', ARGV[3], 'weights', ARGV[4], 'strategy', ARGV[5],
            'round_id', ARGV[2], 'epoch', ARGV[1], 'contributors', ARGV[6])
-redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[5])
+redis.call('SET', KEYS[6], ARGV[11])
 redis.call('HSET', KEYS[1], 'round_id', ARGV[7], 'base_version', ARGV[3], 'deadline', ARGV[8],
-           'target', ARGV[9], 'state', 'open')
+           'target', ARGV[9], 'rules', ARGV[10], 'state', 'open')
 return 1
 """
 
@@ -123,6 +139,30 @@ def unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
 
 
 @dataclass(frozen=True)
+class RoundRules:
+    """What every worker checks an update of the round against, besides its round: the
+    round's training config (its codec must be the update's), the ingest bounds frozen for
+    the round and the cap on claimed examples (``max_claimed_examples``)."""
+
+    config: TrainingConfig
+    bounds: RoundBounds = field(default_factory=RoundBounds)
+    max_examples: int = 10_000_000
+
+    def to_json(self) -> str:
+        return json.dumps({"config": self.config.to_dict(), "bounds": self.bounds.to_json(),
+                           "max_examples": self.max_examples})
+
+    @classmethod
+    def from_json(cls, text: str) -> RoundRules:
+        try:
+            obj = json.loads(text)
+            return cls(TrainingConfig.from_dict(obj["config"]),
+                       RoundBounds.from_json(obj["bounds"]), int(obj["max_examples"]))
+        except (ValueError, TypeError, KeyError, WireError) as exc:
+            raise StateError(f"the store's round rules are unreadable: {exc}") from exc
+
+
+@dataclass(frozen=True)
 class OpenRound:
     """The round as the store has it; ``state`` is ``open`` or ``closed``."""
 
@@ -132,19 +172,92 @@ class OpenRound:
     deadline: float
     target: int
     state: str
+    rules: RoundRules
+
+
+@dataclass(frozen=True)
+class Fold:
+    """How a worker folded a device's update (kept in the device's claim): the update id,
+    the claimed examples, the weight folded (capped), the delta's norm-clip factor (1.0:
+    not clipped) and the update's L2 norm before the clip."""
+
+    worker: str
+    update_id: str
+    claimed: int
+    weight: float
+    scale: float
+    norm: float
+
+    def to_claim(self) -> str:
+        return json.dumps([self.worker, self.update_id, self.claimed, self.weight, self.scale,
+                           self.norm])
+
+    @classmethod
+    def from_claim(cls, text: str) -> Fold:
+        try:
+            worker, update_id, claimed, weight, scale, norm = json.loads(text)
+            return cls(str(worker), str(update_id), int(claimed), float(weight), float(scale),
+                       float(norm))
+        except (ValueError, TypeError) as exc:
+            raise StateError(f"a stored claim is unreadable: {text[:200]!r}") from exc
+
+
+@dataclass(frozen=True)
+class GatewayClaim:
+    """A device claimed by a site gateway's partial (:meth:`ShardStore.commit_partial`),
+    stored as ``gateway:<gw> <partial id>``. The cloud folded no update of that device
+    itself: the gateway's partial holds it, so there is no per-device weight or norm here
+    (the fleet's norm and claim pools leave such devices out, docs/scaling.md)."""
+
+    gateway: str
+    partial_id: str
+
+    @property
+    def worker(self) -> str:
+        """The field of the gateway's partial (``gateway:<gw>``), as a worker name is."""
+        return gateway_partial_key(self.gateway)
+
+    @property
+    def update_id(self) -> str:
+        return self.partial_id
+
+    def to_claim(self) -> str:
+        return f"{self.worker} {self.partial_id}"
+
+    @classmethod
+    def from_claim(cls, text: str) -> GatewayClaim:
+        key, _, partial_id = text.partition(" ")
+        kind, _, gateway = key.partition(":")
+        if kind != "gateway" or not gateway or not partial_id:
+            raise StateError(f"a stored gateway claim is unreadable: {text[:200]!r}")
+        return cls(gateway, partial_id)
+
+
+#: what a device's claim in a round records: a worker's fold or a gateway's partial
+Claim = Fold | GatewayClaim
+
+
+def parse_claim(text: str) -> Claim:
+    """A stored claim of either kind (a worker's JSON :class:`Fold`, a gateway's
+    ``gateway:<gw> <partial id>``); :class:`StateError` when it is neither."""
+    if text.startswith("gateway:"):
+        return GatewayClaim.from_claim(text)
+    return Fold.from_claim(text)
 
 
 @dataclass(frozen=True)
 class CommitResult:
     """``status``: ``ok`` (claimed and committed), ``closed`` (round not open: nothing
     changed), ``fenced`` (a newer process of this worker name runs: nothing changed) or
-    ``claimed`` (the device already has a claim: ``claim`` names its worker and
-    update id; for a gateway's partial: the gateway already has one, ``claim`` is the claim
-    of the partial's first device) or ``conflict`` (a gateway's partial: ``claim`` is
-    ``<device> <its claim>`` of a device claimed elsewhere; nothing changed)."""
+    ``claimed`` (the device already has a claim: ``claim`` is how it was folded, or the
+    :class:`GatewayClaim` of a site gateway's partial; for a gateway's partial: the gateway
+    already has one, ``claim`` is the claim of the partial's first device) or ``conflict``
+    (a gateway's partial: ``device`` is claimed elsewhere, ``claim`` its claim; nothing
+    changed)."""
 
     status: str
-    claim: str = ""
+    claim: Claim | None = None
+    device: str = ""
 
 
 class IngestStore(Protocol):
@@ -155,16 +268,21 @@ class IngestStore(Protocol):
     @property
     def fleet(self) -> str: ...
 
-    def open_round(self) -> OpenRound | None: ...
+    def open_round(self) -> OpenRound | None:
+        """The round with the :class:`RoundRules` every update of it is checked against."""
+        ...
 
     def partial(self, epoch: str, round_id: int, worker: str) -> bytes | None: ...
 
     def register_worker(self, worker: str) -> int: ...
 
     def commit(
-        self, epoch: str, round_id: int, device: str, update_id: str, worker: str,
-        partial: bytes, generation: int,
+        self, epoch: str, round_id: int, device: str, fold: Fold, partial: bytes,
+        generation: int,
     ) -> CommitResult: ...
+
+    def note_rejected_norm(self, epoch: str, round_id: int, device: str, norm: float) -> None:
+        ...
 
 
 class ShardStore:
@@ -182,6 +300,7 @@ class ShardStore:
         self._commit_partial = self.r.register_script(_COMMIT_PARTIAL)
         self._close = self.r.register_script(_CLOSE)
         self._finish = self.r.register_script(_FINISH)
+        self._note_norm = self.r.register_script(_NOTE_NORM)
 
     # -- keys --------------------------------------------------------------------------------
     def _k(self, *parts: object) -> str:
@@ -206,6 +325,14 @@ class ShardStore:
         partial: a copy arriving after its round closed is still known as committed."""
         return self._k("gateway", validate_name(gateway, "gateway"), "last")
 
+    def norms_key(self, epoch: str, round_id: int) -> str:
+        """Norms of the round's updates rejected for their norm (``norm_action = reject``)."""
+        return self._k("norms", epoch, round_id)
+
+    @property
+    def bounds_key(self) -> str:
+        return self._k("bounds")
+
     # -- reads --------------------------------------------------------------------------------
     def ping(self) -> None:
         self.r.ping()
@@ -222,6 +349,7 @@ class ShardStore:
                 deadline=float(raw[b"deadline"]),
                 target=int(raw[b"target"]),
                 state=raw[b"state"].decode(),
+                rules=RoundRules.from_json(raw[b"rules"].decode()),
             )
         except (KeyError, ValueError) as exc:
             raise StateError(f"the store's round record {self.round_key} is damaged") from exc
@@ -229,9 +357,20 @@ class ShardStore:
     def claim_count(self, epoch: str, round_id: int) -> int:
         return int(self.r.hlen(self.claims_key(epoch, round_id)))
 
-    def claims(self, epoch: str, round_id: int) -> dict[str, str]:
+    def claims(self, epoch: str, round_id: int) -> dict[str, Claim]:
+        """Every claimed device of (epoch, round): how a worker folded its update, or the
+        gateway partial that holds it."""
         raw = cast(dict[bytes, bytes], self.r.hgetall(self.claims_key(epoch, round_id)))
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        return {k.decode(): parse_claim(v.decode()) for k, v in raw.items()}
+
+    def rejected_norms(self, epoch: str, round_id: int) -> dict[str, float]:
+        raw = cast(dict[bytes, bytes], self.r.hgetall(self.norms_key(epoch, round_id)))
+        return {k.decode(): float(v) for k, v in raw.items()}
+
+    def fleet_bounds(self) -> str | None:
+        """The fleet's pool of recent norms and claims (``FleetBounds.to_json``), if any."""
+        raw = self.r.get(self.bounds_key)
+        return None if raw is None else cast(bytes, raw).decode()
 
     def partial(self, epoch: str, round_id: int, worker: str) -> bytes | None:
         return cast(bytes | None, self.r.hget(self.partials_key(epoch, round_id), worker))
@@ -258,7 +397,7 @@ class ShardStore:
     # -- writes -------------------------------------------------------------------------------
     def init(
         self, epoch: str, weights: Mapping[str, np.ndarray], round_id: int, deadline: float,
-        target: int,
+        target: int, rules: RoundRules,
     ) -> bool:
         """The first model (version 0) and round, unless the fleet already has state."""
         if self.r.hsetnx(self.model_key, "version", 0) == 0:
@@ -269,7 +408,7 @@ class ShardStore:
         })
         self.r.hset(self.round_key, mapping={
             "epoch": epoch, "round_id": round_id, "base_version": 0, "deadline": repr(deadline),
-            "target": target, "state": "open",
+            "target": target, "rules": rules.to_json(), "state": "open",
         })
         return True
 
@@ -279,19 +418,26 @@ class ShardStore:
         return int(self.r.incr(self._k("worker", worker, "generation")))
 
     def commit(
-        self, epoch: str, round_id: int, device: str, update_id: str, worker: str,
-        partial: bytes, generation: int,
+        self, epoch: str, round_id: int, device: str, fold: Fold, partial: bytes,
+        generation: int,
     ) -> CommitResult:
-        """Claim ``device`` for (epoch, round) and store ``worker``'s partial, atomically,
-        if ``generation`` is still the worker's newest."""
+        """Claim ``device`` for (epoch, round) with ``fold`` and store ``fold.worker``'s
+        partial, atomically, if ``generation`` is still the worker's newest."""
+        worker = fold.worker
         out = self._commit(
             keys=[self.round_key, self.claims_key(epoch, round_id),
                   self.partials_key(epoch, round_id), self._k("worker", worker, "generation")],
-            args=[epoch, str(round_id), device, f"{worker} {update_id}", worker, partial,
+            args=[epoch, str(round_id), device, fold.to_claim(), worker, partial,
                   str(generation)],
         )
         status, claim = [*cast(list[bytes], out), b"", b""][:2]
-        return CommitResult(status.decode(), claim.decode())
+        return CommitResult(status.decode(), parse_claim(claim.decode()) if claim else None)
+
+    def note_rejected_norm(self, epoch: str, round_id: int, device: str, norm: float) -> None:
+        """Remember the norm of ``device``'s update rejected for its norm, while the round
+        is open (the next round's adaptive bound also learns from those, as in one process)."""
+        self._note_norm(keys=[self.round_key, self.norms_key(epoch, round_id)],
+                        args=[epoch, str(round_id), device, repr(norm)])
 
     def commit_partial(
         self, epoch: str, round_id: int, gateway: str, partial_id: str,
@@ -308,8 +454,9 @@ class ShardStore:
             args=[epoch, str(round_id), gateway_partial_key(gateway),
                   f"{gateway_partial_key(gateway)} {partial_id}", partial, *devices],
         )
-        status, claim = [*cast(list[bytes], out), b"", b""][:2]
-        return CommitResult(status.decode(), claim.decode())
+        status, claim, device = [*cast(list[bytes], out), b"", b""][:3]
+        return CommitResult(status.decode(), parse_claim(claim.decode()) if claim else None,
+                            device.decode())
 
     def gateway_committed(self, epoch: str, round_id: int, gateway: str,
                           partial_id: str) -> bool:
@@ -333,16 +480,18 @@ class ShardStore:
     def finish(
         self, epoch: str, round_id: int, version: int, weights: Mapping[str, np.ndarray],
         strategy: Mapping[str, np.ndarray], contributors: int, next_deadline: float,
-        target: int,
+        target: int, rules: RoundRules, fleet_bounds: str,
     ) -> bool:
-        """Store model ``version`` and open round ``round_id + 1``; False when (epoch, round)
-        is not the closed round (already finished)."""
+        """Store model ``version`` and the fleet's bounds pool, and open round
+        ``round_id + 1`` with ``rules``; False when (epoch, round) is not the closed round
+        (already finished)."""
         done = self._finish(
             keys=[self.round_key, self.claims_key(epoch, round_id),
-                  self.partials_key(epoch, round_id), self.model_key],
+                  self.partials_key(epoch, round_id), self.model_key,
+                  self.norms_key(epoch, round_id), self.bounds_key],
             args=[epoch, str(round_id), str(version), pack_arrays(weights),
                   pack_arrays(strategy), str(contributors), str(round_id + 1),
-                  repr(next_deadline), str(target)],
+                  repr(next_deadline), str(target), rules.to_json(), fleet_bounds],
         )
         return bool(done)
 

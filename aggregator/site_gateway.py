@@ -9,7 +9,9 @@ gateway-conf``), and this process on it. Devices talk only to the site broker. P
 - each device update on ``fl/<fleet>/update/<device>`` goes through the SAME checks and fold
   as a cloud ingest worker (:class:`~aggregator.shard_worker.ShardWorker`: decode, the
   device's signature against the site's device registry, fleet/epoch/round/base version, the
-  tensors against the model, claim + partial committed in one transaction) and is answered on
+  round's codec, the tensors against the model, the claimed-examples cap, the fold weight
+  capped by the site registry, the L2-norm bound with clip or reject, claim + partial
+  committed in one transaction) and is answered on
   the site broker; the MQTT PUBACK follows the commit. Individual updates never leave the
   site: the bridge forwards no update topic;
 - when every expected device is in (``--expect``) or at the cloud's deadline minus
@@ -26,6 +28,12 @@ gateway-conf``), and this process on it. Devices talk only to the site broker. P
 
 A new round announced while the site's round is still open seals it first (the cloud moved
 on: its answer, ``round_closed``, is logged with the number of devices it cost).
+
+The round's rules at the site: the announcement carries the cloud's training config (the
+codec every update must use) but not the cloud's bounds, which are frozen in the cloud's
+store and adaptive. The site applies its OWN fixed ceilings instead (``--max-update-norm``
+with ``--norm-action``, ``--max-claimed-examples``; no relative weight cap), frozen with the
+announced config into the site round's :class:`~aggregator.shard_store.RoundRules`.
 """
 
 from __future__ import annotations
@@ -44,7 +52,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import redis
 
+from aggregator.bounds import NORM_ACTIONS, RoundBounds
 from aggregator.bundles import resolve_bundle
+from aggregator.shard_store import RoundRules
 from aggregator.shard_worker import ShardWorker
 from aggregator.site_store import Outgoing, SealedRound, SiteStore
 from fedmq.errors import ConfigError, SecurityError, StateError, WireError
@@ -54,7 +64,7 @@ from fedmq.signing import DeviceKey, Registry, load_key, sign_site_partial
 from fedmq.topics import Topics, validate_name
 from fedmq.wire import AckMessage, SitePartial, decode_ack, decode_round, encode
 
-__all__ = ["SiteGateway", "gateway_client_id", "main"]
+__all__ = ["SiteGateway", "gateway_client_id", "main", "site_bounds"]
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +87,16 @@ class SiteGateway:
         registry: Registry | None = None,
         expect: int = 0,
         lead: float = 5.0,
+        bounds: RoundBounds | None = None,
+        max_examples: int = 10_000_000,
     ) -> None:
         if expect < 0 or lead < 0:
             raise ConfigError("--expect and --lead must be >= 0")
+        if max_examples < 1:
+            raise ConfigError("--max-claimed-examples must be >= 1")
+        #: the site's fixed bounds, frozen into every site round with the cloud's config
+        self.bounds = bounds or RoundBounds()
+        self.max_examples = max_examples
         self.store = store
         self.fleet = store.fleet
         self.gateway = validate_name(gateway, "gateway")
@@ -117,7 +134,8 @@ class SiteGateway:
             log.warning("round %d announced while the site's round %d is open: sealing it",
                         ann.round_id, current.round_id)
             sealed = self._seal(current.epoch, current.round_id, now)
-        self.store.open(ann.epoch, ann.round_id, ann.base_version, ann.deadline, self.expect)
+        self.store.open(ann.epoch, ann.round_id, ann.base_version, ann.deadline, self.expect,
+                        RoundRules(ann.config, self.bounds, self.max_examples))
         log.info("gateway %s: round %d open (base version %d, deadline in %.1fs)",
                  self.gateway, ann.round_id, ann.base_version, ann.deadline - now)
         return sealed
@@ -186,7 +204,9 @@ class _Runner:
             registry.devices()  # a malformed registry: one error at start
         self.store = SiteStore(Path(args.state), args.fleet)
         self.gw = SiteGateway(self.store, template, args.gateway, load_key(Path(args.key)),
-                              registry=registry, expect=args.expect, lead=args.lead)
+                              registry=registry, expect=args.expect, lead=args.lead,
+                              bounds=site_bounds(args.max_update_norm, args.norm_action),
+                              max_examples=args.max_claimed_examples)
         self.poll = args.poll
         self.resend_after = args.resend_after
         self.ready_file = Path(args.ready_file) if args.ready_file else None
@@ -278,6 +298,14 @@ class _Runner:
         return 3 if self.failed.is_set() else 0
 
 
+def site_bounds(max_update_norm: float, norm_action: str) -> RoundBounds:
+    """The site's fixed bounds: ``max_update_norm`` (0 = none) with ``norm_action``."""
+    if not max_update_norm >= 0:
+        raise ConfigError(f"--max-update-norm must be >= 0, got {max_update_norm}")
+    limit = (max_update_norm, "max_update_norm") if max_update_norm > 0 else None
+    return RoundBounds(norm_action, limit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m aggregator.site_gateway",
                                 description="a site gateway's aggregator (docs/scaling.md)")
@@ -299,6 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resend-after", type=float, default=0.0,
                    help="also re-send unanswered partials every this many seconds (0: only at "
                         "start, on reconnect and when the bridge comes up)")
+    p.add_argument("--max-update-norm", type=float, default=0.0,
+                   help="the site's fixed L2 ceiling on an update (0: none; the cloud's "
+                        "adaptive bound is not known at the site)")
+    p.add_argument("--norm-action", choices=NORM_ACTIONS, default="clip",
+                   help="clip or reject an update over --max-update-norm")
+    p.add_argument("--max-claimed-examples", type=int, default=10_000_000,
+                   help="largest num_examples an update may claim")
     p.add_argument("--poll", type=float, default=0.05)
     p.add_argument("--session-expiry", type=int, default=7 * 24 * 3600)
     p.add_argument("--ready-file", default="", help="written once subscribed (tests)")

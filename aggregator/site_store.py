@@ -5,10 +5,16 @@ It gives :class:`~aggregator.shard_worker.ShardWorker` the same calls as the Red
 :class:`~aggregator.shard_store.ShardStore` (:class:`~aggregator.shard_store.IngestStore`), with
 the same guarantees, each call one SQLite transaction (``BEGIN IMMEDIATE``, WAL,
 ``synchronous=FULL``: durable when it returns): :meth:`commit` claims (epoch, round, device)
-and stores the partial together only while the round is open; :meth:`seal` closes the round
+and stores the partial together only while the round is open (the claim records the
+:class:`~aggregator.shard_store.Fold`, as in Redis); :meth:`seal` closes the round
 and writes the signed partial into the outbox together, so a gateway killed anywhere either
 has not sealed (the round is still open and continues) or has the exact payload to re-send.
 No Redis on a gateway: one process owns the file (the site aggregator).
+
+The round row keeps the round's :class:`~aggregator.shard_store.RoundRules` (given to
+:meth:`SiteStore.open` by the site aggregator: the cloud's announced training config and the
+site's own fixed bounds, docs/scaling.md), so the site's worker checks each update exactly as
+a cloud worker does. The site has no adaptive pool: :meth:`note_rejected_norm` only counts.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from aggregator.shard_store import CommitResult, OpenRound
+from aggregator.shard_store import CommitResult, Fold, OpenRound, RoundRules, parse_claim
 from fedmq.errors import StateError
 from fedmq.topics import validate_name
 
@@ -29,7 +35,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS round (
     id INTEGER PRIMARY KEY CHECK (id = 1), epoch TEXT NOT NULL, round_id INTEGER NOT NULL,
     base_version INTEGER NOT NULL, deadline REAL NOT NULL, target INTEGER NOT NULL,
-    state TEXT NOT NULL);
+    state TEXT NOT NULL, rules TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS claims (
     epoch TEXT NOT NULL, round_id INTEGER NOT NULL, device TEXT NOT NULL, claim TEXT NOT NULL,
     PRIMARY KEY (epoch, round_id, device));
@@ -81,8 +87,14 @@ class SiteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            columns = {str(r[1]) for r in self._db.execute("PRAGMA table_info(round)")}
         except sqlite3.Error as exc:
             raise StateError(f"site store {self.path}: {exc}") from exc
+        if "rules" not in columns:
+            self._db.close()
+            raise StateError(f"site store {self.path} is from before round rules: once its "
+                             "journal is answered, move it away and start with a new file")
+        self.rejected_norms = 0  # updates refused for their norm since start
 
     def _tx(self, fn: Callable[[sqlite3.Connection], object]) -> object:
         with self._lock:
@@ -101,9 +113,12 @@ class SiteStore:
     # -- the IngestStore calls (ShardWorker) -------------------------------------------------
     def open_round(self) -> OpenRound | None:
         def read(db: sqlite3.Connection) -> OpenRound | None:
-            row = db.execute("SELECT epoch, round_id, base_version, deadline, target, state "
-                             "FROM round WHERE id = 1").fetchone()
-            return None if row is None else OpenRound(*row)
+            row = db.execute("SELECT epoch, round_id, base_version, deadline, target, state, "
+                             "rules FROM round WHERE id = 1").fetchone()
+            if row is None:
+                return None
+            return OpenRound(str(row[0]), int(row[1]), int(row[2]), float(row[3]), int(row[4]),
+                             str(row[5]), RoundRules.from_json(str(row[6])))
 
         out = self._tx(read)
         assert out is None or isinstance(out, OpenRound)
@@ -132,9 +147,11 @@ class SiteStore:
         return out
 
     def commit(
-        self, epoch: str, round_id: int, device: str, update_id: str, worker: str,
-        partial: bytes, generation: int,
+        self, epoch: str, round_id: int, device: str, fold: Fold, partial: bytes,
+        generation: int,
     ) -> CommitResult:
+        worker = fold.worker
+
         def commit(db: sqlite3.Connection) -> CommitResult:
             gen = db.execute("SELECT generation FROM workers WHERE worker = ?",
                              (worker,)).fetchone()
@@ -146,9 +163,9 @@ class SiteStore:
             prev = db.execute("SELECT claim FROM claims WHERE epoch = ? AND round_id = ? AND "
                               "device = ?", (epoch, round_id, device)).fetchone()
             if prev is not None:
-                return CommitResult("claimed", str(prev[0]))
+                return CommitResult("claimed", parse_claim(str(prev[0])))
             db.execute("INSERT INTO claims VALUES (?, ?, ?, ?)",
-                       (epoch, round_id, device, f"{worker} {update_id}"))
+                       (epoch, round_id, device, fold.to_claim()))
             db.execute("INSERT INTO partials VALUES (?, ?, ?, ?) ON CONFLICT(epoch, round_id, "
                        "worker) DO UPDATE SET blob = excluded.blob",
                        (epoch, round_id, worker, partial))
@@ -157,6 +174,11 @@ class SiteStore:
         out = self._tx(commit)
         assert isinstance(out, CommitResult)
         return out
+
+    def note_rejected_norm(self, epoch: str, round_id: int, device: str, norm: float) -> None:
+        """Counted only: the site's bounds are fixed (no pool to learn from), and the cloud's
+        adaptive pool learns from its own workers' folds (docs/scaling.md)."""
+        self.rejected_norms += 1
 
     # -- the gateway's round ------------------------------------------------------------------
     def claim_count(self, epoch: str, round_id: int) -> int:
@@ -169,19 +191,20 @@ class SiteStore:
         return out
 
     def open(self, epoch: str, round_id: int, base_version: int, deadline: float,
-             target: int) -> bool:
-        """Make (epoch, round) the site's round, open, unless it already is the site's round
+             target: int, rules: RoundRules) -> bool:
+        """Make (epoch, round) the site's round, open, with ``rules`` (what the site's worker
+        checks its updates against), unless it already is the site's round
         (open or sealed): True when it changed. The claims and partials of other rounds go,
         and so do journaled partials the cloud has answered."""
         def open_(db: sqlite3.Connection) -> bool:
             st = db.execute("SELECT epoch, round_id FROM round WHERE id = 1").fetchone()
             if st is not None and tuple(st) == (epoch, round_id):
                 return False
-            db.execute("INSERT INTO round VALUES (1, ?, ?, ?, ?, ?, 'open') ON CONFLICT(id) DO "
-                       "UPDATE SET epoch = excluded.epoch, round_id = excluded.round_id, "
+            db.execute("INSERT INTO round VALUES (1, ?, ?, ?, ?, ?, 'open', ?) ON CONFLICT(id) "
+                       "DO UPDATE SET epoch = excluded.epoch, round_id = excluded.round_id, "
                        "base_version = excluded.base_version, deadline = excluded.deadline, "
-                       "target = excluded.target, state = 'open'",
-                       (epoch, round_id, base_version, deadline, target))
+                       "target = excluded.target, state = 'open', rules = excluded.rules",
+                       (epoch, round_id, base_version, deadline, target, rules.to_json()))
             db.execute("DELETE FROM claims WHERE NOT (epoch = ? AND round_id = ?)",
                        (epoch, round_id))
             db.execute("DELETE FROM partials WHERE NOT (epoch = ? AND round_id = ?)",

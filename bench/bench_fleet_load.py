@@ -18,7 +18,8 @@ sending at once when a round opens). For each (model, devices) it records:
   against the plan's ids).
 
 Prints a table, writes bench/results/fleet_load.json and bench/results/fleet_load.png.
-Multiple sharded aggregator workers do not exist yet: one aggregator process throughout.
+One aggregator process throughout; the same fleet through sharded workers is
+``bench_shard_fleet.py``.
 
     nice -n 5 flock /tmp/fedmq-heavy.lock .venv/bin/python bench/bench_fleet_load.py
     .venv/bin/python bench/bench_fleet_load.py --devices 100,1000 --models digits-mlp

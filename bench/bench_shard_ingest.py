@@ -101,7 +101,7 @@ def run(workers: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]
             wait(ready.exists, 60, f"worker w{i}")
         coord = spawn(["-m", "aggregator.shard_coordinator", *common, "--target",
                        str(args.updates), "--rounds", "1", "--round-timeout", "600",
-                       "--poll", "0.02"], workdir / "coordinator.log")
+                       "--poll", "0.02", "--codec", args.codec], workdir / "coordinator.log")
         procs.append(coord)
         store = ShardStore(redis_server.url, fleet)
         wait(lambda: store.open_round() is not None, 60, "the round")

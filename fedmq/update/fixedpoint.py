@@ -67,14 +67,15 @@ class FixedPointSum(_ModelChecked):
                 )
 
     def quantize(self, checked: CheckedUpdate) -> dict[str, np.ndarray]:
-        """The int64 contribution of one checked update (deterministic: the same update
-        always gives the same integers)."""
+        """The int64 contribution of one checked update, its delta times its ``scale``
+        (deterministic: the same update always gives the same integers)."""
         out: dict[str, np.ndarray] = {}
         for t in checked.tensors:
             buf = self._scratch[t.name]
             buf[...] = 0.0
             checked.codec.add_into(buf, t, 1.0, None)  # the decoded delta, in float32
-            scaled = buf.astype(np.float64) * (checked.weight * self._scale)
+            # ``scale``: a norm clip (accumulate.scaled) shrinks the delta, not the weight.
+            scaled = buf.astype(np.float64) * (checked.weight * checked.scale * self._scale)
             out[t.name] = np.rint(scaled).astype(np.int64)
         return out
 

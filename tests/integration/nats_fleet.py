@@ -16,12 +16,12 @@ import nats
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from aggregator.shard_store import ShardStore
+from aggregator.shard_store import Claim, ShardStore
 from fedmq.net.localnats import LocalNatsCluster
 from fedmq.net.localredis import LocalRedis
 from fedmq.net.procs import stop_processes
 from fedmq.topics import Topics
-from tests.integration.shard_fleet import ShardFleet, wait_for
+from tests.integration.shard_fleet import CODEC, ShardFleet, wait_for
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,9 @@ class NatsFleet(ShardFleet):
         self._spawn("coordinator", [
             "-m", "aggregator.shard_coordinator", *self.common(), "--protocol", "3.1.1",
             "--target", str(target), "--rounds", str(rounds), "--round-timeout", str(timeout),
-            "--poll", "0.02",
+            "--poll", "0.02", "--codec", CODEC,
+            # the reference folds every update whole: no norm bound, no weight cap
+            "--norm-bound", "off", "--weight-cap-multiplier", "0",
         ])
         wait_for(lambda: self.store.open_round() is not None, 30, "the coordinator's round")
 
@@ -149,8 +151,8 @@ class NatsFleet(ShardFleet):
             self.client.loop_stop()
         self.store.close_connection()
 
-    def claims(self, round_id: int) -> dict[str, str]:
-        """The open round's claims (device -> ``worker update_id``); empty once it closed."""
+    def claims(self, round_id: int) -> dict[str, Claim]:
+        """The open round's claims (device -> how it was folded); empty once it closed."""
         rnd = self.store.open_round()
         if rnd is None or rnd.round_id != round_id:
             return {}

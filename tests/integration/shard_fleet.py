@@ -32,6 +32,7 @@ from fedmq.wire import UpdateMessage, decode_ack, decode_model, decode_update, e
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = resolve_bundle("digits-mlp")
 TEMPLATE = {t.name: t.shape for t in BUNDLE.spec.trainable_specs}
+CODEC = "int8"  # the rounds' codec (an update in another codec is refused bad_codec)
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
@@ -103,6 +104,10 @@ class ShardFleet:
         self._spawn("coordinator", [
             "-m", "aggregator.shard_coordinator", *self.common(), "--target", str(target),
             "--rounds", str(rounds), "--round-timeout", str(timeout), "--poll", "0.02",
+            "--codec", CODEC,
+            # the reference below folds every update whole: no norm bound, no weight cap
+            # (tests/integration/test_shard_bounds.py checks the bounds)
+            "--norm-bound", "off", "--weight-cap-multiplier", "0",
         ])
         wait_for(lambda: self.store.open_round() is not None, 30, "the coordinator's round")
 
@@ -129,7 +134,7 @@ class ShardFleet:
             assert rnd is not None and rnd.round_id == round_id
             delta = {n: (self.rng.standard_normal(s) * 0.01).astype(np.float32)
                      for n, s in TEMPLATE.items()}
-            codec = ("float32", "int8", "float16")[len(self.sent) % 3]
+            codec = rnd.rules.config.codec
             tensors = tuple(get_codec(codec).encode(delta, self.rng).tensors)
             self.sent[key] = encode(UpdateMessage(
                 self.fleet, round_id, rnd.base_version, device, uuid.uuid4().hex[:16],

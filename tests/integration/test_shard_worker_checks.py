@@ -14,15 +14,17 @@ import numpy as np
 import pytest
 
 from aggregator.shard_coordinator import ShardCoordinator
-from aggregator.shard_store import ShardStore
+from aggregator.shard_store import RoundRules, ShardStore
 from aggregator.shard_worker import Fenced, ShardWorker
 from fedmq.net.localredis import LocalRedis, RedisOptions, redis_server_path
 from fedmq.topics import Topics
 from fedmq.update.codecs import get_codec
 from fedmq.update.fixedpoint import FixedPointSum
 from fedmq.update.strategies import FedAvg
-from fedmq.wire import UpdateMessage, decode_update, encode
+from fedmq.wire import TrainingConfig, UpdateMessage, decode_update, encode
 from tests.integration.shard_fleet import BUNDLE, TEMPLATE
+
+RULES = RoundRules(TrainingConfig(codec="int8"))  # no bounds: the checks of the round alone
 
 
 @pytest.fixture
@@ -31,17 +33,17 @@ def store(tmp_path: Path) -> Iterator[ShardStore]:
         pytest.fail("redis-server is not installed (apt-get install redis-server)")
     with LocalRedis(RedisOptions(appendonly=False), workdir=tmp_path / "redis") as server:
         s = ShardStore(server.url, "lab")
-        s.init("e1", BUNDLE.initial_trainable(), 1, time.time() + 60, 100)
+        s.init("e1", BUNDLE.initial_trainable(), 1, time.time() + 60, 100, RULES)
         yield s
         s.close_connection()
 
 
 def _update(device: str, *, round_id: int = 1, base: int = 0, fleet: str = "lab",
-            seed: int = 0) -> bytes:
+            seed: int = 0, codec: str = "int8") -> bytes:
     rng = np.random.default_rng(seed)
     delta = {n: (rng.standard_normal(s) * 0.01).astype(np.float32) for n, s in TEMPLATE.items()}
-    tensors = tuple(get_codec("int8").encode(delta, rng).tensors)
-    return encode(UpdateMessage(fleet, round_id, base, device, uuid.uuid4().hex[:12], 7, "int8",
+    tensors = tuple(get_codec(codec).encode(delta, rng).tensors)
+    return encode(UpdateMessage(fleet, round_id, base, device, uuid.uuid4().hex[:12], 7, codec,
                                 tensors, epoch="e1"))
 
 
@@ -62,6 +64,7 @@ def test_refusals_change_nothing_and_resends_are_duplicates(store: ShardStore) -
         "device_mismatch": ("d3", _update("d2")),
         "wrong_round": ("d2", _update("d2", round_id=2)),
         "wrong_base_version": ("d2", _update("d2", base=1)),
+        "bad_codec": ("d2", _update("d2", codec="float16")),
     }
     for code, (device, payload) in cases.items():
         ack = w.handle(device, payload, 0.0)
@@ -74,7 +77,9 @@ def test_refusals_change_nothing_and_resends_are_duplicates(store: ShardStore) -
     ack = other.handle("d1", _update("d1", seed=1), 0.0)  # a second update of d1
     assert (ack.accepted, ack.code) == (False, "duplicate")
     assert _partial(store) == committed and _partial(store, "w2") is None
-    assert store.claims("e1", 1) == {"d1": f"w1 {decode_update(first).update_id}"}
+    assert {d: (f.worker, f.update_id, f.claimed, f.weight, f.scale)
+            for d, f in store.claims("e1", 1).items()} == {
+        "d1": ("w1", decode_update(first).update_id, 7, 7.0, 1.0)}
     # after the round closed: round_closed, the partial exactly as committed
     assert store.close("e1", 1) is not None
     ack = w.handle("d4", _update("d4"), 0.0)
@@ -107,7 +112,7 @@ def test_a_coordinator_killed_between_close_and_finish_finishes_once(
     assert w1.handle("d9", _update("d9"), 0.0).code == "round_closed"
     published: list[tuple[str, bytes]] = []
     coord = ShardCoordinator(store, BUNDLE, Topics("lab"), lambda t, p: published.append((t, p)),
-                             target=100)
+                             target=100, training=RULES.config)
     assert coord.tick(time.time())  # a closed round is merged and finished at once
     assert not coord.tick(time.time())  # round 2 is open and empty: nothing to do
     model = store.model()
@@ -119,7 +124,7 @@ def test_a_coordinator_killed_between_close_and_finish_finishes_once(
     want = FedAvg(1.0).aggregate(BUNDLE.initial_trainable(), ref.result())
     assert all(model["weights"][n].tobytes() == want[n].tobytes() for n in want)
     # finishing round 1 again (a second coordinator) changes nothing
-    assert not store.finish("e1", 1, 2, want, {}, 6, time.time() + 60, 100)
+    assert not store.finish("e1", 1, 2, want, {}, 6, time.time() + 60, 100, RULES, "{}")
     assert store.model_version() == 1
     rnd = store.open_round()
     assert rnd is not None and (rnd.round_id, rnd.base_version, rnd.state) == (2, 1, "open")

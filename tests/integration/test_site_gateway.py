@@ -9,6 +9,7 @@ back: the published model is exactly the one-process model of every device, each
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import threading
 import time
@@ -23,22 +24,27 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from aggregator.partial_receiver import PartialReceiver
-from aggregator.shard_store import ShardStore
+from aggregator.shard_coordinator import ShardCoordinator
+from aggregator.shard_store import Fold, GatewayClaim, RoundRules, ShardStore
+from aggregator.shard_worker import ShardWorker
 from aggregator.site_store import SiteStore
 from fedmq.errors import RejectReason
 from fedmq.net.localbroker import BrokerOptions, LocalBroker, free_port
 from fedmq.net.localredis import LocalRedis, RedisOptions, redis_server_path
 from fedmq.signing import DeviceKey, Registry, create_key, sign_site_partial, sign_update
+from fedmq.topics import Topics
 from fedmq.update.codecs import get_codec
 from fedmq.update.fixedpoint import FixedPointSum
 from fedmq.wire import (
     RoundAnnouncement,
     SitePartial,
+    TrainingConfig,
     UpdateMessage,
     decode_ack,
     decode_model,
     decode_round,
     decode_update,
+    encode,
 )
 from fedmq_ops.broker.gateway import GatewayBrokerSettings, render_gateway_conf
 from tests.integration.shard_fleet import BUNDLE, TEMPLATE, ShardFleet, assert_exact, wait_for
@@ -180,7 +186,7 @@ def test_two_tiers_cloud_down_for_a_round_loses_and_doubles_nothing(
                         if a.round_id == r)
 
         def update(r: int, ann: RoundAnnouncement, device: str) -> bytes:
-            codec = ("float32", "int8", "float16")[len(fleet.sent) % 3]
+            codec = ann.config.codec  # the round's codec (another one is refused bad_codec)
             delta = {n: (rng.standard_normal(s) * 0.01).astype(np.float32)
                      for n, s in TEMPLATE.items()}
             msg = UpdateMessage(fleet.fleet, r, ann.base_version, device, uuid.uuid4().hex[:16],
@@ -283,10 +289,13 @@ def test_two_tiers_cloud_down_for_a_round_loses_and_doubles_nothing(
 def test_partial_receiver_commits_once_and_refuses_whole(redis_server: LocalRedis,
                                                          tmp_path: Path) -> None:
     """The cloud end on real Redis (no broker): a partial is committed with its devices'
-    claims in one step, a resend is a duplicate, anything else is refused whole."""
+    claims in one step, a resend is a duplicate, anything else is refused whole. Gateway
+    claims and a worker's Fold claims share the round's claims; the coordinator's finish
+    feeds only the worker's fold into the fleet's norm and claim pools."""
     fleet = f"rx{uuid.uuid4().hex[:8]}"
     store = ShardStore(redis_server.url, fleet)
-    assert store.init("ep", BUNDLE.initial_trainable(), 1, time.time() + 60, 100)
+    rules = RoundRules(TrainingConfig(codec="float32"))
+    assert store.init("ep", BUNDLE.initial_trainable(), 1, time.time() + 60, 100, rules)
     gateways = Registry(tmp_path / "gateways.json")
     keys = {g: DeviceKey.generate() for g in ("gw-1", "gw-2", "gw-3")}
     for g, k in keys.items():
@@ -327,13 +336,37 @@ def test_partial_receiver_commits_once_and_refuses_whole(redis_server: LocalRedi
     for what, (ack, code) in refused.items():
         assert (ack.accepted, ack.code) == (False, code), what
     # only gw-1's two devices are claimed, and its partial is the only one
-    assert store.claims("ep", 1) == {"a": "gateway:gw-1 p1", "b": "gateway:gw-1 p1"}
-    assert list(store.close("ep", 1) or {}) == ["gateway:gw-1"]
+    assert store.claims("ep", 1) == {"a": GatewayClaim("gw-1", "p1"),
+                                     "b": GatewayClaim("gw-1", "p1")}
+    # a cloud worker next to the gateway: its update is a Fold claim; a device the gateway's
+    # partial holds is refused (not a duplicate of the worker's update)
+    worker = ShardWorker(store, TEMPLATE, "w1")
+
+    def update(device: str) -> bytes:
+        delta = {n: (rng.standard_normal(s) * 0.01).astype(np.float32)
+                 for n, s in TEMPLATE.items()}
+        return encode(UpdateMessage(fleet, 1, 0, device, uuid.uuid4().hex[:12], 7, "float32",
+                                    tuple(get_codec("float32").encode(delta, rng).tensors),
+                                    epoch="ep"))
+
+    assert worker.handle("w-dev", update("w-dev"), 0.0).code == "ok"
+    taken = worker.handle("a", update("a"), 0.0)
+    assert (taken.accepted, taken.code) == (False, RejectReason.DUPLICATE)
+    assert "gateway gw-1's partial p1" in taken.reason
+    claims = store.claims("ep", 1)
+    assert set(claims) == {"a", "b", "w-dev"} and isinstance(claims["w-dev"], Fold)
+    assert sorted(store.close("ep", 1) or {}) == ["gateway:gw-1", "w1"]
     late = rx.handle("gw-3", partial("gw-3", ("e",), "q6"), 0.0)
     assert (late.accepted, late.code) == (False, RejectReason.ROUND_CLOSED)
     # a late copy of the committed partial is still a duplicate, also once the round is
     # finished and its claims are gone (a bridge or journal copy racing the close)
-    assert store.finish("ep", 1, 1, BUNDLE.initial_trainable(), {}, 2, time.time() + 60, 100)
+    coord = ShardCoordinator(store, BUNDLE, Topics(fleet), lambda t, p: None, target=100,
+                             training=rules.config)
+    assert coord.tick(time.time())  # the closed round: merged (3 updates) and finished
+    model = store.model()
+    assert model is not None and (model["version"], model["contributors"]) == (1, 3)
+    pool = json.loads(store.fleet_bounds() or "{}")
+    assert set(pool["norms"]) == {"w-dev"} and pool["claims"] == {"w-dev": 7.0}
     for _ in range(2):
         copy = rx.handle("gw-1", good, 0.0)
         assert (copy.accepted, copy.code) == (True, RejectReason.DUPLICATE)

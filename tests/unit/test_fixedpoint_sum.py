@@ -124,3 +124,16 @@ def test_a_sum_beyond_its_declared_bound_is_a_wire_error() -> None:
     obj["sum"]["b"] = big.astype("<i8").tobytes()
     with pytest.raises(WireError, match="exceeds its bound"):
         FixedPointSum.from_bytes(msgpack.packb(obj, use_bin_type=True), SHAPES)
+
+
+def test_a_scaled_update_folds_its_delta_times_the_factor_and_its_full_weight() -> None:
+    from fedmq.update.accumulate import scaled
+
+    (tensors, codec, w), = _updates(1, seed=3)
+    acc = FixedPointSum(SHAPES)
+    acc.add(scaled(acc.check(tensors, codec, w), 0.25))
+    assert acc.total_weight == w  # the clip shrinks the delta, never the weight
+    decoded = {t.name: get_codec(codec).decode(t) for t in tensors}
+    for n in SHAPES:
+        want = np.rint(decoded[n].astype(np.float64) * (w * 0.25 * 2**24)) / (w * 2**24)
+        np.testing.assert_array_equal(acc.result().mean[n], want.astype(np.float32))

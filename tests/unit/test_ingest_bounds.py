@@ -249,3 +249,23 @@ def test_a_journal_without_the_weight_column_refolds_with_num_examples(
             np.testing.assert_array_equal(w1[name], want)
     finally:
         engine.store.close()
+
+
+def test_round_bounds_freeze_the_limits_of_fleet_bounds() -> None:
+    """The sharded ingest's frozen limits decide like FleetBounds at the moment they froze."""
+    from aggregator.bounds import RoundBounds
+
+    pool = FleetBounds(BoundsConfig(bounds_warmup=3))
+    assert pool.round_bounds() == RoundBounds("clip", None, None)  # warming up
+    for device, norm, claim in (("a", 1.0, 100), ("b", 2.0, 120), ("c", 4.0, 80)):
+        pool.observe_norm(device, norm)
+        pool.observe_claim(device, claim)
+    frozen = RoundBounds.from_json(pool.round_bounds().to_json())
+    assert frozen.norm_limit is not None and frozen.norm_limit[0] == 6.0  # 3 x median 2
+    assert frozen.weight_cap == 200.0  # 2 x median 100
+    for claimed, cap in ((10_000_000, None), (150, 90), (50, None)):
+        assert frozen.weight(claimed, cap) == pool.weight("z", claimed, cap)
+    assert frozen.check_norm(5.0) == 1.0
+    assert 600.0 * frozen.check_norm(600.0) <= 6.0
+    with pytest.raises(Rejected, match="exceeds the bound 6"):
+        RoundBounds("reject", (6.0, "x"), None).check_norm(6.5)
