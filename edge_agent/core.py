@@ -284,6 +284,8 @@ class EdgeCore:
             "threads": self.settings.num_threads,
             "codecs": supported_codecs(self.trainer),
         }
+        if self.evaluation is not None and self.evaluation.eval_only:
+            capabilities["eval_only"] = True  # never selected to train (docs/protocol.md)
         if self._status.last_skip is not None:
             capabilities["last_skip"] = dict(self._status.last_skip)
         return encode(

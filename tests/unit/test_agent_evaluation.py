@@ -80,11 +80,15 @@ def test_update_carries_steps_and_the_exact_heldout_figures(tmp_path: Path) -> N
     assert report.personal_accuracy > report.accuracy  # two epochs of training helped
     status = decode_status(published[-1].payload)
     assert status.metrics["eval_accuracy"] == pytest.approx(report.accuracy)
+    assert "eval_only" not in status.capabilities  # a training device: selectable
 
 
 def test_eval_only_device_reports_without_training(tmp_path: Path) -> None:
-    core, update, _, data = _run(tmp_path, eval_only=True)
+    core, update, published, data = _run(tmp_path, eval_only=True)
     assert update.tensors == () and update.steps == 0
+    # its retained status says so: the aggregator never selects it to train
+    statuses = [decode_status(p.payload) for p in published if p.topic == TOPICS.status(DEVICE)]
+    assert statuses and all(s.capabilities["eval_only"] is True for s in statuses)
     assert update.evaluation is not None and update.evaluation.personal_loss is None
     assert update.evaluation.count == update.num_examples == len(data)
     probe = LiteRTTrainer(BUNDLE)
