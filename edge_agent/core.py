@@ -465,6 +465,7 @@ class EdgeCore:
         decision = decide(
             ann, self.device_id, self.store.snapshot(), self._model_version,
             fleet=self.settings.fleet, now=now,
+            eval_only=self.evaluation is not None and self.evaluation.eval_only,
         )
         if not decision.train:
             key = (ann.round_id, str(decision.reason))
