@@ -41,7 +41,7 @@ from aggregator.guard import (
 )
 from aggregator.ingest import Ingest
 from aggregator.metrics import AggregatorMetrics
-from aggregator.negotiation import LEGACY_CODECS, status_codecs
+from aggregator.negotiation import LEGACY_CODECS, status_codecs, status_eval_only
 from aggregator.outgoing import Outgoing, RoundTraffic
 from aggregator.policies import RoundContext, RoundPolicy, make_round_policy
 from aggregator.round_state import RoundPlan, RoundState
@@ -119,6 +119,9 @@ class Coordinator:
         self.online: set[str] = set()
         # What each online device's status says it can encode (aggregator.negotiation).
         self.codecs: dict[str, frozenset[str]] = {}
+        # The online devices whose status says eval_only: never selected to train; the
+        # ingest takes their evaluation-only reports unselected (the same set object).
+        self.eval_only: set[str] = ingest.eval_only_devices
         # (round id, devices) last logged as unable to use that round's codec: once a round.
         self._unfit_logged: tuple[int, frozenset[str]] = (0, frozenset())
         self.version = -1
@@ -231,8 +234,7 @@ class Coordinator:
         out: list[Outgoing] = []
         before = len(self.online)
         if not payload:
-            self.online.discard(topic_device)
-            self.codecs.pop(topic_device, None)
+            self._offline(topic_device)
         else:
             try:
                 status = decode_status(payload)
@@ -246,20 +248,34 @@ class Coordinator:
                 status.epoch, status.model_version, status.round_id,
                 f"the status of {topic_device}", now,
             )
-            if status.state in _ONLINE_STATES:
+            try:
+                eval_only = status_eval_only(status.capabilities)
+                online = status.state in _ONLINE_STATES
+            except ValueError as exc:
+                log.warning("status of %s taken as offline: %s", topic_device, exc)
+                eval_only, online = False, False
+            if online:
                 self.online.add(topic_device)
+                if eval_only:
+                    self.eval_only.add(topic_device)
+                else:
+                    self.eval_only.discard(topic_device)
                 try:
                     self.codecs[topic_device] = status_codecs(status.capabilities)
                 except ValueError as exc:
                     log.warning("device %s supports no codec: %s", topic_device, exc)
                     self.codecs[topic_device] = frozenset()
             else:
-                self.online.discard(topic_device)
-                self.codecs.pop(topic_device, None)
+                self._offline(topic_device)
         if len(self.online) != before:
             self.metrics.online_devices.set(len(self.online))
             log.debug("%d device(s) online", len(self.online))
         return out
+
+    def _offline(self, device: str) -> None:
+        self.online.discard(device)
+        self.codecs.pop(device, None)
+        self.eval_only.discard(device)
 
     def _check_epoch(
         self, epoch: str, version: int | None, round_id: int | None, source: str, now: float
@@ -360,11 +376,14 @@ class Coordinator:
         self.metrics.current_round.set(plan.round_id)
 
     def _capable(self, round_id: int, codec: str) -> frozenset[str]:
-        """The online devices that can encode ``codec``; the others are logged once a round."""
+        """The online devices that train and can encode ``codec``; the others are logged
+        once a round. Eval-only devices are left out silently: they never take a training
+        slot nor count toward ``min_devices``."""
+        trainers = frozenset(self.online) - self.eval_only
         capable = frozenset(
-            d for d in self.online if codec in self.codecs.get(d, LEGACY_CODECS)
+            d for d in trainers if codec in self.codecs.get(d, LEGACY_CODECS)
         )
-        unfit = frozenset(self.online) - capable
+        unfit = trainers - capable
         logged = self._unfit_logged[1] if self._unfit_logged[0] == round_id else frozenset()
         if unfit - logged:
             log.info(

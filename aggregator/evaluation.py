@@ -56,6 +56,10 @@ class RoundEvaluations:
             self._eval_only.add(msg.device)
         return True
 
+    def has_eval_only(self, device: str) -> bool:
+        """Whether ``device``'s evaluation-only report of this round is already kept."""
+        return device in self._eval_only
+
     def figures(self) -> dict[str, float]:
         """The round record's federated figures ({} when no device reported)."""
         out = combine(self._reports.values())

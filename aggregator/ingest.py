@@ -123,6 +123,9 @@ class Ingest:
         # The newest round id ever opened: updates up to it are `round_closed` when no
         # round is open. Set by the coordinator at start, then by begin().
         self.last_round_id = 0
+        # Online devices whose retained status says they only evaluate (capability
+        # eval_only): kept by the coordinator, which never selects them to train.
+        self.eval_only_devices: set[str] = set()
 
     # -- the open round (driven by the coordinator) ----------------------------------------
     def begin(self, state: RoundState, accumulator: Accumulator) -> None:
@@ -240,6 +243,12 @@ class Ingest:
                 return duplicate
             if not msg.tensors:  # an eval_only device's report (the wire requires its eval)
                 return self._evaluation_only(msg, topic_device, len(payload), now)
+            if msg.device in self.eval_only_devices:
+                raise Rejected(
+                    f"device {msg.device!r} says eval_only in its status: it is never "
+                    "selected to train, so its update with tensors is refused (an eval-only "
+                    "report carries no tensors)", RejectReason.NOT_SELECTED,
+                )
             weight = self.bounds.weight(
                 msg.device, msg.num_examples, self._registry_cap(msg.device)
             )
@@ -309,11 +318,27 @@ class Ingest:
         self, msg: UpdateMessage, topic_device: str, size: int, now: float
     ) -> AckMessage:
         """Record an eval-only device's report for the open round (checked like an update,
-        nothing folded or journaled; stored in the meta table so a restart keeps it)."""
+        nothing folded; stored durably in the meta table before the ack, so a restart keeps
+        it). A device whose status says eval_only is taken even when not selected; a second
+        report of the device in the round is answered ``duplicate`` and changes nothing. It
+        never counts toward the round's quorum or target (the round state does not record it)."""
         if self.round is None:
             check_route(msg, topic_device, self.config.fleet, last_round=self.last_round_id)
             raise Rejected(f"round {msg.round_id} is not open", RejectReason.WRONG_ROUND)
-        self.round.check(msg, topic_device, None, base_of=self._round_base)
+        self.round.check(
+            msg, topic_device, None, base_of=self._round_base,
+            eval_only_device=msg.device in self.eval_only_devices,
+        )
+        if self.evaluations.has_eval_only(msg.device):
+            self.metrics.updates_duplicate.inc()
+            log.info("evaluation of round %d from %s (%s) was already recorded: answered "
+                     "duplicate", self.round.round_id, msg.device, msg.update_id)
+            return AckMessage(
+                fleet=self.config.fleet, round_id=msg.round_id, device=topic_device,
+                update_id=msg.update_id, accepted=True, code=RejectReason.DUPLICATE,
+                reason=f"the evaluation of {msg.device} for round {msg.round_id} was "
+                       "already recorded", created_at=now,
+            )
         if not self.evaluations.note(msg):
             raise Rejected(
                 f"evaluation of version {msg.base_version}: round {self.round.round_id} "

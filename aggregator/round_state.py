@@ -165,8 +165,13 @@ class RoundState:
         topic_device: str | None = None,
         check_tensors: Callable[[UpdateMessage], None] | None = None,
         base_of: Callable[[int], int | None] | None = None,
+        *,
+        eval_only_device: bool = False,
     ) -> None:
         """Raise :class:`Rejected` unless ``msg`` may be folded into this round.
+
+        ``eval_only_device``: ``msg`` is the evaluation-only report of a device whose status
+        says it never trains; it holds no training slot, so the selection does not apply.
 
         The update's codec must be the one the round asked for (``bad_codec``).
         ``check_tensors`` validates shapes and codec against the model (it runs after the
@@ -185,7 +190,7 @@ class RoundState:
                 )
         else:
             self._check_stale(msg, topic_device, p.staleness, base_of)
-        if self._selected and msg.device not in self._selected:
+        if self._selected and msg.device not in self._selected and not eval_only_device:
             raise Rejected(
                 f"device {msg.device!r} is not selected for round {p.round_id}",
                 RejectReason.NOT_SELECTED,

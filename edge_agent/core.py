@@ -284,6 +284,8 @@ class EdgeCore:
             "threads": self.settings.num_threads,
             "codecs": supported_codecs(self.trainer),
         }
+        if self.evaluation is not None and self.evaluation.eval_only:
+            capabilities["eval_only"] = True  # never selected to train (docs/protocol.md)
         if self._status.last_skip is not None:
             capabilities["last_skip"] = dict(self._status.last_skip)
         return encode(
@@ -460,9 +462,16 @@ class EdgeCore:
         if self.secure is not None and self.secure.is_secure(ann) \
                 and not self.secure.wants_training(ann):
             return []
+        eval_only = self.evaluation is not None and self.evaluation.eval_only
+        if eval_only and is_private_round(ann.config.params):
+            if self._last_decision != (ann.round_id, "eval_only_private"):
+                self._last_decision = (ann.round_id, "eval_only_private")
+                log.info("round %d: skip: a DP round, in which an eval_only device neither "
+                         "trains nor reports", ann.round_id)
+            return []
         decision = decide(
             ann, self.device_id, self.store.snapshot(), self._model_version,
-            fleet=self.settings.fleet, now=now,
+            fleet=self.settings.fleet, now=now, eval_only=eval_only,
         )
         if not decision.train:
             key = (ann.round_id, str(decision.reason))

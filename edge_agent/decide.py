@@ -53,12 +53,15 @@ def decide(
     *,
     fleet: str | None = None,
     now: float | None = None,
+    eval_only: bool = False,
 ) -> Decision:
-    """Decide whether ``device_id`` trains for ``announcement``.
+    """Decide whether ``device_id`` trains (or, ``eval_only``, evaluates) for ``announcement``.
 
     ``state`` is the device's durable state (submissions), ``model_version`` the version of
     the global model it holds in memory (None: none yet). ``now`` (wall clock, optional)
-    makes a round past its deadline stale.
+    makes a round past its deadline stale. An ``eval_only`` device reports on every round:
+    the selection names only training devices (its status says eval_only, so the aggregator
+    takes its report unselected, docs/protocol.md).
     """
     ann = announcement
     r = ann.round_id
@@ -79,7 +82,7 @@ def decide(
             SkipReason.STALE,
             f"round {r} is based on version {ann.base_version}, model {model_version} is newer",
         )
-    if ann.selected and device_id not in ann.selected:
+    if ann.selected and device_id not in ann.selected and not eval_only:
         return _skip(
             SkipReason.NOT_SELECTED, f"round {r} selected {len(ann.selected)} other device(s)"
         )

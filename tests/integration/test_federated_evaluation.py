@@ -75,3 +75,34 @@ def test_round_records_carry_the_devices_federated_accuracy(
     print("federated accuracy by round:", [round(a, 4) for a in curve])
     assert curve[-1] > curve[0] + 0.2, curve  # a learning curve with no server test set
     assert [round(r.fed_accuracy, 6) for r in result.rows] == [round(a, 6) for a in curve]
+
+
+def test_eval_only_agent_under_sampled_selection(broker: LocalBroker, tmp_path: Path) -> None:
+    """selection = "sample" with 4 training agents and 1 eval-only agent, 2 per round: the
+    eval-only agent's status says so, it is never selected, every round closes with its 2
+    selected trainers long before the deadline, and its report is recorded unselected."""
+    workdir = tmp_path / "sampled"
+    timeout = 120.0
+    spec = FederationSpec(
+        agents=5, rounds=4, dataset="digits", model="digits-mlp", partition="iid",
+        codec="float32", epochs=1, lr=0.1, seed=3, eval_dataset="none", eval_fraction=0.2,
+        eval_only_agents=1, clients_per_round=2, round_timeout=timeout,
+        extra_aggregator={"selection": "sample"}, broker=f"{broker.host}:{broker.port}",
+        fleet=f"fsample-{uuid.uuid4().hex[:8]}", workdir=workdir, timeout=300,
+    )
+    result = run_federation(spec)
+    assert [r.version for r in result.rows] == [1, 2, 3, 4]
+    agents = [load_agent_config(p, environ={}) for p in sorted(workdir.glob("agent-*.toml"))]
+    [watcher] = [a.device_id for a in agents if a.eval_only]
+    with Store(workdir / "aggregator", read_only=True) as store:
+        history = store.history()
+    assert [r.status for r in history] == ["closed"] * 4  # none waited out and abandoned
+    devices = []
+    for record in history:
+        selected = record.plan["selected"]
+        assert len(selected) == 2 and watcher not in selected
+        assert record.participants == 2
+        assert record.metrics["round_seconds"] < timeout / 2  # closed on its 2 updates
+        devices.append(int(record.metrics["fed_eval_devices"]))
+    print("federated evaluation devices by round:", devices)
+    assert set(devices) <= {2, 3} and 3 in devices  # the unselected watcher was recorded

@@ -24,6 +24,16 @@ def test_trains_when_selected_with_the_base_model() -> None:
     assert decide(ann(selected=("dev", "x")), "dev", state(), 4).train
 
 
+def test_eval_only_device_reports_on_rounds_that_select_others() -> None:
+    """The selection names training devices; an eval-only device evaluates every round (its
+    other skip reasons still hold)."""
+    assert decide(ann(selected=("other",)), "dev", state(), 4, eval_only=True).train
+    stale = decide(ann(selected=("other",)), "dev", state(), 5, eval_only=True)
+    assert stale.reason is SkipReason.STALE
+    done = decide(ann(selected=("other",)), "dev", state(r5="u"), 4, eval_only=True)
+    assert done.reason is SkipReason.ALREADY_SUBMITTED
+
+
 @pytest.mark.parametrize(
     ("announcement", "st", "version", "reason"),
     [

@@ -35,8 +35,9 @@ TOPICS = Topics(FLEET)
 BUNDLE = prebuilt_bundle_path("digits-mlp")
 
 
-def _run(tmp_path: Path, **eval_settings: object) -> tuple[EdgeCore, UpdateMessage,
-                                                            list[Publish], LocalData]:
+def _run(tmp_path: Path, params: dict[str, object] | None = None,
+         selected: tuple[str, ...] = (), **eval_settings: object,
+         ) -> tuple[EdgeCore, list[UpdateMessage], list[Publish], LocalData]:
     cfg = AgentConfig(device_id=DEVICE, fleet=FLEET, source="digits", partition="iid",
                       num_clients=4, client_index=1, state_dir=tmp_path, **eval_settings)
     data, evaluation = device_evaluation(cfg, LocalData.from_config(cfg.data_config()))
@@ -49,16 +50,17 @@ def _run(tmp_path: Path, **eval_settings: object) -> tuple[EdgeCore, UpdateMessa
     for topic, payload in (
         (TOPICS.model, encode(ModelMessage(FLEET, 0, 0, "digits-mlp", tensors))),
         (TOPICS.round, encode(RoundAnnouncement(
-            FLEET, 1, 0, 1e6, TrainingConfig(epochs=2, lr=0.1, codec="float32")))),
+            FLEET, 1, 0, 1e6, TrainingConfig(epochs=2, lr=0.1, codec="float32",
+                                             params=params or {}), selected=selected))),
     ):
         carry_out(core, core.on_message(topic, payload, 1000.0), published.append,
                   lambda: 1000.0)
-    [update] = [decode_update(p.payload) for p in published if p.topic == TOPICS.update(DEVICE)]
-    return core, update, published, data
+    updates = [decode_update(p.payload) for p in published if p.topic == TOPICS.update(DEVICE)]
+    return core, updates, published, data
 
 
 def test_update_carries_steps_and_the_exact_heldout_figures(tmp_path: Path) -> None:
-    core, update, published, train = _run(tmp_path, eval_fraction=0.2)
+    core, [update], published, train = _run(tmp_path, eval_fraction=0.2)
     ev = core.evaluation
     assert ev is not None and update.evaluation is not None
     # 2 epochs over the round's examples in batches of the model's batch size
@@ -80,11 +82,16 @@ def test_update_carries_steps_and_the_exact_heldout_figures(tmp_path: Path) -> N
     assert report.personal_accuracy > report.accuracy  # two epochs of training helped
     status = decode_status(published[-1].payload)
     assert status.metrics["eval_accuracy"] == pytest.approx(report.accuracy)
+    assert "eval_only" not in status.capabilities  # a training device: selectable
 
 
 def test_eval_only_device_reports_without_training(tmp_path: Path) -> None:
-    core, update, _, data = _run(tmp_path, eval_only=True)
+    # the round selects another device: the selection names trainers, it still reports
+    core, [update], published, data = _run(tmp_path, selected=("other",), eval_only=True)
     assert update.tensors == () and update.steps == 0
+    # its retained status says so: the aggregator never selects it to train
+    statuses = [decode_status(p.payload) for p in published if p.topic == TOPICS.status(DEVICE)]
+    assert statuses and all(s.capabilities["eval_only"] is True for s in statuses)
     assert update.evaluation is not None and update.evaluation.personal_loss is None
     assert update.evaluation.count == update.num_examples == len(data)
     probe = LiteRTTrainer(BUNDLE)
@@ -95,3 +102,10 @@ def test_eval_only_device_reports_without_training(tmp_path: Path) -> None:
     for name, w in core.trainer.get_weights().items():  # never trained: the global weights
         if name in initial:
             np.testing.assert_array_equal(w, initial[name])
+
+
+def test_eval_only_device_sits_out_dp_rounds(tmp_path: Path) -> None:
+    """No evaluation leaves a device in a DP round, and an eval_only device never trains:
+    it sends nothing at all (before, it trained when selected)."""
+    core, updates, _, _ = _run(tmp_path, params={"dp_clip": 1.0}, eval_only=True)
+    assert updates == [] and core.store.snapshot().submitted == {}

@@ -164,8 +164,9 @@ def test_ingest_combines_training_and_eval_only_reports_across_a_restart(
     _begin(store, second, create=False)
     assert second.refold() == 1
     assert second.evaluations.figures() == want
-    # a resent eval-only report replaces the device's own: nothing is counted twice
-    assert second.handle_update("e", _eval_only("e", EvalReport(1.5, 0.25, 60)), T0).accepted
+    # a resent eval-only report is a duplicate (accepted, changes nothing): counted once
+    again = second.handle_update("e", _eval_only("e", EvalReport(0.1, 0.99, 60)), T0)
+    assert (again.accepted, again.code) == (True, RejectReason.DUPLICATE)
     assert second.evaluations.figures() == want
 
 

@@ -13,7 +13,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.engine import Engine, resolve_bundle
 from aggregator.store import Store
 from fedmq.evaluation import EvalReport
-from fedmq.wire import UpdateMessage, encode
+from fedmq.wire import StatusMessage, UpdateMessage, encode
 from fedmq_ops.fleet_status import federated_summary
 from fedmq_ops.report import format_table, load_report, plot_report
 from tests.fakes import exact_delta, make_update
@@ -87,3 +87,90 @@ def test_round_records_carry_the_federated_figures(tmp_path: Path) -> None:
     got = engine.metrics.value("fedmq_federated_accuracy", {"model": "global", "stat": "mean"})
     assert got == pytest.approx(0.9)
     assert engine.metrics.value("fedmq_federated_eval_examples") == 50.0
+
+
+def _status(device: str, **caps: object) -> bytes:
+    return encode(StatusMessage(fleet="f", device=device, state="online", capabilities=caps))
+
+
+def test_eval_only_device_under_sampled_selection(tmp_path: Path) -> None:
+    """selection = "sample": a device whose status says eval_only is never selected, its
+    report is recorded once (a second one is a duplicate) without counting toward the
+    quorum, and the round closes as soon as the selected trainers are in (not at its
+    deadline); tensors from it are refused."""
+    root = tmp_path / "state"
+    cfg = AggregatorConfig(
+        fleet="f", state_dir=root, eval_dataset="none", codec="float32", selection="sample",
+        clients_per_round=2, min_updates=2, min_devices=2, round_timeout=100.0,
+        abandon_after=5.0, max_update_bytes=64 * 1024, seed=7,
+    )
+    engine = Engine(cfg, Store(root), resolve_bundle("digits-mlp"))
+    now = T0
+    engine.start(now, tick=False)
+    trainers = [f"d{i}" for i in range(4)]
+    for d in trainers:
+        engine.on_status(d, _status(d, codecs=["float32"]), now)
+    engine.on_status("watcher", _status("watcher", codecs=["float32"], eval_only=True), now)
+    shapes = dict(engine.template)
+    for r in (1, 2, 3):
+        engine.tick(now)
+        state = engine.round
+        assert state is not None and state.round_id == r
+        assert len(state.plan.selected) == 2 and "watcher" not in state.plan.selected
+        assert (state.plan.target, state.plan.min_updates) == (2, 2)
+        report = EvalReport(loss=0.5, accuracy=0.1 * r, count=40)
+        only = UpdateMessage("f", r, r - 1, "watcher", f"w{r}", 40, "float32", (),
+                             evaluation=report, epoch=engine.epoch)
+        ack = engine.handle_update("watcher", encode(only), now)
+        assert (ack.accepted, ack.code) == (True, "ok") and "nothing folded" in ack.reason
+        again = UpdateMessage("f", r, r - 1, "watcher", f"w{r}b", 40, "float32", (),
+                              evaluation=EvalReport(0.9, 0.99, 40), epoch=engine.epoch)
+        dup = engine.handle_update("watcher", encode(again), now)
+        assert (dup.accepted, dup.code) == (True, "duplicate")
+        assert engine.handle_update("watcher", encode(only), now).code == "duplicate"
+        assert state.count == 0  # never toward the quorum
+        engine.tick(now + 1.0)
+        assert engine.round is state  # nothing from the trainers yet: still open
+        for i, d in enumerate(state.plan.selected):
+            payload = make_update("f", r, r - 1, d, exact_delta(shapes, i), 10,
+                                  evaluation=EvalReport(0.4, 0.5, 10))
+            assert engine.handle_update(d, payload, now).accepted
+        now += 2.0  # far before the deadline (100 s)
+        engine.tick(now)
+        assert engine.round is not None and engine.round.round_id == r + 1  # next opened
+        assert engine.version == r
+    # tensors from a device whose status says eval_only are refused, clearly
+    assert engine.round is not None
+    r = engine.round.round_id
+    ack = engine.handle_update(
+        "watcher", make_update("f", r, r - 1, "watcher", exact_delta(shapes, 9), 10), now
+    )
+    assert (ack.accepted, ack.code) == (False, "not_selected") and "eval_only" in ack.reason
+    assert engine.round.count == 0
+    engine.store.close()
+    with Store(root, read_only=True) as store:
+        closed = [rec for rec in store.history() if rec.status == "closed"]
+        assert [rec.round_id for rec in closed] == [1, 2, 3]
+        for rec in closed:
+            m = rec.metrics
+            assert m["participants"] == 2.0 and m["round_seconds"] == 2.0
+            assert m["fed_eval_devices"] == 3.0 and m["fed_eval_examples"] == 60.0
+            want = (0.1 * rec.round_id * 40 + 0.5 * 20) / 60  # the first report, not the dup
+            assert m["fed_accuracy"] == pytest.approx(want)
+
+
+def test_eval_only_capability_is_strictly_a_bool(tmp_path: Path) -> None:
+    """eval_only = 1 or "true" is not a bool: that status is taken as offline (one warning),
+    so the device is neither selected nor taken as eval-only."""
+    root = tmp_path / "state"
+    cfg = AggregatorConfig(fleet="f", state_dir=root, eval_dataset="none", codec="float32")
+    engine = Engine(cfg, Store(root), resolve_bundle("digits-mlp"))
+    engine.start(T0, tick=False)
+    engine.on_status("w", _status("w", eval_only=True), T0)
+    assert engine.online == {"w"} and engine.coordinator.eval_only == {"w"}
+    for bad in (1, "true"):
+        engine.on_status("w", _status("w", eval_only=bad), T0)
+        assert engine.online == set() and engine.coordinator.eval_only == set()
+    engine.on_status("w", _status("w", eval_only=False), T0)
+    assert engine.online == {"w"} and engine.coordinator.eval_only == set()
+    engine.store.close()
