@@ -47,10 +47,10 @@ from nats.js import api as js_api
 from nats.js.client import JetStreamContext
 
 from aggregator.bundles import resolve_bundle
+from aggregator.service_loop import EXIT_STORE, add_service_flags, service_main
 from aggregator.shard_store import ShardStore
-from aggregator.shard_worker import EXIT_STORE, ShardWorker, worker_client_id
+from aggregator.shard_worker import ShardWorker, worker_client_id
 from fedmq.errors import ConfigError, StateError, WireError
-from fedmq.logs import setup_logging
 from fedmq.signing import Registry
 from fedmq.topics import Topics
 from fedmq.wire import encode
@@ -323,33 +323,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fetch-timeout", type=float, default=1.0,
                    help="seconds one pull request waits for updates (and a stop for it)")
     p.add_argument("--max-ack-pending", type=int, default=1024)
-    p.add_argument("--ready-file", default="", help="written once subscribed (tests)")
-    p.add_argument("-v", "--verbose", action="count", default=0)
-    return p
+    return add_service_flags(p, session_expiry=False)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = NatsSettings(
+        servers=tuple(s.strip() for s in args.servers.split(",")), durable=args.durable,
+        capture=args.capture,
+        ack_wait=args.ack_wait, replicas=args.replicas, batch=args.batch,
+        max_ack_pending=args.max_ack_pending, fetch_timeout=args.fetch_timeout,
+    )
+    bundle = resolve_bundle(args.model)
+    template = {t.name: t.shape for t in bundle.spec.trainable_specs}
+    registry = Registry(Path(args.registry)) if args.registry else None
+    store = ShardStore(args.redis, args.fleet)
+    store.ping()
+    worker = ShardWorker(store, template, args.worker, registry=registry)
+    ingest = NatsIngest(worker, Topics(args.fleet, args.prefix), settings,
+                        Path(args.ready_file) if args.ready_file else None)
+    return asyncio.run(ingest.run())
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose, False)
-    try:
-        settings = NatsSettings(
-            servers=tuple(s.strip() for s in args.servers.split(",")), durable=args.durable,
-            capture=args.capture,
-            ack_wait=args.ack_wait, replicas=args.replicas, batch=args.batch,
-            max_ack_pending=args.max_ack_pending, fetch_timeout=args.fetch_timeout,
-        )
-        bundle = resolve_bundle(args.model)
-        template = {t.name: t.shape for t in bundle.spec.trainable_specs}
-        registry = Registry(Path(args.registry)) if args.registry else None
-        store = ShardStore(args.redis, args.fleet)
-        store.ping()
-        worker = ShardWorker(store, template, args.worker, registry=registry)
-        ingest = NatsIngest(worker, Topics(args.fleet, args.prefix), settings,
-                            Path(args.ready_file) if args.ready_file else None)
-        return asyncio.run(ingest.run())
-    except (ConfigError, StateError, redis.RedisError, OSError, nats.errors.Error) as exc:
-        log.error("worker %s: %s", args.worker, exc or type(exc).__name__)
-        return EXIT_STORE if isinstance(exc, redis.RedisError) else 1
+    return service_main(build_parser(), argv, _serve, log=log,
+                        expected=(ConfigError, StateError, redis.RedisError, OSError,
+                                  nats.errors.Error),
+                        prefix=lambda args: f"worker {args.worker}")
 
 
 if __name__ == "__main__":

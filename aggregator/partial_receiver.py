@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import signal
 import sys
 import threading
 import time
@@ -37,10 +36,10 @@ import paho.mqtt.client as mqtt
 import redis
 
 from aggregator.bundles import resolve_bundle
+from aggregator.service_loop import add_service_flags, run_until_signalled, service_main
 from aggregator.shard_store import GatewayClaim, ShardStore
 from fedmq.errors import ConfigError, Rejected, RejectReason, SecurityError, WireError
-from fedmq.logs import setup_logging
-from fedmq.net.mqtt import MqttSettings, connect, make_client
+from fedmq.net.mqtt import MqttSettings, make_client
 from fedmq.signing import Registry, verify_site_partial
 from fedmq.topics import Topics, validate_name
 from fedmq.update.fixedpoint import DEFAULT_SCALE_BITS, FixedPointSum
@@ -49,8 +48,6 @@ from fedmq.wire import AckMessage, Limits, SitePartial, encode, receive_site_par
 __all__ = ["PartialReceiver", "main", "read_partial", "receiver_client_id"]
 
 log = logging.getLogger(__name__)
-
-EXIT_STORE = 3  # the store failed: the partial in hand was not acknowledged
 
 
 def receiver_client_id(fleet: str) -> str:
@@ -243,18 +240,12 @@ class _Runner:
         client.ack(message.mid, message.qos)
 
     def run(self) -> int:
-        def stop(signum: int, frame: Any) -> None:
-            self.client.disconnect()
+        def stopped() -> None:
+            log.info("partial receiver stopped (%d partial(s) committed)",
+                     self.receiver.committed)
 
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        self.store.ping()
-        connect(self.client, self.settings, asynchronous=False)
-        self.client.loop_forever(retry_first_connection=True)
-        if self.failed.is_set():
-            return EXIT_STORE
-        log.info("partial receiver stopped (%d partial(s) committed)", self.receiver.committed)
-        return 0
+        return run_until_signalled(self.client, self.settings, ping=self.store.ping,
+                                   failed=self.failed, stopped=stopped)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,20 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=1883)
     p.add_argument("--prefix", default="", help="topic prefix (tests)")
     p.add_argument("--model", default="digits-mlp", help="zoo model or bundle directory")
-    p.add_argument("--session-expiry", type=int, default=7 * 24 * 3600)
-    p.add_argument("--ready-file", default="", help="written once subscribed (tests)")
-    p.add_argument("-v", "--verbose", action="count", default=0)
-    return p
+    return add_service_flags(p, session_expiry=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose, False)
-    try:
-        return _Runner(args).run()
-    except (ConfigError, SecurityError, redis.RedisError, OSError) as exc:
-        log.error("partial receiver: %s", exc)
-        return EXIT_STORE if isinstance(exc, redis.RedisError) else 1
+    return service_main(build_parser(), argv, lambda args: _Runner(args).run(), log=log,
+                        expected=(ConfigError, SecurityError, redis.RedisError, OSError),
+                        prefix=lambda args: "partial receiver")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import redis
 
 from aggregator.bounds import BoundsConfig, FleetBounds
 from aggregator.bundles import model_id_of, resolve_bundle
+from aggregator.service_loop import service_main
 from aggregator.shard_config import (
     COORDINATOR_FLAGS,
     ShardConfig,
@@ -47,7 +48,6 @@ from aggregator.shard_config import (
 )
 from aggregator.shard_store import Fold, RoundRules, ShardStore
 from fedmq.errors import ConfigError, StateError
-from fedmq.logs import setup_logging
 from fedmq.models.spec import ModelBundle
 from fedmq.net.mqtt import connect, make_client
 from fedmq.tensor import Tensor
@@ -277,9 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose, False)
-    return command(args)
+    return service_main(build_parser(), argv, command, log=log)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ import contextlib
 import logging
 import math
 import os
-import signal
 import sys
 import threading
 import time
@@ -54,11 +53,11 @@ import redis
 from aggregator.bounds import update_norm
 from aggregator.bundles import resolve_bundle
 from aggregator.round_state import RoundPlan, RoundState
+from aggregator.service_loop import EXIT_STORE, run_until_signalled, service_main
 from aggregator.shard_config import WORKER_FLAGS, ShardConfig, add_flags, config_from_args
 from aggregator.shard_store import Fold, GatewayClaim, IngestStore, OpenRound, ShardStore
 from fedmq.errors import ConfigError, Rejected, RejectReason, SecurityError, StateError, WireError
-from fedmq.logs import setup_logging
-from fedmq.net.mqtt import connect, make_client
+from fedmq.net.mqtt import make_client
 from fedmq.signing import Registry, verify_update
 from fedmq.topics import validate_name
 from fedmq.update.accumulate import CheckedUpdate, scaled
@@ -68,8 +67,6 @@ from fedmq.wire import AckMessage, Limits, encode, receive_update
 __all__ = ["Fenced", "ShardWorker", "add_arguments", "command", "main", "worker_client_id"]
 
 log = logging.getLogger(__name__)
-
-EXIT_STORE = 3  # the store failed: nothing of the current update was acknowledged
 
 
 def worker_client_id(fleet: str, worker: str) -> str:
@@ -322,20 +319,15 @@ class _Runner:
             client.ack(message.mid, message.qos)
 
     def run(self) -> int:
-        def stop(signum: int, frame: Any) -> None:
+        def stopping() -> None:
             self.stopping = True
-            self.client.disconnect()
 
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        self.store.ping()
-        connect(self.client, self.settings, asynchronous=False)
-        self.client.loop_forever(retry_first_connection=True)
-        if self.failed.is_set():
-            return EXIT_STORE
-        log.info("worker %s stopped (%d update(s) committed)", self.worker.worker,
-                 self.worker.committed)
-        return 0
+        def stopped() -> None:
+            log.info("worker %s stopped (%d update(s) committed)", self.worker.worker,
+                     self.worker.committed)
+
+        return run_until_signalled(self.client, self.settings, ping=self.store.ping,
+                                   failed=self.failed, stopped=stopped, on_signal=stopping)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -362,9 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose, False)
-    return command(args)
+    return service_main(build_parser(), argv, command, log=log)
 
 
 if __name__ == "__main__":

@@ -54,11 +54,11 @@ import redis
 
 from aggregator.bounds import NORM_ACTIONS, RoundBounds
 from aggregator.bundles import resolve_bundle
+from aggregator.service_loop import add_service_flags, service_main
 from aggregator.shard_store import RoundRules
 from aggregator.shard_worker import ShardWorker
 from aggregator.site_store import Outgoing, SealedRound, SiteStore
 from fedmq.errors import ConfigError, SecurityError, StateError, WireError
-from fedmq.logs import setup_logging
 from fedmq.net.mqtt import MqttSettings, connect, make_client
 from fedmq.signing import DeviceKey, Registry, load_key, sign_site_partial
 from fedmq.topics import Topics, validate_name
@@ -335,20 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-claimed-examples", type=int, default=10_000_000,
                    help="largest num_examples an update may claim")
     p.add_argument("--poll", type=float, default=0.05)
-    p.add_argument("--session-expiry", type=int, default=7 * 24 * 3600)
-    p.add_argument("--ready-file", default="", help="written once subscribed (tests)")
-    p.add_argument("-v", "--verbose", action="count", default=0)
-    return p
+    return add_service_flags(p, session_expiry=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose, False)
-    try:
-        return _Runner(args).run()
-    except (ConfigError, SecurityError, StateError, OSError) as exc:
-        log.error("gateway %s: %s", args.gateway, exc)
-        return 1
+    return service_main(build_parser(), argv, lambda args: _Runner(args).run(), log=log,
+                        expected=(ConfigError, SecurityError, StateError, OSError),
+                        prefix=lambda args: f"gateway {args.gateway}")
 
 
 if __name__ == "__main__":

@@ -11,17 +11,18 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
+import pytest
 
 from aggregator.bundles import resolve_bundle
 from aggregator.shard_store import ShardStore
 from fedmq.net.localbroker import LocalBroker
-from fedmq.net.localredis import LocalRedis
+from fedmq.net.localredis import LocalRedis, RedisOptions, redis_server_path
 from fedmq.net.procs import stop_processes
 from fedmq.topics import Topics
 from fedmq.update.codecs import get_codec
@@ -33,6 +34,17 @@ ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = resolve_bundle("digits-mlp")
 TEMPLATE = {t.name: t.shape for t in BUNDLE.spec.trainable_specs}
 CODEC = "int8"  # the rounds' codec (an update in another codec is refused bad_codec)
+
+
+def durable_redis(tmp_path: Path) -> Iterator[LocalRedis]:
+    """The body of a ``redis_server`` fixture: a Redis that fsyncs every write, in ``tmp_path``."""
+    if redis_server_path() is None:
+        pytest.fail("redis-server is not installed: `make test` installs it (apt-get install "
+                    "redis-server)")
+    server = LocalRedis(RedisOptions(appendfsync="always"), workdir=tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:

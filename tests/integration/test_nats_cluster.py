@@ -15,10 +15,10 @@ import pytest
 
 from aggregator.nats_worker import GATEWAY_STREAM
 from fedmq.net.localnats import LocalNatsCluster, nats_server_path
-from fedmq.net.localredis import LocalRedis, RedisOptions, redis_server_path
+from fedmq.net.localredis import LocalRedis
 from fedmq.wire import decode_model, decode_round
 from tests.integration.nats_fleet import NatsFleet, mqtt311_client, stream_leader
-from tests.integration.shard_fleet import assert_exact, wait_for
+from tests.integration.shard_fleet import assert_exact, durable_redis, wait_for
 
 
 @pytest.fixture
@@ -34,13 +34,7 @@ def cluster(tmp_path: Path) -> Iterator[LocalNatsCluster]:
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[LocalRedis]:
-    if redis_server_path() is None:
-        pytest.fail("redis-server is not installed: `make test` installs it (apt-get install "
-                    "redis-server)")
-    server = LocalRedis(RedisOptions(appendfsync="always"), workdir=tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
+    yield from durable_redis(tmp_path)
 
 
 @pytest.fixture

@@ -11,19 +11,13 @@ from pathlib import Path
 import pytest
 
 from fedmq.net.localbroker import LocalBroker
-from fedmq.net.localredis import LocalRedis, RedisOptions, redis_server_path
-from tests.integration.shard_fleet import ShardFleet, assert_exact, wait_for
+from fedmq.net.localredis import LocalRedis
+from tests.integration.shard_fleet import ShardFleet, assert_exact, durable_redis, wait_for
 
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[LocalRedis]:
-    if redis_server_path() is None:
-        pytest.fail("redis-server is not installed: `make test` installs it (apt-get install "
-                    "redis-server)")
-    server = LocalRedis(RedisOptions(appendfsync="always"), workdir=tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
+    yield from durable_redis(tmp_path)
 
 
 @pytest.fixture
