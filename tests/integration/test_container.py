@@ -292,7 +292,7 @@ def test_aggregator_container_federates_and_resumes_after_kill(
             resumed.close()
 
 
-def test_agent_container_completes_a_round(
+def test_agent_container_federates_and_resumes_after_kill(
     broker: LocalBroker, agent_image: str, containers: Containers, topic_prefix: str,
     tmp_path: Path,
 ) -> None:
@@ -306,7 +306,7 @@ def test_agent_container_completes_a_round(
     watcher = Watcher(broker, topics)
     agg = AggregatorProcess(
         broker, topic_prefix, tmp_path / "aggregator", "--eval-dataset", "none",
-        "--clients-per-round", "1", "--min-updates", "1", "--min-devices", "1", "--rounds", "1",
+        "--clients-per-round", "1", "--min-updates", "1", "--min-devices", "1", "--rounds", "3",
         "--round-timeout", "300", fleet=fleet,
     ).start()
     device = f"ctr-agent-{containers.tag}"
@@ -316,26 +316,46 @@ def test_agent_container_completes_a_round(
         "source": "npz:/data/digits.npz?num_classes=10", "max_examples": 200,
     })
     state = containers.volume("agent-state")
-    agent = containers.run(
-        "agent", agent_image, "-v", f"{state}:/var/lib/fedmq-agent",
-        "-v", f"{config}:/etc/fedmq/agent.toml:ro", "-v", f"{data}:/data/digits.npz:ro",
-    )
+    args = ("-v", f"{state}:/var/lib/fedmq-agent", "-v", f"{config}:/etc/fedmq/agent.toml:ro",
+            "-v", f"{data}:/data/digits.npz:ro")
+    agent = containers.run("agent", agent_image, *args)
     try:
         try:
-            ack = acks.wait(device, timeout=240)
-            model = watcher.model(1, timeout=120)
+            for round_id in (1, 2):
+                ack = acks.wait(device, timeout=240)
+                assert ack.accepted and ack.code == "ok" and ack.round_id == round_id, ack
+                if round_id == 2:  # killed at once: round 3 is trained by the next container
+                    podman("kill", agent)
+                model = watcher.model(round_id, timeout=120)
+                assert model.metrics["participants"] == 1
         except AssertionError as exc:
             raise AssertionError(
                 f"{exc}\nagent container log:\n{containers.logs(agent)}\n"
                 f"aggregator log:\n{agg.log()[-4000:]}"
             ) from exc
-        assert ack.accepted and ack.code == "ok" and ack.round_id == 1, ack
-        assert model.metrics["participants"] == 1
-        assert agg.wait(120) == 0  # --rounds 1: the aggregator is done
-        # The agent kept its state (device id, outbox) in the volume, as uid 10001.
+        # The agent kept its state (device id, outbox, model) in the volume, as uid 10001.
         mount = podman("volume", "inspect", "--format", "{{.Mountpoint}}", state).stdout.strip()
         files = list(Path(mount).iterdir())
         assert files and all(f.stat().st_uid == int(UID) for f in files), files
+
+        assert podman("inspect", "--format", "{{.State.Running}}", agent).stdout.strip() == "false"
+        podman("rm", agent)
+        # A new container on the same volume: the same device, which takes part in round 3
+        # (an update the killed one had sent already is answered duplicate: folded once).
+        second = containers.run("agent", agent_image, *args)
+        try:
+            ack = acks.wait(device, timeout=240)
+            model = watcher.model(3, timeout=120)
+        except AssertionError as exc:
+            raise AssertionError(
+                f"{exc}\nagent container log:\n{containers.logs(second)}\n"
+                f"aggregator log:\n{agg.log()[-4000:]}"
+            ) from exc
+        assert ack.accepted and ack.code in ("ok", "duplicate") and ack.round_id == 3, ack
+        assert model.metrics["participants"] == 1
+        assert agg.wait(120) == 0  # --rounds 3: the aggregator is done
+        # Every answer the device got was an acceptance: nothing was refused or lost.
+        assert all(a.accepted for a in acks.seen if a.device == device), acks.seen
     finally:
         agg.stop()
         acks.close()
