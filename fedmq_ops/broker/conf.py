@@ -4,7 +4,21 @@ from __future__ import annotations
 
 from fedmq_ops.broker.settings import BrokerSettings
 
-__all__ = ["render_mosquitto_conf"]
+__all__ = ["LOG_LINES", "render_mosquitto_conf"]
+
+#: Mosquitto's logging, the same in every config fedmq writes: to stderr (stdout is
+#: block-buffered when it is not a terminal, so lines would reach `docker logs` / journald
+#: late or be lost on a crash), every level but debug, connections, ISO timestamps.
+LOG_LINES = (
+    "log_dest stderr",
+    "log_type error",
+    "log_type warning",
+    "log_type notice",
+    "log_type information",
+    "connection_messages true",
+    "log_timestamp true",
+    "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+)
 
 
 def render_mosquitto_conf(s: BrokerSettings) -> str:
@@ -76,13 +90,6 @@ def render_mosquitto_conf(s: BrokerSettings) -> str:
         "",
         "# stderr, not stdout: stdout is block-buffered when it is not a terminal, so",
         "# lines would reach `docker logs` / journald late or be lost on a crash.",
-        "log_dest stderr",
-        "log_type error",
-        "log_type warning",
-        "log_type notice",
-        "log_type information",
-        "connection_messages true",
-        "log_timestamp true",
-        "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        *LOG_LINES,
     ]
     return "\n".join(lines) + "\n"

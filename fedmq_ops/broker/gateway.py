@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from fedmq.errors import ConfigError
 from fedmq.topics import Topics, validate_name
+from fedmq_ops.broker.conf import LOG_LINES
 from fedmq_ops.broker.settings import PACKET_OVERHEAD
 
 __all__ = ["GatewayBrokerSettings", "render_gateway_conf"]
@@ -192,13 +193,6 @@ def render_gateway_conf(s: GatewayBrokerSettings) -> str:
         f"topic {t.model} in 1",
         f"topic {t.model}/# in 1",
         "",
-        "log_dest stderr",
-        "log_type error",
-        "log_type warning",
-        "log_type notice",
-        "log_type information",
-        "connection_messages true",
-        "log_timestamp true",
-        "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        *LOG_LINES,
     ]
     return "\n".join(lines) + "\n"
