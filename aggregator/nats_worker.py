@@ -11,9 +11,10 @@ stream. ``--capture stream`` instead creates a stream ``fedmq-updates-<fleet>`` 
 subject, which the PUBACK does not wait for (docs/scaling.md says what that loses).
 
 Every worker of the fleet pulls from ONE durable consumer (``fedmq-ingest-<fleet>``), so
-JetStream spreads the updates over the live workers. Per message the worker runs the
-unchanged :meth:`ShardWorker.handle` (decode, checks, claim and atomic partial commit in
-Redis), publishes the device's ack, and only then acknowledges the JetStream message. A
+JetStream spreads the updates over the live workers. Per fetched batch (``--batch``) the
+worker runs the Mosquitto workers' :meth:`ShardWorker.handle_batch` (decode, checks, then the
+claims and the partial in ONE atomic Redis commit for the batch), publishes each device's
+ack, and only then acknowledges each JetStream message. A
 message a worker fetched and never acknowledged (it died, hung or lost the store) is
 redelivered to a live worker after ``--ack-wait`` seconds; one that was committed but not
 acknowledged is answered ``duplicate`` (accepted) by the claim and counted once. This is what
@@ -225,26 +226,30 @@ class NatsIngest:
                         "existing one applies", self.durable, info.config.ack_wait, s.ack_wait)
         return psub
 
-    async def _handle(self, nc: NatsClient, msg: Msg) -> bool:
-        """One update; False when the store failed (the message stays unacknowledged)."""
-        device = msg.subject.rsplit(".", 1)[-1]
-        delivered = msg.metadata.num_delivered
-        if delivered > 1:
-            self.redelivered += 1
-            log.info("update on %s redelivered (delivery %d)", msg.subject, delivered)
+    async def _handle(self, nc: NatsClient, msgs: list[Msg]) -> bool:
+        """A fetched batch of updates, committed as one group; False when the store failed
+        (nothing of the batch is acknowledged: all of it is redelivered)."""
+        items = []
+        for msg in msgs:
+            delivered = msg.metadata.num_delivered
+            if delivered > 1:
+                self.redelivered += 1
+                log.info("update on %s redelivered (delivery %d)", msg.subject, delivered)
+            items.append((msg.subject.rsplit(".", 1)[-1], msg.data))
         try:
-            ack = self.worker.handle(device, msg.data, time.time())
+            acks = self.worker.handle_batch(items, time.time())
         except (redis.RedisError, WireError, StateError, OSError) as exc:
             # StateError: an unreadable round record (e.g. a store from before round rules)
-            log.error("store failed: %s; exiting without acknowledging update of %s",
-                      exc, device)
+            log.error("store failed: %s; exiting without acknowledging %d update(s)",
+                      exc, len(msgs))
             return False
-        # a device id that cannot be a topic; a closed connection: the update comes again
-        # (redelivered after ack_wait) and is answered duplicate
-        with contextlib.suppress(ConfigError, nats.errors.Error):
-            await nc.publish(nats_subject(self.topics.ack(device)), encode(ack))
-        with contextlib.suppress(nats.errors.Error):
-            await msg.ack()
+        for msg, (device, _), ack in zip(msgs, items, acks, strict=True):
+            # a device id that cannot be a topic; a closed connection: the update comes
+            # again (redelivered after ack_wait) and is answered duplicate
+            with contextlib.suppress(ConfigError, nats.errors.Error):
+                await nc.publish(nats_subject(self.topics.ack(device)), encode(ack))
+            with contextlib.suppress(nats.errors.Error):
+                await msg.ack()
         return True
 
     async def run(self) -> int:
@@ -285,14 +290,13 @@ class NatsIngest:
                     last_warning = time.monotonic()
                 await asyncio.sleep(0.2)
                 continue
-            for i, msg in enumerate(msgs):
-                if self.stopping.is_set():  # hand the rest to the other workers now
-                    for rest in msgs[i:]:
-                        with contextlib.suppress(nats.errors.Error):
-                            await rest.nak()
-                    break
-                if not await self._handle(nc, msg):
-                    return EXIT_STORE
+            if self.stopping.is_set():  # hand them to the other workers now
+                for msg in msgs:
+                    with contextlib.suppress(nats.errors.Error):
+                        await msg.nak()
+                break
+            if not await self._handle(nc, msgs):
+                return EXIT_STORE
         log.info("worker %s stopped (%d update(s) committed, %d redelivery(ies) seen)",
                  self.worker.worker, self.worker.committed, self.redelivered)
         return 0

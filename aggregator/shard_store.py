@@ -3,14 +3,16 @@ worker's committed partial sum and the coordinator's model. docs/scaling.md has 
 
 Every state change is ONE Lua script, which Redis runs atomically:
 
-- :meth:`ShardStore.commit` (a worker, per update): if the round is still open and the
-  device has no claim in (epoch, round), set the claim AND the worker's new partial sum
-  together; else nothing changes and the caller learns why (closed, or who claimed it).
+- :meth:`ShardStore.commit` (a worker, per batch of updates: group commit): if the round is
+  still open and none of the batch's devices has a claim in (epoch, round), set every claim
+  AND the worker's new partial sum together; else nothing changes and the caller learns why
+  (closed, or which devices are claimed and by whom: it takes those out and commits again).
   The claim records how the update was folded (:class:`Fold`: claimed examples, the capped
   weight, the norm-clip factor, the norm), so the committed partial and its record of
   decisions cannot disagree; nothing is decided again after a restart.
-  The worker sends its MQTT PUBACK only after this returns, so an update is either in a
-  committed partial (and claimed) or still owned by the broker (redelivered).
+  The worker sends its MQTT PUBACKs only after this returns, so an update is either in a
+  committed partial (and claimed) or still owned by the broker (redelivered). One script
+  call per batch writes the partial (8 bytes per parameter) once for all of its updates.
 - :meth:`ShardStore.commit_partial` (a site gateway's partial, docs/scaling.md "Site
   gateways"): if the round is open, the gateway has no partial of it yet and none of its
   devices has a claim, claim every device AND store the partial as ``gateway:<name>``
@@ -55,14 +57,18 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _COMMIT = """
-if redis.call('GET', KEYS[4]) ~= ARGV[7] then return {'fenced', ''} end
+if redis.call('GET', KEYS[4]) ~= ARGV[4] then return {'fenced'} end
 local st = redis.call('HMGET', KEYS[1], 'epoch', 'round_id', 'state')
-if st[1] ~= ARGV[1] or st[2] ~= ARGV[2] or st[3] ~= 'open' then return {'closed', ''} end
-local prev = redis.call('HGET', KEYS[2], ARGV[3])
-if prev then return {'claimed', prev} end
-redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
-redis.call('HSET', KEYS[3], ARGV[5], ARGV[6])
-return {'ok', ''}
+if st[1] ~= ARGV[1] or st[2] ~= ARGV[2] or st[3] ~= 'open' then return {'closed'} end
+local out = {'claimed'}
+for i = 6, #ARGV, 2 do
+  local prev = redis.call('HGET', KEYS[2], ARGV[i])
+  if prev then table.insert(out, ARGV[i]); table.insert(out, prev) end
+end
+if #out > 1 then return out end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[5])
+return {'ok'}
 """
 
 _COMMIT_PARTIAL = """
@@ -249,15 +255,16 @@ def parse_claim(text: str) -> Claim:
 class CommitResult:
     """``status``: ``ok`` (claimed and committed), ``closed`` (round not open: nothing
     changed), ``fenced`` (a newer process of this worker name runs: nothing changed) or
-    ``claimed`` (the device already has a claim: ``claim`` is how it was folded, or the
-    :class:`GatewayClaim` of a site gateway's partial; for a gateway's partial: the gateway
-    already has one, ``claim`` is the claim of the partial's first device) or ``conflict``
-    (a gateway's partial: ``device`` is claimed elsewhere, ``claim`` its claim; nothing
-    changed)."""
+    ``claimed`` (a worker's batch: ``conflicts`` maps each device of the batch that already
+    has a claim to that claim, a worker's :class:`Fold` or a site gateway's
+    :class:`GatewayClaim`; nothing changed. A gateway's partial: the gateway already has one,
+    ``claim`` is the claim of the partial's first device) or ``conflict`` (a gateway's
+    partial: ``device`` is claimed elsewhere, ``claim`` its claim; nothing changed)."""
 
     status: str
     claim: Claim | None = None
     device: str = ""
+    conflicts: Mapping[str, Claim] = field(default_factory=dict)
 
 
 class IngestStore(Protocol):
@@ -277,8 +284,8 @@ class IngestStore(Protocol):
     def register_worker(self, worker: str) -> int: ...
 
     def commit(
-        self, epoch: str, round_id: int, device: str, fold: Fold, partial: bytes,
-        generation: int,
+        self, epoch: str, round_id: int, worker: str, folds: Mapping[str, Fold],
+        partial: bytes, generation: int,
     ) -> CommitResult: ...
 
     def note_rejected_norm(self, epoch: str, round_id: int, device: str, norm: float) -> None:
@@ -418,20 +425,23 @@ class ShardStore:
         return int(self.r.incr(self._k("worker", worker, "generation")))
 
     def commit(
-        self, epoch: str, round_id: int, device: str, fold: Fold, partial: bytes,
-        generation: int,
+        self, epoch: str, round_id: int, worker: str, folds: Mapping[str, Fold],
+        partial: bytes, generation: int,
     ) -> CommitResult:
-        """Claim ``device`` for (epoch, round) with ``fold`` and store ``fold.worker``'s
-        partial, atomically, if ``generation`` is still the worker's newest."""
-        worker = fold.worker
-        out = self._commit(
+        """Claim every device of ``folds`` for (epoch, round) with its fold and store
+        ``worker``'s partial, atomically, if ``generation`` is still the worker's newest and
+        none of the devices is claimed yet (else ``claimed`` with the ``conflicts``)."""
+        if not folds:
+            raise ValueError("a commit holds at least one update")
+        pairs = [x for device, fold in folds.items() for x in (device, fold.to_claim())]
+        out = cast(list[bytes], self._commit(
             keys=[self.round_key, self.claims_key(epoch, round_id),
                   self.partials_key(epoch, round_id), self._k("worker", worker, "generation")],
-            args=[epoch, str(round_id), device, fold.to_claim(), worker, partial,
-                  str(generation)],
-        )
-        status, claim = [*cast(list[bytes], out), b"", b""][:2]
-        return CommitResult(status.decode(), parse_claim(claim.decode()) if claim else None)
+            args=[epoch, str(round_id), worker, str(generation), partial, *pairs],
+        ))
+        conflicts = {out[i].decode(): parse_claim(out[i + 1].decode())
+                     for i in range(1, len(out) - 1, 2)}
+        return CommitResult(out[0].decode(), conflicts=conflicts)
 
     def note_rejected_norm(self, epoch: str, round_id: int, device: str, norm: float) -> None:
         """Remember the norm of ``device``'s update rejected for its norm, while the round

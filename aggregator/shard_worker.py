@@ -7,26 +7,33 @@ worker name: its MQTT client id (``fedmq-ingest-<fleet>-<worker>``), its persist
 derive from it, so a restarted worker (systemd ``Restart=always``, a StatefulSet pod) gets
 its session's unacknowledged updates back and continues its committed partial.
 
-Per update, in the MQTT network thread: decode and authenticate (optional registry), then
-the single-process ingest's checks and bounds (:mod:`aggregator.ingest`), reused: the
-fleet/device/epoch/round/base version, the round's codec, the tensors against the model
+Per update: decode and authenticate (optional registry), then the single-process ingest's
+checks and bounds (:mod:`aggregator.ingest`), reused: the device against the topic, the
+signature, the fleet/epoch/round (:func:`~aggregator.round_state.check_route`: a stale round
+is ``wrong_round``, the store's closed round ``round_closed``, as in one process), the base
+version, the round's codec, the tensors against the model
 (:class:`~fedmq.update.fixedpoint.FixedPointSum`), the claimed-examples cap
 (:class:`~aggregator.round_state.RoundState`), the fold weight capped by the registry and
 the relative cap, the L2-norm bound with ``norm_action`` clip or reject
 (:class:`~aggregator.bounds.RoundBounds`, frozen for the round by the coordinator so every
-worker decides alike). It adds the (clipped) update to the in-memory partial, then commits
-the claim (epoch, round, device) with how it was folded (weight, clip factor, norm) and the
-whole partial in ONE atomic Redis script (:meth:`~aggregator.shard_store.ShardStore.commit`).
-Only then the ack goes to the device and the MQTT PUBACK to the broker. Two ways to send it
-(``--ack-mode``): ``manual`` (default) uses paho's ``manual_ack`` and
-:meth:`paho.mqtt.client.Client.ack` after the commit;
-``callback`` lets paho send the PUBACK when ``on_message`` returns, which it does only after
-the commit. Both acknowledge only committed (or answered) updates, at the same speed here
-(1,000 updates through one worker: 1,733 and 1,679 updates/s). A refused commit (round
-closed, device already claimed by this or another worker) takes the update back out of the
-partial (exact integer subtraction). When the store fails the worker exits non-zero WITHOUT
-acknowledging (in ``callback`` mode by ``os._exit`` inside the callback, so paho never sends
-that PUBACK): the broker redelivers the update to the same session when the worker comes back.
+worker decides alike). It adds the (clipped) update to the in-memory partial.
+
+Group commit (:meth:`ShardWorker.handle_batch`): the updates the broker has delivered and
+the worker has not yet handled (up to :data:`MAX_BATCH`) are checked one by one, then their
+claims (epoch, round, device) with how each was folded (weight, clip factor, norm) and the
+whole partial go to the store in ONE atomic Redis script
+(:meth:`~aggregator.shard_store.ShardStore.commit`): the partial (8 bytes per parameter) is
+written once per batch, not once per update. A device the store finds claimed is taken back
+out of the partial (exact integer subtraction) and answered; the rest is committed again.
+Only after the commit the acks go to the devices and the MQTT PUBACKs to the broker. Two ways
+to send the PUBACK (``--ack-mode``): ``manual`` (default: the network thread queues, one
+ingest thread commits batches, then :meth:`paho.mqtt.client.Client.ack`) and ``callback``
+(each update handled and committed alone in the network thread; paho PUBACKs it when
+``on_message`` returns). The acks to devices go out on a second MQTT connection
+(``<client id>-acks``), so their PUBACKs do not queue behind the stream of updates. When the
+store fails the worker exits non-zero WITHOUT acknowledging (in ``callback`` mode by
+``os._exit`` inside the callback, so paho never sends that PUBACK): the broker redelivers
+the updates to the same session when the worker comes back.
 
 Not done by a worker (docs/scaling.md): staleness weighting (rounds are synchronous),
 secure aggregation, DP clipping and the per-update journal; the committed partial and the
@@ -40,10 +47,12 @@ import contextlib
 import logging
 import math
 import os
+import queue
 import sys
 import threading
 import time
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +61,24 @@ import redis
 
 from aggregator.bounds import update_norm
 from aggregator.bundles import resolve_bundle
-from aggregator.round_state import RoundPlan, RoundState
+from aggregator.round_state import RoundPlan, RoundState, check_route
 from aggregator.service_loop import EXIT_STORE, run_until_signalled, service_main
 from aggregator.shard_config import WORKER_FLAGS, ShardConfig, add_flags, config_from_args
-from aggregator.shard_store import Fold, GatewayClaim, IngestStore, OpenRound, ShardStore
+from aggregator.shard_store import (
+    Claim,
+    Fold,
+    GatewayClaim,
+    IngestStore,
+    OpenRound,
+    ShardStore,
+)
 from fedmq.errors import ConfigError, Rejected, RejectReason, SecurityError, StateError, WireError
-from fedmq.net.mqtt import make_client
+from fedmq.net.mqtt import connect, make_client
 from fedmq.signing import Registry, verify_update
 from fedmq.topics import validate_name
 from fedmq.update.accumulate import CheckedUpdate, scaled
 from fedmq.update.fixedpoint import FixedPointSum
-from fedmq.wire import AckMessage, Limits, encode, receive_update
+from fedmq.wire import AckMessage, Limits, ReceivedUpdate, UpdateMessage, encode, receive_update
 
 __all__ = ["Fenced", "ShardWorker", "add_arguments", "command", "main", "worker_client_id"]
 
@@ -138,9 +154,37 @@ class ShardWorker:
             return None
 
     def handle(self, topic_device: str, payload: bytes, now: float) -> AckMessage:
-        """Check, fold and commit one update; the ack for the device. Raises
-        :class:`redis.RedisError` (or WireError for a damaged stored partial) when the store
-        fails: nothing is acknowledged then."""
+        """Check, fold and commit one update; the ack for the device (see
+        :meth:`handle_batch`)."""
+        return self.handle_batch([(topic_device, payload)], now)[0]
+
+    def handle_batch(self, items: Sequence[tuple[str, bytes]], now: float) -> list[AckMessage]:
+        """Check and fold each (topic device, payload) of ``items``, then commit them
+        together (group commit: one store call and one write of the partial for the batch);
+        the acks, in the order of ``items``. A device's second update in the batch commits
+        the first one's batch before it is checked. Raises :class:`redis.RedisError` (or
+        WireError for a damaged stored partial) when the store fails: nothing of the batch
+        may be acknowledged then (the updates stay the broker's, redelivered)."""
+        acks: dict[int, AckMessage] = {}
+        staged: dict[str, _Staged] = {}
+        rnd = self.store.open_round()
+        for index, (device, payload) in enumerate(items):
+            if device in staged and rnd is not None:
+                acks.update(self._commit(rnd, staged, now))
+                staged = {}
+            out = self._check(device, payload, rnd, now)
+            if isinstance(out, AckMessage):
+                acks[index] = out
+            else:
+                staged[device] = replace(out, index=index)
+        if staged and rnd is not None:
+            acks.update(self._commit(rnd, staged, now))
+        return [acks[i] for i in range(len(items))]
+
+    def _check(self, topic_device: str, payload: bytes, rnd: OpenRound | None,
+               now: float) -> AckMessage | _Staged:
+        """The single-process ingest's checks of one update against the store's round; the
+        update folded into the in-memory partial (not yet committed), or the refusal."""
         try:
             validate_name(topic_device, "device")
             received = receive_update(payload, self.limits)
@@ -151,40 +195,19 @@ class ShardWorker:
             return AckMessage(self.fleet, 0, topic_device, "", False, RejectReason.MALFORMED,
                               reason[:1000], now)
         msg = received.message
-        rnd = self.store.open_round()
-
-        def reject(code: str, reason: str, accepted: bool = False) -> AckMessage:
-            if not accepted:
-                log.warning("rejected update %s from %s (round %d): %s: %s",
-                            msg.update_id, topic_device, msg.round_id, code, reason)
-            return AckMessage(self.fleet, msg.round_id, topic_device, msg.update_id, accepted,
-                              code, reason[:1000], now)
-
-        if msg.fleet != self.fleet:
-            return reject(RejectReason.WRONG_FLEET, f"update is for fleet {msg.fleet!r}")
-        if msg.device != topic_device:
-            return reject(RejectReason.DEVICE_MISMATCH,
-                          f"payload device {msg.device!r} differs from topic device")
-        if self.registry is not None:
-            try:
-                verify_update(received, self.registry.public_key(msg.device))
-            except Rejected as exc:
-                return reject(exc.code, exc.reason)
-            except SecurityError as exc:
-                return reject(RejectReason.UNKNOWN_DEVICE, str(exc))
-        if rnd is None or (msg.epoch and msg.epoch != rnd.epoch) or msg.round_id > rnd.round_id:
-            return reject(RejectReason.WRONG_ROUND, f"round {msg.round_id} is not open")
-        if msg.round_id < rnd.round_id or rnd.state != "open":
-            return reject(RejectReason.ROUND_CLOSED, f"round {msg.round_id} is closed")
-        self._load(rnd.epoch, rnd.round_id)
-        bounds = rnd.rules.bounds
-        # The single-process ingest's checks in its order (aggregator.ingest): the capped
-        # weight, the round checks (base version, the round's codec, the tensors against the
-        # model with that weight, the examples cap), then the norm bound, under the limits
-        # the coordinator froze for this round.
-        weight = bounds.weight(msg.num_examples, self._registry_cap(msg.device))
-        checked: list[CheckedUpdate] = []
         try:
+            # the single-process order (aggregator.ingest): the device against the topic,
+            # the signature, then the fleet and the round
+            check_route(msg, topic_device)
+            self._authenticate(received)
+            rnd = self._check_round(msg, topic_device, rnd)
+            self._load(rnd.epoch, rnd.round_id)
+            bounds = rnd.rules.bounds
+            # the capped weight, the round checks (base version, the round's codec, the
+            # tensors against the model with that weight, the examples cap), then the norm
+            # bound, under the limits the coordinator froze for this round
+            weight = bounds.weight(msg.num_examples, self._registry_cap(msg.device))
+            checked: list[CheckedUpdate] = []
             self._round_state(rnd).check(
                 msg, topic_device,
                 lambda m: checked.append(self.acc.check(m.tensors, m.codec, weight)),
@@ -197,55 +220,144 @@ class ShardWorker:
                     self.store.note_rejected_norm(rnd.epoch, rnd.round_id, msg.device, norm)
                 raise
         except Rejected as exc:
-            return reject(exc.code, exc.reason)
+            return self._refuse(msg, topic_device, exc.code, exc.reason, now)
         except ValueError as exc:
-            return reject(RejectReason.MALFORMED, str(exc))
+            return self._refuse(msg, topic_device, RejectReason.MALFORMED, str(exc), now)
         folded = scaled(checked[0], clip)
         self.acc.add(folded)
         fold = Fold(self.worker, msg.update_id, msg.num_examples, folded.weight, clip, norm)
+        return _Staged(rnd, msg, topic_device, folded, fold)
+
+    def _authenticate(self, received: ReceivedUpdate) -> None:
+        if self.registry is None:
+            return
+        msg = received.message
         try:
-            res = self.store.commit(rnd.epoch, rnd.round_id, msg.device, fold,
-                                    self.acc.to_bytes(), self.generation)
-        except BaseException:
-            self.acc.remove(folded)  # unknown outcome: the reload on restart decides
-            self.loaded = None
-            raise
-        if res.status == "ok":
-            self.committed += 1
-            log.debug("committed update %s from %s (round %d, partial of %d)",
-                      msg.update_id, msg.device, rnd.round_id, self.acc.count)
-            notes = []
-            if clip < 1.0:
-                notes.append(f"update L2 norm {norm:.4g} over the bound: delta folded scaled "
-                             f"by {clip:.6g} (to norm {norm * clip:.4g})")
-            if folded.weight < msg.num_examples:
-                notes.append(f"claims {msg.num_examples} examples: folded with weight "
-                             f"{folded.weight:.6g} (capped)")
-            if notes:
-                log.info("update %s from %s: %s", msg.update_id, msg.device, "; ".join(notes))
-            return reject("ok", "; ".join(notes), accepted=True)
-        self.acc.remove(folded)
-        if res.status == "fenced":
-            raise Fenced(f"another process runs as worker {self.worker!r}: this one stops")
-        if res.status == "closed" or res.claim is None:
-            return reject(RejectReason.ROUND_CLOSED, f"round {msg.round_id} closed meanwhile")
-        if isinstance(res.claim, Fold) and res.claim.update_id == msg.update_id:
+            verify_update(received, self.registry.public_key(msg.device))
+        except SecurityError as exc:
+            raise Rejected(str(exc), RejectReason.UNKNOWN_DEVICE) from exc
+
+    def _check_round(self, msg: UpdateMessage, topic_device: str,
+                     rnd: OpenRound | None) -> OpenRound:
+        """The open round; none open: refused as the single process refuses it
+        (``round_closed`` for the store's closed round or an earlier one, else
+        ``wrong_round``). The open round's own checks are :class:`RoundState`'s."""
+        if rnd is not None and rnd.state == "open":
+            return rnd
+        if rnd is None:
+            check_route(msg, topic_device, self.fleet)
+        else:
+            check_route(msg, topic_device, self.fleet, last_round=rnd.round_id,
+                        epoch=rnd.epoch)
+        raise Rejected(f"round {msg.round_id} is not open", RejectReason.WRONG_ROUND)
+
+    def _commit(self, rnd: OpenRound, staged: dict[str, _Staged],
+                now: float) -> dict[int, AckMessage]:
+        """Commit the staged updates together; a device the store finds claimed is taken
+        out of the partial and answered, and the rest committed again."""
+        acks: dict[int, AckMessage] = {}
+        staged = dict(staged)
+        while staged:
+            try:
+                res = self.store.commit(rnd.epoch, rnd.round_id, self.worker,
+                                        {d: s.fold for d, s in staged.items()},
+                                        self.acc.to_bytes(), self.generation)
+            except BaseException:
+                for s in staged.values():  # unknown outcome: the reload on restart decides
+                    self.acc.remove(s.folded)
+                self.loaded = None
+                raise
+            if res.status == "ok":
+                self.committed += len(staged)
+                for s in staged.values():
+                    acks[s.index] = self._accepted(s, now)
+                return acks
+            if res.status == "claimed" and res.conflicts:
+                for device, claim in res.conflicts.items():
+                    s = staged.pop(device)
+                    self.acc.remove(s.folded)
+                    acks[s.index] = self._claimed(s, claim, now)
+                continue
+            for s in staged.values():
+                self.acc.remove(s.folded)
+            if res.status == "fenced":
+                raise Fenced(f"another process runs as worker {self.worker!r}: this one stops")
+            for s in staged.values():
+                acks[s.index] = self._refuse(s.msg, s.device, RejectReason.ROUND_CLOSED,
+                                             f"round {s.msg.round_id} closed meanwhile", now)
+            return acks
+        return acks
+
+    def _accepted(self, s: _Staged, now: float) -> AckMessage:
+        msg, fold = s.msg, s.fold
+        log.debug("committed update %s from %s (round %d, partial of %d)",
+                  msg.update_id, msg.device, msg.round_id, self.acc.count)
+        notes = []
+        if fold.scale < 1.0:
+            notes.append(f"update L2 norm {fold.norm:.4g} over the bound: delta folded scaled "
+                         f"by {fold.scale:.6g} (to norm {fold.norm * fold.scale:.4g})")
+        if fold.weight < msg.num_examples:
+            notes.append(f"claims {msg.num_examples} examples: folded with weight "
+                         f"{fold.weight:.6g} (capped)")
+        if notes:
+            log.info("update %s from %s: %s", msg.update_id, msg.device, "; ".join(notes))
+        return self._answer(msg, s.device, "ok", "; ".join(notes), True, now)
+
+    def _claimed(self, s: _Staged, claim: Claim, now: float) -> AckMessage:
+        msg, round_id = s.msg, s.rnd.round_id
+        if isinstance(claim, Fold) and claim.update_id == msg.update_id:
             log.info("update %s from %s was already committed (by %s): answered duplicate",
-                     msg.update_id, msg.device, res.claim.worker)
-            return reject(RejectReason.DUPLICATE,
-                          f"update {msg.update_id} was already folded in round {rnd.round_id}",
-                          accepted=True)
-        if isinstance(res.claim, GatewayClaim):
-            return reject(RejectReason.DUPLICATE,
-                          f"device {msg.device} is in gateway {res.claim.gateway}'s partial "
-                          f"{res.claim.partial_id} of round {rnd.round_id}")
-        return reject(RejectReason.DUPLICATE,
-                      f"device {msg.device} already has update {res.claim.update_id} in round "
-                      f"{rnd.round_id}")
+                     msg.update_id, msg.device, claim.worker)
+            return self._answer(msg, s.device, RejectReason.DUPLICATE,
+                                f"update {msg.update_id} was already folded in round "
+                                f"{round_id}", True, now)
+        if isinstance(claim, GatewayClaim):
+            return self._refuse(msg, s.device, RejectReason.DUPLICATE,
+                                f"device {msg.device} is in gateway {claim.gateway}'s partial "
+                                f"{claim.partial_id} of round {round_id}", now)
+        return self._refuse(msg, s.device, RejectReason.DUPLICATE,
+                            f"device {msg.device} already has update {claim.update_id} in "
+                            f"round {round_id}", now)
+
+    def _refuse(self, msg: UpdateMessage, topic_device: str, code: str, reason: str,
+                now: float) -> AckMessage:
+        log.warning("rejected update %s from %s (round %d): %s: %s",
+                    msg.update_id, topic_device, msg.round_id, code, reason)
+        return self._answer(msg, topic_device, code, reason, False, now)
+
+    def _answer(self, msg: UpdateMessage, topic_device: str, code: str, reason: str,
+                accepted: bool, now: float) -> AckMessage:
+        return AckMessage(self.fleet, msg.round_id, topic_device, msg.update_id, accepted,
+                          code, reason[:1000], now)
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """An update checked and folded into the worker's partial, not yet committed."""
+
+    rnd: OpenRound
+    msg: UpdateMessage
+    device: str
+    folded: CheckedUpdate
+    fold: Fold
+    index: int = 0
+
+
+#: most updates one group commit takes from the queue (the broker's in-flight window to the
+#: worker, ``max_inflight_messages``, bounds it too)
+MAX_BATCH = 100
 
 
 class _Runner:
-    """The MQTT side: shared subscription, persistent session, manual PUBACK."""
+    """The MQTT side: shared subscription, persistent session, PUBACK after the commit.
+
+    ``manual`` acks: the network thread only queues each update; one ingest thread takes
+    whatever is queued (up to :data:`MAX_BATCH`), commits it as one group and then answers
+    and PUBACKs each update. ``callback``: each update is handled (and committed alone) in
+    the network thread, and paho PUBACKs it when the callback returns. Either way the acks
+    to devices go out on a second connection (client id ``<worker's>-acks``, clean start):
+    their PUBACKs would otherwise queue in the worker's socket behind the updates the broker
+    keeps sending, and under a backlog acks fell behind the commits (docs/scaling.md)."""
 
     def __init__(self, config: ShardConfig) -> None:
         self.topics = config.topics
@@ -267,7 +379,11 @@ class _Runner:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
-        self.client.on_publish = self._on_publish
+        self.ack_settings = replace(self.settings, client_id=f"{self.settings.client_id}-acks",
+                                    clean_start=True, session_expiry=0)
+        self.acks = make_client(self.ack_settings)
+        self.acks.on_publish = _forget_mid
+        self.inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.failed = threading.Event()
         self.stopping = False
 
@@ -290,33 +406,46 @@ class _Runner:
         if self.ready_file is not None:
             self.ready_file.write_text("ready\n")
 
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: Any,
-                    props: Any = None) -> None:
-        # fedmq.net.mqtt's client remembers each QoS 1 message's topic until it is acked:
-        # forget it here, or a worker's memory would grow by one entry per device ack.
-        topics = getattr(client, "topic_of_mid", None)
-        if topics is not None:
-            topics.pop(mid, None)
-
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if self.failed.is_set():
             return  # never acknowledged: redelivered to this session after the restart
-        device = message.topic.rsplit("/", 1)[-1]
+        if self.manual_ack:
+            self.inbox.put(message)
+        else:
+            self._ingest([message])
+
+    def _ingest_loop(self) -> None:
+        """The manual-ack ingest thread: group commits of whatever the broker delivered."""
+        while not self.failed.is_set():
+            try:
+                batch = [self.inbox.get(timeout=0.2)]
+            except queue.Empty:
+                continue
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            self._ingest(batch)
+
+    def _ingest(self, batch: list[mqtt.MQTTMessage]) -> None:
+        items = [(m.topic.rsplit("/", 1)[-1], bytes(m.payload)) for m in batch]
         try:
-            ack = self.worker.handle(device, bytes(message.payload), time.time())
+            answers = self.worker.handle_batch(items, time.time())
         except (redis.RedisError, WireError, StateError, OSError) as exc:
-            log.error("store %s failed: %s; exiting without acknowledging update of %s",
-                      self.store.url, exc, device)
+            log.error("store %s failed: %s; exiting without acknowledging %d update(s)",
+                      self.store.url, exc, len(batch))
             if not self.manual_ack:  # returning would let paho send the PUBACK
                 logging.shutdown()
                 os._exit(EXIT_STORE)
             self.failed.set()
-            client.disconnect()
+            self.client.disconnect()
             return
-        with contextlib.suppress(ConfigError):  # a device id that cannot be a topic
-            client.publish(self.topics.ack(device), encode(ack), qos=1)
-        if self.manual_ack:
-            client.ack(message.mid, message.qos)
+        for message, (device, _), ack in zip(batch, items, answers, strict=True):
+            with contextlib.suppress(ConfigError):  # a device id that cannot be a topic
+                self.acks.publish(self.topics.ack(device), encode(ack), qos=1)
+            if self.manual_ack:
+                self.client.ack(message.mid, message.qos)
 
     def run(self) -> int:
         def stopping() -> None:
@@ -326,8 +455,30 @@ class _Runner:
             log.info("worker %s stopped (%d update(s) committed)", self.worker.worker,
                      self.worker.committed)
 
-        return run_until_signalled(self.client, self.settings, ping=self.store.ping,
-                                   failed=self.failed, stopped=stopped, on_signal=stopping)
+        connect(self.acks, self.ack_settings)
+        self.acks.loop_start()
+        ingest = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
+        if self.manual_ack:
+            ingest.start()
+        try:
+            return run_until_signalled(self.client, self.settings, ping=self.store.ping,
+                                       failed=self.failed, stopped=stopped,
+                                       on_signal=stopping)
+        finally:
+            self.failed.set()  # ends the ingest thread after its batch
+            if ingest.is_alive():
+                ingest.join(timeout=30)
+            self.acks.disconnect()
+            self.acks.loop_stop()
+
+
+def _forget_mid(client: mqtt.Client, userdata: Any, mid: int, rc: Any,
+                props: Any = None) -> None:
+    """fedmq.net.mqtt's client remembers each QoS 1 message's topic until it is acked:
+    forget it here, or a worker's memory would grow by one entry per device ack."""
+    topics = getattr(client, "topic_of_mid", None)
+    if topics is not None:
+        topics.pop(mid, None)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -21,11 +21,18 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from aggregator.shard_store import CommitResult, Fold, OpenRound, RoundRules, parse_claim
+from aggregator.shard_store import (
+    Claim,
+    CommitResult,
+    Fold,
+    OpenRound,
+    RoundRules,
+    parse_claim,
+)
 from fedmq.errors import StateError
 from fedmq.topics import validate_name
 
@@ -147,10 +154,11 @@ class SiteStore:
         return out
 
     def commit(
-        self, epoch: str, round_id: int, device: str, fold: Fold, partial: bytes,
-        generation: int,
+        self, epoch: str, round_id: int, worker: str, folds: Mapping[str, Fold],
+        partial: bytes, generation: int,
     ) -> CommitResult:
-        worker = fold.worker
+        if not folds:
+            raise ValueError("a commit holds at least one update")
 
         def commit(db: sqlite3.Connection) -> CommitResult:
             gen = db.execute("SELECT generation FROM workers WHERE worker = ?",
@@ -160,12 +168,17 @@ class SiteStore:
             st = db.execute("SELECT epoch, round_id, state FROM round WHERE id = 1").fetchone()
             if st is None or tuple(st) != (epoch, round_id, "open"):
                 return CommitResult("closed")
-            prev = db.execute("SELECT claim FROM claims WHERE epoch = ? AND round_id = ? AND "
-                              "device = ?", (epoch, round_id, device)).fetchone()
-            if prev is not None:
-                return CommitResult("claimed", parse_claim(str(prev[0])))
-            db.execute("INSERT INTO claims VALUES (?, ?, ?, ?)",
-                       (epoch, round_id, device, fold.to_claim()))
+            conflicts: dict[str, Claim] = {}
+            for device in folds:
+                prev = db.execute("SELECT claim FROM claims WHERE epoch = ? AND round_id = ? "
+                                  "AND device = ?", (epoch, round_id, device)).fetchone()
+                if prev is not None:
+                    conflicts[device] = parse_claim(str(prev[0]))
+            if conflicts:
+                return CommitResult("claimed", conflicts=conflicts)
+            db.executemany("INSERT INTO claims VALUES (?, ?, ?, ?)",
+                           [(epoch, round_id, device, fold.to_claim())
+                            for device, fold in folds.items()])
             db.execute("INSERT INTO partials VALUES (?, ?, ?, ?) ON CONFLICT(epoch, round_id, "
                        "worker) DO UPDATE SET blob = excluded.blob",
                        (epoch, round_id, worker, partial))

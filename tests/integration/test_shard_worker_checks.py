@@ -1,7 +1,7 @@
 """The worker's per-update path and the coordinator's close/finish against a real Redis (no
 MQTT): every refusal leaves the committed partial and the claims unchanged, resends are
 duplicates, a second process of the same worker name fences the first, a round closed by a
-coordinator that died is finished once by the next."""
+coordinator that died is finished once by the next, a batch of updates is one commit."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from aggregator.shard_coordinator import ShardCoordinator
-from aggregator.shard_store import RoundRules, ShardStore
+from aggregator.shard_store import CommitResult, RoundRules, ShardStore
 from aggregator.shard_worker import Fenced, ShardWorker
 from fedmq.net.localredis import LocalRedis, RedisOptions, redis_server_path
 from fedmq.topics import Topics
@@ -129,3 +130,53 @@ def test_a_coordinator_killed_between_close_and_finish_finishes_once(
     rnd = store.open_round()
     assert rnd is not None and (rnd.round_id, rnd.base_version, rnd.state) == (2, 1, "open")
     assert {t for t, _ in published} == {"fl/lab/model", "fl/lab/round"}
+    # a late update of round 1 is stale now: wrong_round, as the single process answers
+    ack = w1.handle("d8", _update("d8"), 0.0)
+    assert (ack.accepted, ack.code) == (False, "wrong_round")
+
+
+def test_a_batch_is_one_commit_and_each_update_gets_its_own_answer(
+    store: ShardStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[str, ...]] = []
+    commit = store.commit
+
+    def counted(*args: Any) -> CommitResult:
+        calls.append(tuple(args[3]))
+        return commit(*args)
+
+    other = ShardWorker(store, TEMPLATE, "w2")
+    p0 = _update("d0", seed=100)
+    assert other.handle("d0", p0, 0.0).code == "ok"
+    monkeypatch.setattr(store, "commit", counted)
+    w = ShardWorker(store, TEMPLATE, "w1")
+    fresh = {f"f{i}": _update(f"f{i}", seed=i) for i in range(5)}
+    acks = w.handle_batch(list(fresh.items()), 0.0)
+    assert [a.code for a in acks] == ["ok"] * 5 and [a.device for a in acks] == list(fresh)
+    assert calls == [tuple(fresh)]  # five updates, one commit
+    calls.clear()
+    p1, p2 = _update("d1", seed=1), _update("d2", seed=2)
+    batch = [("d1", p1), ("d9", b"\x93garbage"), ("d0", p0), ("d2", p2),
+             ("d0", _update("d0", seed=101)), ("d1", p1)]
+    acks = w.handle_batch(batch, 0.0)
+    assert [(a.device, a.accepted, a.code) for a in acks] == [
+        ("d1", True, "ok"), ("d9", False, "malformed"),
+        ("d0", True, "duplicate"),  # w2's update again: already folded
+        ("d2", True, "ok"),
+        ("d0", False, "duplicate"),  # another update of d0: refused
+        ("d1", True, "duplicate"),  # the same update twice in one batch: folded once
+    ]
+    # d0 repeats: the first group is committed (d0 taken out, the rest again), then the rest
+    assert calls == [("d1", "d0", "d2"), ("d1", "d2"), ("d0", "d1")]
+    ref = FixedPointSum(TEMPLATE)
+    for p in [*fresh.values(), p1, p2]:
+        m = decode_update(p)
+        ref.fold(m.tensors, m.codec, float(m.num_examples))
+    blob = _partial(store)
+    assert blob is not None
+    stored = FixedPointSum.from_bytes(blob, TEMPLATE)  # exact: what was taken out left no trace
+    for acc in (stored, w.acc):
+        assert (acc.count, acc.total_weight) == (ref.count, ref.total_weight) == (7, 49.0)
+        assert all(np.array_equal(acc.digest_sums()[n], ref.digest_sums()[n]) for n in TEMPLATE)
+    assert {d: f.worker for d, f in store.claims("e1", 1).items()} == {
+        "d0": "w2", "d1": "w1", "d2": "w1", **{d: "w1" for d in fresh}}
