@@ -19,7 +19,8 @@ the relative cap, the L2-norm bound with ``norm_action`` clip or reject
 worker decides alike). It adds the (clipped) update to the in-memory partial.
 
 Group commit (:meth:`ShardWorker.handle_batch`): the updates the broker has delivered and
-the worker has not yet handled (up to :data:`MAX_BATCH`) are checked one by one, then their
+the worker has not yet handled (up to :data:`MAX_BATCH` and :data:`MAX_BATCH_BYTES`) are
+checked one by one, then their
 claims (epoch, round, device) with how each was folded (weight, clip factor, norm) and the
 whole partial go to the store in ONE atomic Redis script
 (:meth:`~aggregator.shard_store.ShardStore.commit`): the partial (8 bytes per parameter) is
@@ -343,16 +344,24 @@ class _Staged:
     index: int = 0
 
 
-#: most updates one group commit takes from the queue (the broker's in-flight window to the
-#: worker, ``max_inflight_messages``, bounds it too)
-MAX_BATCH = 100
+#: most updates, and most payload bytes, one group commit takes from the queue (the
+#: broker's in-flight window to the worker, ``max_inflight_messages``, bounds it too). A
+#: staged update holds its decoded tensors until the commit, so the bytes bound the worker's
+#: memory: O(model) whatever the number of devices (docs/scaling.md).
+MAX_BATCH = 64
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+#: the most delivered updates the worker queues; past it the network thread waits, so the
+#: broker keeps the rest (MQTT 5 Receive Maximum did not bound Mosquitto 2.0.11's deliveries
+#: here once PUBACKs flowed: 449 unacknowledged of 500 with a maximum of 10)
+QUEUE_MAXIMUM = 2 * MAX_BATCH
 
 
 class _Runner:
     """The MQTT side: shared subscription, persistent session, PUBACK after the commit.
 
     ``manual`` acks: the network thread only queues each update; one ingest thread takes
-    whatever is queued (up to :data:`MAX_BATCH`), commits it as one group and then answers
+    whatever is queued (up to :data:`MAX_BATCH` updates and
+    :data:`MAX_BATCH_BYTES`), commits it as one group and then answers
     and PUBACKs each update. ``callback``: each update is handled (and committed alone) in
     the network thread, and paho PUBACKs it when the callback returns. Either way the acks
     to devices go out on a second connection (client id ``<worker's>-acks``, clean start):
@@ -383,9 +392,10 @@ class _Runner:
                                     clean_start=True, session_expiry=0)
         self.acks = make_client(self.ack_settings)
         self.acks.on_publish = _forget_mid
-        self.inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue(maxsize=QUEUE_MAXIMUM)
         self.failed = threading.Event()
         self.stopping = False
+        self.largest_batch = self.deepest_queue = 0
 
     @property
     def subscription(self) -> str:
@@ -409,10 +419,15 @@ class _Runner:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if self.failed.is_set():
             return  # never acknowledged: redelivered to this session after the restart
-        if self.manual_ack:
-            self.inbox.put(message)
-        else:
+        if not self.manual_ack:
             self._ingest([message])
+            return
+        while not self.failed.is_set():  # a full queue holds the network thread: back-pressure
+            try:
+                self.inbox.put(message, timeout=0.5)
+                return
+            except queue.Full:
+                continue
 
     def _ingest_loop(self) -> None:
         """The manual-ack ingest thread: group commits of whatever the broker delivered."""
@@ -421,11 +436,15 @@ class _Runner:
                 batch = [self.inbox.get(timeout=0.2)]
             except queue.Empty:
                 continue
-            while len(batch) < MAX_BATCH:
+            size = len(batch[0].payload)
+            while len(batch) < MAX_BATCH and size < MAX_BATCH_BYTES:
                 try:
                     batch.append(self.inbox.get_nowait())
                 except queue.Empty:
                     break
+                size += len(batch[-1].payload)
+            self.largest_batch = max(self.largest_batch, len(batch))
+            self.deepest_queue = max(self.deepest_queue, len(batch) + self.inbox.qsize())
             self._ingest(batch)
 
     def _ingest(self, batch: list[mqtt.MQTTMessage]) -> None:
@@ -452,8 +471,9 @@ class _Runner:
             self.stopping = True
 
         def stopped() -> None:
-            log.info("worker %s stopped (%d update(s) committed)", self.worker.worker,
-                     self.worker.committed)
+            log.info("worker %s stopped (%d update(s) committed; largest group commit %d, "
+                     "deepest queue %d)", self.worker.worker, self.worker.committed,
+                     self.largest_batch, self.deepest_queue)
 
         connect(self.acks, self.ack_settings)
         self.acks.loop_start()

@@ -56,6 +56,7 @@ from fedmq_ops.simfleet.limits import raise_nofile  # noqa: E402
 
 OUT = ROOT / "bench/results/shard_fleet.json"
 PNG = ROOT / "bench/results/shard_fleet.png"
+_STOPPED = re.compile(r"largest group commit (\d+), deepest queue (\d+)")
 _CLOSED = re.compile(r"round (\d+) closed: (\d+) update\(s\) from (\d+) worker")
 
 CONFIG = """\
@@ -135,6 +136,8 @@ def run_cell(model: str, devices: int, workers: int, rounds: int, processes: int
             stop_process(p, 30)
         broker.stop()
         redis_server.stop()
+    stops = {f"w{i}": _STOPPED.findall((workdir / f"w{i}.log").read_text(errors="replace"))
+             for i in range(workers)}
     closed = {int(m[1]): (int(m[2]), int(m[3])) for m in
               _CLOSED.finditer((workdir / "coordinator.log").read_text(errors="replace"))}
     accepted = report.total("accepted")
@@ -167,6 +170,8 @@ def run_cell(model: str, devices: int, workers: int, rounds: int, processes: int
         "lost": lost, "duplicated": duplicated, "rejected": report.rejected,
         "resent": report.total("resent"), "wall_seconds": wall, "per_round": per_round,
         "cpu_seconds": cpu,
+        # per worker: (largest group commit, deepest queue of delivered updates) at its stop
+        "worker_batches": {k: [int(x) for x in v[-1]] for k, v in stops.items() if v},
         "sharded_cpu_ms_per_update": 1000 * sum(cpu[k] for k in side) / max(accepted, 1),
         "worker_cpu_ms_per_update":
             1000 * sum(cpu[k] for k in side if k.startswith("w")) / max(accepted, 1),

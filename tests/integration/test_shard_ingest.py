@@ -4,12 +4,14 @@ equals, bit for bit, the one-process result over exactly the updates acknowledge
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from aggregator.shard_worker import MAX_BATCH, QUEUE_MAXIMUM
 from fedmq.net.localbroker import LocalBroker
 from fedmq.net.localredis import LocalRedis
 from tests.integration.shard_fleet import ShardFleet, assert_exact, durable_redis, wait_for
@@ -153,3 +155,24 @@ def test_store_outage_workers_exit_unacknowledged_and_nothing_is_lost(
     fleet.wait_version(1, 30)
     wait_for(lambda: fleet.ok_devices(1) == set(devices), 10, "every device's ack")
     assert_exact(fleet.published(1), fleet.reference([set(devices)]))
+
+
+def test_a_burst_is_group_committed_with_a_bounded_queue(fleet: ShardFleet) -> None:
+    """600 updates at once to one worker: they are committed in groups (fewer store commits
+    than updates), the worker never queues more than QUEUE_MAXIMUM delivered updates beyond
+    the group it commits (the broker keeps the rest), and the model is exact."""
+    fleet.start_worker("w1")
+    fleet.start_coordinator(target=600, rounds=1, timeout=120)
+    devices = _devices(1, 600)
+    payloads = [(d, fleet.update(1, d)) for d in devices]
+    for d, p in payloads:  # no wait per publish: a burst
+        fleet.client.publish(fleet.topics.update(d), p, qos=1)
+    fleet.wait_version(1, 120)
+    wait_for(lambda: fleet.ok_devices(1) == set(devices), 30, "the acks")
+    assert_exact(fleet.published(1), fleet.reference([set(devices)]))
+    fleet.stop()
+    found = re.findall(r"largest group commit (\d+), deepest queue (\d+)", fleet.log("w1"))
+    assert found, fleet.log("w1")[-2000:]
+    largest, deepest = map(int, found[-1])
+    assert 1 < largest <= MAX_BATCH
+    assert deepest <= QUEUE_MAXIMUM + MAX_BATCH
