@@ -30,7 +30,7 @@ from fedmq.downlink import (
     plan_fetch,
     snapshot_topic,
 )
-from fedmq.errors import RejectReason, WireError
+from fedmq.errors import Rejected, RejectReason, WireError
 from fedmq.tensor import Tensor
 from fedmq.topics import Topics
 from fedmq.update.codecs import decode_tensor
@@ -134,10 +134,9 @@ class DownlinkReceiver:
         self.bytes_received += len(payload)
         try:
             msg = decode_model(payload)
-            if msg.fleet != self.fleet or msg.epoch != idx.epoch:
-                raise WireError(f"snapshot of fleet {msg.fleet!r}, epoch {msg.epoch!r}")
+            self._check_origin("snapshot", msg.fleet, msg.epoch, idx.epoch)
             weights = self._full_weights(msg.tensors)
-        except WireError as exc:
+        except Rejected as exc:
             log.warning("refusing the model snapshot: %s (%s); waiting for the next index",
                         exc.reason, exc.code)
             return self._give_up(1)
@@ -156,10 +155,10 @@ class DownlinkReceiver:
         try:
             delta = decode_model_delta(payload)
             if delta.version != version:
-                raise WireError(f"it names version {delta.version}", RejectReason.WRONG_BASE)
-            if delta.fleet != self.fleet or (self._index and delta.epoch != self._index.epoch):
-                raise WireError(f"it is of fleet {delta.fleet!r}, epoch {delta.epoch!r}")
-        except WireError as exc:
+                raise Rejected(f"it names version {delta.version}", RejectReason.WRONG_BASE)
+            self._check_origin("it", delta.fleet, delta.epoch,
+                               self._index.epoch if self._index else delta.epoch)
+        except Rejected as exc:
             return self._fall_back(version, f"{exc.reason} ({exc.code})")
         self._deltas[version] = delta
         return self._advance()
@@ -185,12 +184,12 @@ class DownlinkReceiver:
             delta = self._deltas[v]
             try:
                 if delta.base_version != version:
-                    raise WireError(
+                    raise Rejected(
                         f"its base is version {delta.base_version}, this device rebuilt "
                         f"version {version}", RejectReason.WRONG_BASE,
                     )
                 weights = apply_delta(weights, delta.tensors, delta.codec, self.shapes)
-            except WireError as exc:
+            except Rejected as exc:
                 return self._fall_back(v, f"{exc.reason} ({exc.code})")
             version = v
         self.version, self.weights = version, weights
@@ -204,6 +203,14 @@ class DownlinkReceiver:
             metrics=dict(idx.metrics), created_at=idx.created_at, epoch=idx.epoch,
         ))
         return step
+
+    def _check_origin(self, what: str, fleet: str, epoch: str, want_epoch: str) -> None:
+        """A well-formed payload of another fleet or epoch: refused as that (not as bytes)."""
+        if fleet != self.fleet:
+            raise Rejected(f"{what} is of fleet {fleet!r}", RejectReason.WRONG_FLEET)
+        if epoch != want_epoch:
+            raise Rejected(f"{what} is of epoch {epoch!r}, the index names {want_epoch!r}",
+                           RejectReason.WRONG_ROUND)
 
     def _fall_back(self, version: int, reason: str, count: int = 1) -> DownlinkStep:
         plan, idx = self._plan, self._index

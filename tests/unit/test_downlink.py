@@ -190,9 +190,9 @@ def test_an_index_must_list_every_delta_after_its_snapshot() -> None:
 
 
 def _delta(version: int, tensors: tuple[Tensor, ...], codec: str = "int8",
-           base: int | None = None) -> bytes:
-    return encode(ModelDelta("fl1", version, version - 1 if base is None else base, version,
-                             "m", codec, tensors, 0.0, EPOCH))
+           base: int | None = None, fleet: str = "fl1", epoch: str = EPOCH) -> bytes:
+    return encode(ModelDelta(fleet, version, version - 1 if base is None else base, version,
+                             "m", codec, tensors, 0.0, epoch))
 
 
 def _good_tensors(rng: np.random.Generator) -> tuple[Tensor, ...]:
@@ -223,11 +223,16 @@ def _bad(kind: str, rng: np.random.Generator) -> bytes:
         return _delta(3, good, base=1)
     if kind == "wrong_codec":
         return _delta(3, good, codec="float16")
+    if kind == "other_fleet":
+        return _delta(3, good, fleet="fl2")
+    if kind == "other_epoch":
+        return _delta(3, good, epoch="another-epoch")
     raise AssertionError(kind)
 
 
 @pytest.mark.parametrize("kind", ["wrong_shape", "missing_tensor", "nan_scale", "absurd_scale",
-                                  "unknown_codec", "wrong_codec", "wrong_base"])
+                                  "unknown_codec", "wrong_codec", "wrong_base", "other_fleet",
+                                  "other_epoch"])
 def test_a_bad_delta_is_refused_with_one_line_and_the_snapshot_is_fetched(
     kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -249,6 +254,10 @@ def test_a_bad_delta_is_refused_with_one_line_and_the_snapshot_is_fetched(
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and lines[0].startswith("refusing model delta 3: "), lines
     assert "fetching the snapshot" in lines[0]
+    # a delta of another fleet or epoch is well-formed: refused as such, not as malformed
+    code = {"other_fleet": "wrong_fleet", "other_epoch": "wrong_round"}.get(kind)
+    if code is not None:
+        assert lines[0].endswith(f"({code}); fetching the snapshot (version 2) instead"), lines
     assert step.rejected == 1 and step.model is None
     assert step.subscribe == [snapshot_topic(TOPICS)]
     # the snapshot path needs delta 3 too: it is still subscribed; a good one completes it
