@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 from fedmq.errors import ConfigError
 from fedmq.topics import validate_name
@@ -38,6 +39,7 @@ from fedmq_ops.broker.state import load_state, read_passwd, save_state
 
 __all__ = [
     "InitResult",
+    "LoginOptions",
     "add_device",
     "add_gateway",
     "init_broker",
@@ -220,9 +222,9 @@ def _check_name(state: BrokerState, name: str, kind: str, removing: bool = False
                           f"cannot share an MQTT login (remove-{other} it first)")
 
 
-def _add_user(root: Path, name: str, kind: str, fleet: str | None, password: str | None,
-              rotate: bool, client_cert: bool, save_credentials: bool,
-              owner: tuple[int, int] | None) -> str | None:
+def _add_user(root: Path, name: str, kind: str, fleet: str | None = None,
+              password: str | None = None, rotate: bool = False, client_cert: bool = False,
+              save_credentials: bool = True, owner: tuple[int, int] | None = None) -> str | None:
     validate_name(name, kind)
     if name in RESERVED_USERS:
         raise ConfigError(f"{name!r} is reserved for the {name} identity")
@@ -261,41 +263,32 @@ def _add_user(root: Path, name: str, kind: str, fleet: str | None, password: str
     return new
 
 
-def add_device(
-    root: Path,
-    name: str,
-    fleet: str | None = None,
-    password: str | None = None,
-    rotate: bool = False,
-    client_cert: bool = False,
-    save_credentials: bool = True,
-    owner: tuple[int, int] | None = None,
-) -> str | None:
+class LoginOptions(TypedDict, total=False):
+    """The options of :func:`add_device` and :func:`add_gateway`."""
+
+    fleet: str | None  # default: the login's fleet, else the broker's first fleet
+    password: str | None  # default: a new random one (None: keep an existing login's)
+    rotate: bool  # a new random password for an existing login
+    client_cert: bool  # also issue a client certificate (kept when one exists)
+    save_credentials: bool  # write the credentials file (default True)
+    owner: tuple[int, int] | None
+
+
+def add_device(root: Path, name: str, **options: Unpack[LoginOptions]) -> str | None:
     """Add (or update) device ``name``; returns its new password, or None if unchanged.
 
     Re-adding an existing device changes nothing unless ``password`` or ``rotate`` is given;
     ``client_cert`` issues a client certificate when the device has none.
     """
-    return _add_user(root, name, "device", fleet, password, rotate, client_cert,
-                     save_credentials, owner)
+    return _add_user(root, name, "device", **options)
 
 
-def add_gateway(
-    root: Path,
-    name: str,
-    fleet: str | None = None,
-    password: str | None = None,
-    rotate: bool = False,
-    client_cert: bool = False,
-    save_credentials: bool = True,
-    owner: tuple[int, int] | None = None,
-) -> str | None:
+def add_gateway(root: Path, name: str, **options: Unpack[LoginOptions]) -> str | None:
     """Enrol site gateway ``name``'s bridge login (docs/scaling.md, "Site gateways"): its ACL
     block grants exactly what its bridge carries (``gateway.bridge_topics``). Like
     :func:`add_device` otherwise; the password alone is saved in ``credentials/NAME.pass``
     (``fedmq broker gateway-conf --remote-password-file``)."""
-    return _add_user(root, name, "gateway", fleet, password, rotate, client_cert,
-                     save_credentials, owner)
+    return _add_user(root, name, "gateway", **options)
 
 
 def _remove_user(root: Path, name: str, kind: str, owner: tuple[int, int] | None) -> bool:
