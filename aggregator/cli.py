@@ -156,6 +156,31 @@ def _add_shard_roles(parser: argparse.ArgumentParser) -> None:
     )
     add_flags(coordinator, COORDINATOR_FLAGS, subcommand=True)
     coordinator.set_defaults(func=_shard_coordinator)
+    _add_gateway_roles(roles)
+
+
+def _add_gateway_roles(roles: Any) -> None:
+    """``fedmq aggregator site-gateway`` / ``partial-receiver`` (docs/scaling.md, "Site
+    gateways"), each configured by its own strict TOML (aggregator/site_config.py)."""
+    from aggregator.site_config import add_gateway_flags, add_receiver_flags
+
+    gateway = roles.add_parser(
+        "site-gateway", help="a site gateway's aggregator (docs/scaling.md)",
+        description="A site gateway's aggregator, on the site broker: checks and folds its "
+        "devices' updates and sends one signed partial per round to the cloud over the "
+        "bridge. Settings: a [gateway] and an [mqtt] table (the site broker), "
+        "FEDMQ_GATEWAY_* environment, these flags.",
+    )
+    add_gateway_flags(gateway, subcommand=True)
+    gateway.set_defaults(func=_site_gateway)
+    receiver = roles.add_parser(
+        "partial-receiver", help="the cloud end of the site gateways (docs/scaling.md)",
+        description="Commits the site gateways' signed partials to the sharded ingest's "
+        "store, where the coordinator merges them. Settings: a [receiver] and an [mqtt] "
+        "table (the cloud broker), FEDMQ_RECEIVER_* environment, these flags.",
+    )
+    add_receiver_flags(receiver, subcommand=True)
+    receiver.set_defaults(func=_partial_receiver)
 
 
 def _only_role_options(args: argparse.Namespace, flags: tuple[tuple[str, str, Any, str], ...],
@@ -187,6 +212,22 @@ def _shard_coordinator(args: argparse.Namespace) -> int:
 
     _only_role_options(args, COORDINATOR_FLAGS, "shard-coordinator")
     return run_coordinator(args)
+
+
+def _site_gateway(args: argparse.Namespace) -> int:
+    from aggregator.site_config import GATEWAY_FLAGS
+    from aggregator.site_gateway import command as run_gateway
+
+    _only_role_options(args, GATEWAY_FLAGS, "site-gateway")
+    return run_gateway(args)
+
+
+def _partial_receiver(args: argparse.Namespace) -> int:
+    from aggregator.partial_receiver import command as run_receiver  # imports redis
+    from aggregator.site_config import RECEIVER_FLAGS
+
+    _only_role_options(args, RECEIVER_FLAGS, "partial-receiver")
+    return run_receiver(args)
 
 
 def command(args: argparse.Namespace) -> int:

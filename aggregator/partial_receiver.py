@@ -19,6 +19,8 @@ gateway already claimed is refused whole (a device is enrolled in exactly one pl
 The MQTT shell subscribes to ``fl/<fleet>/gateway/+/partial`` with a fixed client id and a
 persistent session, answers on ``fl/<fleet>/gateway/<gw>/ack`` and sends the PUBACK only after
 the store answered (manual ack), so a partial is either committed or still the broker's.
+Run as a service: ``fedmq aggregator partial-receiver --config partial-receiver.toml`` (a
+strict ``[receiver]`` + ``[mqtt]`` file, :mod:`aggregator.site_config`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import logging
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +39,17 @@ import paho.mqtt.client as mqtt
 import redis
 
 from aggregator.bundles import resolve_bundle
-from aggregator.service_loop import add_service_flags, run_until_signalled, service_main
+from aggregator.service_loop import EXIT_STORE, run_until_signalled, service_main
 from aggregator.shard_store import GatewayClaim, ShardStore
+from aggregator.site_config import ReceiverConfig, add_receiver_flags, receiver_config_from_args
 from fedmq.errors import ConfigError, Rejected, RejectReason, SecurityError, WireError
-from fedmq.net.mqtt import MqttSettings, make_client
+from fedmq.net.mqtt import make_client
 from fedmq.signing import Registry, verify_site_partial
 from fedmq.topics import Topics, validate_name
 from fedmq.update.fixedpoint import DEFAULT_SCALE_BITS, FixedPointSum
 from fedmq.wire import AckMessage, Limits, SitePartial, encode, receive_site_partial
 
-__all__ = ["PartialReceiver", "main", "read_partial", "receiver_client_id"]
+__all__ = ["PartialReceiver", "command", "main", "read_partial", "receiver_client_id"]
 
 log = logging.getLogger(__name__)
 
@@ -191,18 +195,18 @@ class PartialReceiver:
 class _Runner:
     """The MQTT side: persistent session, manual PUBACK after the store answered."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.topics = Topics(args.fleet, args.prefix)
-        self.settings = MqttSettings(host=args.host, port=args.port,
-                                     client_id=receiver_client_id(args.fleet),
-                                     session_expiry=args.session_expiry)
-        bundle = resolve_bundle(args.model)
+    def __init__(self, config: ReceiverConfig) -> None:
+        self.topics = Topics(config.fleet, config.topic_prefix)
+        self.settings = replace(config.mqtt, client_id=receiver_client_id(config.fleet),
+                                clean_start=False)
+        bundle = resolve_bundle(config.model)
         template = {t.name: t.shape for t in bundle.spec.trainable_specs}
-        gateways = Registry(Path(args.gateways))
+        gateways = Registry(Path(config.gateways))
         gateways.devices()  # a missing or malformed registry: one error at start
-        self.store = ShardStore(args.redis, args.fleet)
-        self.receiver = PartialReceiver(self.store, template, gateways)
-        self.ready_file = Path(args.ready_file) if args.ready_file else None
+        self.store = ShardStore(config.redis, config.fleet)
+        self.receiver = PartialReceiver(self.store, template, gateways,
+                                        max_partial_bytes=config.max_partial_bytes)
+        self.ready_file = Path(config.ready_file) if config.ready_file else None
         self.client = make_client(self.settings, manual_ack=True)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
@@ -248,25 +252,28 @@ class _Runner:
                                    failed=self.failed, stopped=stopped)
 
 
+def command(args: argparse.Namespace) -> int:
+    """Load the configuration from ``args`` (``--config`` < environment < flags) and run."""
+    try:
+        config = receiver_config_from_args(args)
+        config.mqtt.check_files()
+        return _Runner(config).run()
+    except (ConfigError, SecurityError, redis.RedisError, OSError) as exc:
+        log.error("partial receiver: %s", exc)
+        return EXIT_STORE if isinstance(exc, redis.RedisError) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m aggregator.partial_receiver",
                                 description="commits site gateways' partials to the sharded "
                                             "ingest's store (docs/scaling.md)")
-    p.add_argument("--fleet", required=True)
-    p.add_argument("--redis", required=True, help="redis://host:port/db")
-    p.add_argument("--gateways", required=True,
-                   help="gateway registry (JSON, `fedmq enroll` format): signatures required")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=1883)
-    p.add_argument("--prefix", default="", help="topic prefix (tests)")
-    p.add_argument("--model", default="digits-mlp", help="zoo model or bundle directory")
-    return add_service_flags(p, session_expiry=True)
+    add_receiver_flags(p)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    return service_main(build_parser(), argv, lambda args: _Runner(args).run(), log=log,
-                        expected=(ConfigError, SecurityError, redis.RedisError, OSError),
-                        prefix=lambda args: "partial receiver")
+    return service_main(build_parser(), argv, command, log=log)
 
 
 if __name__ == "__main__":

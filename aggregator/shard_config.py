@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.config import ENV_PREFIX, MOVED, TOML_SECTION, AggregatorConfig
+from aggregator.service_flags import Flag, add_config_flags, flag_overrides
 from fedmq.config import load_config
 from fedmq.errors import ConfigError
 from fedmq.topics import validate_name
@@ -38,6 +39,7 @@ __all__ = [
     "ShardConfig",
     "ShardSettings",
     "add_flags",
+    "check_redis_url",
     "config_from_args",
     "load_shard_config",
 ]
@@ -55,6 +57,14 @@ UNSUPPORTED: dict[str, Any] = {
     "max_message_bytes": 0,
     "min_devices": 0,
 }
+
+
+def check_redis_url(url: str, setting: str) -> None:
+    """Refuse an empty or non-Redis store URL, naming ``setting``."""
+    if not url:
+        raise ConfigError(f"{setting} must name the store (redis://host:port/db)")
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{setting} must be a redis:// URL, got {url!r}")
 
 
 @dataclass(frozen=True)
@@ -96,10 +106,7 @@ class ShardConfig(AggregatorConfig):
         # the single-process checks (e.g. dp's dp_population).
         if not isinstance(self.shard, ShardSettings):
             raise ConfigError("shard must be a ShardSettings")
-        if not self.shard.redis:
-            raise ConfigError("shard.redis must name the store (redis://host:port/db)")
-        if not self.shard.redis.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(f"shard.redis must be a redis:// URL, got {self.shard.redis!r}")
+        check_redis_url(self.shard.redis, "shard.redis")
         for name, allowed in UNSUPPORTED.items():
             if getattr(self, name) != allowed:
                 raise ConfigError(
@@ -152,7 +159,6 @@ def load_shard_config(
     )
 
 
-Flag = tuple[str, str, Any, str]  # (flag, setting, type, help)
 _COMMON: tuple[Flag, ...] = (
     ("--fleet", "fleet", str, "fleet name"),
     ("--redis", "shard.redis", str, "the store: redis://host:port/db"),
@@ -200,18 +206,13 @@ def add_flags(
 ) -> None:
     """``--config FILE`` and ``flags`` (each overrides its setting). ``subcommand``: the
     parser is a role of ``fedmq aggregator``, whose own options must not be reset by it."""
-    default = argparse.SUPPRESS if subcommand else None
-    parser.add_argument("--config", metavar="FILE", default=default,
-                        help="TOML with [aggregator], [mqtt] and [shard] tables "
-                        "(docs/scaling.md); flags override it")
-    for flag, dest, kind, text in flags:
-        parser.add_argument(flag, dest=dest, type=kind, default=default, help=text,
-                            metavar=flag[2:].upper().replace("-", "_"))
+    add_config_flags(parser, flags, tables="[aggregator], [mqtt] and [shard]",
+                     subcommand=subcommand)
 
 
 def config_from_args(args: argparse.Namespace, flags: tuple[Flag, ...]) -> ShardConfig:
     """The configuration: ``args.config`` < environment < the flags given."""
     return load_shard_config(
         getattr(args, "config", None),
-        overrides={dest: getattr(args, dest, None) for _, dest, _, _ in flags},
+        overrides=flag_overrides(args, flags),
     )

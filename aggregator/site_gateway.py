@@ -34,6 +34,9 @@ codec every update must use) but not the cloud's bounds, which are frozen in the
 store and adaptive. The site applies its OWN fixed ceilings instead (``--max-update-norm``
 with ``--norm-action``, ``--max-claimed-examples``; no relative weight cap), frozen with the
 announced config into the site round's :class:`~aggregator.shard_store.RoundRules`.
+
+Run as a service: ``fedmq aggregator site-gateway --config site-gateway.toml`` (a strict
+``[gateway]`` + ``[mqtt]`` file, :mod:`aggregator.site_config`; the flags above override it).
 """
 
 from __future__ import annotations
@@ -46,25 +49,27 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import redis
 
-from aggregator.bounds import NORM_ACTIONS, RoundBounds
+from aggregator.bounds import RoundBounds
 from aggregator.bundles import resolve_bundle
-from aggregator.service_loop import add_service_flags, service_main
+from aggregator.service_loop import service_main
 from aggregator.shard_store import RoundRules
 from aggregator.shard_worker import ShardWorker
+from aggregator.site_config import GatewayConfig, add_gateway_flags, gateway_config_from_args
 from aggregator.site_store import Outgoing, SealedRound, SiteStore
 from fedmq.errors import ConfigError, SecurityError, StateError, WireError
-from fedmq.net.mqtt import MqttSettings, connect, make_client
+from fedmq.net.mqtt import connect, make_client
 from fedmq.signing import DeviceKey, Registry, load_key, sign_site_partial
 from fedmq.topics import Topics, validate_name
 from fedmq.wire import AckMessage, SitePartial, decode_ack, decode_round, encode
 
-__all__ = ["SiteGateway", "gateway_client_id", "main", "site_bounds"]
+__all__ = ["SiteGateway", "command", "gateway_client_id", "main", "site_bounds"]
 
 log = logging.getLogger(__name__)
 
@@ -191,25 +196,24 @@ class SiteGateway:
 class _Runner:
     """The MQTT side on the site broker."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.topics = Topics(args.fleet, args.prefix)
-        self.settings = MqttSettings(
-            host=args.host, port=args.port, client_id=gateway_client_id(args.fleet, args.gateway),
-            session_expiry=args.session_expiry,
-        )
-        bundle = resolve_bundle(args.model)
+    def __init__(self, config: GatewayConfig) -> None:
+        self.topics = Topics(config.fleet, config.topic_prefix)
+        self.settings = replace(config.mqtt, client_id=gateway_client_id(config.fleet,
+                                                                         config.name),
+                                clean_start=False)
+        bundle = resolve_bundle(config.model)
         template = {t.name: t.shape for t in bundle.spec.trainable_specs}
-        registry = Registry(Path(args.registry)) if args.registry else None
+        registry = Registry(Path(config.registry)) if config.registry else None
         if registry is not None:
             registry.devices()  # a malformed registry: one error at start
-        self.store = SiteStore(Path(args.state), args.fleet)
-        self.gw = SiteGateway(self.store, template, args.gateway, load_key(Path(args.key)),
-                              registry=registry, expect=args.expect, lead=args.lead,
-                              bounds=site_bounds(args.max_update_norm, args.norm_action),
-                              max_examples=args.max_claimed_examples)
-        self.poll = args.poll
-        self.resend_after = args.resend_after
-        self.ready_file = Path(args.ready_file) if args.ready_file else None
+        self.store = SiteStore(Path(config.state), config.fleet)
+        self.gw = SiteGateway(self.store, template, config.name, load_key(Path(config.key)),
+                              registry=registry, expect=config.expect, lead=config.lead,
+                              bounds=site_bounds(config.max_update_norm, config.norm_action),
+                              max_examples=config.max_claimed_examples)
+        self.poll = config.poll
+        self.resend_after = config.resend_after
+        self.ready_file = Path(config.ready_file) if config.ready_file else None
         self.client = make_client(self.settings, manual_ack=True)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
@@ -217,9 +221,9 @@ class _Runner:
         self.stopping = threading.Event()
         self.failed = threading.Event()
         self.resend_due = threading.Event()
-        self.partial_topic = self.topics.gateway_partial(args.gateway)
-        self.ack_topic = self.topics.gateway_ack(args.gateway)
-        self.bridge_topic = self.topics.gateway_bridge(args.gateway)
+        self.partial_topic = self.topics.gateway_partial(config.name)
+        self.ack_topic = self.topics.gateway_ack(config.name)
+        self.bridge_topic = self.topics.gateway_bridge(config.name)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any,
                     props: Any = None) -> None:
@@ -306,42 +310,27 @@ def site_bounds(max_update_norm: float, norm_action: str) -> RoundBounds:
     return RoundBounds(norm_action, limit)
 
 
+def command(args: argparse.Namespace) -> int:
+    """Load the configuration from ``args`` (``--config`` < environment < flags) and run."""
+    try:
+        config = gateway_config_from_args(args)
+        config.mqtt.check_files()
+        return _Runner(config).run()
+    except (ConfigError, SecurityError, StateError, OSError) as exc:
+        log.error("site gateway: %s", exc)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m aggregator.site_gateway",
                                 description="a site gateway's aggregator (docs/scaling.md)")
-    p.add_argument("--fleet", required=True)
-    p.add_argument("--gateway", required=True, help="this gateway's name (enrolled in the "
-                                                    "cloud's gateway registry)")
-    p.add_argument("--key", required=True, help="the gateway's private key (`fedmq keygen`)")
-    p.add_argument("--state", required=True, help="the site store (SQLite file)")
-    p.add_argument("--registry", default="", help="the site's device registry: signatures "
-                                                  "required")
-    p.add_argument("--host", default="127.0.0.1", help="the SITE broker")
-    p.add_argument("--port", type=int, default=1883)
-    p.add_argument("--prefix", default="", help="topic prefix (tests)")
-    p.add_argument("--model", default="digits-mlp", help="zoo model or bundle directory")
-    p.add_argument("--expect", type=int, default=0,
-                   help="seal the round once this many devices are in (0: at the deadline)")
-    p.add_argument("--lead", type=float, default=5.0,
-                   help="seal this many seconds before the cloud's deadline")
-    p.add_argument("--resend-after", type=float, default=0.0,
-                   help="also re-send unanswered partials every this many seconds (0: only at "
-                        "start, on reconnect and when the bridge comes up)")
-    p.add_argument("--max-update-norm", type=float, default=0.0,
-                   help="the site's fixed L2 ceiling on an update (0: none; the cloud's "
-                        "adaptive bound is not known at the site)")
-    p.add_argument("--norm-action", choices=NORM_ACTIONS, default="clip",
-                   help="clip or reject an update over --max-update-norm")
-    p.add_argument("--max-claimed-examples", type=int, default=10_000_000,
-                   help="largest num_examples an update may claim")
-    p.add_argument("--poll", type=float, default=0.05)
-    return add_service_flags(p, session_expiry=True)
+    add_gateway_flags(p)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    return service_main(build_parser(), argv, lambda args: _Runner(args).run(), log=log,
-                        expected=(ConfigError, SecurityError, StateError, OSError),
-                        prefix=lambda args: f"gateway {args.gateway}")
+    return service_main(build_parser(), argv, command, log=log)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@
                       [--decryptor]
     fedmq broker add-device NAME --dir DIR [--fleet F] [--password P | --rotate] [--cert]
     fedmq broker remove-device NAME --dir DIR
+    fedmq broker add-gateway NAME --dir DIR [--fleet F] [--password-stdin | --rotate] [--cert]
+    fedmq broker remove-gateway NAME --dir DIR
     fedmq broker list --dir DIR
+    fedmq broker gateway-conf --out FILE --fleet F --gateway NAME --cloud-host H ...
 
 One module per job: ``settings`` (broker.json, the directory layout), ``conf``
 (mosquitto.conf), ``acl``, ``passwords`` ($7$ hashes), ``certs`` (CA, server and client
@@ -20,8 +23,9 @@ Layout of ``DIR`` (see docs/broker.md)::
     certs/server.crt, server.key   the broker's certificate and key                 key 0600
     private/ca.key                 CA signing key: NOT for the broker, keep offline 0600
     credentials/NAME.env           FEDMQ_AGENT_MQTT_* / FEDMQ_AGGREGATOR_MQTT_* login 0600
+    credentials/NAME.pass          a site gateway bridge's password alone          0600
     clients/NAME.crt, NAME.key     optional client certificates (--cert)            key 0600
-    broker.json                    settings and the device -> fleet map (no secrets)
+    broker.json                    settings, the device and gateway -> fleet maps (no secrets)
 
 Every identity gets an explicit ACL block naming its own topics: Mosquitto's ``pattern``
 lines (``%u``) would apply to *every* user, so the read-only ``monitor`` identity could
@@ -45,9 +49,12 @@ from fedmq_ops.broker.passwords import (
 from fedmq_ops.broker.provision import (
     InitResult,
     add_device,
+    add_gateway,
     init_broker,
     list_devices,
+    list_gateways,
     remove_device,
+    remove_gateway,
 )
 from fedmq_ops.broker.settings import (
     AGGREGATOR_USER,
@@ -71,6 +78,7 @@ __all__ = [
     "BrokerSettings",
     "InitResult",
     "add_device",
+    "add_gateway",
     "add_parser",
     "format_passwd",
     "hash_password",
@@ -78,10 +86,12 @@ __all__ = [
     "issue_client_cert",
     "issue_server_cert",
     "list_devices",
+    "list_gateways",
     "load_settings",
     "make_ca",
     "parse_passwd",
     "remove_device",
+    "remove_gateway",
     "render_acl",
     "render_mosquitto_conf",
     "verify_password",

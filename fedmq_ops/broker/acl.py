@@ -9,6 +9,7 @@ from fedmq.downlink import downlink_topics
 from fedmq.errors import ConfigError
 from fedmq.privacy.he_decrypt import he_topics
 from fedmq.topics import Topics
+from fedmq_ops.broker.gateway import bridge_topics
 from fedmq_ops.broker.settings import (
     AGGREGATOR_USER,
     DECRYPTOR_USER,
@@ -19,8 +20,25 @@ from fedmq_ops.broker.settings import (
 __all__ = ["render_acl"]
 
 
-def render_acl(s: BrokerSettings, devices: Mapping[str, str]) -> str:
-    """One ``user`` block per identity; nothing for anonymous clients; no patterns."""
+def _fleet_topics(s: BrokerSettings, name: str, fleet: str, kind: str) -> Topics:
+    if fleet not in s.fleets:
+        raise ConfigError(f"{kind} {name} belongs to fleet {fleet!r}, not in {s.fleets}")
+    return Topics(fleet, s.topic_prefix)
+
+
+def _gateway_block(s: BrokerSettings, name: str, fleet: str) -> list[str]:
+    """A site gateway's bridge login: exactly the topics its bridge carries
+    (:func:`~fedmq_ops.broker.gateway.bridge_topics`), its own partial up, its own answer,
+    the round and the model down."""
+    bridged = bridge_topics(_fleet_topics(s, name, fleet, "gateway"), name)
+    return ["", f"user {name}", *(f"topic write {t}" for t in bridged.out),
+            *(f"topic read {t}" for t in bridged.into)]
+
+
+def render_acl(s: BrokerSettings, devices: Mapping[str, str],
+               gateways: Mapping[str, str] | None = None) -> str:
+    """One ``user`` block per identity; nothing for anonymous clients; no patterns.
+    ``devices`` and ``gateways`` (site gateways' bridge logins) map a name to its fleet."""
     lines = [
         "# fedmq broker ACL. Rendered by `fedmq broker`; re-run it instead of editing.",
         "# Mosquitto denies everything not granted here. No `topic` lines come before the",
@@ -39,6 +57,9 @@ def render_acl(s: BrokerSettings, devices: Mapping[str, str]) -> str:
             *(f"topic readwrite {x}" for x in downlink_topics(t)),
             f"topic readwrite {t.round}",
             f"topic write {t.base}/ack/+",
+            # the partial receiver (site gateways): every gateway's partial, its answer
+            f"topic read {t.gateway_partial_wildcard}",
+            f"topic write {t.base}/gateway/+/ack",
             f"topic read {t.secagg_in_wildcard}",
             f"topic write {t.secagg_out}",
             f"topic write {t.secagg_out}/+",
@@ -67,10 +88,7 @@ def render_acl(s: BrokerSettings, devices: Mapping[str, str]) -> str:
             lines += [f"topic read {he_sum}", f"topic read {chunk_wildcard(he_sum)}",
                       f"topic write {he_mean}"]
     for name in sorted(devices):
-        fleet = devices[name]
-        if fleet not in s.fleets:
-            raise ConfigError(f"device {name} belongs to fleet {fleet!r}, not in {s.fleets}")
-        t = Topics(fleet, s.topic_prefix)
+        t = _fleet_topics(s, name, devices[name], "device")
         lines += [
             "",
             f"user {name}",
@@ -85,4 +103,6 @@ def render_acl(s: BrokerSettings, devices: Mapping[str, str]) -> str:
             f"topic read {t.secagg_out}",
             f"topic read {t.secagg_relay(name)}",
         ]
+    for name in sorted(gateways or {}):
+        lines += _gateway_block(s, name, (gateways or {})[name])
     return "\n".join(lines) + "\n"

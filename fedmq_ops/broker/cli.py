@@ -1,4 +1,5 @@
-"""``fedmq broker {init,add-device,remove-device,list}``: argument parsing and output."""
+"""``fedmq broker {init,add-device,remove-device,add-gateway,remove-gateway,list,gateway-conf}``:
+argument parsing and output."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ from typing import Any
 from fedmq.errors import ConfigError
 from fedmq_ops.broker.files import write_file
 from fedmq_ops.broker.gateway import GatewayBrokerSettings, render_gateway_conf
-from fedmq_ops.broker.provision import add_device, init_broker, list_devices, remove_device
+from fedmq_ops.broker.provision import (
+    add_device,
+    add_gateway,
+    init_broker,
+    list_devices,
+    list_gateways,
+    remove_device,
+    remove_gateway,
+)
 from fedmq_ops.broker.settings import BrokerLayout, BrokerSettings
 from fedmq_ops.broker.state import load_settings
 
@@ -71,9 +80,11 @@ def _cmd_add(args: argparse.Namespace) -> int:
     password = args.password
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
-    new = add_device(Path(args.dir), args.name, fleet=args.fleet, password=password,
-                     rotate=args.rotate, client_cert=args.cert,
-                     save_credentials=not args.no_save, owner=_owner(args.owner))
+    gateway = args.broker_command == "add-gateway"
+    add = add_gateway if gateway else add_device
+    new = add(Path(args.dir), args.name, fleet=args.fleet, password=password,
+              rotate=args.rotate, client_cert=args.cert, save_credentials=not args.no_save,
+              owner=_owner(args.owner))
     layout = BrokerLayout(Path(args.dir))
     if new is None:
         print(f"{args.name} exists; password unchanged (use --rotate for a new one)")
@@ -82,7 +93,11 @@ def _cmd_add(args: argparse.Namespace) -> int:
     else:
         print(f"{args.name} password set")
     if new is not None and not args.no_save:
-        print(f"credentials: {layout.credentials(args.name)} (mode 0600)")
+        saved = layout.gateway_password(args.name) if gateway else layout.credentials(args.name)
+        print(f"credentials: {saved} (mode 0600)")
+    if gateway:
+        print(f"on the gateway: `fedmq broker gateway-conf --gateway {args.name} "
+              f"--remote-username {args.name} --remote-password-file FILE --cafile ca.crt ...`")
     if layout.client_crt(args.name).exists():
         print(f"client certificate: {layout.client_crt(args.name)}, "
               f"key {layout.client_key(args.name)}")
@@ -91,16 +106,20 @@ def _cmd_add(args: argparse.Namespace) -> int:
 
 
 def _cmd_remove(args: argparse.Namespace) -> int:
-    if remove_device(Path(args.dir), args.name, owner=_owner(args.owner)):
+    kind = "gateway" if args.broker_command == "remove-gateway" else "device"
+    remove = remove_gateway if kind == "gateway" else remove_device
+    if remove(Path(args.dir), args.name, owner=_owner(args.owner)):
         print(f"removed {args.name}; {_RELOAD_HINT}")
     else:
-        print(f"{args.name} was not a device of {args.dir}; nothing to do")
+        print(f"{args.name} was not a {kind} of {args.dir}; nothing to do")
     return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
     for name, fleet in list_devices(Path(args.dir)).items():
         print(f"{name}\t{fleet}")
+    for name, fleet in list_gateways(Path(args.dir)).items():
+        print(f"{name}\t{fleet}\tgateway")
     return 0
 
 
@@ -132,7 +151,8 @@ def _cmd_gateway_conf(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    """Register ``fedmq broker {init,add-device,remove-device,list,gateway-conf}``."""
+    """Register ``fedmq broker {init,add-device,remove-device,add-gateway,remove-gateway,list,
+    gateway-conf}``."""
     p = subparsers.add_parser(
         "broker", help="create and manage the production Mosquitto files (TLS, ACL, users)",
         description="Create a CA, the broker's TLS certificate, a password file, a per-user "
@@ -188,28 +208,37 @@ def add_parser(subparsers: Any) -> None:
                    help="issue a new server certificate even if the current one is fine")
     i.set_defaults(func=_cmd_init)
 
-    a = sub.add_parser("add-device", help="add a device (prints its password once)",
-                       description="Add a device user with its ACL block. Idempotent: an "
-                       "existing device keeps its password unless --password or --rotate.")
-    a.add_argument("name", help="device id = MQTT username")
-    common(a)
-    a.add_argument("--fleet", help="its fleet (default: the first fleet of the broker)")
-    g = a.add_mutually_exclusive_group()
-    g.add_argument("--password", help="use this password (visible in the process list; "
-                   "prefer --password-stdin)")
-    g.add_argument("--password-stdin", action="store_true", help="read the password from "
-                   "the first line of stdin")
-    g.add_argument("--rotate", action="store_true", help="give an existing device a new "
-                   "random password")
-    a.add_argument("--cert", action="store_true", help="also issue a client certificate")
-    a.add_argument("--no-save", action="store_true", help="do not write "
-                   "credentials/NAME.env (print the password only)")
-    a.set_defaults(func=_cmd_add)
+    def adder(action: str, kind: str, text: str, name_help: str, saved: str) -> None:
+        a = sub.add_parser(action, help=f"add a {kind} (prints its password once)",
+                           description=f"{text} Idempotent: an existing {kind} keeps its "
+                           "password unless --password or --rotate.")
+        a.add_argument("name", help=name_help)
+        common(a)
+        a.add_argument("--fleet", help="its fleet (default: the first fleet of the broker)")
+        g = a.add_mutually_exclusive_group()
+        g.add_argument("--password", help="use this password (visible in the process list; "
+                       "prefer --password-stdin)")
+        g.add_argument("--password-stdin", action="store_true", help="read the password from "
+                       "the first line of stdin")
+        g.add_argument("--rotate", action="store_true", help=f"give an existing {kind} a new "
+                       "random password")
+        a.add_argument("--cert", action="store_true", help="also issue a client certificate")
+        a.add_argument("--no-save", action="store_true", help=f"do not write {saved} (print "
+                       "the password only)")
+        a.set_defaults(func=_cmd_add)
+        r = sub.add_parser(f"remove-{kind}",
+                           help=f"remove a {kind} (password, ACL, certificate)")
+        r.add_argument("name", help=name_help)
+        common(r)
+        r.set_defaults(func=_cmd_remove)
 
-    r = sub.add_parser("remove-device", help="remove a device (password, ACL, certificate)")
-    r.add_argument("name", help="device id")
-    common(r)
-    r.set_defaults(func=_cmd_remove)
+    adder("add-device", "device", "Add a device user with its ACL block.",
+          "device id = MQTT username", "credentials/NAME.env")
+    adder("add-gateway", "gateway", "Enrol a site gateway's bridge login on this (cloud) "
+          "broker: its ACL block grants exactly the topics its bridge carries (its partial "
+          "up; its answer, the round and the model down). See docs/scaling.md, \"Site "
+          "gateways\".", "gateway name = its bridge's MQTT username (gateway-conf "
+          "--gateway/--remote-username)", "credentials/NAME.pass")
 
     gw = sub.add_parser("gateway-conf", help="a site gateway's mosquitto.conf, bridged to the "
                         "cloud broker", description="Render the site broker's config: its "
@@ -248,6 +277,6 @@ def add_parser(subparsers: Any) -> None:
                     help="bridge reconnect backoff in seconds")
     gw.set_defaults(func=_cmd_gateway_conf)
 
-    ls = sub.add_parser("list", help="list the devices and their fleets")
+    ls = sub.add_parser("list", help="list the devices and gateways and their fleets")
     ls.add_argument("--dir", required=True, type=Path, help="the broker directory")
     ls.set_defaults(func=_cmd_list)

@@ -5,9 +5,13 @@ carries, and nothing else:
 
 - ``out``, QoS 1: ``fl/<fleet>/gateway/<gw>/partial``, the site aggregator's one signed
   partial per round. Device updates and acks stay on the site broker.
-- ``in``, QoS 1: ``fl/<fleet>/round``, ``fl/<fleet>/model`` and ``fl/<fleet>/model/#``
-  (chunks, snapshot, deltas: retained, so devices joining at the site get them), and
-  ``fl/<fleet>/gateway/<gw>/ack``, the cloud's answer to the partial.
+- ``in``, QoS 1: ``fl/<fleet>/gateway/<gw>/ack``, the cloud's answer to the partial,
+  ``fl/<fleet>/round`` and the model's topics a device reads (``model``, its chunks, the
+  compressed downlink's snapshot and deltas and their chunks: retained, so devices joining
+  at the site get them).
+
+:func:`bridge_topics` is the one list: the cloud broker's ACL for the gateway's bridge login
+(``fedmq broker add-gateway``, :mod:`fedmq_ops.broker.acl`) grants exactly these topics.
 
 So a cloud outage loses nothing: the bridge session is persistent on both ends (``cleansession
 false``, ``local_cleansession false``, fixed client ids), the site broker queues the partials
@@ -25,12 +29,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedmq.chunks import chunk_wildcard
+from fedmq.downlink import downlink_topics
 from fedmq.errors import ConfigError
 from fedmq.topics import Topics, validate_name
 from fedmq_ops.broker.conf import LOG_LINES
 from fedmq_ops.broker.settings import PACKET_OVERHEAD
 
-__all__ = ["GatewayBrokerSettings", "render_gateway_conf"]
+__all__ = ["BridgeTopics", "GatewayBrokerSettings", "bridge_topics", "render_gateway_conf"]
+
+
+@dataclass(frozen=True)
+class BridgeTopics:
+    """What a gateway's bridge carries: ``out`` to the cloud, ``in`` from it (QoS 1)."""
+
+    out: tuple[str, ...]
+    into: tuple[str, ...]
+
+
+def bridge_topics(topics: Topics, gateway: str) -> BridgeTopics:
+    """The topics of gateway ``gateway``'s bridge: its partial up; its answer, the round and
+    the model (with its chunks, snapshot and deltas) down. Device updates never leave."""
+    return BridgeTopics(
+        out=(topics.gateway_partial(gateway),),
+        into=(topics.gateway_ack(gateway), topics.round, topics.model,
+              chunk_wildcard(topics.model), *downlink_topics(topics)),
+    )
 
 
 def _no_space(value: str, what: str) -> str:
@@ -122,7 +146,7 @@ class GatewayBrokerSettings:
 
 def render_gateway_conf(s: GatewayBrokerSettings) -> str:
     """The site broker's ``mosquitto.conf`` (Mosquitto 2.0) with its bridge to the cloud."""
-    t = s.topics
+    bridged = bridge_topics(s.topics, s.gateway)
     data = s.data_dir if s.data_dir.endswith("/") else s.data_dir + "/"
     listen = f"listener {s.listen_port}" + (f" {s.listen_address}" if s.listen_address else "")
     lines = [
@@ -186,12 +210,9 @@ def render_gateway_conf(s: GatewayBrokerSettings) -> str:
             lines += [f"bridge_certfile {s.certfile}", f"bridge_keyfile {s.keyfile}"]
     lines += [
         "# Up: the site's one partial per round. Device updates never leave the site.",
-        f"topic {t.gateway_partial(s.gateway)} out 1",
+        *(f"topic {topic} out 1" for topic in bridged.out),
         "# Down: the cloud's answer to it, the round and the model (retained).",
-        f"topic {t.gateway_ack(s.gateway)} in 1",
-        f"topic {t.round} in 1",
-        f"topic {t.model} in 1",
-        f"topic {t.model}/# in 1",
+        *(f"topic {topic} in 1" for topic in bridged.into),
         "",
         *LOG_LINES,
     ]

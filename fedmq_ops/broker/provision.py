@@ -1,4 +1,4 @@
-"""The broker-directory commands: init, add a device, remove a device, list devices."""
+"""The broker-directory commands: init, add, remove and list devices and site gateways."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 from fedmq.errors import ConfigError
 from fedmq.topics import validate_name
@@ -36,7 +37,17 @@ from fedmq_ops.broker.settings import (
 )
 from fedmq_ops.broker.state import load_state, read_passwd, save_state
 
-__all__ = ["InitResult", "add_device", "init_broker", "list_devices", "remove_device"]
+__all__ = [
+    "InitResult",
+    "LoginOptions",
+    "add_device",
+    "add_gateway",
+    "init_broker",
+    "list_devices",
+    "list_gateways",
+    "remove_device",
+    "remove_gateway",
+]
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +99,26 @@ def _secure_dirs(layout: BrokerLayout, settings: BrokerSettings,
 def _render_all(layout: BrokerLayout, state: BrokerState, passwd: dict[str, str],
                 owner: tuple[int, int] | None) -> None:
     write_file(layout.passwd, format_passwd(passwd), 0o600, owner, keep_group_read=True)
-    write_if_changed(layout.acl, render_acl(state.settings, state.devices), 0o644)
+    write_if_changed(layout.acl, render_acl(state.settings, state.devices, state.gateways),
+                     0o644)
     write_if_changed(layout.conf, render_mosquitto_conf(state.settings), 0o644)
     save_state(layout, state)
+
+
+def _credentials_file(layout: BrokerLayout, state: BrokerState, name: str) -> Path:
+    """A gateway's password alone (for its bridge config), else an env file."""
+    return layout.gateway_password(name) if name in state.gateways else layout.credentials(name)
 
 
 def _set_password(layout: BrokerLayout, state: BrokerState, passwd: dict[str, str], name: str,
                   password: str | None, save: bool) -> str:
     password = password if password is not None else new_password()
     passwd[name] = hash_password(password)
-    cred = layout.credentials(name)
+    cred = _credentials_file(layout, state, name)
     if save:
-        write_file(cred, _credentials_text(state, name, password), 0o600)
+        text = (password + "\n" if name in state.gateways
+                else _credentials_text(state, name, password))
+        write_file(cred, text, 0o600)
     elif cred.exists():
         cred.unlink()  # it would hold the old password
     return password
@@ -127,16 +146,17 @@ def init_broker(
     passwords: dict[str, str] = {}
     with locked(layout.root, create=True):
         _secure_dirs(layout, settings, owner)
-        devices: dict[str, str] = {}
+        state = BrokerState(settings)
         if layout.state.exists():
-            devices = load_state(layout).devices
-            orphans = {d: f for d, f in devices.items() if f not in settings.fleets}
+            old = load_state(layout)
+            state = BrokerState(settings, old.devices, old.gateways)
+            users = {**old.devices, **old.gateways}
+            orphans = {d: f for d, f in users.items() if f not in settings.fleets}
             if orphans:
                 raise ConfigError(
-                    f"devices {sorted(orphans)} belong to fleets not in {settings.fleets}; "
-                    "remove them first or keep their fleets"
+                    f"devices/gateways {sorted(orphans)} belong to fleets not in "
+                    f"{settings.fleets}; remove them first or keep their fleets"
                 )
-        state = BrokerState(settings, devices)
 
         if layout.ca_key.exists() != layout.ca_crt.exists():
             raise ConfigError(
@@ -176,7 +196,7 @@ def init_broker(
             if not on and ident in passwd:
                 del passwd[ident]
                 layout.credentials(ident).unlink(missing_ok=True)
-        stale = set(passwd) - wanted - set(devices)
+        stale = set(passwd) - wanted - set(state.devices) - set(state.gateways)
         if stale:
             log.warning("password file users without an ACL block (they can connect but "
                         "do nothing): %s", ", ".join(sorted(stale)))
@@ -186,22 +206,26 @@ def init_broker(
     return InitResult(tuple(dict.fromkeys(created)), passwords)
 
 
-def add_device(
-    root: Path,
-    name: str,
-    fleet: str | None = None,
-    password: str | None = None,
-    rotate: bool = False,
-    client_cert: bool = False,
-    save_credentials: bool = True,
-    owner: tuple[int, int] | None = None,
-) -> str | None:
-    """Add (or update) device ``name``; returns its new password, or None if unchanged.
+_KINDS = ("device", "gateway")
 
-    Re-adding an existing device changes nothing unless ``password`` or ``rotate`` is given;
-    ``client_cert`` issues a client certificate when the device has none.
-    """
-    validate_name(name, "device")
+
+def _users(state: BrokerState, kind: str) -> dict[str, str]:
+    """The name -> fleet map of ``kind`` (devices, or site gateways' bridge logins)."""
+    return state.devices if kind == "device" else state.gateways
+
+
+def _check_name(state: BrokerState, name: str, kind: str, removing: bool = False) -> None:
+    other = next(k for k in _KINDS if k != kind)
+    if name in _users(state, other):
+        raise ConfigError(f"{name} is a {other}, not a {kind}: use remove-{other}" if removing
+                          else f"{name} is a {other} of this broker: a device and a gateway "
+                          f"cannot share an MQTT login (remove-{other} it first)")
+
+
+def _add_user(root: Path, name: str, kind: str, fleet: str | None = None,
+              password: str | None = None, rotate: bool = False, client_cert: bool = False,
+              save_credentials: bool = True, owner: tuple[int, int] | None = None) -> str | None:
+    validate_name(name, kind)
     if name in RESERVED_USERS:
         raise ConfigError(f"{name!r} is reserved for the {name} identity")
     if password is not None and rotate:
@@ -209,24 +233,26 @@ def add_device(
     layout = BrokerLayout(Path(root))
     with locked(layout.root):
         state = load_state(layout)
-        fleet = fleet or state.devices.get(name) or state.settings.fleets[0]
+        _check_name(state, name, kind)
+        users = _users(state, kind)
+        fleet = fleet or users.get(name) or state.settings.fleets[0]
         if fleet not in state.settings.fleets:
             raise ConfigError(f"fleet {fleet!r} is not served by this broker "
                               f"({', '.join(state.settings.fleets)}); see `init --fleet`")
-        known = state.devices.get(name)
+        known = users.get(name)
         if known is not None and known != fleet:
-            raise ConfigError(f"device {name} already belongs to fleet {known!r}; "
+            raise ConfigError(f"{kind} {name} already belongs to fleet {known!r}; "
                               "remove it first to move it")
         passwd = read_passwd(layout)
-        state.devices[name] = fleet
+        users[name] = fleet
         new: str | None = None
         if name not in passwd or password is not None or rotate:
             new = _set_password(layout, state, passwd, name, password, save_credentials)
-            log.info("%s device %s (fleet %s)",
-                     "added" if known is None else "new password for", name, fleet)
+            log.info("%s %s %s (fleet %s)",
+                     "added" if known is None else "new password for", kind, name, fleet)
         else:
-            log.info("device %s exists (fleet %s); password unchanged (use --rotate)",
-                     name, fleet)
+            log.info("%s %s exists (fleet %s); password unchanged (use --rotate)",
+                     kind, name, fleet)
         if client_cert and not layout.client_crt(name).exists():
             ca_key, ca_cert = load_key(layout.ca_key), load_cert(layout.ca_crt)
             key, cert = issue_client_cert(ca_key, ca_cert, name, state.settings.days)
@@ -237,26 +263,69 @@ def add_device(
     return new
 
 
-def remove_device(root: Path, name: str, owner: tuple[int, int] | None = None) -> bool:
-    """Remove ``name``'s password, ACL block, credentials and client certificate.
+class LoginOptions(TypedDict, total=False):
+    """The options of :func:`add_device` and :func:`add_gateway`."""
 
-    Returns False when there was nothing to remove. The broker applies it on SIGHUP.
+    fleet: str | None  # default: the login's fleet, else the broker's first fleet
+    password: str | None  # default: a new random one (None: keep an existing login's)
+    rotate: bool  # a new random password for an existing login
+    client_cert: bool  # also issue a client certificate (kept when one exists)
+    save_credentials: bool  # write the credentials file (default True)
+    owner: tuple[int, int] | None
+
+
+def add_device(root: Path, name: str, **options: Unpack[LoginOptions]) -> str | None:
+    """Add (or update) device ``name``; returns its new password, or None if unchanged.
+
+    Re-adding an existing device changes nothing unless ``password`` or ``rotate`` is given;
+    ``client_cert`` issues a client certificate when the device has none.
     """
-    validate_name(name, "device")
+    return _add_user(root, name, "device", **options)
+
+
+def add_gateway(root: Path, name: str, **options: Unpack[LoginOptions]) -> str | None:
+    """Enrol site gateway ``name``'s bridge login (docs/scaling.md, "Site gateways"): its ACL
+    block grants exactly what its bridge carries (``gateway.bridge_topics``). Like
+    :func:`add_device` otherwise; the password alone is saved in ``credentials/NAME.pass``
+    (``fedmq broker gateway-conf --remote-password-file``)."""
+    return _add_user(root, name, "gateway", **options)
+
+
+def _remove_user(root: Path, name: str, kind: str, owner: tuple[int, int] | None) -> bool:
+    validate_name(name, kind)
     if name in RESERVED_USERS:
-        raise ConfigError(f"{name!r} is not a device")
+        raise ConfigError(f"{name!r} is not a {kind}")
     layout = BrokerLayout(Path(root))
     with locked(layout.root):
         state = load_state(layout)
+        _check_name(state, name, kind, removing=True)
+        cred = _credentials_file(layout, state, name)
         passwd = read_passwd(layout)
-        found = state.devices.pop(name, None) is not None
+        found = _users(state, kind).pop(name, None) is not None
         found = passwd.pop(name, None) is not None or found
-        for p in (layout.credentials(name), layout.client_crt(name), layout.client_key(name)):
+        for p in (cred, layout.client_crt(name), layout.client_key(name)):
             if p.exists():
                 p.unlink()
                 found = True
         _render_all(layout, state, passwd, owner)
     return found
+
+
+def remove_device(root: Path, name: str, owner: tuple[int, int] | None = None) -> bool:
+    """Remove ``name``'s password, ACL block, credentials and client certificate.
+
+    Returns False when there was nothing to remove. The broker applies it on SIGHUP.
+    """
+    return _remove_user(root, name, "device", owner)
+
+
+def remove_gateway(root: Path, name: str, owner: tuple[int, int] | None = None) -> bool:
+    """Remove site gateway ``name``'s bridge login, as :func:`remove_device`."""
+    return _remove_user(root, name, "gateway", owner)
+
+
+def list_gateways(root: Path) -> dict[str, str]:
+    return dict(sorted(load_state(BrokerLayout(Path(root))).gateways.items()))
 
 
 def list_devices(root: Path) -> dict[str, str]:

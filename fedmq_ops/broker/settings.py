@@ -187,6 +187,10 @@ class BrokerLayout:
     def credentials(self, name: str) -> Path:
         return self.root / "credentials" / f"{name}.env"
 
+    def gateway_password(self, name: str) -> Path:
+        """A gateway bridge's password alone (``gateway-conf --remote-password-file``)."""
+        return self.root / "credentials" / f"{name}.pass"
+
     def client_crt(self, name: str) -> Path:
         return self.root / "clients" / f"{name}.crt"
 
@@ -196,7 +200,9 @@ class BrokerLayout:
 
 @dataclass
 class BrokerState:
-    """The contents of ``broker.json``: settings and the device -> fleet map."""
+    """The contents of ``broker.json``: settings, the device -> fleet and the site
+    gateway -> fleet maps (one namespace of MQTT users: a name is a device or a gateway)."""
 
     settings: BrokerSettings
     devices: dict[str, str] = field(default_factory=dict)  # device -> fleet
+    gateways: dict[str, str] = field(default_factory=dict)  # gateway (bridge login) -> fleet

@@ -27,7 +27,8 @@ def load_state(layout: BrokerLayout) -> BrokerState:
         raise ConfigError(f"{layout.state} has an unknown format")
     settings = BrokerSettings.from_json(data.get("settings", {}))
     devices = {str(k): str(v) for k, v in dict(data.get("devices", {})).items()}
-    return BrokerState(settings, devices)
+    gateways = {str(k): str(v) for k, v in dict(data.get("gateways", {})).items()}
+    return BrokerState(settings, devices, gateways)
 
 
 def load_settings(root: Path) -> BrokerSettings:
@@ -35,8 +36,10 @@ def load_settings(root: Path) -> BrokerSettings:
 
 
 def save_state(layout: BrokerLayout, state: BrokerState) -> None:
-    doc = {"version": _STATE_VERSION, "settings": state.settings.to_json(),
-           "devices": dict(sorted(state.devices.items()))}
+    doc: dict[str, object] = {"version": _STATE_VERSION, "settings": state.settings.to_json(),
+                              "devices": dict(sorted(state.devices.items()))}
+    if state.gateways:  # absent until the first gateway: older files stay byte-identical
+        doc["gateways"] = dict(sorted(state.gateways.items()))
     write_if_changed(layout.state, json.dumps(doc, indent=2) + "\n", 0o644)
 
 

@@ -41,6 +41,7 @@ from fedmq_ops.broker import (
     BrokerLayout,
     BrokerSettings,
     add_device,
+    add_gateway,
     init_broker,
     load_settings,
     make_ca,
@@ -53,6 +54,7 @@ pytestmark = pytest.mark.integration
 
 FLEET = "f1"
 T = Topics(FLEET)
+GATEWAY = "gw-1"
 NOT_AUTHORIZED = 0x87
 WAIT = 5.0
 QUIET = 0.6  # how long "nothing arrives" is watched after a sentinel has arrived
@@ -120,6 +122,9 @@ def _secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
         pw = add_device(root, dev)
         assert pw is not None
         secure.passwords[dev] = pw
+    gw_pw = add_gateway(root, GATEWAY)  # a site gateway's bridge login
+    assert gw_pw is not None
+    secure.passwords[GATEWAY] = gw_pw
     secure.broker.start()
     yield secure
     secure.broker.stop()
@@ -388,6 +393,52 @@ def test_only_the_decryptor_writes_the_he_mean(secure: Secure, peers: list[Peer]
     for peer, topic in ((agg, f"{he_sum}/chunk/0"), (agg, he_sum), (dec, he_mean)):
         # leave nothing retained for the tests that subscribe to "#"
         assert not peer.publish(topic, b"", retain=True).is_failure
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])  # a Mosquitto bridge speaks 3.1.1
+def test_a_gateway_bridge_login_publishes_only_its_partial(
+    secure: Secure, peers: list[Peer], protocol: str
+) -> None:
+    """`fedmq broker add-gateway`: the bridge login may post its own partial, nothing else;
+    the aggregator login (the partial receiver) reads it."""
+    agg = _online(peers, secure.settings("aggregator"))
+    agg.subscribe(T.gateway_partial_wildcard, T.update_wildcard, T.status_wildcard, T.round,
+                  T.model)
+    gw = _online(peers, secure.settings(GATEWAY, protocol=protocol))
+    gw.subscribe(T.gateway_ack(GATEWAY))  # it reads its answer: a forged one would show
+    forbidden = [T.gateway_partial("gw-2"), T.gateway_ack(GATEWAY), T.gateway_bridge(GATEWAY),
+                 T.update(GATEWAY), T.update("dev-a"), T.status(GATEWAY), T.round, T.model,
+                 Topics("other-fleet").gateway_partial(GATEWAY)]
+    for topic in forbidden:
+        rc = gw.publish(topic, b"forged-" + protocol.encode())
+        if protocol == "5":
+            assert rc.value == NOT_AUTHORIZED, (topic, rc)
+    sentinel = (T.gateway_partial(GATEWAY), b"partial-" + protocol.encode())
+    assert not gw.publish(*sentinel).is_failure
+    got = agg.drain(*sentinel, retained=False)
+    assert got == [sentinel], f"forged messages were delivered: {got}"
+    assert gw.messages.empty(), "its forged answer was delivered"
+
+
+def test_a_gateway_bridge_login_reads_only_its_answer_the_round_and_the_model(
+    secure: Secure, peers: list[Peer]
+) -> None:
+    gw = _online(peers, secure.settings(GATEWAY))
+    gw.subscribe("#", T.gateway_ack("gw-2"), T.update_wildcard, T.ack("dev-a"), "$SYS/#")
+    agg = _online(peers, secure.settings("aggregator"))
+    dev = _online(peers, secure.settings("dev-a"))
+    assert not dev.publish(T.update("dev-a"), b"update-of-a").is_failure
+    assert not dev.publish(T.status("dev-a"), b"status-of-a").is_failure
+    for topic in (T.gateway_ack("gw-2"), T.ack("dev-a")):
+        assert not agg.publish(topic, b"not-for-gw-1").is_failure
+    for topic in (T.round, f"{T.model}/chunk/0", T.model):
+        assert not agg.publish(topic, b"down-" + topic.encode()).is_failure
+    assert not agg.publish(T.gateway_ack(GATEWAY), b"answer").is_failure
+    got = gw.drain(T.gateway_ack(GATEWAY), b"answer", retained=False)
+    assert got == [(T.round, f"down-{T.round}".encode()),
+                   (f"{T.model}/chunk/0", f"down-{T.model}/chunk/0".encode()),
+                   (T.model, f"down-{T.model}".encode()),
+                   (T.gateway_ack(GATEWAY), b"answer")], got
 
 
 def test_a_device_cannot_take_over_the_aggregator_session(

@@ -11,6 +11,9 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -25,12 +28,20 @@ from paho.mqtt.properties import Properties
 
 from aggregator.partial_receiver import PartialReceiver
 from aggregator.shard_coordinator import ShardCoordinator
-from aggregator.shard_store import Fold, GatewayClaim, RoundRules, ShardStore
+from aggregator.shard_store import (
+    Fold,
+    GatewayClaim,
+    RoundRules,
+    ShardStore,
+    gateway_partial_key,
+)
 from aggregator.shard_worker import ShardWorker
 from aggregator.site_store import SiteStore
 from fedmq.errors import RejectReason
 from fedmq.net.localbroker import BrokerOptions, LocalBroker, free_port
 from fedmq.net.localredis import LocalRedis, RedisOptions, redis_server_path
+from fedmq.net.mqtt import MqttSettings, connect, make_client
+from fedmq.net.procs import stop_processes
 from fedmq.signing import DeviceKey, Registry, create_key, sign_site_partial, sign_update
 from fedmq.topics import Topics
 from fedmq.update.codecs import get_codec
@@ -46,8 +57,19 @@ from fedmq.wire import (
     decode_update,
     encode,
 )
+from fedmq_ops.broker import BrokerLayout, BrokerSettings, add_gateway, init_broker
 from fedmq_ops.broker.gateway import GatewayBrokerSettings, render_gateway_conf
-from tests.integration.shard_fleet import BUNDLE, TEMPLATE, ShardFleet, assert_exact, wait_for
+from fedmq_ops.cli import main as fedmq_main
+from tests.integration.shard_fleet import (
+    BUNDLE,
+    CODEC,
+    ROOT,
+    TEMPLATE,
+    ShardFleet,
+    assert_exact,
+    wait_for,
+)
+from tests.integration.test_broker_security import SecuredBroker
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -57,14 +79,18 @@ GATEWAY = "gw-1"
 
 
 class GatewayBroker(LocalBroker):
-    """The site Mosquitto, run from the rendered gateway config."""
+    """The site Mosquitto, run from a rendered gateway config (``conf``) listening on ``port``."""
 
-    def __init__(self, settings: GatewayBrokerSettings, workdir: Path) -> None:
-        super().__init__(BrokerOptions(port=settings.listen_port), workdir, kind="mosquitto")
-        self.settings = settings
+    def __init__(self, conf: str, port: int, workdir: Path) -> None:
+        super().__init__(BrokerOptions(port=port), workdir, kind="mosquitto")
+        self.conf = conf
+
+    @classmethod
+    def of(cls, settings: GatewayBrokerSettings, workdir: Path) -> GatewayBroker:
+        return cls(render_gateway_conf(settings), settings.listen_port, workdir)
 
     def mosquitto_config(self) -> str:
-        return render_gateway_conf(self.settings)
+        return self.conf
 
 
 class Client:
@@ -149,7 +175,7 @@ def test_two_tiers_cloud_down_for_a_round_loses_and_doubles_nothing(
         run_as="root" if os.geteuid() == 0 else getpass.getuser(),
         restart_base=1, restart_cap=2, autosave_interval=1,
     )
-    site = GatewayBroker(settings, tmp_path / "site-broker").start()
+    site = GatewayBroker.of(settings, tmp_path / "site-broker").start()
     spy = devices = None
     try:
         # everything the cloud broker ever carries for this fleet
@@ -396,7 +422,7 @@ def test_site_broker_killed_with_the_partial_queued_the_journal_resends_it(
         run_as="root" if os.geteuid() == 0 else getpass.getuser(),
         restart_base=1, restart_cap=2, autosave_interval=3600,  # nothing saved before the kill
     )
-    site = GatewayBroker(settings, tmp_path / "site-broker").start()
+    site = GatewayBroker.of(settings, tmp_path / "site-broker").start()
     devices = None
     try:
         devices = Client(site.port, f"site-devices-{fleet.fleet}",
@@ -446,3 +472,148 @@ def test_site_broker_killed_with_the_partial_queued_the_journal_resends_it(
             devices.stop()
         fleet.stop()
         site.stop()
+
+
+def _service(tmp_path: Path, name: str, args: list[str],
+             env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``fedmq ARGS`` as a real process of this checkout, its output in ``<name>.log``."""
+    with open(tmp_path / f"{name}.log", "ab") as logf:
+        return subprocess.Popen([sys.executable, "-m", "fedmq_ops", *args], cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_bridge_over_tls_with_a_password_delivers_the_partial_exactly(
+    redis_server: LocalRedis, tmp_path: Path,
+) -> None:
+    """The production path of a site: a cloud broker from `fedmq broker init` (TLS listener
+    only, passwords, ACL) with the gateway's bridge login from `fedmq broker add-gateway`; the
+    site broker from `fedmq broker gateway-conf --cafile --remote-username
+    --remote-password-file`; the site aggregator and the partial receiver run as services
+    from their TOML configs (`fedmq aggregator site-gateway|partial-receiver --config`, the
+    receiver's password in the environment). Three signed updates at the site: the cloud
+    store holds exactly their one-process sum under the gateway's claims, and the receiver's
+    answer (ok) came back down the bridge to the gateway's journal."""
+    started = time.monotonic()
+    fleet = f"tls{uuid.uuid4().hex[:8]}"
+    topics = Topics(fleet)
+    root = tmp_path / "cloud-broker"
+    cloud_settings = BrokerSettings(
+        fleets=(fleet,), hostnames=("localhost",), tls_port=free_port(), health_port=None,
+        config_root=str(root), data_dir=f"{root}/data/",
+        run_as="root" if os.geteuid() == 0 else "mosquitto",
+    )
+    init = init_broker(root, cloud_settings)
+    (root / "data").mkdir(exist_ok=True)
+    layout = BrokerLayout(root)
+    assert add_gateway(root, GATEWAY) is not None
+    cloud = SecuredBroker(layout, cloud_settings).start()
+    store = ShardStore(redis_server.url, fleet)
+    procs: list[subprocess.Popen[bytes]] = []
+    site = devices = None
+    try:
+        # the cloud's round 1, announced (retained) by the aggregator login over TLS
+        rules = RoundRules(TrainingConfig(codec=CODEC))
+        deadline = time.time() + 120
+        assert store.init("ep", BUNDLE.initial_trainable(), 1, deadline, 100, rules)
+        agg = MqttSettings(host="127.0.0.1", port=cloud_settings.tls_port, username="aggregator",
+                           password=init.passwords["aggregator"], tls_ca=str(layout.ca_crt),
+                           clean_start=True, session_expiry=0)
+        announcer = make_client(agg)
+        connect(announcer, agg, asynchronous=False)
+        announcer.loop_start()
+        info = announcer.publish(topics.round, encode(RoundAnnouncement(
+            fleet, 1, 0, deadline, rules.config, epoch="ep")), qos=1, retain=True)
+        info.wait_for_publish(10)
+        assert info.is_published()
+        announcer.disconnect()  # the login is bound to one connection: the receiver's next
+        announcer.loop_stop()
+
+        gw_key = create_key(tmp_path / "gw.key")
+        Registry(tmp_path / "gateways.json").enroll(GATEWAY, gw_key.public_hex)
+        keys = {d: DeviceKey.generate() for d in ("s-a", "s-b", "s-c")}
+        site_registry = Registry(tmp_path / "site.json")
+        for d, k in keys.items():
+            site_registry.enroll(d, k.public_hex)
+        (tmp_path / "cloud.toml").write_text(
+            f'[receiver]\nfleet = "{fleet}"\nredis = "{redis_server.url}"\n'
+            f'gateways = "{tmp_path / "gateways.json"}"\n'
+            f'ready_file = "{tmp_path / "receiver.ready"}"\n'
+            f'[mqtt]\nhost = "127.0.0.1"\nport = {cloud_settings.tls_port}\n'
+            f'tls_ca = "{layout.ca_crt}"\nusername = "aggregator"\n')
+        procs.append(_service(tmp_path, "receiver", [
+            "aggregator", "partial-receiver", "--config", str(tmp_path / "cloud.toml")],
+            {"FEDMQ_RECEIVER_MQTT_PASSWORD": init.passwords["aggregator"]}))
+        site_port = free_port()
+        conf = tmp_path / "site-mosquitto.conf"
+        assert fedmq_main([
+            "broker", "gateway-conf", "--out", str(conf), "--fleet", fleet,
+            "--gateway", GATEWAY, "--cloud-host", "127.0.0.1",
+            "--cloud-port", str(cloud_settings.tls_port), "--listen-port", str(site_port),
+            "--listen-address", "127.0.0.1", "--data-dir", f"{tmp_path / 'site-broker'}/",
+            "--run-as", "root" if os.geteuid() == 0 else getpass.getuser(),
+            "--site-devices", "3", "--cafile", str(layout.ca_crt),
+            "--remote-username", GATEWAY,
+            "--remote-password-file", str(layout.gateway_password(GATEWAY)),
+            "--restart-timeout", "1", "2",
+        ]) == 0
+        assert conf.stat().st_mode & 0o777 == 0o600  # it holds the bridge's password
+        site = GatewayBroker(conf.read_text(), site_port, tmp_path / "site-broker").start()
+        (tmp_path / "site.toml").write_text(
+            f'[gateway]\nfleet = "{fleet}"\nname = "{GATEWAY}"\nkey = "{tmp_path / "gw.key"}"\n'
+            f'state = "{tmp_path / "site.db"}"\nregistry = "{tmp_path / "site.json"}"\n'
+            f'expect = 3\nlead = 1.0\nready_file = "{tmp_path / "gateway.ready"}"\n'
+            f'[mqtt]\nhost = "127.0.0.1"\nport = {site_port}\n')
+        procs.append(_service(tmp_path, "gateway", [
+            "aggregator", "site-gateway", "--config", str(tmp_path / "site.toml")], {}))
+        for name in ("receiver", "gateway"):
+            wait_for((tmp_path / f"{name}.ready").exists, 30, f"the {name} to subscribe")
+        devices = Client(site.port, f"devices-{fleet}", [topics.round, f"{topics.base}/ack/+"])
+        wait_for(lambda: bool(devices.received("/round")), 30, "round 1 down the TLS bridge")
+        ann = decode_round(devices.received("/round")[-1])
+        assert (ann.round_id, ann.epoch, ann.config.codec) == (1, "ep", CODEC)
+        rng = np.random.default_rng(3)
+        sent = []
+        for d, k in keys.items():
+            delta = {n: (rng.standard_normal(s) * 0.01).astype(np.float32)
+                     for n, s in TEMPLATE.items()}
+            sent.append(sign_update(UpdateMessage(
+                fleet, 1, 0, d, uuid.uuid4().hex[:16], int(rng.integers(1, 300)), CODEC,
+                tuple(get_codec(CODEC).encode(delta, rng).tensors), epoch="ep"), k))
+            devices.publish(topics.update(d), sent[-1])
+        journal = SiteStore(tmp_path / "site.db", fleet)
+        wait_for(lambda: store.claim_count("ep", 1) == 3, 30, "the partial in the cloud store")
+        wait_for(lambda: "the cloud committed partial" in (tmp_path / "gateway.log").read_text(),
+                 30, "the receiver's answer down the bridge")
+        assert journal.pending() == []
+        journal.close_connection()
+        acks = [decode_ack(p) for p in devices.received("/ack/s-a") + devices.received(
+            "/ack/s-b") + devices.received("/ack/s-c")]
+        assert sorted((a.device, a.code) for a in acks) == [
+            ("s-a", "ok"), ("s-b", "ok"), ("s-c", "ok")]
+        claims = store.claims("ep", 1)
+        assert set(claims) == set(keys)
+        partial_ids = {c.partial_id for c in claims.values() if isinstance(c, GatewayClaim)}
+        assert len(partial_ids) == 1 and all(
+            c == GatewayClaim(GATEWAY, *partial_ids) for c in claims.values())
+        want = FixedPointSum(TEMPLATE)
+        for p in sent:
+            m = decode_update(p)
+            want.fold(m.tensors, m.codec, float(m.num_examples))
+        assert store.partial("ep", 1, gateway_partial_key(GATEWAY)) == want.to_bytes()
+        receiver = (tmp_path / "receiver.log").read_text()
+        assert receiver.count("committed partial") == 1 and "rejected" not in receiver
+        assert "(round 1, ok)" in (tmp_path / "gateway.log").read_text()
+        # the bridge logged in as the gateway's own login, on the only (TLS) listener
+        assert re.search(rf"New bridge connected from \S+ as {GATEWAY} \(p\d+, c0, k\d+, "
+                         rf"u'{GATEWAY}'\)", cloud.read_log()), cloud.read_log()
+        print(f"\nTLS bridge, 3 site devices: partial committed and answered, "
+              f"{time.monotonic() - started:.1f}s")
+    finally:
+        if devices is not None:
+            devices.stop()
+        stop_processes(procs, 5, kill_timeout=5)
+        if site is not None:
+            site.stop()
+        cloud.stop()
+        store.close_connection()

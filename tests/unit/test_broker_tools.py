@@ -24,18 +24,22 @@ from fedmq_ops.broker import (
     BrokerLayout,
     BrokerSettings,
     add_device,
+    add_gateway,
     add_parser,
     format_passwd,
     hash_password,
     init_broker,
     list_devices,
+    list_gateways,
     load_settings,
     parse_passwd,
     remove_device,
+    remove_gateway,
     render_acl,
     render_mosquitto_conf,
     verify_password,
 )
+from fedmq_ops.broker.gateway import GatewayBrokerSettings, render_gateway_conf
 from tests.fakes import fedmq_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -201,6 +205,8 @@ def test_acl_confines_each_identity() -> None:
         "topic readwrite fl/f1/model/delta/+/chunk/+",
         "topic readwrite fl/f1/round",
         "topic write fl/f1/ack/+",
+        "topic read fl/f1/gateway/+/partial",
+        "topic write fl/f1/gateway/+/ack",
         "topic read fl/f1/secagg/in/+",
         "topic write fl/f1/secagg/out",
         "topic write fl/f1/secagg/out/+",
@@ -504,6 +510,68 @@ def test_init_refuses_to_drop_a_fleet_with_devices(broker_dir: Path) -> None:
         init_broker(broker_dir, BrokerSettings(fleets=("f1",)))
 
 
+# ------------------------------------------------------------------------------ gateways
+
+
+def test_a_gateway_may_use_exactly_what_its_bridge_carries(broker_dir: Path) -> None:
+    """`add-gateway`: the bridge login's ACL block is the generated bridge's topic lines,
+    out -> write, in -> read, and nothing else; the receiver (the aggregator login) reads
+    every gateway's partial and writes their answers."""
+    lay = BrokerLayout(broker_dir)
+    pw = add_gateway(broker_dir, "gw-1", fleet="f2")
+    assert pw is not None
+    blocks = _blocks(lay.acl.read_text())
+    assert blocks["gw-1"] == [
+        "topic write fl/f2/gateway/gw-1/partial",
+        "topic read fl/f2/gateway/gw-1/ack",
+        "topic read fl/f2/round",
+        "topic read fl/f2/model",
+        "topic read fl/f2/model/chunk/+",
+        "topic read fl/f2/model/snapshot",
+        "topic read fl/f2/model/snapshot/chunk/+",
+        "topic read fl/f2/model/delta/+",
+        "topic read fl/f2/model/delta/+/chunk/+",
+    ]
+    bridge = [line.split() for line in render_gateway_conf(GatewayBrokerSettings(
+        "f2", "gw-1", "cloud.example")).splitlines() if line.startswith("topic ")]
+    grants = {"out": "write", "in": "read"}
+    assert [f"topic {grants[way]} {topic}" for _, topic, way, _ in bridge] == blocks["gw-1"]
+    for fleet in ("f1", "f2"):
+        assert {f"topic read fl/{fleet}/gateway/+/partial",
+                f"topic write fl/{fleet}/gateway/+/ack"} <= set(blocks["aggregator"])
+    assert verify_password(parse_passwd(lay.passwd.read_text())["gw-1"], pw)
+    saved = lay.gateway_password("gw-1")
+    assert saved.read_text() == pw + "\n" and _mode(saved) == 0o600  # --remote-password-file
+    assert not lay.credentials("gw-1").exists()
+    assert (list_gateways(broker_dir), list_devices(broker_dir)) == ({"gw-1": "f2"}, {})
+    assert add_gateway(broker_dir, "gw-1") is None  # idempotent, keeps its fleet
+    # a re-init keeps the gateway, like the devices
+    init_broker(broker_dir, load_settings(broker_dir))
+    assert _blocks(lay.acl.read_text())["gw-1"] == blocks["gw-1"]
+    with pytest.raises(ConfigError, match="gw-1"):
+        init_broker(broker_dir, BrokerSettings(fleets=("f1",)))
+
+
+def test_gateways_and_devices_do_not_share_a_login(broker_dir: Path) -> None:
+    lay = BrokerLayout(broker_dir)
+    add_gateway(broker_dir, "gw-1")
+    add_device(broker_dir, "dev-a")
+    with pytest.raises(ConfigError, match="gw-1 is a gateway of this broker"):
+        add_device(broker_dir, "gw-1")
+    with pytest.raises(ConfigError, match="dev-a is a device of this broker"):
+        add_gateway(broker_dir, "dev-a")
+    with pytest.raises(ConfigError, match="gw-1 is a gateway, not a device"):
+        remove_device(broker_dir, "gw-1")
+    with pytest.raises(ConfigError, match="reserved"):
+        add_gateway(broker_dir, "aggregator")
+    assert remove_gateway(broker_dir, "gw-1")
+    assert "gw-1" not in lay.acl.read_text()
+    assert set(parse_passwd(lay.passwd.read_text())) == {"aggregator", "dev-a"}
+    assert not lay.gateway_password("gw-1").exists()
+    assert not remove_gateway(broker_dir, "gw-1")
+    assert "gateways" not in json.loads(lay.state.read_text())  # as before any gateway
+
+
 # ------------------------------------------------------------------------------ CLI
 
 
@@ -536,6 +604,15 @@ def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert _cli(["broker", "remove-device", "dev-a", "--dir", str(d)]) == 0
     assert _cli(["broker", "remove-device", "dev-a", "--dir", str(d)]) == 0
     assert "nothing to do" in capsys.readouterr().out
+    assert _cli(["broker", "add-gateway", "gw-1", "--dir", str(d)]) == 0
+    out = capsys.readouterr().out
+    pw = re.search(r"gw-1 password \(shown once\): (\S+)", out)
+    assert pw is not None and f"credentials: {d / 'credentials' / 'gw-1.pass'}" in out
+    assert (d / "credentials" / "gw-1.pass").read_text() == pw.group(1) + "\n"
+    assert _cli(["broker", "list", "--dir", str(d)]) == 0
+    assert capsys.readouterr().out == "gw-1\tf1\tgateway\n"
+    assert _cli(["broker", "remove-gateway", "gw-1", "--dir", str(d)]) == 0
+    assert "removed gw-1" in capsys.readouterr().out
 
 
 def _tree_modes(root: Path) -> dict[str, int]:

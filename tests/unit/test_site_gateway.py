@@ -157,11 +157,14 @@ def test_gateway_config_sets_the_bridge_for_no_loss() -> None:
                  "max_queued_messages 100000", "max_queued_bytes 0",
                  "topic t/fl/f1/gateway/gw-1/partial out 1",
                  "topic t/fl/f1/gateway/gw-1/ack in 1", "topic t/fl/f1/round in 1",
-                 "topic t/fl/f1/model in 1", "topic t/fl/f1/model/# in 1",
+                 "topic t/fl/f1/model in 1", "topic t/fl/f1/model/chunk/+ in 1",
+                 "topic t/fl/f1/model/snapshot in 1", "topic t/fl/f1/model/delta/+ in 1",
+                 "topic t/fl/f1/model/delta/+/chunk/+ in 1",
                  "notification_topic t/fl/f1/gateway/gw-1/bridge",
                  "remote_clientid fedmq-bridge-f1-gw-1", "address cloud.example:8883"):
         assert line in conf
     assert not [line for line in conf if "update" in line and line.startswith("topic")]
+    assert not [line for line in conf if "#" in line and line.startswith("topic")]
     with pytest.raises(ConfigError, match="below 4000"):
         GatewayBrokerSettings("f1", "gw-1", "c", site_devices=2000, max_queued_messages=1000)
     with pytest.raises(ConfigError, match="whitespace"):
