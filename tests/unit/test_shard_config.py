@@ -3,6 +3,7 @@ subcommands: typos name the closest key, unsupported settings are refused, flags
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -107,12 +108,18 @@ def test_missing_store_client_id_and_worker_name(tmp_path: Path) -> None:
         load_shard_config(_file(tmp_path, GOOD.replace('"w3"', '"w 3"')), environ={})
 
 
-def test_the_fedmq_subcommands_read_the_file_and_flags_win(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = _file(tmp_path, GOOD)
-    for var in [v for v in __import__("os").environ if v.startswith("FEDMQ_AGGREGATOR_")]:
+@pytest.fixture
+def good_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """GOOD in a file, and no FEDMQ_AGGREGATOR_* variable in the environment."""
+    for var in [v for v in os.environ if v.startswith("FEDMQ_AGGREGATOR_")]:
         monkeypatch.delenv(var)
+    return _file(tmp_path, GOOD)
+
+
+def test_the_fedmq_subcommands_read_the_file_and_flags_win(
+    good_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = good_file
     args = build_parser().parse_args(
         ["aggregator", "shard-worker", "--config", str(path), "--worker", "w9", "--port", "1884"])
     cfg = config_from_args(args, WORKER_FLAGS).for_worker()
@@ -156,12 +163,8 @@ def test_a_bad_worker_metrics_port_is_refused_naming_the_key(
                           environ={})
 
 
-def test_the_metrics_and_evaluation_flags_set_each_role_s_keys(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = _file(tmp_path, GOOD)
-    for var in [v for v in __import__("os").environ if v.startswith("FEDMQ_AGGREGATOR_")]:
-        monkeypatch.delenv(var)
+def test_the_metrics_and_evaluation_flags_set_each_role_s_keys(good_file: Path) -> None:
+    path = good_file
     args = build_parser().parse_args(
         ["aggregator", "shard-worker", "--config", str(path), "--metrics-port", "9111",
          "--metrics-host", "0.0.0.0"])
