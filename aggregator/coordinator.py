@@ -30,7 +30,7 @@ from aggregator.bounds import Contribution
 from aggregator.bundles import model_id_of
 from aggregator.config import AggregatorConfig
 from aggregator.downlink import Downlink, index_facts
-from aggregator.evaluate import Evaluator
+from aggregator.evaluate import Evaluator, evaluate
 from aggregator.evaluation import set_gauges as set_eval_gauges
 from aggregator.guard import (
     UnpublishableModel,
@@ -173,7 +173,7 @@ class Coordinator:
         self.ingest.last_round_id = self.last_round_id
         self.closed_rounds = self.store.closed_rounds()
         self.metrics.model_version.set(self.version)
-        self._set_quality_gauges(self.model_metrics)
+        self.metrics.set_quality(self.model_metrics)
         out = self._model_out(now)
         record = self.store.open_round()
         if record is not None:
@@ -488,7 +488,7 @@ class Coordinator:
         self.metrics.participants.observe(state.count)
         self.metrics.round_seconds.observe(seconds)
         self.metrics.model_version.set(self.version)
-        self._set_quality_gauges(quality)
+        self.metrics.set_quality(quality)
         set_eval_gauges(self.metrics, metrics)
         self._set_epsilon_gauge()
         self._results.append(
@@ -565,19 +565,7 @@ class Coordinator:
 
     # -- helpers ---------------------------------------------------------------------------
     def _evaluate(self, weights: Mapping[str, np.ndarray]) -> dict[str, float]:
-        if self.evaluator is None:
-            return {}
-        try:
-            return self.evaluator(weights)
-        except Exception as exc:  # evaluation must never stop the federation
-            log.error("evaluation failed: %s", exc)
-            return {}
-
-    def _set_quality_gauges(self, metrics: Mapping[str, float]) -> None:
-        if "accuracy" in metrics:
-            self.metrics.accuracy.set(metrics["accuracy"])
-        if "loss" in metrics:
-            self.metrics.loss.set(metrics["loss"])
+        return evaluate(self.evaluator, weights)
 
     def _model_payload(
         self,

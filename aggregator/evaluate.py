@@ -15,7 +15,7 @@ import numpy as np
 from fedmq.errors import DataError
 from fedmq.models.spec import ModelBundle
 
-__all__ = ["Evaluator", "TFLiteEvaluator", "load_eval_set"]
+__all__ = ["Evaluator", "TFLiteEvaluator", "evaluate", "load_eval_set", "make_evaluator"]
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +63,26 @@ class TFLiteEvaluator:
         self._model.set_weights(weights)
         loss, acc = self._model.evaluate(self._x, self._y)
         return {"accuracy": float(acc), "loss": float(loss)}
+
+
+def make_evaluator(
+    bundle: ModelBundle, eval_dataset: str, eval_examples: int, seed: int = 0
+) -> TFLiteEvaluator | None:
+    """The evaluator of the ``eval_dataset``/``eval_examples`` settings (None for ``"none"``):
+    the single-process aggregator's and the sharded coordinator's."""
+    if eval_dataset == "none":
+        return None
+    x, y = load_eval_set(eval_dataset, eval_examples, seed)
+    return TFLiteEvaluator(bundle, x, y)
+
+
+def evaluate(evaluator: Evaluator | None, weights: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """``evaluator``'s figures of ``weights``; {} without one or when it fails (one ERROR
+    line: evaluation must never stop the federation)."""
+    if evaluator is None:
+        return {}
+    try:
+        return evaluator(weights)
+    except Exception as exc:
+        log.error("evaluation failed: %s", exc)
+        return {}

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from fedmq.errors import ConfigError, RejectReason
 
-__all__ = ["ABANDON_REASONS", "AggregatorMetrics"]
+__all__ = [
+    "ABANDON_REASONS",
+    "AggregatorMetrics",
+    "MetricsExporter",
+    "RoundMetrics",
+    "UpdateMetrics",
+]
 
 # Why a round ended without a new model (the label of fedmq_rounds_abandoned_total).
 ABANDON_REASONS = ("no_quorum", "unpublishable_model")
@@ -16,28 +23,35 @@ ABANDON_REASONS = ("no_quorum", "unpublishable_model")
 log = logging.getLogger(__name__)
 
 
-class AggregatorMetrics:
-    """Counters, gauges and histograms; :meth:`serve` exposes them over HTTP."""
+class MetricsExporter:
+    """A registry of its own (tests create many), served over HTTP by :meth:`serve`."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        """Start the HTTP exporter (a daemon thread)."""
+        try:
+            start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {addr}:{port}: {exc}") from exc
+        log.info("metrics on http://%s:%d/metrics", addr, port)
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample's current value (tests and reports); 0.0 when absent."""
+        got = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if got is None else float(got)
+
+
+class UpdateMetrics(MetricsExporter):
+    """What every process that folds updates exports: the single-process aggregator and
+    each sharded-ingest worker (one name per concept, so dashboards serve both modes)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(registry)
         r = self.registry
-        self.rounds_completed = Counter(
-            "fedmq_rounds_completed", "Rounds closed with a new model version", registry=r
-        )
-        self.rounds_abandoned = Counter(
-            "fedmq_rounds_abandoned", "Rounds abandoned, by reason", ["reason"], registry=r
-        )
-        for reason in ABANDON_REASONS:
-            self.rounds_abandoned.labels(reason=reason)
-        self.participants = Histogram(
-            "fedmq_round_participants",
-            "Accepted updates per closed round",
-            buckets=(1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000),
-            registry=r,
-        )
         self.updates_accepted = Counter(
-            "fedmq_updates_accepted", "Updates journaled and folded", registry=r
+            "fedmq_updates_accepted", "Updates journaled (or committed) and folded", registry=r
         )
         self.updates_duplicate = Counter(
             "fedmq_updates_duplicate",
@@ -65,18 +79,23 @@ class AggregatorMetrics:
             "Accepted updates folded with less weight than the num_examples they claimed",
             registry=r,
         )
-        self.unpublishable_update_norm = Gauge(
-            "fedmq_unpublishable_update_norm",
-            "L2 norms of the largest updates of the last round whose model was unpublishable",
-            ["device", "update_id"],
-            registry=r,
-        )
         self.bytes_in = Counter("fedmq_bytes_in", "Update payload bytes received", registry=r)
-        self.bytes_out = Counter("fedmq_bytes_out", "Payload bytes published", registry=r)
-        self.fold_seconds = Histogram(
-            "fedmq_fold_seconds",
-            "Decode + check + journal + fold time of one update",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+
+
+class RoundMetrics(MetricsExporter):
+    """What every process that closes rounds exports: the single-process aggregator and the
+    sharded ingest's coordinator."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(registry)
+        r = self.registry
+        self.rounds_completed = Counter(
+            "fedmq_rounds_completed", "Rounds closed with a new model version", registry=r
+        )
+        self.participants = Histogram(
+            "fedmq_round_participants",
+            "Accepted updates per closed round",
+            buckets=(1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000),
             registry=r,
         )
         self.round_seconds = Histogram(
@@ -87,6 +106,41 @@ class AggregatorMetrics:
         )
         self.accuracy = Gauge("fedmq_global_accuracy", "Held-out accuracy", registry=r)
         self.loss = Gauge("fedmq_global_loss", "Held-out loss", registry=r)
+        self.current_round = Gauge("fedmq_current_round", "Id of the open round", registry=r)
+        self.model_version = Gauge("fedmq_model_version", "Current model version", registry=r)
+
+    def set_quality(self, metrics: Mapping[str, float]) -> None:
+        """The held-out accuracy and loss gauges from an evaluation's figures (those given)."""
+        if "accuracy" in metrics:
+            self.accuracy.set(metrics["accuracy"])
+        if "loss" in metrics:
+            self.loss.set(metrics["loss"])
+
+
+class AggregatorMetrics(UpdateMetrics, RoundMetrics):
+    """The single-process aggregator's counters, gauges and histograms."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(registry)
+        r = self.registry
+        self.rounds_abandoned = Counter(
+            "fedmq_rounds_abandoned", "Rounds abandoned, by reason", ["reason"], registry=r
+        )
+        for reason in ABANDON_REASONS:
+            self.rounds_abandoned.labels(reason=reason)
+        self.unpublishable_update_norm = Gauge(
+            "fedmq_unpublishable_update_norm",
+            "L2 norms of the largest updates of the last round whose model was unpublishable",
+            ["device", "update_id"],
+            registry=r,
+        )
+        self.bytes_out = Counter("fedmq_bytes_out", "Payload bytes published", registry=r)
+        self.fold_seconds = Histogram(
+            "fedmq_fold_seconds",
+            "Decode + check + journal + fold time of one update",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
         # Federated evaluation (docs/strategies.md): the devices' held-out figures of the
         # last closed round's base model, weighted mean and spread across devices.
         self.federated_accuracy = Gauge(
@@ -112,8 +166,6 @@ class AggregatorMetrics:
             "Devices that reported an evaluation in the last round",
             registry=r,
         )
-        self.current_round = Gauge("fedmq_current_round", "Id of the open round", registry=r)
-        self.model_version = Gauge("fedmq_model_version", "Current model version", registry=r)
         self.downlink_bytes = Gauge(
             "fedmq_downlink_bytes_per_device",
             "Bytes a device holding the previous version downloads for the current one "
@@ -149,16 +201,3 @@ class AggregatorMetrics:
         self.online_devices = Gauge(
             "fedmq_online_devices", "Devices whose status is online", registry=r
         )
-
-    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
-        """Start the HTTP exporter (a daemon thread)."""
-        try:
-            start_http_server(port, addr=addr, registry=self.registry)
-        except OSError as exc:
-            raise ConfigError(f"cannot serve metrics on {addr}:{port}: {exc}") from exc
-        log.info("metrics on http://%s:%d/metrics", addr, port)
-
-    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
-        """A sample's current value (tests and reports); 0.0 when absent."""
-        got = self.registry.get_sample_value(name, labels or {})
-        return 0.0 if got is None else float(got)

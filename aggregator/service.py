@@ -38,7 +38,7 @@ import paho.mqtt.client as mqtt
 
 from aggregator.config import AggregatorConfig
 from aggregator.engine import Engine, Outgoing, RoundResult, resolve_bundle
-from aggregator.evaluate import Evaluator, TFLiteEvaluator, load_eval_set
+from aggregator.evaluate import make_evaluator
 from aggregator.he import he_mode, install_he
 from aggregator.inbox import Inbox
 from aggregator.metrics import AggregatorMetrics
@@ -97,10 +97,7 @@ def _delivered(info: mqtt.MQTTMessageInfo) -> bool:
 def build_engine(config: AggregatorConfig, metrics: AggregatorMetrics | None = None) -> Engine:
     """Bundle, evaluation set, state directory and metrics wired into an engine."""
     bundle = resolve_bundle(config.model)
-    evaluator: Evaluator | None = None
-    if config.eval_dataset != "none":
-        x, y = load_eval_set(config.eval_dataset, config.eval_examples, config.seed)
-        evaluator = TFLiteEvaluator(bundle, x, y)
+    evaluator = make_evaluator(bundle, config.eval_dataset, config.eval_examples, config.seed)
     store = Store(config.state_dir)
     try:
         engine = Engine(config, store, bundle, evaluator, metrics)

@@ -13,6 +13,11 @@ downlink and chunked updates (:data:`UNSUPPORTED`). The MQTT client ids are deri
 (``fedmq-ingest-<fleet>-<worker>``, ``fedmq-coordinator-<fleet>``), so ``mqtt.client_id``
 is refused too. ``clients_per_round`` is the round's target (updates that close it) and
 devices are not selected (``selection = "any"``, the default here).
+
+Prometheus: the coordinator serves on the aggregator's ``metrics_port`` (``metrics_host``),
+a worker on ``shard.worker_metrics_port``; 0 (the default) is off. ``eval_dataset`` and
+``eval_examples`` are the aggregator's: the coordinator evaluates each new model on that
+held-out set (``"none"``, the default here, skips it).
 """
 
 from __future__ import annotations
@@ -82,6 +87,9 @@ class ShardSettings:
     ack_mode: str = "manual"
     poll: float = 0.05  # seconds between the coordinator's store polls
     ready_file: str = ""  # a worker writes it once subscribed (tests, readiness probes)
+    # A worker's Prometheus exporter on metrics_host (0 = off); the coordinator's is the
+    # aggregator's metrics_port. Workers sharing a host each need their own (--metrics-port).
+    worker_metrics_port: int = 0
 
     def __post_init__(self) -> None:
         if self.worker:
@@ -91,6 +99,10 @@ class ShardSettings:
             raise ConfigError(f"shard.ack_mode must be one of {ACK_MODES}, got {self.ack_mode!r}")
         if not (math.isfinite(self.poll) and 0 < self.poll <= 10):
             raise ConfigError(f"shard.poll must be in (0, 10] seconds, got {self.poll}")
+        port = self.worker_metrics_port
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ConfigError(f"shard.worker_metrics_port must be a port in [0, 65535] (0 = "
+                              f"off), got {port!r}")
 
 
 @dataclass(frozen=True)
@@ -167,6 +179,7 @@ _COMMON: tuple[Flag, ...] = (
     ("--protocol", "mqtt.protocol", str, "MQTT version: 5 or 3.1.1 (NATS' MQTT gateway)"),
     ("--prefix", "topic_prefix", str, "topic prefix (tests)"),
     ("--model", "model", str, "zoo model or bundle directory"),
+    ("--metrics-host", "metrics_host", str, "address the Prometheus exporter binds"),
 )
 #: Flags of ``fedmq aggregator shard-worker`` (and ``python -m aggregator.shard_worker``).
 WORKER_FLAGS: tuple[Flag, ...] = (
@@ -179,6 +192,7 @@ WORKER_FLAGS: tuple[Flag, ...] = (
     ("--session-expiry", "mqtt.session_expiry", int, "seconds the broker keeps the session"),
     ("--ready-file", "shard.ready_file", str, "written once subscribed (tests)"),
     ("--max-update-bytes", "max_update_bytes", int, "largest update payload accepted"),
+    ("--metrics-port", "shard.worker_metrics_port", int, "Prometheus exporter port (0 = off)"),
 )
 #: Flags of ``fedmq aggregator shard-coordinator`` (and ``python -m
 #: aggregator.shard_coordinator``).
@@ -198,6 +212,11 @@ COORDINATOR_FLAGS: tuple[Flag, ...] = (
     ("--weight-cap-multiplier", "weight_cap_multiplier", float,
      "fold weight <= this x the median recent claim (0 = off)"),
     ("--max-claimed-examples", "max_claimed_examples", int, "largest num_examples claimed"),
+    ("--metrics-port", "metrics_port", int, "Prometheus exporter port (0 = off)"),
+    ("--eval-dataset", "eval_dataset", str,
+     "held-out set each new model is evaluated on: digits, fashion-mnist, ... or an .npz "
+     "(default: none)"),
+    ("--eval-examples", "eval_examples", int, "held-out examples evaluated (0 = all)"),
 )
 
 

@@ -20,6 +20,13 @@ pool of recent norms and claims (:meth:`FleetBounds.round_bounds`) into the roun
 When a round finishes, its folds (their norms and claims, from the claims; norms of updates
 rejected for their norm) enter the pool in device order, so the next round's limits do not
 depend on which worker folded what or in which order updates arrived.
+
+With ``eval_dataset`` set, each model the coordinator publishes is evaluated on that held-out
+set with the single-process aggregator's evaluator (:func:`aggregator.evaluate.make_evaluator`):
+the figures are logged, set as ``fedmq_global_accuracy``/``fedmq_global_loss`` and carried in
+the published model's ``metrics`` (as the single process's models carry them), also when a
+restarted coordinator republishes the store's model. Prometheus (:mod:`aggregator.shard_metrics`)
+on ``metrics_port``.
 """
 
 from __future__ import annotations
@@ -34,11 +41,14 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import redis
 
 from aggregator.bounds import BoundsConfig, FleetBounds
 from aggregator.bundles import model_id_of, resolve_bundle
+from aggregator.evaluate import Evaluator, evaluate, make_evaluator
+from aggregator.guard import finite_metrics
 from aggregator.service_loop import service_main
 from aggregator.shard_config import (
     COORDINATOR_FLAGS,
@@ -46,8 +56,9 @@ from aggregator.shard_config import (
     add_flags,
     config_from_args,
 )
-from aggregator.shard_store import Fold, RoundRules, ShardStore
-from fedmq.errors import ConfigError, StateError
+from aggregator.shard_metrics import ShardCoordinatorMetrics
+from aggregator.shard_store import Fold, OpenRound, RoundRules, ShardStore
+from fedmq.errors import ConfigError, DataError, StateError
 from fedmq.models.spec import ModelBundle
 from fedmq.net.mqtt import connect, make_client
 from fedmq.tensor import Tensor
@@ -92,6 +103,8 @@ class ShardCoordinator:
         bounds: BoundsConfig | None = None,
         max_claimed_examples: int = 10_000_000,
         options: StrategyOptions | None = None,
+        evaluator: Evaluator | None = None,
+        metrics: ShardCoordinatorMetrics | None = None,
     ) -> None:
         self.store = store
         self.bundle = bundle
@@ -117,6 +130,12 @@ class ShardCoordinator:
         self.max_claimed_examples = max_claimed_examples
         self.model_id = model_id_of(bundle)
         self.finished: list[int] = []  # round ids this process closed
+        self.evaluator = evaluator
+        self.metrics = metrics or ShardCoordinatorMetrics()
+        # the figures of the newest model evaluated (version, figures): each version once
+        self.quality: tuple[int, dict[str, float]] | None = None
+        # the open round as first published by this process (epoch, round id, when)
+        self._opened: tuple[str, int, float] | None = None
 
     def start(self, now: float) -> None:
         """Create the fleet's state (first start) and publish the store's model and round."""
@@ -137,8 +156,10 @@ class ShardCoordinator:
         if model is None or rnd is None:
             raise StateError("the store has no model or round: start() first")
         tensors = tuple(Tensor.from_array(n, w) for n, w in model["weights"].items())
+        quality = self.model_quality(model["version"], model["weights"])
         self.publish(self.topics.model, encode(ModelMessage(
             self.store.fleet, model["version"], model["round_id"], self.model_id, tensors,
+            metrics={**quality, "participants": float(model["contributors"])},
             created_at=now, epoch=model["epoch"],
         )))
         self.publish(self.topics.round, encode(RoundAnnouncement(
@@ -146,6 +167,44 @@ class ShardCoordinator:
             rnd.rules.config, min_updates=self.min_updates,
             model_id=self.model_id, opened_at=now, epoch=rnd.epoch,
         )))
+        self._note_published(model["version"], rnd, now)
+
+    def model_quality(self, version: int, weights: dict[str, np.ndarray]) -> dict[str, float]:
+        """The held-out figures of model ``version`` (evaluated once; {} without an
+        evaluator); logged and set as the accuracy and loss gauges."""
+        if self.quality is not None and self.quality[0] == version:
+            return self.quality[1]
+        quality = finite_metrics(evaluate(self.evaluator, weights))
+        self.quality = (version, quality)
+        if quality:
+            log.info("model version %d: %s", version,
+                     ", ".join(f"{k} {v:.4f}" for k, v in sorted(quality.items())))
+        self.metrics.set_quality(quality)
+        return quality
+
+    def _note_published(self, version: int, rnd: OpenRound, now: float) -> None:
+        self.metrics.model_version.set(version)
+        self.metrics.current_round.set(rnd.round_id)
+        if self._opened is None or self._opened[:2] != (rnd.epoch, rnd.round_id):
+            self._opened = (rnd.epoch, rnd.round_id, now)
+
+    def _open_seconds(self, rnd: OpenRound, now: float) -> float | None:
+        """Seconds since this process published ``rnd`` first (opened it or, after a
+        restart, found it open); None when it never did."""
+        if self._opened is None or self._opened[:2] != (rnd.epoch, rnd.round_id):
+            return None
+        return max(0.0, now - self._opened[2])
+
+    def _observe_round(self, partials: dict[str, bytes], count: int,
+                       seconds: float | None) -> None:
+        """A round this process finished, in the round metrics."""
+        self.metrics.rounds_completed.inc()
+        self.metrics.participants.observe(count)
+        if seconds is not None:
+            self.metrics.round_seconds.observe(seconds)
+        gateways = sum(1 for name in partials if ":" in name)  # gateway_partial_key's
+        self.metrics.workers_seen.labels(kind="gateway").set(gateways)
+        self.metrics.workers_seen.labels(kind="worker").set(len(partials) - gateways)
 
     def tick(self, now: float) -> bool:
         """Close and finish the round when due; True when a round was finished."""
@@ -192,8 +251,10 @@ class ShardCoordinator:
         state = self.strategy.state()
         version = model["version"] + 1
         rules = self.rules(rnd.round_id + 1, pool)
-        if self.store.finish(rnd.epoch, rnd.round_id, version, weights, state, merged.count,
-                             now + self.round_timeout, self.target, rules, pool.to_json()):
+        finished = self.store.finish(rnd.epoch, rnd.round_id, version, weights, state,
+                                     merged.count, now + self.round_timeout, self.target,
+                                     rules, pool.to_json())
+        if finished:
             log.info(
                 "round %d closed: %d update(s) from %d worker(s) (%d via site gateways, %d "
                 "norm-clipped, %d weight-capped), weight %.6g -> version %d; round %d: norm "
@@ -205,7 +266,10 @@ class ShardCoordinator:
                 "none" if rules.bounds.weight_cap is None else f"{rules.bounds.weight_cap:.6g}",
             )
             self.finished.append(rnd.round_id)
-        self.publish_current(now)
+        seconds = self._open_seconds(rnd, now)
+        self.publish_current(now)  # the new model evaluated, then published
+        if finished:
+            self._observe_round(partials, merged.count, seconds)
         return True
 
 
@@ -214,11 +278,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def from_config(
-    config: ShardConfig, store: ShardStore, publish: Callable[[str, bytes], None]
+    config: ShardConfig, store: ShardStore, publish: Callable[[str, bytes], None],
+    metrics: ShardCoordinatorMetrics | None = None,
 ) -> ShardCoordinator:
-    """The coordinator of ``config`` (its bundle resolved) over ``store``."""
+    """The coordinator of ``config`` (its bundle and evaluation set resolved) over
+    ``store``."""
+    bundle = resolve_bundle(config.model)
     return ShardCoordinator(
-        store, resolve_bundle(config.model), config.topics, publish,
+        store, bundle, config.topics, publish, metrics=metrics,
+        evaluator=make_evaluator(bundle, config.eval_dataset, config.eval_examples,
+                                 config.seed),
         strategy=config.strategy, options=config.strategy_options(),
         target=config.clients_per_round, min_updates=config.min_updates,
         round_timeout=config.round_timeout, training=config.training_config(),
@@ -250,8 +319,11 @@ def command(args: argparse.Namespace) -> int:
             if info.rc != mqtt.MQTT_ERR_SUCCESS or not info.is_published():
                 raise OSError(f"publish on {topic} failed: {info.rc}")
 
+        metrics = ShardCoordinatorMetrics()
+        if config.metrics_port:
+            metrics.serve(config.metrics_port, config.metrics_host)
         store = ShardStore(config.shard.redis, config.fleet)
-        coord = from_config(config, store, publish)
+        coord = from_config(config, store, publish, metrics)
         coord.start(time.time())
         while not stopping:
             version = store.model_version()
@@ -263,7 +335,7 @@ def command(args: argparse.Namespace) -> int:
         client.disconnect()  # first: wakes the network thread, so loop_stop returns at once
         client.loop_stop()
         return 0
-    except (ConfigError, StateError, redis.RedisError, OSError) as exc:
+    except (ConfigError, StateError, DataError, redis.RedisError, OSError) as exc:
         log.error("coordinator: %s", exc)
         return 1
 

@@ -65,13 +65,13 @@ from aggregator.bundles import resolve_bundle
 from aggregator.round_state import RoundPlan, RoundState, check_route
 from aggregator.service_loop import EXIT_STORE, run_until_signalled, service_main
 from aggregator.shard_config import WORKER_FLAGS, ShardConfig, add_flags, config_from_args
+from aggregator.shard_metrics import MeteredShardStore, ShardWorkerMetrics
 from aggregator.shard_store import (
     Claim,
     Fold,
     GatewayClaim,
     IngestStore,
     OpenRound,
-    ShardStore,
 )
 from fedmq.errors import ConfigError, Rejected, RejectReason, SecurityError, StateError, WireError
 from fedmq.net.mqtt import connect, make_client
@@ -378,7 +378,10 @@ class _Runner:
         bundle = resolve_bundle(config.model)
         template = {t.name: t.shape for t in bundle.spec.trainable_specs}
         registry = Registry(Path(config.registry)) if config.registry else None
-        self.store = ShardStore(shard.redis, config.fleet)
+        self.metrics = ShardWorkerMetrics()
+        self.metrics_port = shard.worker_metrics_port
+        self.metrics_host = config.metrics_host
+        self.store = MeteredShardStore(shard.redis, config.fleet, self.metrics)
         self.worker = ShardWorker(self.store, template, shard.worker, registry=registry,
                                   max_update_bytes=config.max_update_bytes)
         self.group = shard.group
@@ -449,6 +452,7 @@ class _Runner:
 
     def _ingest(self, batch: list[mqtt.MQTTMessage]) -> None:
         items = [(m.topic.rsplit("/", 1)[-1], bytes(m.payload)) for m in batch]
+        self.metrics.bytes_in.inc(sum(len(p) for _, p in items))
         try:
             answers = self.worker.handle_batch(items, time.time())
         except (redis.RedisError, WireError, StateError, OSError) as exc:
@@ -460,6 +464,7 @@ class _Runner:
             self.failed.set()
             self.client.disconnect()
             return
+        self.metrics.count_acks(answers)
         for message, (device, _), ack in zip(batch, items, answers, strict=True):
             with contextlib.suppress(ConfigError):  # a device id that cannot be a topic
                 self.acks.publish(self.topics.ack(device), encode(ack), qos=1)
@@ -475,6 +480,8 @@ class _Runner:
                      "deepest queue %d)", self.worker.worker, self.worker.committed,
                      self.largest_batch, self.deepest_queue)
 
+        if self.metrics_port:
+            self.metrics.serve(self.metrics_port, self.metrics_host)
         connect(self.acks, self.ack_settings)
         self.acks.loop_start()
         ingest = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,21 +105,23 @@ class ShardFleet:
         return ["--fleet", self.fleet, "--redis", self.redis.url, "--host", self.broker.host,
                 "--port", str(self.broker.port), "--prefix", self.prefix]
 
-    def start_worker(self, name: str, ack_mode: str = "manual") -> None:
+    def start_worker(self, name: str, ack_mode: str = "manual",
+                     extra: Sequence[str] = ()) -> None:
         ready = self.workdir / f"{name}.ready"
         ready.unlink(missing_ok=True)
         self._spawn(name, ["-m", "aggregator.shard_worker", *self.common(), "--worker", name,
-                           "--ready-file", str(ready), "--ack-mode", ack_mode])
+                           "--ready-file", str(ready), "--ack-mode", ack_mode, *extra])
         wait_for(ready.exists, 30, f"worker {name} to subscribe")
 
-    def start_coordinator(self, target: int, rounds: int, timeout: float = 60.0) -> None:
+    def start_coordinator(self, target: int, rounds: int, timeout: float = 60.0,
+                          extra: Sequence[str] = ()) -> None:
         self._spawn("coordinator", [
             "-m", "aggregator.shard_coordinator", *self.common(), "--target", str(target),
             "--rounds", str(rounds), "--round-timeout", str(timeout), "--poll", "0.02",
             "--codec", CODEC,
             # the reference below folds every update whole: no norm bound, no weight cap
             # (tests/integration/test_shard_bounds.py checks the bounds)
-            "--norm-bound", "off", "--weight-cap-multiplier", "0",
+            "--norm-bound", "off", "--weight-cap-multiplier", "0", *extra,
         ])
         wait_for(lambda: self.store.open_round() is not None, 30, "the coordinator's round")
 
@@ -138,25 +140,29 @@ class ShardFleet:
         self.store.close_connection()
 
     # -- devices ---------------------------------------------------------------------------------
-    def update(self, round_id: int, device: str) -> bytes:
-        """A real encoded update of the model for the open round (made once per device)."""
+    def update(self, round_id: int, device: str, *, codec: str | None = None,
+               claims_round: int | None = None) -> bytes:
+        """A real encoded update of the model for the open round (made once per device): in
+        the round's codec unless ``codec``, for ``round_id`` unless ``claims_round``."""
         key = (round_id, device)
         if key not in self.sent:
             rnd = self.store.open_round()
             assert rnd is not None and rnd.round_id == round_id
             delta = {n: (self.rng.standard_normal(s) * 0.01).astype(np.float32)
                      for n, s in TEMPLATE.items()}
-            codec = rnd.rules.config.codec
+            codec = codec or rnd.rules.config.codec
             tensors = tuple(get_codec(codec).encode(delta, self.rng).tensors)
             self.sent[key] = encode(UpdateMessage(
-                self.fleet, round_id, rnd.base_version, device, uuid.uuid4().hex[:16],
-                int(self.rng.integers(1, 300)), codec, tensors, epoch=rnd.epoch,
+                self.fleet, claims_round or round_id, rnd.base_version, device,
+                uuid.uuid4().hex[:16], int(self.rng.integers(1, 300)), codec, tensors,
+                epoch=rnd.epoch,
             ))
         return self.sent[key]
 
-    def publish(self, round_id: int, device: str) -> None:
-        info = self.client.publish(self.topics.update(device), self.update(round_id, device),
-                                   qos=1)
+    def publish(self, round_id: int, device: str, payload: bytes | None = None) -> None:
+        """Send ``device``'s update of ``round_id`` (or ``payload``) as the device."""
+        body = self.update(round_id, device) if payload is None else payload
+        info = self.client.publish(self.topics.update(device), body, qos=1)
         info.wait_for_publish(10)
 
     def ok_devices(self, round_id: int) -> set[str]:

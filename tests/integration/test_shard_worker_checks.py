@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from aggregator.shard_coordinator import ShardCoordinator
+from aggregator.shard_metrics import MeteredShardStore, ShardCoordinatorMetrics, ShardWorkerMetrics
 from aggregator.shard_store import CommitResult, RoundRules, ShardStore
 from aggregator.shard_worker import Fenced, ShardWorker
 from fedmq.net.localredis import LocalRedis, RedisOptions, redis_server_path
@@ -22,7 +23,7 @@ from fedmq.topics import Topics
 from fedmq.update.codecs import get_codec
 from fedmq.update.fixedpoint import FixedPointSum
 from fedmq.update.strategies import FedAvg
-from fedmq.wire import TrainingConfig, UpdateMessage, decode_update, encode
+from fedmq.wire import TrainingConfig, UpdateMessage, decode_model, decode_update, encode
 from tests.integration.shard_fleet import BUNDLE, TEMPLATE
 
 RULES = RoundRules(TrainingConfig(codec="int8"))  # no bounds: the checks of the round alone
@@ -180,3 +181,73 @@ def test_a_batch_is_one_commit_and_each_update_gets_its_own_answer(
         assert all(np.array_equal(acc.digest_sums()[n], ref.digest_sums()[n]) for n in TEMPLATE)
     assert {d: f.worker for d, f in store.claims("e1", 1).items()} == {
         "d0": "w2", "d1": "w1", "d2": "w1", **{d: "w1" for d in fresh}}
+
+
+def test_the_worker_s_metrics_count_acks_by_answer_and_commits_by_batch(
+    store: ShardStore,
+) -> None:
+    metrics = ShardWorkerMetrics()
+    w = ShardWorker(MeteredShardStore(store.url, "lab", metrics), TEMPLATE, "w1")
+    first = _update("d1")
+    acks = w.handle_batch([("d1", first), ("d2", _update("d2", seed=1)),
+                           ("d3", _update("d3", seed=2)), ("d4", b"junk")], 0.0)
+    metrics.count_acks(acks)
+    acks = w.handle_batch([("d1", first), ("d5", _update("d5", round_id=7))], 0.0)
+    metrics.count_acks(acks)
+    assert [a.code for a in acks] == ["duplicate", "wrong_round"]
+    assert metrics.value("fedmq_updates_accepted_total") == 3
+    assert metrics.value("fedmq_updates_duplicate_total") == 1
+    assert metrics.value("fedmq_updates_rejected_total", {"reason": "malformed"}) == 1
+    assert metrics.value("fedmq_updates_rejected_total", {"reason": "wrong_round"}) == 1
+    # two commits: the three new updates together, then the resend (refused by its claim)
+    assert metrics.value("fedmq_shard_commit_batch_size_count") == 2
+    assert metrics.value("fedmq_shard_commit_batch_size_sum") == 4
+    assert metrics.value("fedmq_shard_commit_seconds_count") == 2
+    assert metrics.value("fedmq_update_norm_count") == 3  # the committed folds only
+
+
+def test_the_coordinator_evaluates_each_model_once_and_counts_its_rounds(
+    store: ShardStore,
+) -> None:
+    evaluated: list[float] = []
+
+    def evaluator(weights: Mapping[str, np.ndarray]) -> dict[str, float]:
+        first = float(np.sum(weights[next(iter(TEMPLATE))]))
+        evaluated.append(first)
+        return {"accuracy": first, "loss": 2 * first}
+
+    published: list[tuple[str, bytes]] = []
+    metrics = ShardCoordinatorMetrics()
+    coord = ShardCoordinator(store, BUNDLE, Topics("lab"), lambda t, p: published.append((t, p)),
+                             target=3, training=RULES.config, evaluator=evaluator,
+                             metrics=metrics)
+    coord.start(time.time())
+    w = ShardWorker(store, TEMPLATE, "w1")
+    for i in range(3):
+        assert w.handle(f"d{i}", _update(f"d{i}", seed=i), 0.0).accepted
+    later = time.time() + 61  # the fixture's round waits for 100 devices: its deadline
+    assert coord.tick(later)
+    assert not coord.tick(later)
+    coord.publish_current(later)  # a republish does not evaluate again
+    model = store.model()
+    assert model is not None and model["version"] == 1
+    v1 = float(np.sum(model["weights"][next(iter(TEMPLATE))]))
+    assert evaluated == [float(np.sum(BUNDLE.initial_trainable()[next(iter(TEMPLATE))])), v1]
+    models = [decode_model(p) for t, p in published if t == Topics("lab").model]
+    assert [m.version for m in models] == [0, 1, 1]
+    assert models[-1].metrics == {"accuracy": v1, "loss": 2 * v1, "participants": 3.0}
+    assert metrics.value("fedmq_global_accuracy") == v1
+    assert metrics.value("fedmq_global_loss") == 2 * v1
+    assert metrics.value("fedmq_rounds_completed_total") == 1
+    assert metrics.value("fedmq_round_participants_count") == 1
+    assert metrics.value("fedmq_round_participants_sum") == 3
+    assert metrics.value("fedmq_round_seconds_count") == 1
+    assert (metrics.value("fedmq_model_version"), metrics.value("fedmq_current_round")) == (1, 2)
+    assert metrics.value("fedmq_shard_workers_seen", {"kind": "worker"}) == 1
+    assert metrics.value("fedmq_shard_workers_seen", {"kind": "gateway"}) == 0
+    # a restarted coordinator evaluates the store's model and republishes it with its figures
+    again = ShardCoordinator(store, BUNDLE, Topics("lab"), lambda t, p: published.append((t, p)),
+                             target=3, training=RULES.config, evaluator=evaluator)
+    again.start(time.time())
+    assert evaluated[-1] == v1 and decode_model(published[-2][1]).metrics["accuracy"] == v1
+    assert again.metrics.value("fedmq_rounds_completed_total") == 0  # it closed none

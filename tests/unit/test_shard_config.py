@@ -3,6 +3,7 @@ subcommands: typos name the closest key, unsupported settings are refused, flags
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -107,12 +108,18 @@ def test_missing_store_client_id_and_worker_name(tmp_path: Path) -> None:
         load_shard_config(_file(tmp_path, GOOD.replace('"w3"', '"w 3"')), environ={})
 
 
-def test_the_fedmq_subcommands_read_the_file_and_flags_win(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = _file(tmp_path, GOOD)
-    for var in [v for v in __import__("os").environ if v.startswith("FEDMQ_AGGREGATOR_")]:
+@pytest.fixture
+def good_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """GOOD in a file, and no FEDMQ_AGGREGATOR_* variable in the environment."""
+    for var in [v for v in os.environ if v.startswith("FEDMQ_AGGREGATOR_")]:
         monkeypatch.delenv(var)
+    return _file(tmp_path, GOOD)
+
+
+def test_the_fedmq_subcommands_read_the_file_and_flags_win(
+    good_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = good_file
     args = build_parser().parse_args(
         ["aggregator", "shard-worker", "--config", str(path), "--worker", "w9", "--port", "1884"])
     cfg = config_from_args(args, WORKER_FLAGS).for_worker()
@@ -125,3 +132,52 @@ def test_the_fedmq_subcommands_read_the_file_and_flags_win(
     monkeypatch.setenv("FEDMQ_AGGREGATOR_SHARD_WORKR", "w1")
     with pytest.raises(ConfigError, match="FEDMQ_AGGREGATOR_SHARD_WORKER"):
         config_from_args(args, COORDINATOR_FLAGS)
+
+
+def test_metrics_ports_and_evaluation_keys(tmp_path: Path) -> None:
+    text = GOOD.replace("[aggregator]\n", '[aggregator]\nmetrics_port = 9108\nmetrics_host = '
+                        '"0.0.0.0"\neval_dataset = "digits"\neval_examples = 500\n', 1)
+    text = text.replace("[shard]\n", "[shard]\nworker_metrics_port = 9110\n")
+    cfg = load_shard_config(_file(tmp_path, text), environ={})
+    assert (cfg.metrics_port, cfg.metrics_host, cfg.shard.worker_metrics_port) == (
+        9108, "0.0.0.0", 9110)
+    assert (cfg.eval_dataset, cfg.eval_examples) == ("digits", 500)
+    default = load_shard_config(_file(tmp_path, GOOD), environ={})
+    assert (default.metrics_port, default.shard.worker_metrics_port) == (0, 0)
+    assert default.eval_dataset == "none"  # the sharded default: no evaluation
+    env = load_shard_config(_file(tmp_path, GOOD), environ={
+        "FEDMQ_AGGREGATOR_SHARD_WORKER_METRICS_PORT": "9111"})
+    assert env.shard.worker_metrics_port == 9111
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("worker_metrics_port = 70000", "shard.worker_metrics_port must be a port in [0, 65535]"),
+    ("worker_metrics_port = -1", "shard.worker_metrics_port must be a port in [0, 65535]"),
+    ("worker_metrics_prot = 9110", "did you mean worker_metrics_port?"),
+])
+def test_a_bad_worker_metrics_port_is_refused_naming_the_key(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_shard_config(_file(tmp_path, GOOD.replace("[shard]\n", f"[shard]\n{line}\n")),
+                          environ={})
+
+
+def test_the_metrics_and_evaluation_flags_set_each_role_s_keys(good_file: Path) -> None:
+    path = good_file
+    args = build_parser().parse_args(
+        ["aggregator", "shard-worker", "--config", str(path), "--metrics-port", "9111",
+         "--metrics-host", "0.0.0.0"])
+    cfg = config_from_args(args, WORKER_FLAGS).for_worker()
+    # a worker's port is shard.worker_metrics_port; metrics_port stays the coordinator's
+    assert (cfg.shard.worker_metrics_port, cfg.metrics_port, cfg.metrics_host) == (
+        9111, 0, "0.0.0.0")
+    args = build_parser().parse_args(
+        ["aggregator", "shard-coordinator", "--config", str(path), "--metrics-port", "9108",
+         "--eval-dataset", "digits", "--eval-examples", "300"])
+    cfg = config_from_args(args, COORDINATOR_FLAGS)
+    assert (cfg.metrics_port, cfg.shard.worker_metrics_port) == (9108, 0)
+    assert (cfg.eval_dataset, cfg.eval_examples) == ("digits", 300)
+    with pytest.raises(SystemExit):  # the worker does not evaluate: no such flag
+        build_parser().parse_args(
+            ["aggregator", "shard-worker", "--config", str(path), "--eval-dataset", "digits"])
