@@ -90,10 +90,16 @@ class ShardSettings:
     # A worker's Prometheus exporter on metrics_host (0 = off); the coordinator's is the
     # aggregator's metrics_port. Workers sharing a host each need their own (--metrics-port).
     worker_metrics_port: int = 0
+    # The login of a worker's second connection, which sends the devices' acks ("" = the
+    # worker's [mqtt] username; same password). A broker that binds client ids to logins
+    # needs its own: `fedmq broker add-service` makes <worker login>-acks.
+    ack_username: str = ""
 
     def __post_init__(self) -> None:
         if self.worker:
             validate_name(self.worker, "shard.worker")
+        if self.ack_username:
+            validate_name(self.ack_username, "shard.ack_username")
         validate_name(self.group, "shard.group")
         if self.ack_mode not in ACK_MODES:
             raise ConfigError(f"shard.ack_mode must be one of {ACK_MODES}, got {self.ack_mode!r}")
@@ -193,6 +199,10 @@ WORKER_FLAGS: tuple[Flag, ...] = (
     ("--ready-file", "shard.ready_file", str, "written once subscribed (tests)"),
     ("--max-update-bytes", "max_update_bytes", int, "largest update payload accepted"),
     ("--metrics-port", "shard.worker_metrics_port", int, "Prometheus exporter port (0 = off)"),
+    ("--ack-username", "shard.ack_username", str,
+     "login of the connection that sends the devices' acks (default: the worker's)"),
+    ("--ingest-queue-bytes", "ingest_queue_bytes", int,
+     "bound of the queue between the network thread and the commits"),
 )
 #: Flags of ``fedmq aggregator shard-coordinator`` (and ``python -m
 #: aggregator.shard_coordinator``).

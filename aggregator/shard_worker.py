@@ -48,7 +48,6 @@ import contextlib
 import logging
 import math
 import os
-import queue
 import sys
 import threading
 import time
@@ -62,6 +61,7 @@ import redis
 
 from aggregator.bounds import update_norm
 from aggregator.bundles import resolve_bundle
+from aggregator.inbox import Inbox
 from aggregator.round_state import RoundPlan, RoundState, check_route
 from aggregator.service_loop import EXIT_STORE, run_until_signalled, service_main
 from aggregator.shard_config import WORKER_FLAGS, ShardConfig, add_flags, config_from_args
@@ -74,7 +74,7 @@ from aggregator.shard_store import (
     OpenRound,
 )
 from fedmq.errors import ConfigError, Rejected, RejectReason, SecurityError, StateError, WireError
-from fedmq.net.mqtt import connect, make_client
+from fedmq.net.mqtt import MqttSettings, connect, make_client
 from fedmq.signing import Registry, verify_update
 from fedmq.topics import validate_name
 from fedmq.update.accumulate import CheckedUpdate, scaled
@@ -350,23 +350,23 @@ class _Staged:
 #: memory: O(model) whatever the number of devices (docs/scaling.md).
 MAX_BATCH = 64
 MAX_BATCH_BYTES = 4 * 1024 * 1024
-#: the most delivered updates the worker queues; past it the network thread waits, so the
-#: broker keeps the rest (MQTT 5 Receive Maximum did not bound Mosquitto 2.0.11's deliveries
-#: here once PUBACKs flowed: 449 unacknowledged of 500 with a maximum of 10)
-QUEUE_MAXIMUM = 2 * MAX_BATCH
 
 
 class _Runner:
     """The MQTT side: shared subscription, persistent session, PUBACK after the commit.
 
-    ``manual`` acks: the network thread only queues each update; one ingest thread takes
-    whatever is queued (up to :data:`MAX_BATCH` updates and
-    :data:`MAX_BATCH_BYTES`), commits it as one group and then answers
-    and PUBACKs each update. ``callback``: each update is handled (and committed alone) in
-    the network thread, and paho PUBACKs it when the callback returns. Either way the acks
-    to devices go out on a second connection (client id ``<worker's>-acks``, clean start):
-    their PUBACKs would otherwise queue in the worker's socket behind the updates the broker
-    keeps sending, and under a backlog acks fell behind the commits (docs/scaling.md)."""
+    ``manual`` acks: the network thread only queues each update in the single process's
+    :class:`~aggregator.inbox.Inbox` (bounded by ``ingest_queue_bytes``: when it is full the
+    network thread waits and the broker keeps the backlog); one ingest thread takes whatever
+    is queued (up to :data:`MAX_BATCH` updates and :data:`MAX_BATCH_BYTES`), commits it as
+    one group and then answers and PUBACKs each update. ``callback``: each update is handled
+    (and committed alone) in the network thread, and paho PUBACKs it when the callback
+    returns. Either way the acks to devices (QoS 1) go out on a second connection (client
+    id ``<worker's>-acks``, clean start; login ``[shard] ack_username``, the worker's own by
+    default): on the subscription's connection their PUBACKs queue behind the updates the
+    broker keeps sending, and paho's network thread also stops writing while the inbox is
+    full, so under a backlog the acks fell further and further behind the commits
+    (docs/scaling.md)."""
 
     def __init__(self, config: ShardConfig) -> None:
         self.topics = config.topics
@@ -391,14 +391,14 @@ class _Runner:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
-        self.ack_settings = replace(self.settings, client_id=f"{self.settings.client_id}-acks",
-                                    clean_start=True, session_expiry=0)
+        self.ack_settings = ack_connection(self.settings, shard.ack_username)
         self.acks = make_client(self.ack_settings)
         self.acks.on_publish = _forget_mid
-        self.inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue(maxsize=QUEUE_MAXIMUM)
+        self.inbox: Inbox[mqtt.MQTTMessage] = Inbox(config.ingest_queue_bytes,
+                                                    max(1.0, self.settings.keepalive / 4))
         self.failed = threading.Event()
         self.stopping = False
-        self.largest_batch = self.deepest_queue = 0
+        self.largest_batch = 0
 
     @property
     def subscription(self) -> str:
@@ -422,32 +422,25 @@ class _Runner:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if self.failed.is_set():
             return  # never acknowledged: redelivered to this session after the restart
-        if not self.manual_ack:
+        if self.manual_ack:
+            self.inbox.put(message, len(message.payload))  # waits while the inbox is full
+        else:
             self._ingest([message])
-            return
-        while not self.failed.is_set():  # a full queue holds the network thread: back-pressure
-            try:
-                self.inbox.put(message, timeout=0.5)
-                return
-            except queue.Full:
-                continue
 
     def _ingest_loop(self) -> None:
         """The manual-ack ingest thread: group commits of whatever the broker delivered."""
         while not self.failed.is_set():
-            try:
-                batch = [self.inbox.get(timeout=0.2)]
-            except queue.Empty:
+            first = self.inbox.get(timeout=0.2)
+            if first is None:
                 continue
-            size = len(batch[0].payload)
+            batch, size = [first], len(first.payload)
             while len(batch) < MAX_BATCH and size < MAX_BATCH_BYTES:
-                try:
-                    batch.append(self.inbox.get_nowait())
-                except queue.Empty:
+                more = self.inbox.get(timeout=0)
+                if more is None:
                     break
-                size += len(batch[-1].payload)
+                batch.append(more)
+                size += len(more.payload)
             self.largest_batch = max(self.largest_batch, len(batch))
-            self.deepest_queue = max(self.deepest_queue, len(batch) + self.inbox.qsize())
             self._ingest(batch)
 
     def _ingest(self, batch: list[mqtt.MQTTMessage]) -> None:
@@ -477,8 +470,8 @@ class _Runner:
 
         def stopped() -> None:
             log.info("worker %s stopped (%d update(s) committed; largest group commit %d, "
-                     "deepest queue %d)", self.worker.worker, self.worker.committed,
-                     self.largest_batch, self.deepest_queue)
+                     "queue peak %d bytes)", self.worker.worker, self.worker.committed,
+                     self.largest_batch, self.inbox.peak_bytes)
 
         if self.metrics_port:
             self.metrics.serve(self.metrics_port, self.metrics_host)
@@ -493,10 +486,20 @@ class _Runner:
                                        on_signal=stopping)
         finally:
             self.failed.set()  # ends the ingest thread after its batch
+            self.inbox.close()  # releases a waiting put: those updates stay unacknowledged
             if ingest.is_alive():
                 ingest.join(timeout=30)
             self.acks.disconnect()
             self.acks.loop_stop()
+
+
+def ack_connection(settings: MqttSettings, username: str) -> MqttSettings:
+    """The settings of a worker's ack connection: ``<client id>-acks``, clean start, as
+    ``username`` (with the worker's password) when given, else with the worker's login. A
+    broker that binds client ids to logins (``use_username_as_clientid``, as ``fedmq broker
+    init`` does) needs its own login for it: ``fedmq broker add-service``."""
+    return replace(settings, client_id=f"{settings.client_id}-acks", clean_start=True,
+                   session_expiry=0, username=username or settings.username)
 
 
 def _forget_mid(client: mqtt.Client, userdata: Any, mid: int, rc: Any,

@@ -56,7 +56,7 @@ from fedmq_ops.simfleet.limits import raise_nofile  # noqa: E402
 
 OUT = ROOT / "bench/results/shard_fleet.json"
 PNG = ROOT / "bench/results/shard_fleet.png"
-_STOPPED = re.compile(r"largest group commit (\d+), deepest queue (\d+)")
+_STOPPED = re.compile(r"largest group commit (\d+), queue peak (\d+) bytes")
 _CLOSED = re.compile(r"round (\d+) closed: (\d+) update\(s\) from (\d+) worker")
 
 CONFIG = """\
@@ -170,7 +170,7 @@ def run_cell(model: str, devices: int, workers: int, rounds: int, processes: int
         "lost": lost, "duplicated": duplicated, "rejected": report.rejected,
         "resent": report.total("resent"), "wall_seconds": wall, "per_round": per_round,
         "cpu_seconds": cpu,
-        # per worker: (largest group commit, deepest queue of delivered updates) at its stop
+        # per worker: (largest group commit, peak bytes in its ingest queue) at its stop
         "worker_batches": {k: [int(x) for x in v[-1]] for k, v in stops.items() if v},
         "sharded_cpu_ms_per_update": 1000 * sum(cpu[k] for k in side) / max(accepted, 1),
         "worker_cpu_ms_per_update":

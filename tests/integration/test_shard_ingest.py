@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.shard_worker import MAX_BATCH, QUEUE_MAXIMUM
+from aggregator.inbox import ITEM_OVERHEAD
+from aggregator.shard_worker import MAX_BATCH
 from fedmq.net.localbroker import LocalBroker
 from fedmq.net.localredis import LocalRedis
 from tests.integration.shard_fleet import ShardFleet, assert_exact, durable_redis, wait_for
@@ -158,10 +159,12 @@ def test_store_outage_workers_exit_unacknowledged_and_nothing_is_lost(
 
 
 def test_a_burst_is_group_committed_with_a_bounded_queue(fleet: ShardFleet) -> None:
-    """600 updates at once to one worker: they are committed in groups (fewer store commits
-    than updates), the worker never queues more than QUEUE_MAXIMUM delivered updates beyond
-    the group it commits (the broker keeps the rest), and the model is exact."""
-    fleet.start_worker("w1")
+    """600 updates at once to one worker with a 64 KiB ingest queue: they are committed in
+    groups (more than one update per commit), the queue never holds more than its bound plus
+    one update (the broker keeps the rest), every device gets its ack and the model is
+    exact."""
+    bound = 65536
+    fleet.start_worker("w1", extra=["--ingest-queue-bytes", str(bound)])
     fleet.start_coordinator(target=600, rounds=1, timeout=120)
     devices = _devices(1, 600)
     payloads = [(d, fleet.update(1, d)) for d in devices]
@@ -171,8 +174,9 @@ def test_a_burst_is_group_committed_with_a_bounded_queue(fleet: ShardFleet) -> N
     wait_for(lambda: fleet.ok_devices(1) == set(devices), 30, "the acks")
     assert_exact(fleet.published(1), fleet.reference([set(devices)]))
     fleet.stop()
-    found = re.findall(r"largest group commit (\d+), deepest queue (\d+)", fleet.log("w1"))
+    found = re.findall(r"largest group commit (\d+), queue peak (\d+) bytes", fleet.log("w1"))
     assert found, fleet.log("w1")[-2000:]
-    largest, deepest = map(int, found[-1])
+    largest, peak = map(int, found[-1])
     assert 1 < largest <= MAX_BATCH
-    assert deepest <= QUEUE_MAXIMUM + MAX_BATCH
+    one = max(len(p) for _, p in payloads) + ITEM_OVERHEAD
+    assert one < peak <= bound + one

@@ -3,6 +3,7 @@ subcommands: typos name the closest key, unsupported settings are refused, flags
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -181,3 +182,24 @@ def test_the_metrics_and_evaluation_flags_set_each_role_s_keys(good_file: Path) 
     with pytest.raises(SystemExit):  # the worker does not evaluate: no such flag
         build_parser().parse_args(
             ["aggregator", "shard-worker", "--config", str(path), "--eval-dataset", "digits"])
+
+
+def test_the_ack_connection_has_its_own_client_id_and_optionally_its_own_login(
+    tmp_path: Path,
+) -> None:
+    from aggregator.shard_worker import ack_connection, worker_client_id
+
+    text = GOOD.replace("[mqtt]\n", '[mqtt]\nusername = "ingest-w3"\npassword = "s3cret"\n', 1)
+    cfg = load_shard_config(_file(tmp_path, text), environ={}).for_worker()
+    main = dataclasses.replace(cfg.mqtt, client_id=worker_client_id(cfg.fleet, "w3"))
+    same = ack_connection(main, cfg.shard.ack_username)
+    assert (same.client_id, same.clean_start, same.session_expiry) == (
+        "fedmq-ingest-plant7-w3-acks", True, 0)
+    assert (same.username, same.password) == ("ingest-w3", "s3cret")
+    text = text.replace("[shard]\n", '[shard]\nack_username = "ingest-w3-acks"\n', 1)
+    cfg = load_shard_config(_file(tmp_path, text), environ={}).for_worker()
+    own = ack_connection(main, cfg.shard.ack_username)
+    assert (own.username, own.password) == ("ingest-w3-acks", "s3cret")
+    with pytest.raises(ConfigError, match=re.escape("shard.ack_username")):
+        load_shard_config(_file(tmp_path, text.replace('"ingest-w3-acks"', '"a b"')),
+                          environ={})
