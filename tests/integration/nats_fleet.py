@@ -132,9 +132,15 @@ class NatsFleet(ShardFleet):
         for name, path in ready.items():
             wait_for(path.exists, 30, f"worker {name} to pull from JetStream")
 
-    def start_coordinator(self, target: int, rounds: int, timeout: float = 60.0) -> None:
+    def start_coordinator(self, target: int, rounds: int, timeout: float = 60.0,
+                          fallbacks: tuple[int, ...] = ()) -> None:
+        """The coordinator on the node of :meth:`coordinate_through`; ``fallbacks``: nodes
+        it reconnects to, in turn, when that one is gone (``mqtt.fallback_brokers``)."""
+        extra = ["--fallback-brokers", ",".join(
+            f"{self.cluster.host}:{self.cluster.nodes[i].mqtt_port}" for i in fallbacks
+        )] if fallbacks else []
         self._spawn("coordinator", [
-            "-m", "aggregator.shard_coordinator", *self.common(), "--protocol", "3.1.1",
+            "-m", "aggregator.shard_coordinator", *self.common(), *extra, "--protocol", "3.1.1",
             "--target", str(target), "--rounds", str(rounds), "--round-timeout", str(timeout),
             "--poll", "0.02", "--codec", CODEC,
             # the reference folds every update whole: no norm bound, no weight cap
