@@ -177,25 +177,31 @@ def summarize(cell: Cell, plan: FleetPlan, report: FleetReport, rounds: int,
     }
 
 
+def measured(spec: FleetSpec, pids: dict[str, int]
+             ) -> tuple[FleetReport, float, dict[str, float], dict[str, float]]:
+    """Run the fleet: its report and wall seconds, and the CPU seconds (used meanwhile) and
+    peak RSS (MiB) of the processes ``pids`` (name -> pid)."""
+    before = {k: cpu_seconds(p) for k, p in pids.items()}
+    t0 = time.time()
+    report = run_fleet(spec)
+    wall = time.time() - t0
+    return (report, wall, {k: cpu_seconds(p) - before[k] for k, p in pids.items()},
+            {k: peak_rss_mb(p) for k, p in pids.items()})
+
+
 def run_cell(model: str, devices: int, workers: int, consumers: str, rounds: int,
              processes: int, timeout: float, workdir: Path) -> dict[str, Any]:
     cell = Cell(model, devices, workers, consumers, workdir)
     load_before = os.getloadavg()
     try:
         cell.start(timeout)
-        pids = cell.pids()
-        cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
         plan = FleetPlan(devices, seed=1, name="dev", arrival=Arrival.parse("at-once"))
         settings = ShardSettings(
             host=cell.cluster.host, port=cell.cluster.nodes[0].mqtt_port,
             brokers=tuple(cell.mqtt), protocol="3.1.1", fleet=cell.fleet,
             topic_prefix=cell.prefix, rounds=rounds, timeout=timeout,
             ack_timeout=max(60.0, timeout / 4))
-        t0 = time.time()
-        report = run_fleet(FleetSpec(plan, settings, processes))
-        wall = time.time() - t0
-        cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
-        rss = {k: peak_rss_mb(p) for k, p in pids.items()}
+        report, wall, cpu, rss = measured(FleetSpec(plan, settings, processes), cell.pids())
     finally:
         cell.stop()
     out = summarize(cell, plan, report, rounds, cpu)

@@ -7,7 +7,9 @@ MQTT 3.1.1 to node 0."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,18 @@ def stream_leader(cluster: LocalNatsCluster, stream: str) -> int:
 
     name = asyncio.run(ask())
     return next(i for i, n in enumerate(cluster.nodes) if n.name == name)
+
+
+def mqtt_client_node(cluster: LocalNatsCluster, client_id: str) -> int | None:
+    """The running node that holds the MQTT client ``client_id`` now (its /connz)."""
+    for i, node in enumerate(cluster.nodes):
+        if not cluster.running(i):
+            continue
+        url = f"http://{cluster.host}:{node.http_port}/connz?mqtt_client={client_id}"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            if json.load(resp).get("num_connections"):
+                return i
+    return None
 
 
 class NatsFleet(ShardFleet):
