@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import urllib.request
 import uuid
@@ -152,7 +153,7 @@ class NatsFleet(ShardFleet):
         it reconnects to, in turn, when that one is gone (``mqtt.fallback_brokers``)."""
         extra = ["--fallback-brokers", ",".join(
             f"{self.cluster.host}:{self.cluster.nodes[i].mqtt_port}" for i in fallbacks
-        )] if fallbacks else []
+        ), "-vv"] if fallbacks else []  # -vv: paho's CONNACKs in its log
         self._spawn("coordinator", [
             "-m", "aggregator.shard_coordinator", *self.common(), *extra, "--protocol", "3.1.1",
             "--target", str(target), "--rounds", str(rounds), "--round-timeout", str(timeout),
@@ -170,6 +171,13 @@ class NatsFleet(ShardFleet):
             self.client.disconnect()
             self.client.loop_stop()
         self.store.close_connection()
+
+    def coordinator_reconnected(self) -> bool:
+        """The coordinator's client got an accepted CONNACK after it last moved to a
+        fallback broker (its log: our move line, then paho's DEBUG lines)."""
+        text = self.log("coordinator")
+        moved = text.rfind("(mqtt.fallback_brokers)")
+        return moved >= 0 and re.search(r"Received CONNACK \(\d, 0\)", text[moved:]) is not None
 
     def claims(self, round_id: int) -> dict[str, Claim]:
         """The open round's claims (device -> how it was folded); empty once it closed."""

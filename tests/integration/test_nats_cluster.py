@@ -166,12 +166,12 @@ def test_coordinators_node_killed_mid_round_it_publishes_through_another(
             fleet.send_all(1, {d: live[0]})
             resent += 1
     # The coordinator moves to a live node (after ~1 s: refused; ~2 s: the next node, which
-    # can refuse it while JetStream elects a new leader for the MQTT session stream, ~4 s;
-    # then back-off). The round is completed only once it is connected there: the
-    # coordinator's publish raises when its client is between two attempts at the moment
-    # the round closes (aggregator/shard_coordinator.py, not this test's subject).
-    wait_for(lambda: mqtt_client_node(cluster, coordinator) in live, 45,
-             "the coordinator's connection to a live node")
+    # can hold the connection 4 s and refuse it while JetStream elects a new leader for the
+    # MQTT session stream; then back-off). The round is completed only once the coordinator
+    # got its CONNACK there: its publish raises when its client is between two attempts at
+    # the moment the round closes (aggregator/shard_coordinator.py; docs/scaling.md).
+    wait_for(fleet.coordinator_reconnected, 45, "the coordinator's CONNACK from a live node")
+    assert mqtt_client_node(cluster, coordinator) in live
     b = _spread(1, 30, 30, tuple(live))
     fleet.send_all(1, b)
     fleet.wait_version(1, 45)
