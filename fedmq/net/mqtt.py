@@ -2,7 +2,8 @@
 
 Both shells need the same things: MQTT v5 (or 3.1.1 for brokers that lack v5, such as the
 embedded amqtt of the demo), a persistent session so QoS 1 messages wait in the broker while a
-process is down, credentials, TLS, a last will, and reconnect backoff. Their settings are one
+process is down, credentials, TLS, a last will, reconnect backoff, and the other brokers of a
+cluster to move to when one is unreachable (``fallback_brokers``). Their settings are one
 :class:`MqttSettings`, the ``[mqtt]`` table of both config files.
 
 :class:`ConnectionWatch` turns what paho reports (``on_connect_fail`` with the socket or TLS
