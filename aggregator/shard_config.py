@@ -208,6 +208,8 @@ WORKER_FLAGS: tuple[Flag, ...] = (
 #: aggregator.shard_coordinator``).
 COORDINATOR_FLAGS: tuple[Flag, ...] = (
     *_COMMON,
+    ("--fallback-brokers", "mqtt.fallback_brokers", str,
+     "host:port,... of other nodes of a broker cluster, tried in turn after a failed attempt"),
     ("--codec", "codec", str, "the update codec devices must use"),
     ("--strategy", "strategy", str, "a mean-delta strategy (fedavg, fedavgm, fedadam, ...)"),
     ("--server-lr", "server_lr", float, "server learning rate"),

@@ -66,14 +66,23 @@ class LocalNatsCluster(LocalServerFiles):
 
     def __init__(
         self, size: int = 3, workdir: Path | None = None, *, max_payload_mb: int = 8,
-        name: str = "fedmq",
+        name: str = "fedmq", consumer_replicas: int = 0, consumer_memory: bool = False,
     ) -> None:
+        """``consumer_replicas``/``consumer_memory``: the gateway's ``mqtt.consumer_replicas``
+        (0: NATS' default, the stream's replicas) and ``mqtt.consumer_memory_storage`` for
+        the JetStream consumer it makes per QoS 1 subscription of an MQTT client."""
         if size < 1:
             raise ConfigError(f"a NATS cluster needs at least 1 node, not {size}")
         if not 1 <= max_payload_mb <= 64:
             raise ConfigError(f"max_payload_mb must be 1..64 (NATS' limit), not {max_payload_mb}")
         self.size = size
         self.max_payload_mb = max_payload_mb
+        if not 0 <= consumer_replicas <= min(size, 3):
+            raise ConfigError(
+                f"consumer_replicas must be 0..{min(size, 3)}, not {consumer_replicas}"
+            )
+        self.consumer_replicas = consumer_replicas
+        self.consumer_memory = consumer_memory
         self.cluster_name = name
         self._owns_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fedmq-nats-"))
@@ -109,6 +118,9 @@ class LocalNatsCluster(LocalServerFiles):
             "mqtt {",
             f"  listen: {self.host}:{node.mqtt_port}",
             f"  stream_replicas: {min(self.size, 3)}",
+            *([f"  consumer_replicas: {self.consumer_replicas}"] if self.consumer_replicas
+              else []),
+            *(["  consumer_memory_storage: true"] if self.consumer_memory else []),
             "}",
         ]
         if self.size > 1:

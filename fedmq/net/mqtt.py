@@ -2,7 +2,8 @@
 
 Both shells need the same things: MQTT v5 (or 3.1.1 for brokers that lack v5, such as the
 embedded amqtt of the demo), a persistent session so QoS 1 messages wait in the broker while a
-process is down, credentials, TLS, a last will, and reconnect backoff. Their settings are one
+process is down, credentials, TLS, a last will, reconnect backoff, and the other brokers of a
+cluster to move to when one is unreachable (``fallback_brokers``). Their settings are one
 :class:`MqttSettings`, the ``[mqtt]`` table of both config files.
 
 :class:`ConnectionWatch` turns what paho reports (``on_connect_fail`` with the socket or TLS
@@ -41,6 +42,7 @@ __all__ = [
     "connect",
     "describe_connect_error",
     "make_client",
+    "parse_endpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,17 @@ _REFUSED_FOR_GOOD = {
 
 class ConnectError(FedmqError):
     """The broker cannot be used with these settings (credentials, TLS): retrying won't help."""
+
+
+def parse_endpoint(text: str, name: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for an IPv6 address) -> (host, port); a one-line
+    :class:`ConfigError` naming the setting ``name`` otherwise."""
+    host, sep, port = text.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{name}: {text!r} is not host:port (port 1..65535)")
+    return host, int(port)
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,9 @@ class MqttSettings:
     reconnect_min: float = 1.0
     reconnect_max: float = 60.0
     retry_forever: bool = False
+    # Other brokers of the same cluster ("host:port" each): after a failed connection
+    # attempt, the next attempt goes to the next broker of host:port + these, in turn.
+    fallback_brokers: tuple[str, ...] = ()
     # Not a setting: the services always keep their session; tools (fleet status) don't.
     clean_start: bool = field(default=False, metadata={"setting": False})
 
@@ -117,6 +133,9 @@ class MqttSettings:
             raise ConfigError("mqtt.tls_cert and mqtt.tls_key go together")
         if self.tls_cert is not None and self.tls_ca is None:
             raise ConfigError("a client certificate (mqtt.tls_cert) needs mqtt.tls_ca")
+        ends = self.endpoints  # checks fallback_brokers
+        if len(set(ends)) != len(ends):
+            raise ConfigError("mqtt.fallback_brokers must not repeat a broker (nor host:port)")
         lo, hi = self.reconnect_min, self.reconnect_max
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
             raise ConfigError(
@@ -132,6 +151,13 @@ class MqttSettings:
     def endpoint(self) -> str:
         """``host:port`` as log lines name the broker."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def endpoints(self) -> tuple[tuple[str, int], ...]:
+        """(host, port) of every broker to try: ``host``/``port``, then the fallbacks."""
+        return ((self.host, self.port), *(
+            parse_endpoint(b, "mqtt.fallback_brokers") for b in self.fallback_brokers
+        ))
 
     def redacted(self) -> dict[str, Any]:
         """The settings for printing, without the password."""
@@ -190,22 +216,44 @@ def _ssl_reason(exc: BaseException) -> str:
 
 class _Client(mqtt.Client):
     """A paho client that remembers why the last connection attempt failed (paho's
-    ``on_connect_fail`` says only that it did) and which topic each message id went to."""
+    ``on_connect_fail`` says only that it did) and which topic each message id went to.
+
+    With several ``endpoints`` (``mqtt.fallback_brokers``), the attempt after a failed one
+    goes to the next endpoint, round the list; paho's reconnect back-off is unchanged.
+    """
 
     last_error: OSError | None = None
+    endpoints: tuple[tuple[str, int], ...] = ()
+    _move_on = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.topic_of_mid: dict[int, str] = {}
 
+    def connect_async(self, host: str, port: int = 1883, *args: Any, **kwargs: Any) -> None:
+        self._move_on = False  # a fresh start at the given broker
+        super().connect_async(host, port, *args, **kwargs)
+
     def reconnect(self) -> mqtt.MQTTErrorCode:
+        if self._move_on:
+            self._move_on = False
+            self._next_endpoint()
         try:
             rc = super().reconnect()
         except OSError as exc:
             self.last_error = exc
+            self._move_on = len(self.endpoints) > 1
             raise
         self.last_error = None
         return rc
+
+    def _next_endpoint(self) -> None:
+        here = (self._host, self._port)
+        i = self.endpoints.index(here) + 1 if here in self.endpoints else 0
+        host, port = self.endpoints[i % len(self.endpoints)]
+        log.info("cannot reach the broker at %s:%d: trying %s:%d next (mqtt.fallback_brokers)",
+                 *here, host, port)
+        self._host, self._port = host, port
 
     def publish(
         self,
@@ -250,6 +298,7 @@ def make_client(
         **kwargs,
     )
     client.on_log = _paho_log
+    client.endpoints = settings.endpoints
     if settings.username is not None:
         client.username_pw_set(settings.username, settings.password)
     if settings.tls_ca is not None:
@@ -277,30 +326,31 @@ def make_client(
 
 
 def connect(client: mqtt.Client, settings: MqttSettings, asynchronous: bool = True) -> None:
-    """Connect with the session semantics of ``settings`` (raises OSError when unreachable)."""
+    """Connect with the session semantics of ``settings``.
+
+    Asynchronous: paho's network thread makes the attempts (through every broker of
+    ``settings.endpoints`` in turn). Synchronous: each broker is tried once, in order; the
+    last one's OSError is raised when none is reachable.
+    """
+    kwargs: dict[str, Any] = {}
     if settings.protocol == "5":
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = settings.session_expiry
-        if asynchronous:
-            client.connect_async(
-                settings.host,
-                settings.port,
-                settings.keepalive,
-                clean_start=settings.clean_start,
-                properties=props,
-            )
-        else:
-            client.connect(
-                settings.host,
-                settings.port,
-                settings.keepalive,
-                clean_start=settings.clean_start,
-                properties=props,
-            )
-    elif asynchronous:
-        client.connect_async(settings.host, settings.port, settings.keepalive)
-    else:
-        client.connect(settings.host, settings.port, settings.keepalive)
+        kwargs = {"clean_start": settings.clean_start, "properties": props}
+    if asynchronous:
+        client.connect_async(settings.host, settings.port, settings.keepalive, **kwargs)
+        return
+    try:
+        client.connect(settings.host, settings.port, settings.keepalive, **kwargs)
+    except OSError:
+        for left in reversed(range(len(settings.fallback_brokers))):
+            try:
+                client.reconnect()  # the next broker (_Client moves on after a failure)
+                return
+            except OSError:
+                if not left:
+                    raise
+        raise
 
 
 @dataclass
@@ -465,7 +515,8 @@ class ConnectionWatch:
         self._failed(cause, fatal=fatal)
 
     def _failed(self, cause: str, fatal: bool) -> None:
-        ep = self.settings.endpoint
+        host = getattr(self.client, "host", "")  # the broker just tried (fallback_brokers)
+        ep = f"{host}:{self.client.port}" if host else self.settings.endpoint
         with self._lock:
             self._attempts += 1
             now = self._clock()

@@ -65,6 +65,7 @@ class FleetSpec:
         plan["examples"] = tuple(plan["examples"])
         settings = dict(raw["settings"])
         settings["unclipped"] = frozenset(settings.get("unclipped", ()))
+        settings["brokers"] = tuple(settings.get("brokers", ()))
         return cls(FleetPlan(**plan), ShardSettings(**settings), int(raw["processes"]))
 
 

@@ -38,6 +38,7 @@ import paho.mqtt.client as mqtt
 
 from fedmq.errors import WireError
 from fedmq.memory import peak_rss_mb
+from fedmq.net.mqtt import parse_endpoint
 from fedmq.signing import DeviceKey, sign_update
 from fedmq.topics import Topics
 from fedmq.update.codecs import codec_names, encode_delta, get_codec
@@ -88,6 +89,9 @@ class ShardSettings:
     connect_batch: int = 64
     timeout: float = 600.0
     client_id_prefix: str = ""
+    # the nodes of a broker cluster ("host:port" each) to spread the devices over: each
+    # device connects to one, chosen by its id (empty: every device to host:port)
+    brokers: tuple[str, ...] = ()
     # real training (fedmq_ops.simfleet.training) instead of synthetic deltas: a dataset name
     # (``digits``, ``fashion-mnist``), the model bundle or prebuilt name, the split scheme
     train_dataset: str = ""
@@ -287,12 +291,21 @@ class Shard:
         with contextlib.suppress(KeyError, ValueError):  # closing
             self._sel.modify(sock, selectors.EVENT_READ, d)
 
+    def _broker(self, d: _Device) -> tuple[str, int]:
+        """The broker (host, port) of device ``d``: one of ``settings.brokers`` by its id."""
+        s = self.settings
+        if not s.brokers:
+            return s.host, s.port
+        return parse_endpoint(s.brokers[zlib.crc32(d.id.encode()) % len(s.brokers)],
+                              "brokers")
+
     def _open(self, d: _Device) -> None:
+        host, port = self._broker(d)
         try:
             if d.client is None:
                 d.client = self._make_client(d)
                 d.connecting = True
-                d.client.connect(self.settings.host, self.settings.port, self.settings.keepalive)
+                d.client.connect(host, port, self.settings.keepalive)
             else:
                 d.connecting = True
                 d.client.reconnect()
@@ -300,7 +313,7 @@ class Shard:
         except OSError as exc:
             d.connecting = False
             self._warn_once(f"connect {type(exc).__name__}", "cannot connect to %s:%d: %s",
-                            self.settings.host, self.settings.port, exc)
+                            host, port, exc)
             self._retry(d)
 
     def _retry(self, d: _Device) -> None:

@@ -7,7 +7,10 @@ MQTT 3.1.1 to node 0."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import threading
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +61,18 @@ def stream_leader(cluster: LocalNatsCluster, stream: str) -> int:
 
     name = asyncio.run(ask())
     return next(i for i, n in enumerate(cluster.nodes) if n.name == name)
+
+
+def mqtt_client_node(cluster: LocalNatsCluster, client_id: str) -> int | None:
+    """The running node that holds the MQTT client ``client_id`` now (its /connz)."""
+    for i, node in enumerate(cluster.nodes):
+        if not cluster.running(i):
+            continue
+        url = f"http://{cluster.host}:{node.http_port}/connz?mqtt_client={client_id}"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            if json.load(resp).get("num_connections"):
+                return i
+    return None
 
 
 class NatsFleet(ShardFleet):
@@ -132,9 +147,15 @@ class NatsFleet(ShardFleet):
         for name, path in ready.items():
             wait_for(path.exists, 30, f"worker {name} to pull from JetStream")
 
-    def start_coordinator(self, target: int, rounds: int, timeout: float = 60.0) -> None:
+    def start_coordinator(self, target: int, rounds: int, timeout: float = 60.0,
+                          fallbacks: tuple[int, ...] = ()) -> None:
+        """The coordinator on the node of :meth:`coordinate_through`; ``fallbacks``: nodes
+        it reconnects to, in turn, when that one is gone (``mqtt.fallback_brokers``)."""
+        extra = ["--fallback-brokers", ",".join(
+            f"{self.cluster.host}:{self.cluster.nodes[i].mqtt_port}" for i in fallbacks
+        ), "-vv"] if fallbacks else []  # -vv: paho's CONNACKs in its log
         self._spawn("coordinator", [
-            "-m", "aggregator.shard_coordinator", *self.common(), "--protocol", "3.1.1",
+            "-m", "aggregator.shard_coordinator", *self.common(), *extra, "--protocol", "3.1.1",
             "--target", str(target), "--rounds", str(rounds), "--round-timeout", str(timeout),
             "--poll", "0.02", "--codec", CODEC,
             # the reference folds every update whole: no norm bound, no weight cap
@@ -150,6 +171,13 @@ class NatsFleet(ShardFleet):
             self.client.disconnect()
             self.client.loop_stop()
         self.store.close_connection()
+
+    def coordinator_reconnected(self) -> bool:
+        """The coordinator's client got an accepted CONNACK after it last moved to a
+        fallback broker (its log: our move line, then paho's DEBUG lines)."""
+        text = self.log("coordinator")
+        moved = text.rfind("(mqtt.fallback_brokers)")
+        return moved >= 0 and re.search(r"Received CONNACK \(\d, 0\)", text[moved:]) is not None
 
     def claims(self, round_id: int) -> dict[str, Claim]:
         """The open round's claims (device -> how it was folded); empty once it closed."""

@@ -17,7 +17,12 @@ from aggregator.nats_worker import GATEWAY_STREAM
 from fedmq.net.localnats import LocalNatsCluster, nats_server_path
 from fedmq.net.localredis import LocalRedis
 from fedmq.wire import decode_model, decode_round
-from tests.integration.nats_fleet import NatsFleet, mqtt311_client, stream_leader
+from tests.integration.nats_fleet import (
+    NatsFleet,
+    mqtt311_client,
+    mqtt_client_node,
+    stream_leader,
+)
 from tests.integration.shard_fleet import assert_exact, durable_redis, wait_for
 
 
@@ -127,3 +132,62 @@ def test_node_and_worker_killed_mid_round_lose_and_double_nothing(
     print(f"\nNATS cluster test: killed n{doomed}; round 1 (kills) {t_round1:.1f}s, total "
           f"{time.monotonic() - t0:.1f}s; w2 saw {w2_log.count('redelivered (delivery')} "
           f"redelivered update(s); {resent} device(s) without PUBACK resent")
+
+
+def test_coordinators_node_killed_mid_round_it_publishes_through_another(
+    fleet: NatsFleet, cluster: LocalNatsCluster
+) -> None:
+    """The node the coordinator is connected to dies mid-round (it also leads the gateway's
+    update stream): the coordinator's MQTT client goes on through the next node of its
+    ``mqtt.fallback_brokers``; the round closes with every device counted once and the
+    exact model reaches the devices on the live nodes, twice."""
+    t0 = time.monotonic()
+    doomed = stream_leader(cluster, GATEWAY_STREAM)
+    live = [i for i in range(3) if i != doomed]
+    fleet.listen(live[1])
+    fleet.coordinate_through(doomed)
+    fleet.start_workers({"w1": live[0], "w2": live[1]})
+    fleet.start_coordinator(target=60, rounds=2, fallbacks=tuple(live))
+    wait_for(lambda: fleet.store.open_round().round_id == 1, 30, "round 1")  # type: ignore[union-attr]
+    coordinator = f"fedmq-coordinator-{fleet.fleet}"
+    wait_for(lambda: mqtt_client_node(cluster, coordinator) == doomed, 10,
+             "the coordinator's connection to the doomed node")
+
+    a = _spread(1, 0, 30, (0, 1, 2))
+    infos = {d: fleet.send(1, d, node) for d, node in a.items()}
+    wait_for(lambda: len(fleet.claims(1)) >= 10, 30, "some commits")
+    cluster.kill(doomed)  # the coordinator's node, mid-round
+    fleet.drop_devices(doomed)
+    resent = 0
+    for d, info in infos.items():
+        if not info.is_published():
+            info.wait_for_publish(0.5)
+        if not info.is_published():  # no PUBACK: the device sends it again elsewhere
+            fleet.send_all(1, {d: live[0]})
+            resent += 1
+    # The coordinator moves to a live node (after ~1 s: refused; ~2 s: the next node, which
+    # can hold the connection 4 s and refuse it while JetStream elects a new leader for the
+    # MQTT session stream; then back-off). The round is completed only once the coordinator
+    # got its CONNACK there: its publish raises when its client is between two attempts at
+    # the moment the round closes (aggregator/shard_coordinator.py; docs/scaling.md).
+    wait_for(fleet.coordinator_reconnected, 45, "the coordinator's CONNACK from a live node")
+    assert mqtt_client_node(cluster, coordinator) in live
+    b = _spread(1, 30, 30, tuple(live))
+    fleet.send_all(1, b)
+    fleet.wait_version(1, 45)
+    round1 = {**a, **b}
+    assert fleet.store.model()["contributors"] == 60  # type: ignore[index]
+    # published by the coordinator through a live node: the devices there receive it
+    assert_exact(fleet.published(1), fleet.reference([set(round1)]))
+    t_round1 = time.monotonic() - t0
+
+    r2 = _spread(2, 0, 60, tuple(live))
+    wait_for(lambda: fleet.store.open_round().round_id == 2, 30, "round 2")  # type: ignore[union-attr]
+    fleet.send_all(2, r2)
+    fleet.wait_version(2, 45)
+    assert fleet.store.model()["contributors"] == 60  # type: ignore[index]
+    assert_exact(fleet.published(2), fleet.reference([set(round1), set(r2)]))
+    log = fleet.log("coordinator")
+    assert "fallback" in log, "the coordinator's log does not say it moved to another node"
+    print(f"\nNATS coordinator-node test: killed n{doomed}; round 1 {t_round1:.1f}s, total "
+          f"{time.monotonic() - t0:.1f}s; {resent} device(s) without PUBACK resent")

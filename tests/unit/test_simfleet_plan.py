@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from fedmq.errors import ConfigError
 from fedmq.signing import Registry
 from fedmq.update import codecs
 from fedmq_ops.simfleet import Arrival, FleetPlan, FleetSpec, ShardSettings, enroll_fleet
+from fedmq_ops.simfleet.shard import Shard
 
 SHAPES = {"w": (8, 4), "b": (4,)}
 
@@ -87,8 +89,22 @@ def test_enrolment_writes_every_key_once(tmp_path: Path) -> None:
 def test_spec_round_trips_through_json() -> None:
     spec = FleetSpec(
         FleetPlan(40, seed=4, dropout=0.2, arrival=Arrival("spread", 2.5), examples=(2, 3)),
-        ShardSettings(port=1234, fleet="x", passwords={"sim-00001": "pw"}, sign=True), 3,
+        ShardSettings(port=1234, fleet="x", passwords={"sim-00001": "pw"}, sign=True,
+                      brokers=("n1:1883", "n2:1884")), 3,
     )
     assert FleetSpec.from_json(spec.to_json()) == spec
     with pytest.raises(ConfigError):
         FleetSpec(FleetPlan(2), ShardSettings(), 3)
+
+
+def test_devices_spread_over_the_brokers_by_id() -> None:
+    plan = FleetPlan(300, seed=1)
+    brokers = ("127.0.0.1:4001", "127.0.0.1:4002", "127.0.0.1:4003")
+    shard = Shard(plan, plan.device_ids(), ShardSettings(brokers=brokers))
+    again = Shard(plan, plan.device_ids()[::-1], ShardSettings(brokers=brokers))
+    chosen = {d.id: shard._broker(d) for d in shard.devices}
+    assert chosen == {d.id: again._broker(d) for d in again.devices}  # by id, not position
+    counts = Counter(port for _, port in chosen.values())
+    assert set(counts) == {4001, 4002, 4003} and min(counts.values()) > 60
+    plain = Shard(plan, plan.device_ids()[:3], ShardSettings(host="h", port=9))
+    assert {plain._broker(d) for d in plain.devices} == {("h", 9)}
