@@ -314,10 +314,7 @@ def command(args: argparse.Namespace) -> int:
         client.loop_start()
 
         def publish(topic: str, payload: bytes) -> None:
-            info = client.publish(topic, payload, qos=1, retain=True)
-            info.wait_for_publish(30)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS or not info.is_published():
-                raise OSError(f"publish on {topic} failed: {info.rc}")
+            publish_retained(client, topic, payload)
 
         metrics = ShardCoordinatorMetrics()
         if config.metrics_port:
@@ -338,6 +335,26 @@ def command(args: argparse.Namespace) -> int:
     except (ConfigError, StateError, DataError, redis.RedisError, OSError) as exc:
         log.error("coordinator: %s", exc)
         return 1
+
+
+def publish_retained(client: mqtt.Client, topic: str, payload: bytes, *,
+                     timeout: float = 60.0) -> None:
+    """Publish ``payload`` retained at QoS 1 and wait for the broker's PUBACK, across a
+    reconnection (e.g. to a fallback broker after a node died): while the client is not
+    connected it waits, and a publish the lost connection interrupted is sent again (the same
+    retained bytes twice change nothing). OSError when no broker took it within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.is_connected():
+            info = client.publish(topic, payload, qos=1, retain=True)
+            try:
+                info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+                if info.is_published():
+                    return
+            except (RuntimeError, ValueError):  # the connection went meanwhile: again
+                pass
+        time.sleep(0.1)
+    raise OSError(f"publish on {topic}: no broker took it within {timeout:.0f}s")
 
 
 def build_parser() -> argparse.ArgumentParser:
