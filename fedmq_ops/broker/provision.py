@@ -263,7 +263,7 @@ def _check_name(state: BrokerState, name: str, kinds: tuple[str, ...],
                           f"role ({_remover(other)} it first)")
     if not removing and kinds == (SHARD_WORKER,):
         ack = validate_name(ack_login(name), "shard worker's ack login")
-        if ack in RESERVED_USERS or _kind_of(state, ack) is not None:
+        if _kind_of(state, ack) is not None:
             raise ConfigError(f"shard worker {name}'s ack login {ack} is taken")
 
 
