@@ -6,7 +6,6 @@ and enrolled devices, each on its own connection, publishing real updates."""
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,13 +13,11 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from fedmq.net.localbroker import free_port, mosquitto_path
 from fedmq.net.localredis import LocalRedis
 from fedmq.net.mqtt import MqttSettings, connect, make_client
 from fedmq.topics import Topics
 from fedmq_ops.broker import (
     BrokerLayout,
-    BrokerSettings,
     ack_login,
     add_device,
     add_service,
@@ -29,7 +26,13 @@ from fedmq_ops.broker import (
 )
 from tests.conftest import _track
 from tests.integration.shard_fleet import ShardFleet, assert_exact, durable_redis, wait_for
-from tests.integration.test_broker_security import NOT_AUTHORIZED, Peer, Secure, SecuredBroker
+from tests.integration.test_broker_security import (
+    NOT_AUTHORIZED,
+    Peer,
+    Secure,
+    SecuredBroker,
+    secured_settings,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -37,24 +40,20 @@ FLEET = "shardsec"
 T = Topics(FLEET)
 WORKERS = ("w1", "w2")
 COORDINATOR = "coord"
+RECEIVER = "rx"  # a partial receiver's login (only its ACL is checked here)
 DEVICES = tuple(f"dev-{i}" for i in range(8))
 
 
 @pytest.fixture
 def secure(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Secure]:
     """A broker from `fedmq broker init` with the services' and the devices' logins."""
-    if mosquitto_path() is None:
-        pytest.fail("mosquitto is not installed (apt-get install mosquitto)")
     root = tmp_path / "broker"
-    settings = BrokerSettings(
-        fleets=(FLEET,), hostnames=("localhost",), tls_port=free_port(), health_port=None,
-        config_root=str(root), data_dir=f"{root}/data/",
-        run_as="root" if os.geteuid() == 0 else "mosquitto", monitor=True,
-    )
+    settings = secured_settings(root, FLEET, health_port=None)
     result = init_broker(root, settings)
     secure = Secure(SecuredBroker(BrokerLayout(root), settings), BrokerLayout(root),
                     dict(result.passwords))
-    roles = {**dict.fromkeys(WORKERS, "shard-worker"), COORDINATOR: "shard-coordinator"}
+    roles = {**dict.fromkeys(WORKERS, "shard-worker"), COORDINATOR: "shard-coordinator",
+             RECEIVER: "partial-receiver"}
     for name, role in roles.items():
         pw = add_service(root, name, role)
         assert pw is not None and secure.layout.gateway_password(name).read_text() == pw + "\n"
@@ -161,6 +160,7 @@ def _check_least_privilege(secure: Secure) -> None:
         "w1": (),
         ack_login("w1"): (T.ack("dev-0"),),
         COORDINATOR: (T.model, T.round),
+        RECEIVER: (T.gateway_ack("gw-1"),),
     }
     forbidden = (T.model, T.round, T.ack("dev-0"), T.update("dev-0"),
                  T.gateway_ack("gw-1"), Topics("other").ack("dev-0"))
