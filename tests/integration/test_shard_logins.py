@@ -6,6 +6,7 @@ and enrolled devices, each on its own connection, publishing real updates."""
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,6 +125,15 @@ def _settings(secure: Secure, user: str) -> MqttSettings:
     return secure.settings(user, secure.passwords[worker if worker in WORKERS else user])
 
 
+def _round_open(fleet: ShardFleet, round_id: int) -> bool:
+    rnd = fleet.store.open_round()
+    return rnd is not None and rnd.round_id == round_id
+
+
+def _all_acked(fleet: ShardFleet, round_id: int) -> bool:
+    return fleet.ok_devices(round_id) == set(DEVICES)
+
+
 def test_workers_and_coordinator_with_their_own_logins_ack_every_device_exactly(
     secure: Secure, fleet: ShardFleet
 ) -> None:
@@ -134,12 +144,11 @@ def test_workers_and_coordinator_with_their_own_logins_ack_every_device_exactly(
     devices = Devices(secure, fleet)
     try:
         for r in (1, 2):
-            wait_for(lambda r=r: fleet.store.open_round().round_id == r, 30,  # type: ignore[union-attr]
-                     f"round {r}")
+            wait_for(functools.partial(_round_open, fleet, r), 30, f"round {r}")
             for dev in DEVICES:
                 fleet.publish(r, dev, client=devices.clients[dev])
             fleet.wait_version(r, 30)
-            wait_for(lambda r=r: fleet.ok_devices(r) == set(DEVICES), 15, f"round {r}'s acks")
+            wait_for(functools.partial(_all_acked, fleet, r), 15, f"round {r}'s acks")
         assert_exact(fleet.published(2), fleet.reference([set(DEVICES)] * 2))
         log = fleet.log("coordinator")
         for r in (1, 2):  # both workers' logins ingested at once, neither knocked off
