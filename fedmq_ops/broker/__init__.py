@@ -6,6 +6,9 @@
     fedmq broker remove-device NAME --dir DIR
     fedmq broker add-gateway NAME --dir DIR [--fleet F] [--password-stdin | --rotate] [--cert]
     fedmq broker remove-gateway NAME --dir DIR
+    fedmq broker add-service NAME --dir DIR --role shard-worker|shard-coordinator|partial-receiver
+                             [--fleet F] [--password-stdin | --rotate]
+    fedmq broker remove-service NAME --dir DIR
     fedmq broker list --dir DIR
     fedmq broker gateway-conf --out FILE --fleet F --gateway NAME --cloud-host H ...
 
@@ -23,9 +26,9 @@ Layout of ``DIR`` (see docs/broker.md)::
     certs/server.crt, server.key   the broker's certificate and key                 key 0600
     private/ca.key                 CA signing key: NOT for the broker, keep offline 0600
     credentials/NAME.env           FEDMQ_AGENT_MQTT_* / FEDMQ_AGGREGATOR_MQTT_* login 0600
-    credentials/NAME.pass          a site gateway bridge's password alone          0600
+    credentials/NAME.pass          a site gateway bridge's or a service's password 0600
     clients/NAME.crt, NAME.key     optional client certificates (--cert)            key 0600
-    broker.json                    settings, the device and gateway -> fleet maps (no secrets)
+    broker.json                    settings, the device, gateway, service -> fleet maps
 
 Every identity gets an explicit ACL block naming its own topics: Mosquitto's ``pattern``
 lines (``%u``) would apply to *every* user, so the read-only ``monitor`` identity could
@@ -50,11 +53,15 @@ from fedmq_ops.broker.provision import (
     InitResult,
     add_device,
     add_gateway,
+    add_service,
     init_broker,
     list_devices,
     list_gateways,
+    list_services,
     remove_device,
     remove_gateway,
+    remove_service,
+    service_config,
 )
 from fedmq_ops.broker.settings import (
     AGGREGATOR_USER,
@@ -62,8 +69,10 @@ from fedmq_ops.broker.settings import (
     MONITOR_USER,
     PACKET_OVERHEAD,
     RESERVED_USERS,
+    SERVICE_ROLES,
     BrokerLayout,
     BrokerSettings,
+    ack_login,
 )
 from fedmq_ops.broker.state import load_settings
 
@@ -74,12 +83,15 @@ __all__ = [
     "PACKET_OVERHEAD",
     "PBKDF2_ITERATIONS",
     "RESERVED_USERS",
+    "SERVICE_ROLES",
     "BrokerLayout",
     "BrokerSettings",
     "InitResult",
     "add_device",
+    "ack_login",
     "add_gateway",
     "add_parser",
+    "add_service",
     "format_passwd",
     "hash_password",
     "init_broker",
@@ -87,12 +99,15 @@ __all__ = [
     "issue_server_cert",
     "list_devices",
     "list_gateways",
+    "list_services",
     "load_settings",
     "make_ca",
     "parse_passwd",
     "remove_device",
     "remove_gateway",
+    "remove_service",
     "render_acl",
     "render_mosquitto_conf",
+    "service_config",
     "verify_password",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from fedmq.chunks import chunk_wildcard
 from fedmq.downlink import downlink_topics
@@ -14,10 +14,12 @@ from fedmq_ops.broker.settings import (
     AGGREGATOR_USER,
     DECRYPTOR_USER,
     MONITOR_USER,
+    SHARD_WORKER,
     BrokerSettings,
+    ack_login,
 )
 
-__all__ = ["render_acl"]
+__all__ = ["SERVICE_GRANTS", "render_acl"]
 
 
 def _fleet_topics(s: BrokerSettings, name: str, fleet: str, kind: str) -> Topics:
@@ -35,10 +37,52 @@ def _gateway_block(s: BrokerSettings, name: str, fleet: str) -> list[str]:
             *(f"topic read {t}" for t in bridged.into)]
 
 
+def _ack_wildcard(t: Topics) -> str:
+    return f"{t.base}/ack/+"
+
+
+def _receiver_lines(t: Topics) -> list[str]:
+    """The partial receiver's (site gateways): every gateway's partial, their answers."""
+    return [f"topic read {t.gateway_partial_wildcard}", f"topic write {t.base}/gateway/+/ack"]
+
+
+def _worker_lines(t: Topics) -> list[str]:
+    """A shard worker's: the devices' updates. Mosquitto 2.0's acl_file grants every
+    subscription and checks ``read`` against each message's own topic when it delivers it,
+    so this line is the one that lets ``$share/<group>/fl/F/update/+`` deliver (a
+    ``topic read $share/...`` line grants nothing; the group cannot be restricted)."""
+    return [f"topic read {t.update_wildcard}"]
+
+
+def _coordinator_lines(t: Topics) -> list[str]:
+    """The shard coordinator's: it publishes the model and the round (retained), reads
+    nothing from the broker (the store holds the rest)."""
+    return [f"topic write {t.model}", f"topic write {t.round}"]
+
+
+#: What each service role (``fedmq broker add-service --role``) may do in its fleet.
+SERVICE_GRANTS: dict[str, Callable[[Topics], list[str]]] = {
+    SHARD_WORKER: _worker_lines,
+    "shard-coordinator": _coordinator_lines,
+    "partial-receiver": _receiver_lines,
+}
+
+
+def _service_blocks(s: BrokerSettings, role: str, name: str, fleet: str) -> list[str]:
+    """A service's block; a shard worker's ack login's too (it only sends the acks)."""
+    t = _fleet_topics(s, name, fleet, role)
+    lines = ["", f"user {name}", *SERVICE_GRANTS[role](t)]
+    if role == SHARD_WORKER:
+        lines += ["", f"user {ack_login(name)}", f"topic write {_ack_wildcard(t)}"]
+    return lines
+
+
 def render_acl(s: BrokerSettings, devices: Mapping[str, str],
-               gateways: Mapping[str, str] | None = None) -> str:
+               gateways: Mapping[str, str] | None = None,
+               services: Mapping[str, Mapping[str, str]] | None = None) -> str:
     """One ``user`` block per identity; nothing for anonymous clients; no patterns.
-    ``devices`` and ``gateways`` (site gateways' bridge logins) map a name to its fleet."""
+    ``devices`` and ``gateways`` (site gateways' bridge logins) map a name to its fleet,
+    ``services`` a role (:data:`SERVICE_GRANTS`) to such a map."""
     lines = [
         "# fedmq broker ACL. Rendered by `fedmq broker`; re-run it instead of editing.",
         "# Mosquitto denies everything not granted here. No `topic` lines come before the",
@@ -56,10 +100,8 @@ def render_acl(s: BrokerSettings, devices: Mapping[str, str],
             f"topic readwrite {chunk_wildcard(t.model)}",
             *(f"topic readwrite {x}" for x in downlink_topics(t)),
             f"topic readwrite {t.round}",
-            f"topic write {t.base}/ack/+",
-            # the partial receiver (site gateways): every gateway's partial, its answer
-            f"topic read {t.gateway_partial_wildcard}",
-            f"topic write {t.base}/gateway/+/ack",
+            f"topic write {_ack_wildcard(t)}",
+            *_receiver_lines(t),
             f"topic read {t.secagg_in_wildcard}",
             f"topic write {t.secagg_out}",
             f"topic write {t.secagg_out}/+",
@@ -105,4 +147,8 @@ def render_acl(s: BrokerSettings, devices: Mapping[str, str],
         ]
     for name in sorted(gateways or {}):
         lines += _gateway_block(s, name, (gateways or {})[name])
+    for role in SERVICE_GRANTS:
+        users = (services or {}).get(role, {})
+        for name in sorted(users):
+            lines += _service_blocks(s, role, name, users[name])
     return "\n".join(lines) + "\n"

@@ -1,5 +1,5 @@
-"""``fedmq broker {init,add-device,remove-device,add-gateway,remove-gateway,list,gateway-conf}``:
-argument parsing and output."""
+"""``fedmq broker {init,add-device,remove-device,add-gateway,remove-gateway,add-service,
+remove-service,list,gateway-conf}``: argument parsing and output."""
 
 from __future__ import annotations
 
@@ -13,15 +13,27 @@ from fedmq.errors import ConfigError
 from fedmq_ops.broker.files import write_file
 from fedmq_ops.broker.gateway import GatewayBrokerSettings, render_gateway_conf
 from fedmq_ops.broker.provision import (
+    PASSWORD_ENV,
+    LoginOptions,
     add_device,
     add_gateway,
+    add_service,
     init_broker,
     list_devices,
     list_gateways,
+    list_services,
     remove_device,
     remove_gateway,
+    remove_service,
+    service_config,
 )
-from fedmq_ops.broker.settings import BrokerLayout, BrokerSettings
+from fedmq_ops.broker.settings import (
+    SERVICE_ROLES,
+    SHARD_WORKER,
+    BrokerLayout,
+    BrokerSettings,
+    ack_login,
+)
 from fedmq_ops.broker.state import load_settings
 
 __all__ = ["add_parser"]
@@ -76,15 +88,22 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add(args: argparse.Namespace, kind: str, password: str | None) -> str | None:
+    options = LoginOptions(fleet=args.fleet, password=password, rotate=args.rotate,
+                           client_cert=args.cert, save_credentials=not args.no_save,
+                           owner=_owner(args.owner))
+    if kind == "service":
+        return add_service(Path(args.dir), args.name, args.role, **options)
+    add = add_gateway if kind == "gateway" else add_device
+    return add(Path(args.dir), args.name, **options)
+
+
 def _cmd_add(args: argparse.Namespace) -> int:
     password = args.password
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
-    gateway = args.broker_command == "add-gateway"
-    add = add_gateway if gateway else add_device
-    new = add(Path(args.dir), args.name, fleet=args.fleet, password=password,
-              rotate=args.rotate, client_cert=args.cert, save_credentials=not args.no_save,
-              owner=_owner(args.owner))
+    kind = args.broker_command.removeprefix("add-")
+    new = _add(args, kind, password)
     layout = BrokerLayout(Path(args.dir))
     if new is None:
         print(f"{args.name} exists; password unchanged (use --rotate for a new one)")
@@ -93,11 +112,16 @@ def _cmd_add(args: argparse.Namespace) -> int:
     else:
         print(f"{args.name} password set")
     if new is not None and not args.no_save:
-        saved = layout.gateway_password(args.name) if gateway else layout.credentials(args.name)
+        saved = (layout.credentials(args.name) if kind == "device"
+                 else layout.gateway_password(args.name))
         print(f"credentials: {saved} (mode 0600)")
-    if gateway:
+    if kind == "gateway":
         print(f"on the gateway: `fedmq broker gateway-conf --gateway {args.name} "
               f"--remote-username {args.name} --remote-password-file FILE --cafile ca.crt ...`")
+    if kind == "service":
+        print(f"in the {args.role}'s TOML config (the password in [mqtt] password or the "
+              f"environment, {PASSWORD_ENV[args.role]}):")
+        print(service_config(args.name, args.role), end="")
     if layout.client_crt(args.name).exists():
         print(f"client certificate: {layout.client_crt(args.name)}, "
               f"key {layout.client_key(args.name)}")
@@ -106,8 +130,8 @@ def _cmd_add(args: argparse.Namespace) -> int:
 
 
 def _cmd_remove(args: argparse.Namespace) -> int:
-    kind = "gateway" if args.broker_command == "remove-gateway" else "device"
-    remove = remove_gateway if kind == "gateway" else remove_device
+    kind = args.broker_command.removeprefix("remove-")
+    remove = {"gateway": remove_gateway, "service": remove_service}.get(kind, remove_device)
     if remove(Path(args.dir), args.name, owner=_owner(args.owner)):
         print(f"removed {args.name}; {_RELOAD_HINT}")
     else:
@@ -120,6 +144,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"{name}\t{fleet}")
     for name, fleet in list_gateways(Path(args.dir)).items():
         print(f"{name}\t{fleet}\tgateway")
+    for name, (role, fleet) in list_services(Path(args.dir)).items():
+        print(f"{name}\t{fleet}\t{role}")
+        if role == SHARD_WORKER:
+            print(f"{ack_login(name)}\t{fleet}\t{role} {name}'s acks")
     return 0
 
 
@@ -151,8 +179,8 @@ def _cmd_gateway_conf(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    """Register ``fedmq broker {init,add-device,remove-device,add-gateway,remove-gateway,list,
-    gateway-conf}``."""
+    """Register ``fedmq broker {init,add-device,remove-device,add-gateway,remove-gateway,
+    add-service,remove-service,list,gateway-conf}``."""
     p = subparsers.add_parser(
         "broker", help="create and manage the production Mosquitto files (TLS, ACL, users)",
         description="Create a CA, the broker's TLS certificate, a password file, a per-user "
@@ -214,6 +242,9 @@ def add_parser(subparsers: Any) -> None:
                            "password unless --password or --rotate.")
         a.add_argument("name", help=name_help)
         common(a)
+        if kind == "service":
+            a.add_argument("--role", required=True, choices=SERVICE_ROLES,
+                           help="what it runs: its ACL block grants only that")
         a.add_argument("--fleet", help="its fleet (default: the first fleet of the broker)")
         g = a.add_mutually_exclusive_group()
         g.add_argument("--password", help="use this password (visible in the process list; "
@@ -239,6 +270,11 @@ def add_parser(subparsers: Any) -> None:
           "up; its answer, the round and the model down). See docs/scaling.md, \"Site "
           "gateways\".", "gateway name = its bridge's MQTT username (gateway-conf "
           "--gateway/--remote-username)", "credentials/NAME.pass")
+    adder("add-service", "service", "Give one process of the sharded ingest (a shard worker, "
+          "the shard coordinator, the partial receiver) its own login, whose ACL block grants "
+          "only what its role does; a shard worker also gets NAME-acks (same password) for "
+          "its ack connection. Prints the config lines it needs. See docs/broker.md.",
+          "service name = its MQTT username", "credentials/NAME.pass")
 
     gw = sub.add_parser("gateway-conf", help="a site gateway's mosquitto.conf, bridged to the "
                         "cloud broker", description="Render the site broker's config: its "
@@ -277,6 +313,7 @@ def add_parser(subparsers: Any) -> None:
                     help="bridge reconnect backoff in seconds")
     gw.set_defaults(func=_cmd_gateway_conf)
 
-    ls = sub.add_parser("list", help="list the devices and gateways and their fleets")
+    ls = sub.add_parser("list", help="list the devices, gateways and services and their "
+                        "fleets")
     ls.add_argument("--dir", required=True, type=Path, help="the broker directory")
     ls.set_defaults(func=_cmd_list)

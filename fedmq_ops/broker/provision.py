@@ -31,22 +31,30 @@ from fedmq_ops.broker.settings import (
     DECRYPTOR_USER,
     MONITOR_USER,
     RESERVED_USERS,
+    SERVICE_ROLES,
+    SHARD_WORKER,
     BrokerLayout,
     BrokerSettings,
     BrokerState,
+    ack_login,
 )
 from fedmq_ops.broker.state import load_state, read_passwd, save_state
 
 __all__ = [
+    "PASSWORD_ENV",
     "InitResult",
     "LoginOptions",
     "add_device",
     "add_gateway",
+    "add_service",
     "init_broker",
     "list_devices",
     "list_gateways",
+    "list_services",
     "remove_device",
     "remove_gateway",
+    "remove_service",
+    "service_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -98,16 +106,26 @@ def _secure_dirs(layout: BrokerLayout, settings: BrokerSettings,
 
 def _render_all(layout: BrokerLayout, state: BrokerState, passwd: dict[str, str],
                 owner: tuple[int, int] | None) -> None:
+    for ack, worker in state.ack_logins().items():  # the worker's password, always
+        if worker in passwd:
+            passwd[ack] = passwd[worker]
     write_file(layout.passwd, format_passwd(passwd), 0o600, owner, keep_group_read=True)
-    write_if_changed(layout.acl, render_acl(state.settings, state.devices, state.gateways),
-                     0o644)
+    write_if_changed(layout.acl, render_acl(state.settings, state.devices, state.gateways,
+                                            state.services), 0o644)
     write_if_changed(layout.conf, render_mosquitto_conf(state.settings), 0o644)
     save_state(layout, state)
 
 
+def _password_only(state: BrokerState, name: str) -> bool:
+    """A gateway's or a service's credentials are its password alone (an env file for
+    the others)."""
+    return _kind_of(state, name) not in (None, "device")
+
+
 def _credentials_file(layout: BrokerLayout, state: BrokerState, name: str) -> Path:
-    """A gateway's password alone (for its bridge config), else an env file."""
-    return layout.gateway_password(name) if name in state.gateways else layout.credentials(name)
+    """A gateway's or a service's password alone, else an env file."""
+    return (layout.gateway_password(name) if _password_only(state, name)
+            else layout.credentials(name))
 
 
 def _set_password(layout: BrokerLayout, state: BrokerState, passwd: dict[str, str], name: str,
@@ -116,7 +134,7 @@ def _set_password(layout: BrokerLayout, state: BrokerState, passwd: dict[str, st
     passwd[name] = hash_password(password)
     cred = _credentials_file(layout, state, name)
     if save:
-        text = (password + "\n" if name in state.gateways
+        text = (password + "\n" if _password_only(state, name)
                 else _credentials_text(state, name, password))
         write_file(cred, text, 0o600)
     elif cred.exists():
@@ -149,12 +167,11 @@ def init_broker(
         state = BrokerState(settings)
         if layout.state.exists():
             old = load_state(layout)
-            state = BrokerState(settings, old.devices, old.gateways)
-            users = {**old.devices, **old.gateways}
-            orphans = {d: f for d, f in users.items() if f not in settings.fleets}
+            state = BrokerState(settings, old.devices, old.gateways, old.services)
+            orphans = {d: f for d, f in old.logins().items() if f not in settings.fleets}
             if orphans:
                 raise ConfigError(
-                    f"devices/gateways {sorted(orphans)} belong to fleets not in "
+                    f"devices/gateways/services {sorted(orphans)} belong to fleets not in "
                     f"{settings.fleets}; remove them first or keep their fleets"
                 )
 
@@ -196,7 +213,7 @@ def init_broker(
             if not on and ident in passwd:
                 del passwd[ident]
                 layout.credentials(ident).unlink(missing_ok=True)
-        stale = set(passwd) - wanted - set(state.devices) - set(state.gateways)
+        stale = set(passwd) - wanted - set(state.logins())
         if stale:
             log.warning("password file users without an ACL block (they can connect but "
                         "do nothing): %s", ", ".join(sorted(stale)))
@@ -206,20 +223,48 @@ def init_broker(
     return InitResult(tuple(dict.fromkeys(created)), passwords)
 
 
-_KINDS = ("device", "gateway")
+_KINDS = ("device", "gateway", *SERVICE_ROLES)
 
 
 def _users(state: BrokerState, kind: str) -> dict[str, str]:
-    """The name -> fleet map of ``kind`` (devices, or site gateways' bridge logins)."""
-    return state.devices if kind == "device" else state.gateways
+    """The name -> fleet map of ``kind`` (devices, site gateways' bridge logins, or the
+    services of a role), created when missing."""
+    if kind == "device":
+        return state.devices
+    return state.gateways if kind == "gateway" else state.services.setdefault(kind, {})
 
 
-def _check_name(state: BrokerState, name: str, kind: str, removing: bool = False) -> None:
-    other = next(k for k in _KINDS if k != kind)
-    if name in _users(state, other):
-        raise ConfigError(f"{name} is a {other}, not a {kind}: use remove-{other}" if removing
-                          else f"{name} is a {other} of this broker: a device and a gateway "
-                          f"cannot share an MQTT login (remove-{other} it first)")
+def _kind_of(state: BrokerState, name: str) -> str | None:
+    """What login ``name`` is (a device, a gateway or a service role), else None."""
+    if name in state.devices:
+        return "device"
+    if name in state.gateways:
+        return "gateway"
+    return next((r for r, users in state.services.items() if name in users), None)
+
+
+def _remover(kind: str) -> str:
+    return "remove-service" if kind in SERVICE_ROLES else f"remove-{kind}"
+
+
+def _check_name(state: BrokerState, name: str, kinds: tuple[str, ...],
+                removing: bool = False) -> None:
+    """Refuse ``name`` when it is another kind's login, or a shard worker's ack login (or,
+    for a new shard worker, when its ack login is taken)."""
+    worker = state.ack_logins().get(name)
+    if worker is not None:
+        raise ConfigError(f"{name} is the ack login of shard worker {worker}: it is added "
+                          f"and removed with it (remove-service {worker})")
+    other = _kind_of(state, name)
+    if other is not None and other not in kinds:
+        raise ConfigError(f"{name} is a {other}, not a {' or '.join(kinds)}: use "
+                          f"{_remover(other)}" if removing
+                          else f"{name} is a {other} of this broker: one MQTT login has one "
+                          f"role ({_remover(other)} it first)")
+    if not removing and kinds == (SHARD_WORKER,):
+        ack = validate_name(ack_login(name), "shard worker's ack login")
+        if _kind_of(state, ack) is not None:
+            raise ConfigError(f"shard worker {name}'s ack login {ack} is taken")
 
 
 def _add_user(root: Path, name: str, kind: str, fleet: str | None = None,
@@ -228,12 +273,14 @@ def _add_user(root: Path, name: str, kind: str, fleet: str | None = None,
     validate_name(name, kind)
     if name in RESERVED_USERS:
         raise ConfigError(f"{name!r} is reserved for the {name} identity")
+    if kind not in _KINDS:
+        raise ConfigError(f"unknown role {kind!r} (known: {', '.join(SERVICE_ROLES)})")
     if password is not None and rotate:
         raise ConfigError("give either a password or rotate, not both")
     layout = BrokerLayout(Path(root))
     with locked(layout.root):
         state = load_state(layout)
-        _check_name(state, name, kind)
+        _check_name(state, name, (kind,))
         users = _users(state, kind)
         fleet = fleet or users.get(name) or state.settings.fleets[0]
         if fleet not in state.settings.fleets:
@@ -264,7 +311,7 @@ def _add_user(root: Path, name: str, kind: str, fleet: str | None = None,
 
 
 class LoginOptions(TypedDict, total=False):
-    """The options of :func:`add_device` and :func:`add_gateway`."""
+    """The options of :func:`add_device`, :func:`add_gateway` and :func:`add_service`."""
 
     fleet: str | None  # default: the login's fleet, else the broker's first fleet
     password: str | None  # default: a new random one (None: keep an existing login's)
@@ -291,16 +338,21 @@ def add_gateway(root: Path, name: str, **options: Unpack[LoginOptions]) -> str |
     return _add_user(root, name, "gateway", **options)
 
 
-def _remove_user(root: Path, name: str, kind: str, owner: tuple[int, int] | None) -> bool:
-    validate_name(name, kind)
+def _remove_user(root: Path, name: str, kinds: tuple[str, ...],
+                 owner: tuple[int, int] | None) -> bool:
+    validate_name(name, kinds[0])
     if name in RESERVED_USERS:
-        raise ConfigError(f"{name!r} is not a {kind}")
+        raise ConfigError(f"{name!r} is not a {' or '.join(kinds)}")
     layout = BrokerLayout(Path(root))
     with locked(layout.root):
         state = load_state(layout)
-        _check_name(state, name, kind, removing=True)
+        _check_name(state, name, kinds, removing=True)
+        kind = _kind_of(state, name)
         cred = _credentials_file(layout, state, name)
         passwd = read_passwd(layout)
+        if kind == SHARD_WORKER:  # only then: NAME-acks may be another login
+            passwd.pop(ack_login(name), None)
+        kind = kind or kinds[0]
         found = _users(state, kind).pop(name, None) is not None
         found = passwd.pop(name, None) is not None or found
         for p in (cred, layout.client_crt(name), layout.client_key(name)):
@@ -316,12 +368,12 @@ def remove_device(root: Path, name: str, owner: tuple[int, int] | None = None) -
 
     Returns False when there was nothing to remove. The broker applies it on SIGHUP.
     """
-    return _remove_user(root, name, "device", owner)
+    return _remove_user(root, name, ("device",), owner)
 
 
 def remove_gateway(root: Path, name: str, owner: tuple[int, int] | None = None) -> bool:
     """Remove site gateway ``name``'s bridge login, as :func:`remove_device`."""
-    return _remove_user(root, name, "gateway", owner)
+    return _remove_user(root, name, ("gateway",), owner)
 
 
 def list_gateways(root: Path) -> dict[str, str]:
@@ -330,3 +382,42 @@ def list_gateways(root: Path) -> dict[str, str]:
 
 def list_devices(root: Path) -> dict[str, str]:
     return dict(sorted(load_state(BrokerLayout(Path(root))).devices.items()))
+
+
+def add_service(root: Path, name: str, role: str, **options: Unpack[LoginOptions]) -> str | None:
+    """Enrol service ``name`` of the sharded ingest (``role``: a shard worker, the shard
+    coordinator or the partial receiver; docs/scaling.md, "Sharded ingest") with its own
+    login, whose ACL block grants only what that role does (``acl.SERVICE_GRANTS``). A shard
+    worker also gets its ack connection's login, :func:`~fedmq_ops.broker.settings.ack_login`
+    (same password, only the devices' acks). Like :func:`add_gateway` otherwise: the password
+    alone is saved in ``credentials/NAME.pass``; :func:`service_config` is the config."""
+    return _add_user(root, name, role, **options)
+
+
+def remove_service(root: Path, name: str, owner: tuple[int, int] | None = None) -> bool:
+    """Remove service ``name``'s login (a shard worker's ack login with it), as
+    :func:`remove_device`."""
+    return _remove_user(root, name, SERVICE_ROLES, owner)
+
+
+def list_services(root: Path) -> dict[str, tuple[str, str]]:
+    """Service -> (role, fleet)."""
+    state = load_state(BrokerLayout(Path(root)))
+    return dict(sorted((name, (role, fleet)) for role, users in state.services.items()
+                       for name, fleet in users.items()))
+
+
+#: Where each role's service reads its MQTT password from the environment.
+PASSWORD_ENV = {SHARD_WORKER: "FEDMQ_AGGREGATOR_MQTT_PASSWORD",
+                "shard-coordinator": "FEDMQ_AGGREGATOR_MQTT_PASSWORD",
+                "partial-receiver": "FEDMQ_RECEIVER_MQTT_PASSWORD"}
+
+
+def service_config(name: str, role: str) -> str:
+    """The TOML lines service ``name`` of ``role`` needs to log in (its password goes in
+    ``[mqtt] password`` or the environment, never in this text)."""
+    lines = [f"# MQTT login of the {role} {name}; its password is in credentials/{name}.pass",
+             "[mqtt]", f'username = "{name}"']
+    if role == SHARD_WORKER:
+        lines += ["", "[shard]", f'ack_username = "{ack_login(name)}"']
+    return "\n".join(lines) + "\n"

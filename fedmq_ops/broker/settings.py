@@ -18,9 +18,12 @@ __all__ = [
     "MONITOR_USER",
     "PACKET_OVERHEAD",
     "RESERVED_USERS",
+    "SERVICE_ROLES",
+    "SHARD_WORKER",
     "BrokerLayout",
     "BrokerSettings",
     "BrokerState",
+    "ack_login",
 ]
 
 AGGREGATOR_USER = "aggregator"
@@ -29,6 +32,17 @@ MONITOR_USER = "monitor"
 # the only identity that may write the decrypted mean.
 DECRYPTOR_USER = "decryptor"
 RESERVED_USERS = frozenset({AGGREGATOR_USER, MONITOR_USER, DECRYPTOR_USER})
+# The sharded ingest's processes (docs/scaling.md, "Sharded ingest"), one login each
+# (`fedmq broker add-service NAME --role ROLE`): with the client id bound to the login, the
+# processes cannot share the `aggregator` one.
+SHARD_WORKER = "shard-worker"
+SERVICE_ROLES = (SHARD_WORKER, "shard-coordinator", "partial-receiver")
+
+
+def ack_login(worker: str) -> str:
+    """The companion login of shard worker ``worker``'s ack connection (``[shard]
+    ack_username``): same password, created and removed with it."""
+    return f"{worker}-acks"
 # Room for the fixed header, the topic and the MQTT v5 properties around a payload.
 PACKET_OVERHEAD = 4096
 _MQTT_MAX_PACKET = 268_435_455
@@ -188,7 +202,8 @@ class BrokerLayout:
         return self.root / "credentials" / f"{name}.env"
 
     def gateway_password(self, name: str) -> Path:
-        """A gateway bridge's password alone (``gateway-conf --remote-password-file``)."""
+        """The password alone of a gateway bridge (``gateway-conf --remote-password-file``)
+        or of a service login (``add-service``)."""
         return self.root / "credentials" / f"{name}.pass"
 
     def client_crt(self, name: str) -> Path:
@@ -200,9 +215,24 @@ class BrokerLayout:
 
 @dataclass
 class BrokerState:
-    """The contents of ``broker.json``: settings, the device -> fleet and the site
-    gateway -> fleet maps (one namespace of MQTT users: a name is a device or a gateway)."""
+    """The contents of ``broker.json``: settings, the device -> fleet, site gateway -> fleet
+    and service role -> (service -> fleet) maps (one namespace of MQTT users: a name is a
+    device, a gateway or a service, and a shard worker's :func:`ack_login` is taken too)."""
 
     settings: BrokerSettings
     devices: dict[str, str] = field(default_factory=dict)  # device -> fleet
     gateways: dict[str, str] = field(default_factory=dict)  # gateway (bridge login) -> fleet
+    services: dict[str, dict[str, str]] = field(default_factory=dict)  # role -> name -> fleet
+
+    def ack_logins(self) -> dict[str, str]:
+        """The shard workers' companion ack logins -> their worker."""
+        return {ack_login(w): w for w in self.services.get(SHARD_WORKER, {})}
+
+    def logins(self) -> dict[str, str]:
+        """Every enrolled login (its ACL block's) -> its fleet."""
+        out = {**self.devices, **self.gateways}
+        for users in self.services.values():
+            out.update(users)
+        workers = self.services.get(SHARD_WORKER, {})
+        out.update({ack: workers[w] for ack, w in self.ack_logins().items()})
+        return out

@@ -8,7 +8,7 @@ from pathlib import Path
 from fedmq.errors import ConfigError
 from fedmq_ops.broker.files import write_if_changed
 from fedmq_ops.broker.passwords import parse_passwd
-from fedmq_ops.broker.settings import BrokerLayout, BrokerSettings, BrokerState
+from fedmq_ops.broker.settings import SERVICE_ROLES, BrokerLayout, BrokerSettings, BrokerState
 
 __all__ = ["load_settings", "load_state", "read_passwd", "save_state"]
 
@@ -28,7 +28,13 @@ def load_state(layout: BrokerLayout) -> BrokerState:
     settings = BrokerSettings.from_json(data.get("settings", {}))
     devices = {str(k): str(v) for k, v in dict(data.get("devices", {})).items()}
     gateways = {str(k): str(v) for k, v in dict(data.get("gateways", {})).items()}
-    return BrokerState(settings, devices, gateways)
+    services = {str(role): {str(k): str(v) for k, v in dict(users).items()}
+                for role, users in dict(data.get("services", {})).items()}
+    unknown = set(services) - set(SERVICE_ROLES)
+    if unknown:
+        raise ConfigError(f"{layout.state}: unknown service roles {sorted(unknown)} "
+                          f"(known: {', '.join(SERVICE_ROLES)})")
+    return BrokerState(settings, devices, gateways, services)
 
 
 def load_settings(root: Path) -> BrokerSettings:
@@ -40,6 +46,10 @@ def save_state(layout: BrokerLayout, state: BrokerState) -> None:
                               "devices": dict(sorted(state.devices.items()))}
     if state.gateways:  # absent until the first gateway: older files stay byte-identical
         doc["gateways"] = dict(sorted(state.gateways.items()))
+    services = {role: dict(sorted(users.items()))
+                for role, users in sorted(state.services.items()) if users}
+    if services:  # likewise until the first service
+        doc["services"] = services
     write_if_changed(layout.state, json.dumps(doc, indent=2) + "\n", 0o644)
 
 

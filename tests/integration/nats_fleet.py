@@ -90,6 +90,7 @@ class NatsFleet(ShardFleet):
         self.workdir = workdir
         self.fleet = f"nats{uuid.uuid4().hex[:8]}"
         self.procs = {}
+        self.env = {}  # anonymous brokers: no per-process logins
         self.topics = Topics(self.fleet, self.prefix)
         self.store = ShardStore(self.redis.url, self.fleet)
         self.acks = {}
@@ -106,7 +107,7 @@ class NatsFleet(ShardFleet):
         """The acks and models, received through ``node``."""
         n = self.cluster.nodes[node]
         self.client = mqtt311_client(f"listener-{self.fleet}", self.cluster.host, n.mqtt_port)
-        self.client.on_message = self._on_message
+        self.client.on_message = self.record
         wait_for(self.client.is_connected, 10, "the listener's connection")
         self.client.subscribe(f"{self.topics.base}/ack/+", qos=1)
         self.client.subscribe(self.topics.model, qos=1)

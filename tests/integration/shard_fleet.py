@@ -23,6 +23,7 @@ from aggregator.bundles import resolve_bundle
 from aggregator.shard_store import ShardStore
 from fedmq.net.localbroker import LocalBroker
 from fedmq.net.localredis import LocalRedis, RedisOptions, redis_server_path
+from fedmq.net.mqtt import MqttSettings, connect, make_client
 from fedmq.net.procs import stop_processes
 from fedmq.topics import Topics
 from fedmq.update.codecs import get_codec
@@ -64,6 +65,10 @@ class ShardFleet:
     workdir: Path
     fleet: str = field(default_factory=lambda: f"shard{uuid.uuid4().hex[:8]}")
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # A broker with logins (`fedmq broker init`): the harness's own client's (it reads the
+    # models; anonymous when None) and each process's extra environment (its login).
+    login: MqttSettings | None = None
+    env: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.topics = Topics(self.fleet, self.prefix)
@@ -73,17 +78,23 @@ class ShardFleet:
         self._lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
                                   client_id=f"devices-{self.fleet}", protocol=mqtt.MQTTv5)
+        if self.login is not None:
+            self.client = make_client(self.login)
         self.client.max_inflight_messages_set(100)
         self.client.max_queued_messages_set(0)
-        self.client.on_message = self._on_message
-        self.client.connect(self.broker.host, self.broker.port)
+        self.client.on_message = self.record
+        if self.login is None:
+            self.client.connect(self.broker.host, self.broker.port)
+        else:
+            connect(self.client, self.login, asynchronous=False)
         self.client.loop_start()
         self.client.subscribe(f"{self.topics.base}/ack/+", qos=1)
         self.client.subscribe(self.topics.model, qos=1)
         self.rng = np.random.default_rng(7)
         self.sent: dict[tuple[int, str], bytes] = {}  # (round, device) -> payload
 
-    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+    def record(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        """``on_message`` of a client that receives models or acks (a device's, too)."""
         with self._lock:
             if msg.topic == self.topics.model:
                 self.models.append(bytes(msg.payload))
@@ -93,7 +104,7 @@ class ShardFleet:
 
     # -- processes -----------------------------------------------------------------------------
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = dict(os.environ, PYTHONPATH=str(ROOT), **self.env.get(name, {}))
         logf = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the child's
         proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=logf,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -159,10 +170,12 @@ class ShardFleet:
             ))
         return self.sent[key]
 
-    def publish(self, round_id: int, device: str, payload: bytes | None = None) -> None:
-        """Send ``device``'s update of ``round_id`` (or ``payload``) as the device."""
+    def publish(self, round_id: int, device: str, payload: bytes | None = None,
+                client: mqtt.Client | None = None) -> None:
+        """Send ``device``'s update of ``round_id`` (or ``payload``) as the device (on
+        ``client``, the device's own connection, else the harness's)."""
         body = self.update(round_id, device) if payload is None else payload
-        info = self.client.publish(self.topics.update(device), body, qos=1)
+        info = (client or self.client).publish(self.topics.update(device), body, qos=1)
         info.wait_for_publish(10)
 
     def ok_devices(self, round_id: int) -> set[str]:

@@ -103,18 +103,23 @@ class Secure:
         )
 
 
-@pytest.fixture(scope="module")
-def _secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
+def secured_settings(root: Path, fleet: str, **changes: Any) -> BrokerSettings:
+    """A broker of ``fleet`` on free ports whose files live in ``root``, with a monitor."""
     if mosquitto_path() is None:
         pytest.fail("mosquitto is not installed (apt-get install mosquitto)")
-    root = tmp_path_factory.mktemp("secure-broker")
     settings = BrokerSettings(
-        fleets=(FLEET,), hostnames=("localhost",), tls_port=free_port(),
+        fleets=(fleet,), hostnames=("localhost",), tls_port=free_port(),
         health_port=free_port(), config_root=str(root), data_dir=f"{root}/data/",
         # As root, Mosquitto would switch to 'mosquitto', who cannot read pytest's tmp dirs.
-        run_as="root" if os.geteuid() == 0 else "mosquitto",
-        monitor=True, decryptor=True, max_message_bytes=MAX_MESSAGE,
+        run_as="root" if os.geteuid() == 0 else "mosquitto", monitor=True,
     )
+    return replace(settings, **changes)
+
+
+@pytest.fixture(scope="module")
+def _secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
+    root = tmp_path_factory.mktemp("secure-broker")
+    settings = secured_settings(root, FLEET, decryptor=True, max_message_bytes=MAX_MESSAGE)
     result = init_broker(root, settings)
     secure = Secure(SecuredBroker(BrokerLayout(root), settings), BrokerLayout(root))
     secure.passwords.update(result.passwords)

@@ -26,20 +26,26 @@ from fedmq_ops.broker import (
     add_device,
     add_gateway,
     add_parser,
+    add_service,
     format_passwd,
     hash_password,
     init_broker,
     list_devices,
     list_gateways,
+    list_services,
     load_settings,
     parse_passwd,
     remove_device,
     remove_gateway,
+    remove_service,
     render_acl,
     render_mosquitto_conf,
+    service_config,
     verify_password,
 )
+from fedmq_ops.broker.acl import SERVICE_GRANTS
 from fedmq_ops.broker.gateway import GatewayBrokerSettings, render_gateway_conf
+from fedmq_ops.broker.settings import SERVICE_ROLES
 from tests.fakes import fedmq_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -572,6 +578,78 @@ def test_gateways_and_devices_do_not_share_a_login(broker_dir: Path) -> None:
     assert "gateways" not in json.loads(lay.state.read_text())  # as before any gateway
 
 
+# ------------------------------------------------------------------------------ services
+
+
+def test_each_service_login_may_do_only_its_role(broker_dir: Path) -> None:
+    """`add-service`: a shard worker reads the updates (its shared subscription), its ack
+    login only writes the acks; the coordinator only writes the model and the round; the
+    partial receiver has the aggregator's receiver lines. Passwords alone in NAME.pass."""
+    lay = BrokerLayout(broker_dir)
+    pw = add_service(broker_dir, "w1", "shard-worker", fleet="f2")
+    assert pw is not None
+    add_service(broker_dir, "coord", "shard-coordinator", fleet="f2")
+    add_service(broker_dir, "rx", "partial-receiver")
+    blocks = _blocks(lay.acl.read_text())
+    assert blocks["w1"] == ["topic read fl/f2/update/+"]
+    assert blocks["w1-acks"] == ["topic write fl/f2/ack/+"]
+    assert blocks["coord"] == ["topic write fl/f2/model", "topic write fl/f2/round"]
+    assert blocks["rx"] == ["topic read fl/f1/gateway/+/partial",
+                            "topic write fl/f1/gateway/+/ack"]
+    assert set(blocks["rx"]) <= set(blocks["aggregator"])
+    assert tuple(SERVICE_GRANTS) == SERVICE_ROLES
+    hashes = parse_passwd(lay.passwd.read_text())
+    assert verify_password(hashes["w1"], pw) and hashes["w1-acks"] == hashes["w1"]
+    saved = lay.gateway_password("w1")
+    assert saved.read_text() == pw + "\n" and _mode(saved) == 0o600
+    assert not lay.credentials("w1").exists() and not lay.gateway_password("w1-acks").exists()
+    assert list_services(broker_dir) == {"coord": ("shard-coordinator", "f2"),
+                                         "rx": ("partial-receiver", "f1"),
+                                         "w1": ("shard-worker", "f2")}
+    assert add_service(broker_dir, "w1", "shard-worker") is None  # idempotent, keeps its fleet
+    new = add_service(broker_dir, "w1", "shard-worker", rotate=True)
+    assert new is not None and new != pw
+    hashes = parse_passwd(lay.passwd.read_text())
+    assert verify_password(hashes["w1-acks"], new)  # the ack login follows the rotation
+    init_broker(broker_dir, load_settings(broker_dir))  # a re-init keeps them
+    assert _blocks(lay.acl.read_text()) == blocks
+    with pytest.raises(ConfigError, match="coord"):
+        init_broker(broker_dir, BrokerSettings(fleets=("f1",)))
+    assert remove_service(broker_dir, "w1")
+    assert not {"w1", "w1-acks"} & set(parse_passwd(lay.passwd.read_text()))
+    assert not {"w1", "w1-acks"} & set(_blocks(lay.acl.read_text()))
+    assert not saved.exists() and not remove_service(broker_dir, "w1")
+    assert service_config("w1", "shard-worker") == (
+        "# MQTT login of the shard-worker w1; its password is in credentials/w1.pass\n"
+        '[mqtt]\nusername = "w1"\n\n[shard]\nack_username = "w1-acks"\n')
+    assert "[shard]" not in service_config("coord", "shard-coordinator")
+
+
+def test_a_login_has_one_role_and_the_ack_logins_are_taken(broker_dir: Path) -> None:
+    add_service(broker_dir, "w1", "shard-worker")
+    add_device(broker_dir, "dev-a")
+    add_device(broker_dir, "x-acks")
+    with pytest.raises(ConfigError, match="w1-acks is the ack login of shard worker w1"):
+        add_device(broker_dir, "w1-acks")
+    with pytest.raises(ConfigError, match="w1-acks is the ack login of shard worker w1"):
+        remove_device(broker_dir, "w1-acks")
+    with pytest.raises(ConfigError, match="ack login x-acks is taken"):
+        add_service(broker_dir, "x", "shard-worker")
+    with pytest.raises(ConfigError, match="w1 is a shard-worker of this broker"):
+        add_service(broker_dir, "w1", "shard-coordinator")
+    with pytest.raises(ConfigError, match="w1 is a shard-worker of this broker"):
+        add_gateway(broker_dir, "w1")
+    with pytest.raises(ConfigError, match="dev-a is a device of this broker"):
+        add_service(broker_dir, "dev-a", "partial-receiver")
+    with pytest.raises(ConfigError, match="dev-a is a device, not a shard-worker"):
+        remove_service(broker_dir, "dev-a")
+    with pytest.raises(ConfigError, match="unknown role"):
+        add_service(broker_dir, "s", "shard-boss")
+    # removing a service that is not one leaves a device named like its ack login alone
+    assert not remove_service(broker_dir, "x")
+    assert "x-acks" in parse_passwd(BrokerLayout(broker_dir).passwd.read_text())
+
+
 # ------------------------------------------------------------------------------ CLI
 
 
@@ -613,6 +691,14 @@ def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert capsys.readouterr().out == "gw-1\tf1\tgateway\n"
     assert _cli(["broker", "remove-gateway", "gw-1", "--dir", str(d)]) == 0
     assert "removed gw-1" in capsys.readouterr().out
+    assert _cli(["broker", "add-service", "w1", "--role", "shard-worker", "--dir", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert f"credentials: {d / 'credentials' / 'w1.pass'}" in out
+    assert service_config("w1", "shard-worker") in out
+    assert _cli(["broker", "list", "--dir", str(d)]) == 0
+    assert capsys.readouterr().out == "w1\tf1\tshard-worker\nw1-acks\tf1\tshard-worker w1's acks\n"
+    assert _cli(["broker", "remove-service", "w1", "--dir", str(d)]) == 0
+    assert "removed w1" in capsys.readouterr().out
 
 
 def _tree_modes(root: Path) -> dict[str, int]:
