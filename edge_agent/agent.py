@@ -32,6 +32,7 @@ from edge_agent.he import load_he
 from edge_agent.outbox import Outbox
 from edge_agent.secagg import SecureRounds
 from edge_agent.state import StateStore
+from edge_agent.subscriptions import Subscriptions
 from edge_agent.systemd import SystemdNotifier
 from edge_agent.trainer import LiteRTTrainer, Trainer
 from fedmq.chunks import (
@@ -172,6 +173,8 @@ class EdgeAgent:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        self._subs = Subscriptions(retry_after=max(1.0, settings.reconnect_min))
         self._watch = ConnectionWatch(  # connection trouble: one clear line; fatal: stop
             client, settings, on_fatal=self.stop,
             on_publish_failure=lambda _topic, _reason: self.store.bump("publish_failures"),
@@ -189,12 +192,19 @@ class EdgeAgent:
             self.config.mqtt.host, self.config.mqtt.port, self.device_id, flags.session_present,
         )
         self.connected.set()
-        client.subscribe([
+        self._subs.new_connection()
+        self._subs.subscribe(client, [
             (self.topics.model, 1), (chunk_wildcard(self.topics.model), 1),
             (self.topics.round, 1), (self.topics.ack(self.device_id), 1),
             (self.topics.secagg_out, 1), (self.topics.secagg_relay(self.device_id), 1),
         ])
         self._events.put(("connected", None))
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, props: Any
+    ) -> None:
+        if self._subs.on_suback(client, mid, reason_codes):
+            self.store.bump("subscriptions_refused")
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
@@ -367,8 +377,9 @@ class EdgeAgent:
                     [t for u in step.unsubscribe for t in (u, chunk_wildcard(u))]
                 )
             if step.subscribe:
-                self._client.subscribe(
-                    [(t, 1) for s in step.subscribe for t in (s, chunk_wildcard(s))]
+                self._subs.subscribe(
+                    self._client,
+                    [(t, 1) for s in step.subscribe for t in (s, chunk_wildcard(s))],
                 )
         if step.rejected:
             self.store.bump("downlink_rejected", step.rejected)
