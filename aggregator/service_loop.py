@@ -24,13 +24,10 @@ EXIT_STORE = 3  # the store failed: the message in hand was not acknowledged
 
 def run_until_signalled(client: mqtt.Client, settings: MqttSettings, *,
                         ping: Callable[[], object], failed: threading.Event,
-                        stopped: Callable[[], None],
-                        on_signal: Callable[[], None] | None = None) -> int:
+                        stopped: Callable[[], None]) -> int:
     """Check the store with ``ping``, then serve ``client`` until a signal disconnects it.
     ``failed`` set: :data:`EXIT_STORE`; else ``stopped()`` logs the stop and the exit code is 0."""
     def stop(signum: int, frame: Any) -> None:
-        if on_signal is not None:
-            on_signal()
         client.disconnect()
 
     signal.signal(signal.SIGTERM, stop)

@@ -173,19 +173,20 @@ class ShardWorker:
             if device in staged and rnd is not None:
                 acks.update(self._commit(rnd, staged, now))
                 staged = {}
-            out = self._check(device, payload, rnd, now)
+            out = self._check(index, device, payload, rnd, now)
             if isinstance(out, AckMessage):
                 acks[index] = out
             else:
-                staged[device] = replace(out, index=index)
+                staged[device] = out
         if staged and rnd is not None:
             acks.update(self._commit(rnd, staged, now))
         return [acks[i] for i in range(len(items))]
 
-    def _check(self, topic_device: str, payload: bytes, rnd: OpenRound | None,
+    def _check(self, index: int, topic_device: str, payload: bytes, rnd: OpenRound | None,
                now: float) -> AckMessage | _Staged:
-        """The single-process ingest's checks of one update against the store's round; the
-        update folded into the in-memory partial (not yet committed), or the refusal."""
+        """The single-process ingest's checks of the batch's ``index``-th update against the
+        store's round; the update folded into the in-memory partial (not yet committed), or
+        the refusal."""
         try:
             validate_name(topic_device, "device")
             received = receive_update(payload, self.limits)
@@ -227,7 +228,7 @@ class ShardWorker:
         folded = scaled(checked[0], clip)
         self.acc.add(folded)
         fold = Fold(self.worker, msg.update_id, msg.num_examples, folded.weight, clip, norm)
-        return _Staged(rnd, msg, topic_device, folded, fold)
+        return _Staged(index, msg, topic_device, folded, fold)
 
     def _authenticate(self, received: ReceivedUpdate) -> None:
         if self.registry is None:
@@ -277,7 +278,7 @@ class ShardWorker:
                 for device, claim in res.conflicts.items():
                     s = staged.pop(device)
                     self.acc.remove(s.folded)
-                    acks[s.index] = self._claimed(s, claim, now)
+                    acks[s.index] = self._claimed(s, claim, rnd.round_id, now)
                 continue
             for s in staged.values():
                 self.acc.remove(s.folded)
@@ -304,8 +305,8 @@ class ShardWorker:
             log.info("update %s from %s: %s", msg.update_id, msg.device, "; ".join(notes))
         return self._answer(msg, s.device, "ok", "; ".join(notes), True, now)
 
-    def _claimed(self, s: _Staged, claim: Claim, now: float) -> AckMessage:
-        msg, round_id = s.msg, s.rnd.round_id
+    def _claimed(self, s: _Staged, claim: Claim, round_id: int, now: float) -> AckMessage:
+        msg = s.msg
         if isinstance(claim, Fold) and claim.update_id == msg.update_id:
             log.info("update %s from %s was already committed (by %s): answered duplicate",
                      msg.update_id, msg.device, claim.worker)
@@ -334,20 +335,20 @@ class ShardWorker:
 
 @dataclass(frozen=True)
 class _Staged:
-    """An update checked and folded into the worker's partial, not yet committed."""
+    """An update checked and folded into the worker's partial, not yet committed; ``index``
+    is its place in the batch (its ack's)."""
 
-    rnd: OpenRound
+    index: int
     msg: UpdateMessage
     device: str
     folded: CheckedUpdate
     fold: Fold
-    index: int = 0
 
 
-#: most updates, and most payload bytes, one group commit takes from the queue (the
-#: broker's in-flight window to the worker, ``max_inflight_messages``, bounds it too). A
-#: staged update holds its decoded tensors until the commit, so the bytes bound the worker's
-#: memory: O(model) whatever the number of devices (docs/scaling.md).
+#: most updates, and most payload bytes, one group commit takes from the queue. A staged
+#: update holds its decoded tensors until the commit, so the bytes bound the worker's memory
+#: beyond its queue (``ingest_queue_bytes``): O(model) whatever the number of devices
+#: (docs/scaling.md).
 MAX_BATCH = 64
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 
@@ -393,11 +394,9 @@ class _Runner:
         self.client.on_subscribe = self._on_subscribe
         self.ack_settings = ack_connection(self.settings, shard.ack_username)
         self.acks = make_client(self.ack_settings)
-        self.acks.on_publish = _forget_mid
         self.inbox: Inbox[mqtt.MQTTMessage] = Inbox(config.ingest_queue_bytes,
                                                     max(1.0, self.settings.keepalive / 4))
         self.failed = threading.Event()
-        self.stopping = False
         self.largest_batch = 0
 
     @property
@@ -465,9 +464,6 @@ class _Runner:
                 self.client.ack(message.mid, message.qos)
 
     def run(self) -> int:
-        def stopping() -> None:
-            self.stopping = True
-
         def stopped() -> None:
             log.info("worker %s stopped (%d update(s) committed; largest group commit %d, "
                      "queue peak %d bytes)", self.worker.worker, self.worker.committed,
@@ -482,8 +478,7 @@ class _Runner:
             ingest.start()
         try:
             return run_until_signalled(self.client, self.settings, ping=self.store.ping,
-                                       failed=self.failed, stopped=stopped,
-                                       on_signal=stopping)
+                                       failed=self.failed, stopped=stopped)
         finally:
             self.failed.set()  # ends the ingest thread after its batch
             self.inbox.close()  # releases a waiting put: those updates stay unacknowledged
@@ -500,15 +495,6 @@ def ack_connection(settings: MqttSettings, username: str) -> MqttSettings:
     init`` does) needs its own login for it: ``fedmq broker add-service``."""
     return replace(settings, client_id=f"{settings.client_id}-acks", clean_start=True,
                    session_expiry=0, username=username or settings.username)
-
-
-def _forget_mid(client: mqtt.Client, userdata: Any, mid: int, rc: Any,
-                props: Any = None) -> None:
-    """fedmq.net.mqtt's client remembers each QoS 1 message's topic until it is acked:
-    forget it here, or a worker's memory would grow by one entry per device ack."""
-    topics = getattr(client, "topic_of_mid", None)
-    if topics is not None:
-        topics.pop(mid, None)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

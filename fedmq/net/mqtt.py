@@ -229,6 +229,9 @@ class _Client(mqtt.Client):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.topic_of_mid: dict[int, str] = {}
+        # Set by the ConnectionWatch that forgets each entry on its PUBACK: without one
+        # nothing would, and the map would grow by one entry per QoS 1 message.
+        self.remember_topics = False
 
     def connect_async(self, host: str, port: int = 1883, *args: Any, **kwargs: Any) -> None:
         self._move_on = False  # a fresh start at the given broker
@@ -264,7 +267,7 @@ class _Client(mqtt.Client):
         properties: Properties | None = None,
     ) -> mqtt.MQTTMessageInfo:
         info = super().publish(topic, payload, qos=qos, retain=retain, properties=properties)
-        if qos > 0:
+        if qos > 0 and self.remember_topics:
             self.topic_of_mid[info.mid] = topic
         return info
 
@@ -453,6 +456,8 @@ class ConnectionWatch:
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
         client.on_publish = self._on_publish
+        if isinstance(client, _Client):
+            client.remember_topics = True  # _on_publish forgets each one
 
     # -- state for the shell -------------------------------------------------------------
     @property

@@ -163,6 +163,18 @@ def test_puback_failures_logged_once_per_topic_and_all_counted(
     assert r.client.topic_of_mid == {}
 
 
+def test_topics_of_message_ids_are_kept_only_for_a_watch_that_forgets_them() -> None:
+    """Without a ConnectionWatch nothing pops the map on PUBACK: it must not grow (a site
+    gateway or a shard worker publishes an ack per update for days)."""
+    bare = make_client(SETTINGS)
+    for _ in range(3):  # not connected: paho queues them, each with a message id
+        bare.publish("fl/f/ack/d", b"x", qos=1)
+    assert bare.topic_of_mid == {}  # type: ignore[attr-defined]
+    r = rig()
+    info = r.client.publish("fl/f/status/d", b"x", qos=1)
+    assert r.client.topic_of_mid == {info.mid: "fl/f/status/d"}
+
+
 def test_paho_noise_goes_to_debug(caplog: pytest.LogCaptureFixture) -> None:
     client = make_client(SETTINGS)
     with caplog.at_level(logging.DEBUG, "fedmq.net.mqtt"):
