@@ -20,9 +20,26 @@ from pathlib import Path
 from fedmq.errors import ConfigError
 from fedmq.net.procs import LocalServerFiles, stop_process
 
-__all__ = ["BrokerOptions", "LocalBroker", "free_port", "mosquitto_path", "wait_for_port"]
+__all__ = [
+    "LOG_LINES", "BrokerOptions", "LocalBroker", "free_port", "mosquitto_path", "wait_for_port",
+]
 
 log = logging.getLogger(__name__)
+
+
+#: Mosquitto's logging in every config fedmq writes (this one, and the production and site
+#: gateway configs of ``fedmq broker``, which add ISO timestamps): to stderr (stdout is
+#: block-buffered when it is not a terminal, so lines would reach `docker logs` / journald
+#: late or be lost on a crash), every level but debug, connections, timestamps.
+LOG_LINES = (
+    "log_dest stderr",
+    "log_type error",
+    "log_type warning",
+    "log_type notice",
+    "log_type information",
+    "connection_messages true",
+    "log_timestamp true",
+)
 
 
 def free_port() -> int:
@@ -99,13 +116,7 @@ class LocalBroker(LocalServerFiles):
             "max_queued_bytes 0",
             f"max_inflight_messages {o.max_inflight_messages}",
             f"max_packet_size {o.max_packet_size}",
-            "log_dest stderr",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "log_type information",
-            "connection_messages true",
-            "log_timestamp true",
+            *LOG_LINES,
         ]
         if os.geteuid() == 0:
             # Mosquitto started as root drops to the `mosquitto` user, which cannot write the

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
+from fedmq.net.localbroker import LOG_LINES as LOCAL_LOG_LINES
 from fedmq_ops.broker.settings import BrokerSettings
 
 __all__ = ["LOG_LINES", "render_mosquitto_conf"]
 
-#: Mosquitto's logging, the same in every config fedmq writes: to stderr (stdout is
-#: block-buffered when it is not a terminal, so lines would reach `docker logs` / journald
-#: late or be lost on a crash), every level but debug, connections, ISO timestamps.
-LOG_LINES = (
-    "log_dest stderr",
-    "log_type error",
-    "log_type warning",
-    "log_type notice",
-    "log_type information",
-    "connection_messages true",
-    "log_timestamp true",
-    "log_timestamp_format %Y-%m-%dT%H:%M:%S",
-)
+#: Mosquitto's logging in the configs ``fedmq broker`` writes: the local broker's lines
+#: (why: :data:`fedmq.net.localbroker.LOG_LINES`) with ISO timestamps.
+LOG_LINES = (*LOCAL_LOG_LINES, "log_timestamp_format %Y-%m-%dT%H:%M:%S")
 
 
 def render_mosquitto_conf(s: BrokerSettings) -> str:
