@@ -57,7 +57,7 @@ class Subscriptions:
         if topics is None:
             return []
         refused = [t for t, rc in zip(topics, reason_codes, strict=False)
-                   if getattr(rc, "is_failure", False) or getattr(rc, "value", 0) >= 0x80]
+                   if getattr(rc, "is_failure", False)]  # paho: value >= 0x80, both versions
         if not refused:
             return []
         self.refused += len(refused)
